@@ -1,0 +1,1 @@
+"""Double DQN agent: networks, encodings, optimizers, interventions, learner, actor."""

@@ -1,0 +1,63 @@
+"""Optimizer presets: a registry of small functions returning Optax transforms.
+
+The agent and the plasticity probe build their optimizer from the same preset
+(the paper's eq. 4 uses "the optimizer used by the network on its primary
+learning objective").
+"""
+
+import dataclasses
+from typing import Callable, Dict
+
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = 'adam'
+  learning_rate: float = 1e-3
+  # Weight decay as an l2 penalty added to the gradient (before the preset's
+  # scaling, exactly as a penalty in the loss would be); 0 disables it.
+  l2_penalty: float = 0.0
+
+
+OptimizerBuilder = Callable[[OptimizerConfig], optax.GradientTransformation]
+OPTIMIZERS: Dict[str, OptimizerBuilder] = {}
+
+
+def register(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+  def decorator(builder: OptimizerBuilder) -> OptimizerBuilder:
+    OPTIMIZERS[name] = builder
+    return builder
+  return decorator
+
+
+@register('adam')
+def adam(config: OptimizerConfig) -> optax.GradientTransformation:
+  """Appendix A.1's default Adam: b1 0.9, b2 0.999, eps 1e-9, eps_root 0."""
+  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-9, eps_root=0.0)
+
+
+@register('adam_tuned')
+def adam_tuned(config: OptimizerConfig) -> optax.GradientTransformation:
+  """Section 3.1's robust Adam: faster second-moment decay and a large eps_root."""
+  return optax.adam(config.learning_rate, b1=0.9, b2=0.9, eps=1e-9, eps_root=1e-3)
+
+
+@register('rmsprop')
+def rmsprop(config: OptimizerConfig) -> optax.GradientTransformation:
+  """DQN Zoo's double-DQN centred RMSProp (learning rate 2.5e-4 there)."""
+  return optax.rmsprop(config.learning_rate, decay=0.95, eps=0.01 / 32**2, centered=True)
+
+
+@register('sgd')
+def sgd(config: OptimizerConfig) -> optax.GradientTransformation:
+  return optax.sgd(config.learning_rate)
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  if config.name not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {config.name!r} (--optimizer); accepted: {", ".join(sorted(OPTIMIZERS))}.')
+  optimizer = OPTIMIZERS[config.name](config)
+  if config.l2_penalty:
+    optimizer = optax.chain(optax.add_decayed_weights(config.l2_penalty), optimizer)
+  return optimizer
