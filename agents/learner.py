@@ -89,7 +89,10 @@ class Learner:
     """Steps until `max_steps` updates in total (resumed runs count earlier ones)."""
     try:
       while self.step_count < max_steps and not should_stop():
-        self.step()
+        try:
+          self.step()
+        except StopIteration:  # The batch source ended: it was asked to stop.
+          break
     finally:
       with self._lock:
         self._published = (self.step_count, jax.device_get(self._state.params))

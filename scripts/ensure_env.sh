@@ -40,7 +40,8 @@ MSG
   "$VENV/bin/python" -m pip install -q --upgrade "pip==24.2" "setuptools==75.1.0" wheel >&2
   echo "[setup] installing the pinned stack (requirements/lock.txt); first time takes a few minutes" >&2
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/lock.txt" -r "$ROOT/requirements/dev.txt" >&2
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+  # compat mode: a .pth pointing at the repo, so packages added later import without reinstalling.
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat >&2
   echo "$WANT" > "$STAMP"
 fi
 VENV_PYTHON="$VENV/bin/python"

@@ -1,0 +1,195 @@
+"""Image datasets behind the classification MDPs, found without surprises.
+
+`load(name, data_dir=None)` looks, in order, in:
+  1. `data_dir` (the `data_dir=` option / `--data_dir` flag): strict, a
+     directory without the expected files is an error saying where it looked
+     and what it expected;
+  2. `$PLASTICITY_DATA_DIR`: strict in the same way;
+  3. the user cache, `$XDG_CACHE_HOME/plasticity` (default `~/.cache/plasticity`);
+  4. a download into that cache, where the machine has a network: bounded by
+     `DOWNLOAD_TIMEOUT_S` in total, never hanging; `PLASTICITY_DOWNLOAD=0`
+     (or `download=False`) skips it;
+  5. the small real sample the repo embeds (`environments/data/`), if the
+     dataset has one (MNIST: 10,000 digits).
+The returned `Dataset.source` says which, and runs log it.
+"""
+
+import gzip
+import os
+import socket
+import tempfile
+import time
+import urllib.request
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+DATA_DIR_ENV = 'PLASTICITY_DATA_DIR'
+DOWNLOAD_ENV = 'PLASTICITY_DOWNLOAD'
+DOWNLOAD_TIMEOUT_S = 60.0
+EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), 'data')
+
+Arrays = Tuple[np.ndarray, np.ndarray]  # images uint8 [N, H, W, C], labels int64 [N]
+
+
+class Dataset(NamedTuple):
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int64 [N]
+  source: str  # Where it came from, for logs.
+
+
+class DatasetSource(NamedTuple):
+  # What a directory must hold, in words, for the error messages.
+  expected: str
+  # Reads the dataset from a directory: None when its files are absent, a
+  # ValueError when they are present but malformed.
+  read: Callable[[str], Optional[Arrays]]
+  # URL of a file `read` understands once saved under `download_name`, if any.
+  download_url: Optional[str] = None
+  download_name: Optional[str] = None
+  # A file of the embedded sample, read with `read_embedded`, if any.
+  embedded: Optional[str] = None
+  read_embedded: Optional[Callable[[str], Arrays]] = None
+
+
+def cache_dir() -> str:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'plasticity')
+
+
+# ---------------------------------------------------------------- MNIST
+
+
+def _read_mnist_npz(path: str, splits: Tuple[str, ...] = ('train',)) -> Arrays:
+  try:
+    with np.load(path) as data:
+      images = np.concatenate([data[f'x_{split}'] for split in splits])
+      labels = np.concatenate([data[f'y_{split}'] for split in splits])
+  except (OSError, KeyError, ValueError) as e:
+    raise ValueError(f'{path} is not an mnist.npz file (expected arrays x_train, y_train): {e}') from e
+  if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+    raise ValueError(f'{path}: x_train has shape {images.shape} and y_train {labels.shape}; '
+                     f'expected [N, 28, 28] and [N].')
+  return images[..., None].astype(np.uint8), labels.astype(np.int64)
+
+
+def _open_maybe_gzip(path: str):
+  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (the original MNIST format), gzipped or not."""
+  with _open_maybe_gzip(path) as f:
+    header = f.read(4)
+    if len(header) != 4 or header[:2] != b'\x00\x00' or header[2] != 0x08:
+      raise ValueError(f'{path} is not an IDX file of unsigned bytes (bad magic number {header!r}).')
+    ndim = header[3]
+    shape = tuple(int.from_bytes(f.read(4), 'big') for _ in range(ndim))
+    data = np.frombuffer(f.read(), dtype=np.uint8)
+  if data.size != int(np.prod(shape)):
+    raise ValueError(f'{path}: header says shape {shape} but holds {data.size} values.')
+  return data.reshape(shape)
+
+
+def _find(directory: str, names: List[str]) -> Optional[str]:
+  for name in names:
+    for candidate in (os.path.join(directory, name), os.path.join(directory, 'mnist', name)):
+      if os.path.isfile(candidate):
+        return candidate
+  return None
+
+
+def read_mnist(directory: str) -> Optional[Arrays]:
+  """The training split (60,000 digits) from `mnist.npz` or the IDX files, in `directory` or `directory/mnist`."""
+  npz = _find(directory, ['mnist.npz'])
+  if npz:
+    return _read_mnist_npz(npz)
+  images_path = _find(directory, ['train-images-idx3-ubyte', 'train-images-idx3-ubyte.gz', 'train-images.idx3-ubyte'])
+  labels_path = _find(directory, ['train-labels-idx1-ubyte', 'train-labels-idx1-ubyte.gz', 'train-labels.idx1-ubyte'])
+  if not images_path or not labels_path:
+    return None
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.ndim != 3 or len(images) != len(labels):
+    raise ValueError(f'{images_path} ({images.shape}) and {labels_path} ({labels.shape}) do not match.')
+  return images[..., None], labels.astype(np.int64)
+
+
+SOURCES: Dict[str, DatasetSource] = {
+    'mnist': DatasetSource(
+        expected='mnist.npz (arrays x_train, y_train) or the IDX files train-images-idx3-ubyte[.gz] and '
+        'train-labels-idx1-ubyte[.gz], directly or in a mnist/ subdirectory',
+        read=read_mnist,
+        download_url='https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz',
+        download_name='mnist.npz',
+        # The sample is small: the MDPs use both of its splits.
+        embedded='mnist-10k.npz', read_embedded=lambda path: _read_mnist_npz(path, ('train', 'test'))),
+}
+
+
+def register(name: str, source: DatasetSource) -> None:
+  SOURCES[name] = source
+
+
+def _download(url: str, destination: str, timeout_s: float) -> None:
+  """Fetches `url` to `destination` atomically, giving up after `timeout_s` seconds."""
+  deadline = time.monotonic() + timeout_s
+  os.makedirs(os.path.dirname(destination), exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=os.path.dirname(destination), suffix='.partial')
+  try:
+    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=min(10.0, timeout_s)) as response:
+      while chunk := response.read(1 << 16):
+        if time.monotonic() > deadline:
+          raise TimeoutError(f'download of {url} took longer than {timeout_s:.0f}s')
+        out.write(chunk)
+    os.replace(partial, destination)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+def _download_enabled(download: Optional[bool]) -> bool:
+  if download is not None:
+    return download
+  return os.environ.get(DOWNLOAD_ENV, '1').lower() not in ('0', 'false', 'no', '')
+
+
+def _from_dir(name: str, source: DatasetSource, directory: str, origin: str) -> Dataset:
+  if not os.path.isdir(directory):
+    raise ValueError(f'{origin}={directory} is not a directory; it should hold {name}: {source.expected}.')
+  arrays = source.read(directory)
+  if arrays is None:
+    raise ValueError(f'{origin}={directory} does not hold {name}: looked in {directory} for {source.expected}.')
+  return Dataset(*arrays, source=f'{name} from {directory} ({len(arrays[1])} images)')
+
+
+def load(name: str, data_dir: Optional[str] = None, download: Optional[bool] = None,
+         download_timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Dataset:
+  """Loads a dataset's training split (see the module docstring for where from)."""
+  if name not in SOURCES:
+    raise ValueError(f'Unknown dataset {name!r}; accepted: {", ".join(sorted(SOURCES))}.')
+  source = SOURCES[name]
+  if data_dir:
+    return _from_dir(name, source, data_dir, '--data_dir')
+  if os.environ.get(DATA_DIR_ENV):
+    return _from_dir(name, source, os.environ[DATA_DIR_ENV], f'${DATA_DIR_ENV}')
+  cache = cache_dir()
+  arrays = source.read(cache) if os.path.isdir(cache) else None
+  if arrays is not None:
+    return Dataset(*arrays, source=f'{name} from the cache {cache} ({len(arrays[1])} images)')
+  failure = 'download disabled'
+  if source.download_url and _download_enabled(download):
+    try:
+      _download(source.download_url, os.path.join(cache, source.download_name), download_timeout_s)
+      arrays = source.read(cache)
+      if arrays is not None:
+        return Dataset(*arrays, source=f'{name} downloaded to {cache} ({len(arrays[1])} images)')
+    except (OSError, ValueError, socket.timeout) as e:  # urllib's errors are OSErrors.
+      failure = f'download failed: {e}'
+  if source.embedded:
+    path = os.path.join(EMBEDDED_DIR, source.embedded)
+    images, labels = source.read_embedded(path)
+    return Dataset(images, labels, source=f'{name}: the embedded sample {path} ({len(labels)} images; '
+                   f'no data dir, nothing in {cache}, {failure})')
+  raise ValueError(f'No {name} data found: pass --data_dir (or set ${DATA_DIR_ENV}) to a directory holding '
+                   f'{source.expected}, or put those files in {cache} ({failure}).')
+

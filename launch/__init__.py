@@ -1,0 +1,1 @@
+"""Launchpad programs: replay, actors, learner and evaluator wired together."""

@@ -1,0 +1,89 @@
+"""absl flags of a training run, and their mapping to `ExperimentConfig`.
+
+Defaults are the paper's settings for the classification MDPs (see
+agents/config.py for the sources); every choice-valued flag lists its accepted
+values in `--helpfull` and in the error a bad value raises.
+"""
+
+import dataclasses
+
+from absl import flags
+
+from agents import encodings, interventions, networks, optimizers
+from agents.config import AgentConfig
+from launch.experiment import ExperimentConfig
+from launch.replay import ReplayConfig
+from probes.plasticity import ProbeConfig
+
+_AGENT, _REPLAY, _PROBE = AgentConfig(), ReplayConfig(), ProbeConfig()
+
+ENV = flags.DEFINE_string('env', 'mdp:mnist:easy', 'Environment spec, e.g. mdp:mnist:easy, mdp:cifar10:hard, atari:pong.')
+DATA_DIR = flags.DEFINE_string('data_dir', None, 'Directory holding the datasets (else $PLASTICITY_DATA_DIR, '
+                               'the user cache, a download, or the embedded MNIST sample).')
+RUN_DIR = flags.DEFINE_string('run_dir', None, 'Run directory; relaunching with the same flags resumes it.')
+NUM_ACTORS = flags.DEFINE_integer('num_actors', 2, 'Number of actor nodes.', lower_bound=1)
+LAUNCH_TYPE = flags.DEFINE_enum('launch_type', 'local_mp', ['local_mp', 'local_mt'],
+                                'local_mp: one process per node; local_mt: threads in one process.')
+MAX_LEARNER_STEPS = flags.DEFINE_integer('max_learner_steps', 100_000, 'Learner updates of the run.', lower_bound=1)
+SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+CHECKPOINT_EVERY = flags.DEFINE_integer('checkpoint_every', 5000, 'Learner steps between checkpoints.', lower_bound=1)
+LOG_EVERY = flags.DEFINE_integer('log_every', 100, 'Learner steps between logged records and parameter snapshots.',
+                                 lower_bound=1)
+
+ARCH = flags.DEFINE_enum('arch', _AGENT.arch, sorted(networks.ARCHITECTURES), 'Network architecture.')
+WIDTH_MULTIPLIER = flags.DEFINE_float('width_multiplier', _AGENT.width_multiplier, 'Width multiplier of the network.',
+                                      lower_bound=0.0)
+OUTPUT = flags.DEFINE_enum('output', _AGENT.output, sorted(encodings.ENCODINGS), 'Output encoding.')
+INTERVENTIONS = flags.DEFINE_list('interventions', [], 'Comma-separated interventions: '
+                                  + ', '.join(sorted(interventions.INTERVENTIONS)) + '.')
+WEIGHT_DECAY = flags.DEFINE_float('weight_decay', _AGENT.weight_decay, 'l2 coefficient of --interventions=weight_decay.')
+SHRINK = flags.DEFINE_float('shrink', _AGENT.shrink, 'Shrink factor of shrink_and_perturb.')
+PERTURB = flags.DEFINE_float('perturb', _AGENT.perturb, 'Perturbation scale of shrink_and_perturb.')
+OPTIMIZER = flags.DEFINE_enum('optimizer', _AGENT.optimizer, sorted(optimizers.OPTIMIZERS), 'Optimizer preset.')
+LEARNING_RATE = flags.DEFINE_float('learning_rate', _AGENT.learning_rate, 'Learning rate.', lower_bound=0.0)
+TD_ERROR_CLIP = flags.DEFINE_float('td_error_clip', None, 'Clip the TD error gradient to +-this (None: no clip).')
+DISCOUNT = flags.DEFINE_float('discount', _AGENT.discount, 'Discount factor gamma.', lower_bound=0.0, upper_bound=1.0)
+BATCH_SIZE = flags.DEFINE_integer('batch_size', _AGENT.batch_size, 'Learner batch size.', lower_bound=1)
+TARGET_UPDATE_PERIOD = flags.DEFINE_integer('target_update_period', _AGENT.target_update_period,
+                                            'Learner steps between target-network updates.', lower_bound=1)
+EPSILON = flags.DEFINE_float('epsilon', _AGENT.epsilon, 'Training epsilon.', lower_bound=0.0, upper_bound=1.0)
+REWARD_CLIP = flags.DEFINE_float('reward_clip', _AGENT.reward_clip, 'Clip rewards to +-this for learning.')
+
+REPLAY_CAPACITY = flags.DEFINE_integer('replay_capacity', _REPLAY.capacity, 'Replay capacity.', lower_bound=1)
+MIN_REPLAY_SIZE = flags.DEFINE_integer('min_replay_size', _REPLAY.min_size, 'Transitions before learning starts.',
+                                       lower_bound=1)
+SAMPLES_PER_INSERT = flags.DEFINE_float('samples_per_insert', _REPLAY.samples_per_insert,
+                                        'Sampled items per inserted item held by the rate limiter.', lower_bound=0.0)
+
+PROBE_EVERY = flags.DEFINE_integer('probe_every', 5000, 'Learner steps between plasticity probes (0: no evaluator).',
+                                   lower_bound=0)
+PROBE_STEPS = flags.DEFINE_integer('probe_steps', _PROBE.steps, 'Optimizer steps of each probe fit.', lower_bound=1)
+PROBE_TARGETS = flags.DEFINE_integer('probe_targets', _PROBE.num_targets, 'Random target functions per probe.',
+                                     lower_bound=1)
+PROBE_BATCH_SIZE = flags.DEFINE_integer('probe_batch_size', _PROBE.batch_size, 'Minibatch size of the probe fits.',
+                                        lower_bound=1)
+PROBE_INPUTS = flags.DEFINE_integer('probe_inputs', _PROBE.num_inputs, 'Replay observations in the probe input set.',
+                                    lower_bound=1)
+
+
+def experiment_config() -> ExperimentConfig:
+  """The configuration the parsed flags describe (validated by the builders)."""
+  if not RUN_DIR.value:
+    raise ValueError('--run_dir is required (a new directory, or an existing run to resume).')
+  agent = AgentConfig(
+      arch=ARCH.value, width_multiplier=WIDTH_MULTIPLIER.value, output=OUTPUT.value,
+      interventions=tuple(INTERVENTIONS.value), weight_decay=WEIGHT_DECAY.value, shrink=SHRINK.value,
+      perturb=PERTURB.value, optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value,
+      td_error_clip=TD_ERROR_CLIP.value, discount=DISCOUNT.value, batch_size=BATCH_SIZE.value,
+      target_update_period=TARGET_UPDATE_PERIOD.value, epsilon=EPSILON.value, reward_clip=REWARD_CLIP.value)
+  replay = ReplayConfig(capacity=REPLAY_CAPACITY.value, min_size=MIN_REPLAY_SIZE.value,
+                        samples_per_insert=SAMPLES_PER_INSERT.value)
+  probe = dataclasses.replace(_PROBE, steps=PROBE_STEPS.value, num_targets=PROBE_TARGETS.value,
+                              batch_size=PROBE_BATCH_SIZE.value, num_inputs=PROBE_INPUTS.value)
+  if MIN_REPLAY_SIZE.value > REPLAY_CAPACITY.value:
+    raise ValueError(f'--min_replay_size={MIN_REPLAY_SIZE.value} exceeds --replay_capacity={REPLAY_CAPACITY.value}.')
+  return ExperimentConfig(
+      run_dir=RUN_DIR.value, env=ENV.value, data_dir=DATA_DIR.value, num_actors=NUM_ACTORS.value,
+      launch_type=LAUNCH_TYPE.value, max_learner_steps=MAX_LEARNER_STEPS.value, seed=SEED.value, agent=agent,
+      replay=replay, probe=probe, probe_every=PROBE_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
+      log_every=LOG_EVERY.value)

@@ -1,0 +1,77 @@
+"""Run-directory loggers: one JSON line per record, mirrored to TensorBoard.
+
+Several processes may append to the same JSONL file (all actors write
+`actors.jsonl`): each record is written with a single `write` on a file opened
+with O_APPEND, so lines never interleave.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+
+def _jsonable(value: Any) -> Any:
+  if hasattr(value, 'item') and getattr(value, 'ndim', 1) == 0:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+class JsonlLogger:
+  """Appends records to `run_dir/<name>.jsonl`, adding a wall-clock time.
+
+  With `tensorboard=True` the numeric scalars of each record also go to
+  `run_dir/tensorboard/<name>/`, against `step_key`.
+  """
+
+  def __init__(self, run_dir: str, name: str, step_key: str = 'learner_step',
+               tensorboard: bool = True, extra: Optional[Dict[str, Any]] = None):
+    os.makedirs(run_dir, exist_ok=True)
+    self.path = os.path.join(run_dir, f'{name}.jsonl')
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    self._step_key = step_key
+    self._extra = extra or {}
+    self._summary_writer = None
+    if tensorboard:
+      import tensorflow as tf  # Only the TensorBoard writer needs TF here.
+      self._tf = tf
+      self._summary_writer = tf.summary.create_file_writer(os.path.join(run_dir, 'tensorboard', name))
+
+  def __call__(self, record: Dict[str, Any]) -> None:
+    record = {**self._extra, **record, 'time': time.time()}
+    os.write(self._fd, (json.dumps(_jsonable(record)) + '\n').encode())
+    if self._summary_writer is not None and self._step_key in record:
+      with self._summary_writer.as_default(step=int(record[self._step_key])):
+        for key, value in record.items():
+          if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ('time', self._step_key):
+            self._tf.summary.scalar(key, value)
+      self._summary_writer.flush()
+
+  def close(self) -> None:
+    os.close(self._fd)
+    if self._summary_writer is not None:
+      self._summary_writer.close()
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+  """Reads a JSONL file, skipping a truncated last line (a crash mid-write)."""
+  return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        yield json.loads(line)
+      except json.JSONDecodeError:
+        continue

@@ -1,0 +1,114 @@
+"""The Reverb replay service: tables, the actors' writer, the readers.
+
+Two tables share every inserted transition (Reverb stores the data once):
+  * `replay`: uniform sampling, FIFO removal, a SampleToInsertRatio rate
+    limiter; the learner's only source of batches.
+  * `probe`: the same transitions behind a MinSize(1) limiter, so that the
+    evaluator's samples of probe inputs never count against the learner's
+    samples-per-insert ratio.
+"""
+
+import dataclasses
+from typing import Callable, Iterator, List
+
+import dm_env
+import numpy as np
+import reverb
+import tensorflow as tf
+import tree
+
+from agents.types import Transition
+
+REPLAY_TABLE = 'replay'
+PROBE_TABLE = 'probe'
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+  capacity: int = 100_000  # Appendix A.3.
+  min_size: int = 1_000
+  # Items sampled per item inserted; batch 32 per 4 environment steps (DQN Zoo) is 8.
+  samples_per_insert: float = 8.0
+  # Slack of the ratio, as a fraction of samples_per_insert * min_size (as in Acme).
+  samples_per_insert_tolerance: float = 0.1
+
+
+def transition_signature(observation_spec: dm_env.specs.Array) -> Transition:
+  obs = tf.TensorSpec(observation_spec.shape, tf.as_dtype(observation_spec.dtype))
+  scalar = lambda dtype: tf.TensorSpec([], dtype)
+  return Transition(observation=obs, action=scalar(tf.int32), reward=scalar(tf.float32),
+                    discount=scalar(tf.float32), next_observation=obs)
+
+
+def make_tables(config: ReplayConfig, observation_spec: dm_env.specs.Array) -> List[reverb.Table]:
+  signature = transition_signature(observation_spec)._asdict()
+  error_buffer = max(config.min_size * config.samples_per_insert * config.samples_per_insert_tolerance,
+                     2 * config.samples_per_insert)
+  replay = reverb.Table(
+      name=REPLAY_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
+      max_size=config.capacity, signature=signature,
+      rate_limiter=reverb.rate_limiters.SampleToInsertRatio(
+          samples_per_insert=config.samples_per_insert, min_size_to_sample=config.min_size,
+          error_buffer=error_buffer))
+  probe = reverb.Table(
+      name=PROBE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
+      max_size=config.capacity, signature=signature, rate_limiter=reverb.rate_limiters.MinSize(1))
+  return [replay, probe]
+
+
+class ReverbSink:
+  """The actor's `add(Transition)`: one item per transition in both tables.
+
+  Inserts block while the rate limiter holds them back (the learner is behind);
+  the wait is sliced so that a stop request (`should_stop`) ends it, which a
+  thread under `local_mt` needs to be able to exit.
+  """
+
+  def __init__(self, client: reverb.Client, should_stop: Callable[[], bool] = lambda: False,
+               max_in_flight_items: int = 8, poll_ms: int = 500):
+    self._writer = client.trajectory_writer(num_keep_alive_refs=1)
+    self._should_stop = should_stop
+    self._max_in_flight_items = max_in_flight_items
+    self._poll_ms = poll_ms
+
+  def __call__(self, transition: Transition) -> None:
+    self._writer.append(transition._asdict())
+    item = tree.map_structure(lambda column: column[-1], self._writer.history)
+    self._writer.create_item(REPLAY_TABLE, 1.0, item)
+    self._writer.create_item(PROBE_TABLE, 1.0, item)
+    while True:
+      try:
+        self._writer.flush(self._max_in_flight_items, timeout_ms=self._poll_ms)
+        return
+      except reverb.errors.DeadlineExceededError:
+        if self._should_stop():
+          return
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _dataset(server_address: str, table: str, batch_size: int, timeout_ms: int = -1) -> tf.data.Dataset:
+  return reverb.TrajectoryDataset.from_table_signature(
+      server_address=server_address, table=table, max_in_flight_samples_per_worker=2 * batch_size,
+      rate_limiter_timeout_ms=timeout_ms).batch(batch_size, drop_remainder=True)
+
+
+def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
+                   poll_ms: int = 1000) -> Iterator[Transition]:
+  """The learner's batches, as numpy `Transition`s; ends once `should_stop()`.
+
+  A sample the rate limiter holds back for `poll_ms` ends the dataset; the
+  iterator then checks for a stop request and, if none, opens a new one.
+  """
+  while not should_stop():
+    dataset = _dataset(server_address, REPLAY_TABLE, batch_size, timeout_ms=poll_ms).prefetch(2)
+    for sample in dataset.as_numpy_iterator():
+      yield Transition(**sample.data)
+
+
+def sample_observations(server_address: str, num: int) -> np.ndarray:
+  """`num` observations drawn uniformly from the replay (the probe's input set)."""
+  dataset = _dataset(server_address, PROBE_TABLE, num)
+  sample = next(dataset.take(1).as_numpy_iterator())
+  return sample.data['observation']

@@ -1,0 +1,1 @@
+"""What the evaluator measures: the plasticity probe (and its report)."""

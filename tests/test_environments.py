@@ -1,0 +1,193 @@
+"""The classification MDPs (section 4.1) and the dataset loader."""
+
+import gzip
+import os
+
+import dm_env
+import numpy as np
+import pytest
+
+import environments
+from environments import classification_mdp, datasets
+
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist-10k.npz')
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+  """No download, an empty cache, no data-dir variable: the embedded sample is the source."""
+  monkeypatch.setenv(datasets.DOWNLOAD_ENV, '0')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+
+
+def small_mdp(variant: str, seed: int = 0, **kwargs) -> classification_mdp.ClassificationMDP:
+  """An MDP over 100 images whose pixel (0, 0) stores the image's index, so observations identify images."""
+  images = np.zeros((100, 4, 4, 1), np.uint8)
+  images[:, 0, 0, 0] = np.arange(100)
+  labels = np.arange(100) % 10
+  return classification_mdp.ClassificationMDP(images, labels, classification_mdp.VARIANTS[variant], seed=seed,
+                                              **kwargs), labels
+
+
+def rollout(env, policy, steps):
+  """[(state, observed image index, action, reward, next state, timestep)] over `steps` steps."""
+  env.reset()
+  out = []
+  for _ in range(steps):
+    state, image = env.latent_state, env.last_image_index
+    action = policy(state)
+    timestep = env.step(action)
+    out.append((state, image, action, timestep.reward, env.latent_state, timestep))
+  return out
+
+
+@pytest.mark.parametrize('variant', ['easy', 'hard', 'sparse'])
+def test_observations_come_from_the_state_s_image_pool(variant):
+  env, labels = small_mdp(variant, seed=3, episode_length=1000)
+  emitted_by = env.emission_labels
+  if variant == 'hard':
+    assert not np.array_equal(emitted_by, labels)  # A random relabelling, not the classes.
+  else:
+    np.testing.assert_array_equal(emitted_by, labels)
+  rng = np.random.default_rng(0)
+  for state, image, _, _, _, _ in rollout(env, lambda s: int(rng.integers(10)), 500):
+    assert emitted_by[image] == state
+
+
+def test_hard_labelling_depends_on_label_seed_only():
+  a, _ = small_mdp('hard', seed=0, label_seed=7)
+  b, _ = small_mdp('hard', seed=99, label_seed=7)
+  c, _ = small_mdp('hard', seed=0, label_seed=8)
+  np.testing.assert_array_equal(a.emission_labels, b.emission_labels)
+  assert not np.array_equal(a.emission_labels, c.emission_labels)
+
+
+@pytest.mark.parametrize('variant', ['easy', 'hard'])
+def test_dense_variants_reward_naming_the_state_and_jump_uniformly(variant):
+  env, _ = small_mdp(variant, episode_length=10_000)
+  rng = np.random.default_rng(1)
+  steps = rollout(env, lambda s: s if rng.random() < 0.5 else int(rng.integers(10)), 5000)
+  for state, _, action, reward, _, _ in steps:
+    assert reward == float(action == state)
+  next_states = np.array([s[4] for s in steps])
+  counts = np.bincount(next_states, minlength=10)
+  assert counts.min() > 400 and counts.max() < 600  # ~500 each under U{0..9}.
+  # The next state ignores the action: correct and wrong answers lead to the same spread.
+  correct = np.array([s[0] == s[2] for s in steps])
+  assert abs(next_states[correct].mean() - next_states[~correct].mean()) < 0.5
+
+
+def test_sparse_rewards_only_naming_state_9_and_walks_the_chain():
+  env, _ = small_mdp('sparse', episode_length=10_000)
+  rng = np.random.default_rng(2)
+  steps = rollout(env, lambda s: s if rng.random() < 0.7 else int(rng.integers(10)), 5000)
+  wrong_next = []
+  for state, _, action, reward, next_state, _ in steps:
+    assert reward == float(action == state == 9)
+    if action == state:
+      assert next_state == (state + 1) % 10  # After 9 the chain wraps to 0.
+    else:
+      wrong_next.append(next_state)
+  counts = np.bincount(wrong_next, minlength=10)
+  assert counts.min() > 0.6 * len(wrong_next) / 10
+  # The optimal policy collects one reward per completed chain 0..9.
+  steps = rollout(env, lambda s: s, 1000)
+  assert sum(s[3] for s in steps) >= 99
+
+
+def test_episodes_are_truncated_with_discount_one():
+  env, _ = small_mdp('easy', seed=0, episode_length=5)
+  timestep = env.reset()
+  assert timestep.first()
+  kinds = []
+  for _ in range(12):
+    timestep = env.step(0)
+    kinds.append(timestep.step_type)
+    if timestep.last():
+      assert timestep.discount == 1.0
+  assert kinds[4] == dm_env.StepType.LAST and kinds[5] == dm_env.StepType.FIRST
+  assert kinds[10] == dm_env.StepType.LAST
+
+
+def test_same_seed_same_stream():
+  def stream(seed):
+    env, _ = small_mdp('easy', seed=seed)
+    return [(s[1], s[3]) for s in rollout(env, lambda s: 3, 200)]
+  assert stream(5) == stream(5)
+  assert stream(5) != stream(6)
+
+
+@pytest.mark.parametrize('spec', environments.valid_specs())
+def test_make_every_spec_with_mnist_observations(spec):
+  env = environments.make(spec, seed=0)
+  assert 'embedded' in env.data_source and '10000 images' in env.data_source
+  assert env.observation_spec().shape == (28, 28, 1) and env.action_spec().num_values == 10
+  timestep = env.reset()
+  assert timestep.observation.shape == (28, 28, 1) and timestep.observation.dtype == np.uint8
+  assert timestep.observation.max() > 100  # Real digits, not blanks.
+  timestep = env.step(0)
+  assert timestep.reward in (0.0, 1.0)
+
+
+@pytest.mark.parametrize('spec, words', [
+    ('mdp:mnist:medium', ['easy', 'hard', 'sparse']),
+    ('mdp:svhn:easy', ['mnist']),
+    ('mdp:mnist', ['mdp:mnist:easy']),
+    ('gridworld:1', ['mdp', 'mdp:mnist:easy']),
+])
+def test_bad_specs_list_the_valid_ones(spec, words):
+  with pytest.raises(ValueError, match='--env') as error:
+    environments.make(spec)
+  for word in words:
+    assert word in str(error.value)
+
+
+def test_data_dir_with_mnist_npz_and_idx_files(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+  labels = (np.arange(30) % 10).astype(np.uint8)
+  npz_dir = tmp_path / 'npz'
+  npz_dir.mkdir()
+  np.savez(npz_dir / 'mnist.npz', x_train=images, y_train=labels, x_test=images[:5], y_test=labels[:5])
+  env = environments.make('mdp:mnist:easy', data_dir=str(npz_dir))
+  assert str(npz_dir) in env.data_source and '30 images' in env.data_source
+
+  idx_dir = tmp_path / 'idx' / 'mnist'
+  idx_dir.mkdir(parents=True)
+  with gzip.open(idx_dir / 'train-images-idx3-ubyte.gz', 'wb') as f:
+    f.write(b'\x00\x00\x08\x03' + b''.join(n.to_bytes(4, 'big') for n in (30, 28, 28)) + images.tobytes())
+  with open(idx_dir / 'train-labels-idx1-ubyte', 'wb') as f:
+    f.write(b'\x00\x00\x08\x01' + (30).to_bytes(4, 'big') + labels.tobytes())
+  data = datasets.load('mnist', data_dir=str(tmp_path / 'idx'))
+  np.testing.assert_array_equal(data.images[..., 0], images)
+  np.testing.assert_array_equal(data.labels, labels)
+
+
+def test_data_dir_without_the_files_says_where_it_looked_and_what_it_expected(tmp_path, monkeypatch):
+  with pytest.raises(ValueError) as error:
+    environments.make('mdp:mnist:easy', data_dir=str(tmp_path))
+  assert str(tmp_path) in str(error.value) and 'mnist.npz' in str(error.value)
+  assert 'train-images-idx3-ubyte' in str(error.value)
+  monkeypatch.setenv(datasets.DATA_DIR_ENV, str(tmp_path / 'missing'))
+  with pytest.raises(ValueError, match=datasets.DATA_DIR_ENV):
+    environments.make('mdp:mnist:easy')
+  (tmp_path / 'mnist.npz').write_bytes(b'not a zip')
+  with pytest.raises(ValueError, match='not an mnist.npz'):
+    environments.make('mdp:mnist:easy', data_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_MNIST), reason='needs ../shared/data')
+def test_cache_is_used_before_the_embedded_sample(tmp_path):
+  cache = tmp_path / 'cache' / 'plasticity'
+  cache.mkdir(parents=True)
+  with np.load(SHARED_MNIST) as data:
+    np.savez(cache / 'mnist.npz', **data)
+  env = environments.make('mdp:mnist:easy')
+  assert 'cache' in env.data_source and '8000 images' in env.data_source
+
+
+def test_download_is_bounded_and_falls_back(monkeypatch):
+  monkeypatch.setitem(datasets.SOURCES, 'mnist', datasets.SOURCES['mnist']._replace(
+      download_url='http://10.255.255.1/mnist.npz'))  # A blackhole address: connect never completes.
+  data = datasets.load('mnist', download=True, download_timeout_s=1.0)
+  assert 'embedded' in data.source and 'download failed' in data.source

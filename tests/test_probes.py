@@ -1,0 +1,116 @@
+"""The plasticity probe (section 2.2, eq. 4), the evaluator's schedule, the report."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents.builder import make_agent
+from agents.config import AgentConfig
+from launch.loggers import JsonlLogger, read_jsonl
+from probes import plasticity, report
+from probes.evaluator import Evaluator
+
+CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  agent = make_agent(AgentConfig(width_multiplier=0.0625), num_actions=3)  # Hidden width 32.
+  inputs = np.random.default_rng(0).integers(0, 256, (CONFIG.num_inputs, 8, 8, 1), dtype=np.uint8)
+  params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
+  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
+  return agent, apply_fn, params, inputs
+
+
+def test_vmapped_probe_equals_the_target_by_target_loop(setup):
+  agent, apply_fn, params, inputs = setup
+  key = jax.random.PRNGKey(3)
+  vmapped = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
+  looped = plasticity.make_sequential_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(
+      params, inputs, key)
+  np.testing.assert_allclose(vmapped.baselines, looped.baselines, rtol=1e-5)
+  np.testing.assert_allclose(vmapped.step_losses, looped.step_losses, rtol=2e-3, atol=1e-5)
+  np.testing.assert_allclose(vmapped.final_losses, looped.final_losses, rtol=2e-3)
+  assert vmapped.step_losses.shape == (CONFIG.num_targets, CONFIG.steps)
+
+
+def test_targets_offset_and_baseline_follow_equation_4(setup):
+  agent, apply_fn, params, inputs = setup
+  key = jax.random.PRNGKey(4)
+  result = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
+  offset = np.asarray(apply_fn(params, inputs)).mean(axis=0)
+  np.testing.assert_allclose(result.target_offset, offset, rtol=1e-5, atol=1e-6)
+  # Rebuild target 0 by hand: the same key split the probe uses.
+  target_key = jax.random.split(key, CONFIG.num_targets)[0]
+  init_key, _ = jax.random.split(target_key)
+  theta0 = agent.network.init(init_key, inputs[:1])
+  targets = offset + np.sin(CONFIG.frequency * np.asarray(apply_fn(theta0, inputs)))
+  # sin(1e5 * f) amplifies float32 rounding differences between numpy and XLA.
+  np.testing.assert_allclose(result.baselines[0], targets.var(axis=0).mean(), rtol=2e-3)
+  # High-frequency sines of a random network look like noise: variance near that of sin(U) = 1/2.
+  assert 0.3 < result.baseline < 0.6
+  record = result.as_record()
+  assert record['plasticity'] == pytest.approx(record['baseline'] - record['final_loss_mean'])
+  assert [point[0] for point in record['curve']] == [0, 50, 100]
+  assert record['curve'][0][1] == pytest.approx(result.step_losses[:, :50].mean(), rel=1e-5)
+
+
+def saturate(params):
+  """Every hidden ReLU dead on every input: the network can only move its output bias."""
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  params['linear_0'] = {**params['linear_0'], 'b': jnp.full_like(params['linear_0']['b'], -1e3)}
+  return params
+
+
+def test_probe_fits_a_fresh_network_better_than_a_saturated_one(setup):
+  agent, apply_fn, params, inputs = setup
+  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer,
+                                plasticity.ProbeConfig(num_targets=4, steps=400, batch_size=64, num_inputs=64))
+  inputs = inputs[:64]  # Few inputs: a fresh width-32 network can memorise much of them.
+  fresh = probe(params, inputs, jax.random.PRNGKey(5))
+  dead = probe(saturate(params), inputs, jax.random.PRNGKey(5))
+  # The saturated network can only learn a constant: it ends at the target variance.
+  assert dead.plasticity == pytest.approx(0.0, abs=0.02 * dead.baseline)
+  assert fresh.plasticity > 0.2 * fresh.baseline
+  assert fresh.final_losses.mean() < dead.final_losses.mean()
+
+
+def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
+  agent, _, params, inputs = setup
+  clock = {'step': 0}
+  finished = lambda: clock['step'] >= 230
+
+  def learner_step():  # The learner moves 40 steps each time the evaluator looks.
+    clock['step'] = min(clock['step'] + 40, 230)
+    return clock['step']
+
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
+                        observation_source=lambda n: inputs[:n], logger=JsonlLogger(str(tmp_path), 'probes'))
+  clock['step'] = -40  # The first look sees step 0.
+  evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
+  steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
+  assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
+
+
+def test_report_writes_both_plots(tmp_path):
+  logger = JsonlLogger(str(tmp_path), 'probes', tensorboard=False)
+  rng = np.random.default_rng(0)
+  for step in (0, 5000, 10000):
+    loss = 0.1 + step / 1e5
+    logger({'learner_step': step, 'probe_steps': 100, 'num_targets': 10, 'final_loss_mean': loss,
+            'final_loss_std': 0.01, 'baseline': 0.5, 'plasticity': 0.5 - loss,
+            'curve': [[i, float(0.5 - i / 300 + rng.random() * 0.01)] for i in range(0, 100, 20)]})
+  paths = report.write_report(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['probe_curves.png', 'plasticity.png']
+  for path in paths:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert os.path.getsize(path) > 10_000
+
+
+def test_report_on_a_directory_without_probes_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='probes.jsonl'):
+    report.write_report(str(tmp_path))
