@@ -1,39 +1,50 @@
 r"""Throughput benchmark, measured side by side in one run.
 
-  python -m launch.benchmark
+  python -m launch.benchmark [--env=mdp:mnist:easy] [--seconds=15] [--probe_steps=2000]
 
-Prints: actor environment steps/s with 1 and with 2 actor processes (inserting
-into a local Reverb server, no rate limiting), learner updates/s (sampling
-from that server), the samples-per-insert ratio actually held by the rate
-limiter with actors and learner running together, and the plasticity probe's
-wall time vmapped over 10 targets against the same fits done target by target.
+Prints:
+  * actor environment steps/s with 1 and with 2 actor processes (inserting
+    into a local Reverb server, no rate limiting);
+  * learner updates/s sampling from that server: alone, beside an evaluator
+    process (probe + diagnostics on fetched snapshots, as an attached
+    evaluator does), and beside a process that only burns the same CPU (pure
+    numpy). The evaluator's cost to the learner beyond sharing the cores is
+    the difference between the last two;
+  * the samples-per-insert ratio the rate limiter actually held with 2 actors
+    and the learner running together;
+  * the plasticity probe's wall time for 10 targets vmapped against the same
+    fits done target by target in a Python loop (compilation timed apart).
 """
 
+import dataclasses
 import multiprocessing
 import time
 
 from absl import app
 from absl import flags
-import dataclasses
 import numpy as np
 
-FLAGS = flags.FLAGS
 ENV = flags.DEFINE_string('env', 'mdp:mnist:easy', 'Environment spec.')
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
-LEARNER_STEPS = flags.DEFINE_integer('learner_steps', 1000, 'Learner updates timed.')
 SAMPLES_PER_INSERT = flags.DEFINE_float('samples_per_insert', 8.0, 'Ratio for the rate-limited measurement.')
 PROBE_STEPS = flags.DEFINE_integer('probe_steps', 2000, 'Steps of each probe fit.')
 PROBE_TARGETS = flags.DEFINE_integer('probe_targets', 10, 'Targets of the probe.')
 
 
+def _spawn(target, *args) -> multiprocessing.Process:
+  process = multiprocessing.get_context('spawn').Process(target=target, args=args, daemon=True)
+  process.start()
+  return process
+
+
 def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, result_queue) -> None:
+  import jax
+  import reverb
   import environments
   from agents.actor import Actor
   from agents.builder import make_agent
   from agents.config import AgentConfig
   from launch import replay
-  import jax
-  import reverb
 
   env = environments.make(env_spec, seed=actor_id)
   agent = make_agent(AgentConfig(), env.action_spec().num_values)
@@ -46,24 +57,54 @@ def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, r
   result_queue.put((actor.env_steps - start_steps) / (time.time() - start))
 
 
+def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
+  """Probes and diagnoses the given snapshot over and over, as an attached evaluator would."""
+  import tempfile
+  import environments
+  from agents.builder import make_agent
+  from agents.config import AgentConfig
+  from launch import replay
+  from probes.diagnostics import DiagnosticsConfig
+  from probes.evaluator import Evaluator
+  from probes.plasticity import ProbeConfig
+
+  env = environments.make(env_spec)
+  evaluator = Evaluator(make_agent(AgentConfig(), env.action_spec().num_values), ProbeConfig(steps=200),
+                        params_source=lambda: (0, params),
+                        observation_source=lambda n: replay.sample_observations(address, n),
+                        out_dir=tempfile.mkdtemp(), diagnostics_config=DiagnosticsConfig())
+  while not stop_event.is_set():
+    evaluator.evaluate()
+
+
+def _cpu_burner_process(stop_event) -> None:
+  """Keeps cores as busy as the evaluator does, touching nothing the learner uses."""
+  a = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+  while not stop_event.is_set():
+    a = np.tanh(a @ a.T / 512)
+
+
 def actor_steps_per_second(env_spec: str, num_actors: int, address: str, seconds: float) -> list:
-  context = multiprocessing.get_context('spawn')
-  queue = context.Queue()
-  processes = [context.Process(target=_actor_process, args=(env_spec, i, address, seconds, queue))
-               for i in range(num_actors)]
-  for process in processes:
-    process.start()
+  queue = multiprocessing.get_context('spawn').Queue()
+  processes = [_spawn(_actor_process, env_spec, i, address, seconds, queue) for i in range(num_actors)]
   rates = [queue.get() for _ in processes]
   for process in processes:
     process.join()
   return rates
 
 
+def learner_updates_per_second(learner, seconds: float) -> float:
+  start_step, start = learner.step_count, time.time()
+  while time.time() - start < seconds:
+    learner.step()
+  return (learner.step_count - start_step) / (time.time() - start)
+
+
 def main(argv):
   del argv
-  import environments
   import jax
   import reverb
+  import environments
   from agents.builder import make_agent
   from agents.config import AgentConfig
   from agents.learner import Learner
@@ -77,45 +118,50 @@ def main(argv):
                                   samples_per_insert_tolerance=1e9)
   server = reverb.Server(replay.make_tables(unlimited, observation_spec))
   address = f'localhost:{server.port}'
-  print(f'Benchmark on {ENV.value}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}')
+  print(f'Benchmark on {ENV.value}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
 
   for num_actors in (1, 2):
     rates = actor_steps_per_second(ENV.value, num_actors, address, SECONDS.value)
-    print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, '
-          f'{np.mean(rates):8.0f} per actor (inserting into Reverb, no rate limit)')
+    print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, {np.mean(rates):8.0f} per actor '
+          f'(inserting into Reverb, no rate limit)', flush=True)
 
   config = AgentConfig()
   agent = make_agent(config, env.action_spec().num_values)
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
-  for _ in range(50):
-    learner.step()
-  start = time.time()
-  for _ in range(LEARNER_STEPS.value):
-    learner.step()
-  print(f'learner: {LEARNER_STEPS.value / (time.time() - start):8.0f} updates/s '
-        f'(batch {config.batch_size}, {config.arch}, sampling from Reverb)')
+  learner_updates_per_second(learner, 2.0)  # Compile and warm up.
+  alone = learner_updates_per_second(learner, SECONDS.value)
+  params = learner.get_params()[1]
+  side_by_side = {}
+  for name, target, args in (('an evaluator', _evaluator_process, (ENV.value, address, params)),
+                             ('a CPU burner', _cpu_burner_process, ())):
+    stop = multiprocessing.get_context('spawn').Event()
+    process = _spawn(target, *args, stop)
+    time.sleep(20.0)  # Let it compile and reach its steady state.
+    side_by_side[name] = learner_updates_per_second(learner, SECONDS.value)
+    stop.set()
+    process.join(timeout=300)
+  print(f'learner: {alone:8.0f} updates/s alone (batch {config.batch_size}, {config.arch}, sampling from Reverb)')
+  for name, rate in side_by_side.items():
+    print(f'learner: {rate:8.0f} updates/s beside {name} ({rate / alone:.2f} of alone)')
+  print(f'learner: beside an evaluator / beside a CPU burner = '
+        f'{side_by_side["an evaluator"] / side_by_side["a CPU burner"]:.2f} (1.00: the evaluator costs the learner '
+        f'only the cores it shares)', flush=True)
   del server
 
-  limited = dataclasses.replace(unlimited, samples_per_insert=SAMPLES_PER_INSERT.value, samples_per_insert_tolerance=0.1)
+  limited = dataclasses.replace(unlimited, samples_per_insert=SAMPLES_PER_INSERT.value,
+                                samples_per_insert_tolerance=0.1)
   server = reverb.Server(replay.make_tables(limited, observation_spec))
   address = f'localhost:{server.port}'
-  client = reverb.Client(address)
-  context = multiprocessing.get_context('spawn')
-  queue = context.Queue()
-  actors = [context.Process(target=_actor_process, args=(ENV.value, i, address, 3 * SECONDS.value, queue))
-            for i in range(2)]
-  for process in actors:
-    process.start()
+  queue = multiprocessing.get_context('spawn').Queue()
+  actors = [_spawn(_actor_process, ENV.value, i, address, 3 * SECONDS.value, queue) for i in range(2)]
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
-  start = time.time()
-  while time.time() - start < 2 * SECONDS.value:
-    learner.step()
-  info = client.server_info()[replay.REPLAY_TABLE].rate_limiter_info
+  learner_updates_per_second(learner, 2 * SECONDS.value)
+  info = reverb.Client(address).server_info()[replay.REPLAY_TABLE].rate_limiter_info
   inserts, samples = info.insert_stats.completed, info.sample_stats.completed
   for process in actors:
     process.terminate()
   print(f'rate limiter: samples_per_insert set {SAMPLES_PER_INSERT.value}, held {samples / max(inserts, 1):.2f} '
-        f'({samples} samples / {inserts} inserts; {learner.step_count} learner steps with 2 actors)')
+        f'({samples} samples / {inserts} inserts; {learner.step_count} learner steps with 2 actors)', flush=True)
 
   probe_config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
                                      num_targets=PROBE_TARGETS.value)
@@ -124,13 +170,13 @@ def main(argv):
   apply_fn = lambda params, obs: agent.network.apply(params, obs).outputs
   params = learner.get_params()[1]
   timings = {}
-  for name, run in (('vmapped', plasticity.make_probe), ('python loop', plasticity.make_sequential_probe)):
-    probe = run(apply_fn=apply_fn, init_fn=agent.network.init, optimizer=agent.optimizer, config=probe_config)
-    start = time.time()
+  for name, make in (('vmapped', plasticity.make_probe), ('python loop', plasticity.make_sequential_probe)):
+    probe = make(apply_fn=apply_fn, init_fn=agent.network.init, optimizer=agent.optimizer, config=probe_config)
     result = probe(params, inputs, jax.random.PRNGKey(0))
-    timings[name] = time.time() - start
-    print(f'probe ({name}): {timings[name]:7.1f} s for {probe_config.num_targets} targets x '
-          f'{probe_config.steps} steps (compile included), plasticity {result.as_record()["plasticity"]:.4f}')
+    timings[name] = result.wall_time_s
+    print(f'probe ({name}): {result.wall_time_s:7.1f} s for {probe_config.num_targets} targets x '
+          f'{probe_config.steps} steps (+{result.compile_time_s:.1f} s compiling), '
+          f'plasticity {result.plasticity:.4f}', flush=True)
   print(f'probe: python loop / vmapped = {timings["python loop"] / timings["vmapped"]:.2f}x')
 
 

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 from agents.config import AgentConfig
 from launch.replay import ReplayConfig
+from probes.diagnostics import DiagnosticsConfig
 from probes.plasticity import ProbeConfig
 
 CONFIG_FILE = 'config.json'
@@ -27,6 +28,9 @@ class ExperimentConfig:
   replay: ReplayConfig = ReplayConfig()
   probe: ProbeConfig = ProbeConfig()
   probe_every: int = 5000  # 0 runs no evaluator.
+  # The curvature and representation diagnostics at every probe point.
+  diagnostics_enabled: bool = True
+  diagnostics: DiagnosticsConfig = DiagnosticsConfig()
   checkpoint_every: int = 5000
   log_every: int = 100
   actor_params_update_period: int = 100
@@ -90,4 +94,5 @@ def load_config(run_dir: str) -> ExperimentConfig:
     raw = json.load(f)
   raw['agent']['interventions'] = tuple(raw['agent']['interventions'])
   return ExperimentConfig(**{**raw, 'agent': AgentConfig(**raw['agent']), 'replay': ReplayConfig(**raw['replay']),
-                             'probe': ProbeConfig(**raw['probe'])})
+                             'probe': ProbeConfig(**raw['probe']),
+                             'diagnostics': DiagnosticsConfig(**raw.get('diagnostics', {}))})

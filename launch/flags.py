@@ -13,9 +13,10 @@ from agents import encodings, interventions, networks, optimizers
 from agents.config import AgentConfig
 from launch.experiment import ExperimentConfig
 from launch.replay import ReplayConfig
+from probes.diagnostics import DiagnosticsConfig
 from probes.plasticity import ProbeConfig
 
-_AGENT, _REPLAY, _PROBE = AgentConfig(), ReplayConfig(), ProbeConfig()
+_AGENT, _REPLAY, _PROBE, _DIAGNOSTICS = AgentConfig(), ReplayConfig(), ProbeConfig(), DiagnosticsConfig()
 
 ENV = flags.DEFINE_string('env', 'mdp:mnist:easy', 'Environment spec, e.g. mdp:mnist:easy, mdp:cifar10:hard, atari:pong.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'Directory holding the datasets (else $PLASTICITY_DATA_DIR, '
@@ -65,6 +66,21 @@ PROBE_BATCH_SIZE = flags.DEFINE_integer('probe_batch_size', _PROBE.batch_size, '
 PROBE_INPUTS = flags.DEFINE_integer('probe_inputs', _PROBE.num_inputs, 'Replay observations in the probe input set.',
                                     lower_bound=1)
 
+DIAGNOSTICS = flags.DEFINE_bool('diagnostics', True, 'Run the curvature and representation diagnostics at every '
+                                'probe point (--nodiagnostics: the probe only).')
+HESSIAN_BATCH_SIZE = flags.DEFINE_integer('hessian_batch_size', _DIAGNOSTICS.hessian_batch_size,
+                                          'Probe inputs in the Hessian\'s batch.', lower_bound=1)
+LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', _DIAGNOSTICS.lanczos_steps,
+                                     'Lanczos steps of the Hessian density.', lower_bound=2)
+COVARIANCE_SAMPLES = flags.DEFINE_integer('covariance_samples', _DIAGNOSTICS.covariance_samples,
+                                          'k of the gradient covariance C_k.', lower_bound=2)
+
+
+def diagnostics_config() -> DiagnosticsConfig:
+  return dataclasses.replace(_DIAGNOSTICS, hessian_batch_size=HESSIAN_BATCH_SIZE.value,
+                             hessian_chunk_size=min(_DIAGNOSTICS.hessian_chunk_size, HESSIAN_BATCH_SIZE.value),
+                             lanczos_steps=LANCZOS_STEPS.value, covariance_samples=COVARIANCE_SAMPLES.value)
+
 
 def experiment_config() -> ExperimentConfig:
   """The configuration the parsed flags describe (validated by the builders)."""
@@ -85,5 +101,6 @@ def experiment_config() -> ExperimentConfig:
   return ExperimentConfig(
       run_dir=RUN_DIR.value, env=ENV.value, data_dir=DATA_DIR.value, num_actors=NUM_ACTORS.value,
       launch_type=LAUNCH_TYPE.value, max_learner_steps=MAX_LEARNER_STEPS.value, seed=SEED.value, agent=agent,
-      replay=replay, probe=probe, probe_every=PROBE_EVERY.value, checkpoint_every=CHECKPOINT_EVERY.value,
+      replay=replay, probe=probe, probe_every=PROBE_EVERY.value, diagnostics_enabled=DIAGNOSTICS.value,
+      diagnostics=diagnostics_config(), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value)

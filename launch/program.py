@@ -5,6 +5,8 @@
     learner --(Reverb gRPC: sample batches)------> replay
     evaluator --(Courier: get_params, is_finished)-> learner
     evaluator --(Reverb gRPC: sample probe inputs)-> replay
+    attached evaluators (launch.attach_evaluator) -> learner, replay, as above,
+      at the addresses actor 0 publishes in the run directory
 
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment
@@ -13,8 +15,11 @@ config and connects it to its peers. The program stops itself: the evaluator
 reached `max_learner_steps` and the final probe is written.
 """
 
+import json
 import os
-from typing import Tuple
+import socket
+import time
+from typing import Callable, Tuple
 
 from absl import logging
 import launchpad as lp
@@ -30,6 +35,9 @@ from launch import replay
 from launch.experiment import ExperimentConfig
 from launch.loggers import JsonlLogger
 from probes.evaluator import Evaluator
+
+# Where a live run's learner and replay answer (see launch/attach_evaluator.py).
+ADDRESSES_FILE = 'addresses.json'
 
 # Nodes that must keep JAX off any accelerator: only the learner may use it.
 CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
@@ -90,6 +98,8 @@ class ActorNode:
 
   def run(self) -> None:
     config = self._config
+    if self._actor_id == 0:  # Actors hold handles to both the learner and the replay.
+      publish_addresses(config, self._learner.address, self._replay_client.server_address)
     seed = config.seed * 1000 + self._actor_id
     env = environments.make(config.env, seed=seed, **config.env_options())
     logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, getattr(env, 'data_source', 'n/a'))
@@ -103,6 +113,26 @@ class ActorNode:
     actor.run(should_stop=_stop_requested)
 
 
+def make_evaluator(config: ExperimentConfig, out_dir: str, params_source: Callable[[], Tuple[int, Params]],
+                   replay_address: str, seed: int) -> Evaluator:
+  """The evaluator of a run, writing under `out_dir` (the built-in one writes in the run directory)."""
+  _, num_actions = environment_specs(config)
+  return Evaluator(
+      make_agent(config.agent, num_actions), config.probe, params_source=params_source,
+      observation_source=lambda n: replay.sample_observations(replay_address, n), out_dir=out_dir,
+      diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed)
+
+
+def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
+  """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
+  record = {'learner': learner_address, 'replay': replay_address, 'host': socket.gethostname(),
+            'launch_type': config.launch_type, 'written_at': time.time()}
+  path = config.path(ADDRESSES_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 class EvaluatorNode:
 
   def __init__(self, config: ExperimentConfig, learner, replay_client: reverb.Client):
@@ -112,12 +142,8 @@ class EvaluatorNode:
 
   def run(self) -> None:
     config = self._config
-    _, num_actions = environment_specs(config)
-    address = self._replay_client.server_address
-    evaluator = Evaluator(
-        make_agent(config.agent, num_actions), config.probe, params_source=self._learner.get_params,
-        observation_source=lambda n: replay.sample_observations(address, n),
-        logger=JsonlLogger(config.run_dir, 'probes'), seed=config.seed)
+    evaluator = make_evaluator(config, config.run_dir, self._learner.get_params,
+                               self._replay_client.server_address, seed=config.seed)
     evaluator.run(config.probe_every, learner_step=self._learner.get_step,
                   learner_finished=self._learner.is_finished, should_stop=_stop_requested)
     lp.stop()

@@ -9,6 +9,7 @@ Two tables share every inserted transition (Reverb stores the data once):
 """
 
 import dataclasses
+import time
 from typing import Callable, Iterator, List
 
 import dm_env
@@ -107,8 +108,18 @@ def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[
       yield Transition(**sample.data)
 
 
-def sample_observations(server_address: str, num: int) -> np.ndarray:
-  """`num` observations drawn uniformly from the replay (the probe's input set)."""
+def sample_observations(server_address: str, num: int, poll_seconds: float = 0.5) -> np.ndarray:
+  """`num` observations drawn uniformly from the replay (the probe's input set).
+
+  Waits until the replay holds `num` items (or is full), so that an early
+  probe does not fit the same few observations drawn over and over.
+  """
+  client = reverb.Client(server_address)
+  while True:
+    info = client.server_info()[PROBE_TABLE]
+    if info.current_size >= min(num, info.max_size):
+      break
+    time.sleep(poll_seconds)
   dataset = _dataset(server_address, PROBE_TABLE, num)
   sample = next(dataset.take(1).as_numpy_iterator())
   return sample.data['observation']

@@ -5,6 +5,7 @@ the same class serves the built-in evaluator node, an evaluator attached to a
 live run, and unit tests.
 """
 
+import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -14,41 +15,58 @@ import numpy as np
 
 from agents.builder import AgentParts
 from agents.types import Params
-from probes import plasticity
+from launch.loggers import JsonlLogger
+from probes import diagnostics, plasticity
 
-Logger = Callable[[Dict[str, object]], None]
+PROBES = 'probes'
+DIAGNOSTICS = 'diagnostics'
 
 
 class Evaluator:
+  """Probes (and diagnoses) parameter snapshots, writing under `out_dir`.
+
+  Files: probes.jsonl, diagnostics.jsonl, diagnostics/covariance_<step>.npy
+  and tensorboard/<probes,diagnostics>/ (see WORKSPACE.md).
+  """
 
   def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig,
                params_source: Callable[[], Tuple[int, Params]],
-               observation_source: Callable[[int], np.ndarray],
-               logger: Optional[Logger] = None, seed: int = 0):
+               observation_source: Callable[[int], np.ndarray], out_dir: str,
+               diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0):
     self._probe_config = probe_config
     self._params_source = params_source
     self._observation_source = observation_source
-    self._logger = logger
     self._rng = jax.random.PRNGKey(seed)
     network = agent.network
     self._probe = plasticity.make_probe(
         apply_fn=lambda params, obs: network.apply(params, obs).outputs,
         init_fn=network.init, optimizer=agent.optimizer, config=probe_config)
+    self._probe_logger = JsonlLogger(out_dir, PROBES)
+    self._diagnose = None
+    if diagnostics_config is not None:
+      self._diagnose = diagnostics.make_diagnostics(network, diagnostics_config)
+      self._diagnostics_logger = JsonlLogger(out_dir, DIAGNOSTICS)
+      self._covariance_dir = os.path.join(out_dir, DIAGNOSTICS)
+      os.makedirs(self._covariance_dir, exist_ok=True)
     self.last_probed_step: Optional[int] = None
 
   def evaluate(self) -> Dict[str, object]:
-    """Probes the learner's current parameters once; returns (and logs) the record."""
+    """Probes (and diagnoses) the learner's current parameters once; returns the probe record."""
     learner_step, params = self._params_source()
     inputs = self._observation_source(self._probe_config.num_inputs)
-    self._rng, key = jax.random.split(self._rng)
+    self._rng, probe_key, diagnostics_key = jax.random.split(self._rng, 3)
     start = time.time()
-    result = self._probe(params, inputs, key)
+    result = self._probe(params, inputs, probe_key)
     record = {'learner_step': int(learner_step), **result.as_record()}
     logging.info('Probe at learner step %d: plasticity %.4f (final loss %.4f, baseline %.4f) in %.1fs',
                  learner_step, record['plasticity'], record['final_loss_mean'], record['baseline'],
                  time.time() - start)
-    if self._logger:
-      self._logger(record)
+    self._probe_logger(record)
+    if self._diagnose is not None:
+      diagnosed = self._diagnose(params, inputs, diagnostics_key)
+      np.save(os.path.join(self._covariance_dir, f'covariance_{int(learner_step):09d}.npy'), diagnosed.covariance)
+      self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
+      logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
     self.last_probed_step = int(learner_step)
     return record
 

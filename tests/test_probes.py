@@ -11,6 +11,7 @@ from agents.builder import make_agent
 from agents.config import AgentConfig
 from launch.loggers import JsonlLogger, read_jsonl
 from probes import plasticity, report
+from probes.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
@@ -88,11 +89,28 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
     return clock['step']
 
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
-                        observation_source=lambda n: inputs[:n], logger=JsonlLogger(str(tmp_path), 'probes'))
+                        observation_source=lambda n: inputs[:n], out_dir=str(tmp_path))
   clock['step'] = -40  # The first look sees step 0.
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
   steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
   assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
+
+
+def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
+  agent, _, params, inputs = setup
+  small = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10, covariance_samples=32,
+                            covariance_chunk_size=16, kmeans_clusters=3, density_grid_size=64)
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params), observation_source=lambda n: inputs[:n],
+                        out_dir=str(tmp_path), diagnostics_config=small)
+  evaluator.evaluate()
+  probe, = read_jsonl(str(tmp_path / 'probes.jsonl'))
+  record, = read_jsonl(str(tmp_path / 'diagnostics.jsonl'))
+  assert probe['learner_step'] == record['learner_step'] == 7
+  assert np.isfinite(record['top_eigenvalue']) and record['hessian_batch_size'] == 128
+  assert len(record['density']) == len(record['density_grid']) == 64
+  covariance = np.load(tmp_path / 'diagnostics' / 'covariance_000000007.npy')
+  assert covariance.shape == (32, 32)
+  np.testing.assert_allclose(np.diag(covariance), 1.0, rtol=1e-4)  # Normalised inner products.
 
 
 def test_report_writes_both_plots(tmp_path):
@@ -108,6 +126,29 @@ def test_report_writes_both_plots(tmp_path):
   for path in paths:
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert os.path.getsize(path) > 10_000
+
+
+def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
+  agent, _, params, inputs = setup
+  small = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10, covariance_samples=32,
+                            covariance_chunk_size=16, kmeans_clusters=3, density_grid_size=64)
+  runs = []
+  for run in ('a', 'b'):
+    clock = {'step': 0}
+    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
+                          observation_source=lambda n: inputs[:n], out_dir=str(tmp_path / run),
+                          diagnostics_config=small)
+    for step in (0, 100):
+      clock['step'] = step
+      evaluator.evaluate()
+    runs.append(str(tmp_path / run))
+  paths = report.write_comparison(runs, str(tmp_path / 'cmp'))
+  names = sorted(os.path.relpath(p, tmp_path) for p in paths)
+  expected = [f'{run}/plots/{name}.png' for run in ('a', 'b') for name in
+              ('covariance', 'hessian_density', 'plasticity', 'probe_curves', 'statistics')]
+  assert names == sorted(expected + ['cmp/statistics_vs_plasticity.png'])
+  for path in paths:
     assert os.path.getsize(path) > 10_000
 
 

@@ -14,7 +14,8 @@ from launch.loggers import read_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ['--env=mdp:mnist:easy', '--num_actors=2', '--max_learner_steps=300', '--min_replay_size=200',
              '--log_every=50', '--checkpoint_every=100', '--target_update_period=100', '--probe_every=150',
-             '--probe_steps=40', '--probe_inputs=256', '--probe_batch_size=64', '--width_multiplier=0.25']
+             '--probe_steps=40', '--probe_inputs=256', '--probe_batch_size=64', '--width_multiplier=0.25',
+             '--hessian_batch_size=128', '--lanczos_steps=5', '--covariance_samples=32']
 
 
 def train(run_dir, *extra, timeout=240):
@@ -45,12 +46,14 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   assert not leftover_processes(start, 'launchpad'), 'processes left behind'
   assert not leftover_processes(start, run_dir)
 
-  for name in ['config.json', 'learner.jsonl', 'actors.jsonl', 'probes.jsonl',
+  for name in ['config.json', 'addresses.json', 'learner.jsonl', 'actors.jsonl', 'probes.jsonl', 'diagnostics.jsonl',
+               'diagnostics/covariance_000000000.npy', 'plots/hessian_density.png', 'plots/covariance.png',
+               'plots/statistics.png',
                'plots/probe_curves.png', 'plots/plasticity.png', 'logs/learner/0', 'logs/actor/0',
                'logs/actor/1', 'logs/replay/0', 'logs/evaluator/0']:
     assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
   assert any(f.startswith('learner_') for f in os.listdir(os.path.join(run_dir, 'checkpoints')))
-  for name in ['learner', 'actors', 'probes']:
+  for name in ['learner', 'actors', 'probes', 'diagnostics']:
     assert os.listdir(os.path.join(run_dir, 'tensorboard', name)), name
 
   learner = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))
@@ -64,6 +67,9 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   for record in probes:
     assert record['num_targets'] == 10 and record['probe_steps'] == 40
     assert abs(record['plasticity'] - (record['baseline'] - record['final_loss_mean'])) < 1e-6
+  diagnostics = read_jsonl(os.path.join(run_dir, 'diagnostics.jsonl'))
+  assert [r['learner_step'] for r in diagnostics] == [r['learner_step'] for r in probes]
+  assert all(r['lanczos_steps'] == 5 and r['covariance_samples'] == 32 for r in diagnostics)
   assert 'plot:' in result.stdout and run_dir in result.stdout
 
 
@@ -95,3 +101,47 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert result.returncode != 0 and 'env' in result.stderr and "'mdp:mnist:easy' -> 'mdp:mnist:hard'" in result.stderr
   assert json.loads((run_dir / 'config.json').read_text()) == {'env': 'mdp:mnist:easy', 'agent': {'arch': 'mlp'}}
   assert sorted(os.listdir(run_dir)) == ['config.json']
+
+
+def python_module(module, *args):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
+  return subprocess.Popen([sys.executable, '-m', module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
+  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
+                      '--max_learner_steps=3000', '--probe_every=0')
+  deadline = time.time() + 180
+  while not os.path.exists(os.path.join(run_dir, 'addresses.json')) and time.time() < deadline:
+    time.sleep(0.5)
+  attach = python_module('launch.attach_evaluator', f'--run_dir={run_dir}', '--name=mine', '--probe_every=200',
+                         '--probe_steps=20', '--nodiagnostics')
+  out, err = attach.communicate(timeout=300)
+  assert attach.returncode == 0, out + err[-3000:]
+  run_out, run_err = run.communicate(timeout=300)
+  assert run.returncode == 0, run_out + run_err[-3000:]
+
+  records = read_jsonl(os.path.join(run_dir, 'evaluators', 'mine', 'probes.jsonl'))
+  steps = [r['learner_step'] for r in records]
+  assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] <= 3000
+  assert all(r['probe_steps'] == 20 for r in records)
+  assert not os.path.exists(os.path.join(run_dir, 'probes.jsonl'))  # The run's own files are untouched.
+
+  # The run has stopped: attaching again is a clear error.
+  again = python_module('launch.attach_evaluator', f'--run_dir={run_dir}')
+  out, err = again.communicate(timeout=120)
+  assert again.returncode != 0 and 'not live' in err
+  not_a_run = python_module('launch.attach_evaluator', f'--run_dir={tmp_path}')
+  out, err = not_a_run.communicate(timeout=120)
+  assert not_a_run.returncode != 0 and 'not a run directory' in err
+
+  checkpoint = os.path.join(run_dir, 'checkpoints', 'learner_000003000.pkl')
+  offline = python_module('probes.run', f'--checkpoint={checkpoint}', '--probe_steps=20')
+  out, err = offline.communicate(timeout=300)
+  assert offline.returncode == 0, err[-3000:]
+  record, = read_jsonl(os.path.join(run_dir, 'offline', 'learner_000003000', 'probes.jsonl'))
+  assert record['learner_step'] == 3000 and record['probe_steps'] == 20 and 'plasticity' in out

@@ -1,0 +1,110 @@
+r"""Cost of the evaluator's diagnostics against the plasticity probe, per architecture.
+
+  python -m probes.benchmark --archs=mlp,cnn [--lanczos_steps=30 --probe_steps=200]
+
+For each architecture (at initialisation, 10 actions, random uint8 inputs of
+the MNIST MDP's shape) prints each diagnostic's wall time after compilation
+(the second call), its warm-up (the first call's extra time: compilation plus
+first-touch allocation; noisy on a shared machine), and its share of one
+evaluator cycle:
+the plasticity probe at its default `ProbeConfig` plus every diagnostic at its
+default `DiagnosticsConfig`. Fewer Lanczos or probe steps may be timed; their
+times are then extrapolated linearly in steps to the defaults, as printed (for
+the probe a slight overestimate: its fixed cost, the targets, is scaled too).
+Also prints the largest buffers: the Lanczos basis and the gradient blocks.
+Unregistered architectures are skipped with a note.
+"""
+
+import dataclasses
+import time
+from typing import Dict, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from agents import networks
+from agents.builder import make_agent
+from agents.config import AgentConfig
+from probes import plasticity
+from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
+
+ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn'], 'Architectures to benchmark.')
+NUM_INPUTS = flags.DEFINE_integer('num_inputs', 2048, 'Replay observations given to the probe and diagnostics.')
+OBSERVATION_SHAPE = flags.DEFINE_list('observation_shape', ['28', '28', '1'], 'Observation shape.')
+NUM_ACTIONS = flags.DEFINE_integer('num_actions', 10, 'Actions (network outputs).')
+LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', DiagnosticsConfig.lanczos_steps,
+                                     'Lanczos steps timed; extrapolated linearly to the default.')
+PROBE_STEPS = flags.DEFINE_integer('probe_steps', plasticity.ProbeConfig.steps,
+                                   'Probe steps timed; extrapolated linearly to the default.')
+
+
+def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, float], Dict[str, float]]:
+  """(first call's extra seconds, second call's seconds) per diagnostic."""
+  diagnose = make_diagnostics(network, dataclasses.replace(DiagnosticsConfig(), lanczos_steps=LANCZOS_STEPS.value))
+  first = diagnose(params, inputs, jax.random.PRNGKey(0)).wall_times
+  second = diagnose(params, inputs, jax.random.PRNGKey(1)).wall_times
+  return {name: max(first[name] - second[name], 0.0) for name in second}, second
+
+
+def _time_probe(agent, params, inputs: np.ndarray) -> Tuple[float, float]:
+  """(compilation seconds, run seconds) of the plasticity probe at `--probe_steps`."""
+  config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
+                               num_inputs=inputs.shape[0], curve_every=min(20, PROBE_STEPS.value))
+  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
+  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, config)
+  result = probe(params, inputs, jax.random.PRNGKey(0))
+  return result.compile_time_s, result.wall_time_s
+
+
+def benchmark(arch: str, inputs: np.ndarray) -> None:
+  agent = make_agent(AgentConfig(arch=arch), NUM_ACTIONS.value)
+  params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  print(f'\narch={arch}: {num_params:,} parameters, inputs {inputs.shape}, {jax.device_count()} {jax.default_backend()} '
+        f'device(s)')
+  compile_times, run_times = _time_diagnostics(agent.network, params, inputs)
+  del compile_times['total'], run_times['total']
+  lanczos_scale = DiagnosticsConfig.lanczos_steps / LANCZOS_STEPS.value
+  probe_scale = plasticity.ProbeConfig.steps / PROBE_STEPS.value
+  probe_compile, probe_run = _time_probe(agent, params, inputs)
+  rows = [(name, compile_times[name], run_times[name], run_times[name] * (lanczos_scale if name == 'hessian' else 1))
+          for name in run_times]
+  rows.append(('plasticity_probe', probe_compile, probe_run, probe_run * probe_scale))
+  cycle = sum(row[3] for row in rows)
+  print(f'  {"":18s}{"warmup_s":>10s}{"run_s":>10s}{"run_s@default":>15s}{"cycle_share":>13s}')
+  for name, compiled, ran, scaled in rows:
+    print(f'  {name:18s}{compiled:10.2f}{ran:10.2f}{scaled:15.2f}{scaled / cycle:13.1%}')
+  print(f'  {"cycle":18s}{"":10s}{"":10s}{cycle:15.2f}{1:13.1%}')
+  print(f'  diagnostics: {sum(row[3] for row in rows[:-1]) / cycle:.1%} of the cycle')
+  block = covariance_block_size(DiagnosticsConfig(), params)
+  print(f'  memory: Lanczos basis {LANCZOS_STEPS.value} x {num_params:,} float32 = '
+        f'{LANCZOS_STEPS.value * num_params * 4 / 2**20:.0f} MiB; gradient blocks 2 x {block} x {num_params:,} '
+        f'float32 = {2 * block * num_params * 4 / 2**20:.0f} MiB')
+  if lanczos_scale != 1:
+    print(f'  hessian timed at {LANCZOS_STEPS.value} Lanczos steps, x{lanczos_scale:g} to '
+          f'{DiagnosticsConfig.lanczos_steps} (linear extrapolation)')
+  if probe_scale != 1:
+    print(f'  plasticity probe timed at {PROBE_STEPS.value} steps, x{probe_scale:g} to '
+          f'{plasticity.ProbeConfig.steps} (linear extrapolation)')
+
+
+def main(argv) -> None:
+  del argv
+  shape = tuple(int(x) for x in OBSERVATION_SHAPE.value)
+  inputs = np.random.default_rng(0).integers(0, 256, (NUM_INPUTS.value, *shape), dtype=np.uint8)
+  config = DiagnosticsConfig()
+  print(f'Diagnostics defaults: Hessian batch {config.hessian_batch_size} (chunks of {config.hessian_chunk_size}), '
+        f'{config.lanczos_steps} Lanczos steps x {config.lanczos_draws} draw(s), covariance k='
+        f'{config.covariance_samples} (blocks of {config.covariance_chunk_size}); probe: '
+        f'{plasticity.ProbeConfig.num_targets} targets x {plasticity.ProbeConfig.steps} steps.')
+  for arch in ARCHS.value:
+    if arch not in networks.ARCHITECTURES:
+      print(f'\narch={arch}: not registered in agents/networks.py; skipped.')
+      continue
+    benchmark(arch, inputs)
+
+
+if __name__ == '__main__':
+  app.run(main)
