@@ -15,6 +15,10 @@ class AgentConfig:
   arch: str = 'mlp'
   width_multiplier: float = 1.0
   output: str = 'regress'
+  # Categorical encodings (two_hot, hl_gauss): see agents/encodings.py for the defaults' reason.
+  num_bins: int = 101
+  support_min: float = -100.0
+  support_max: float = 100.0
   # Composable interventions (registry in agents/interventions.py).
   interventions: Tuple[str, ...] = ()
   weight_decay: float = 1e-5  # l2 coefficient of the `weight_decay` intervention (section 5.2).

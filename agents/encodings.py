@@ -18,6 +18,14 @@ class EncodingConfig:
   # Clip the TD error's gradient to +-td_error_clip (DQN Zoo uses 1/32 with
   # RMSProp); None leaves the squared TD error untouched.
   td_error_clip: Optional[float] = None
+  # The categorical encodings' fixed support: with rewards clipped to [-1, 1]
+  # and discount 0.99, |Q| <= 1 / (1 - 0.99) = 100, so [-100, 100] holds every
+  # value; 101 bins make each 2 wide.
+  num_bins: int = 101
+  support_min: float = -100.0
+  support_max: float = 100.0
+  # HL-Gauss's Gaussian width as a multiple of the bin width (Farebrother et al. 2024).
+  hl_gauss_sigma_ratio: float = 0.75
 
 
 class Encoding(NamedTuple):
@@ -50,6 +58,53 @@ def regress(config: EncodingConfig) -> Encoding:
     return 0.5 * jnp.square(td_error)
 
   return Encoding(outputs_per_action=1, q_values=lambda outputs: outputs, loss=loss)
+
+
+def support(config: EncodingConfig) -> jax.Array:
+  """The bins' centres, [num_bins]."""
+  return jnp.linspace(config.support_min, config.support_max, config.num_bins)
+
+
+def _categorical(config: EncodingConfig, target_distribution: Callable[[jax.Array], jax.Array]) -> Encoding:
+  """A softmax over the support per action: Q is its mean; the loss is cross-entropy to the target's distribution."""
+  if config.num_bins < 2 or config.support_max <= config.support_min:
+    raise ValueError(f'The categorical encodings need --num_bins >= 2 and --support_max > --support_min; got '
+                     f'{config.num_bins} bins over [{config.support_min}, {config.support_max}].')
+  centres = support(config)
+
+  def q_values(outputs: jax.Array) -> jax.Array:
+    logits = outputs.reshape(outputs.shape[0], -1, config.num_bins)
+    return jnp.sum(jax.nn.softmax(logits) * centres, axis=-1)
+
+  def loss(action_outputs: jax.Array, target: jax.Array) -> jax.Array:
+    target_probs = jax.lax.stop_gradient(target_distribution(target))
+    return -jnp.sum(target_probs * jax.nn.log_softmax(action_outputs), axis=-1)
+
+  return Encoding(outputs_per_action=config.num_bins, q_values=q_values, loss=loss)
+
+
+@register('two_hot')
+def two_hot(config: EncodingConfig) -> Encoding:
+  """The scalar target as the two-hot distribution on its neighbouring bins (`rlax.transform_to_2hot`)."""
+  return _categorical(config, lambda target: rlax.transform_to_2hot(
+      target, config.support_min, config.support_max, config.num_bins))
+
+
+def hl_gauss_distribution(target: jax.Array, config: EncodingConfig) -> jax.Array:
+  """N(target, sigma^2) integrated over each bin, renormalised to the support (Farebrother et al. 2024)."""
+  width = (config.support_max - config.support_min) / (config.num_bins - 1)
+  sigma = config.hl_gauss_sigma_ratio * width
+  edges = jnp.concatenate([support(config) - width / 2, jnp.array([config.support_max + width / 2])])
+  cdf = jax.scipy.special.erf((edges - target[..., None]) / (jnp.sqrt(2.0) * sigma))
+  mass = cdf[..., 1:] - cdf[..., :-1]
+  return mass / jnp.maximum(jnp.sum(mass, axis=-1, keepdims=True), 1e-12)
+
+
+@register('hl_gauss')
+def hl_gauss(config: EncodingConfig) -> Encoding:
+  """The scalar target as a Gaussian histogram over the bins (HL-Gauss)."""
+  clipped = lambda target: jnp.clip(target, config.support_min, config.support_max)
+  return _categorical(config, lambda target: hl_gauss_distribution(clipped(target), config))
 
 
 def make_encoding(name: str, config: EncodingConfig) -> Encoding:

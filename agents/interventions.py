@@ -64,6 +64,8 @@ def shrink_and_perturb_hook(config: AgentConfig, optimizer: optax.GradientTransf
 INTERVENTIONS: Dict[str, Intervention] = {
     'layernorm': Intervention(
         arch_options=lambda config: {'layer_norm': True},
+        # The ViT's block already holds its layer norms.
+        architectures=frozenset({'mlp', 'cnn', 'nature_dqn', 'resnet18'}),
         doc='a layer norm after each hidden convolutional and fully connected layer'),
     'spectral_norm': Intervention(
         arch_options=lambda config: {'spectral_norm': True},

@@ -1,18 +1,30 @@
 """Architectures: a registry of Haiku functions, each `obs -> NetworkOutput`.
 
 Every architecture takes uint8 (or float) observations, scales integer inputs
-to [0, 1], and exposes its hidden activations (see `types.NetworkOutput`).
+to [0, 1], names its output layer `head` (the `reset_last_layer` intervention
+relies on it), and exposes its hidden activations (see `types.NetworkOutput`).
+The two switches every architecture honours:
+  * `layer_norm`: a LayerNorm after each hidden convolutional or fully
+    connected layer, before its nonlinearity;
+  * `spectral_norm`: the first linear or convolutional layer's weight divided
+    by its largest singular value (Gogianu et al. 2021).
 Adding an architecture means writing one builder and registering it here.
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from agents.types import Network, NetworkOutput
+
+# Power iterations per forward pass of the spectral normalisation. Haiku's
+# SpectralNorm keeps its vector in transform state, which would fork the
+# learner; a fixed start and enough iterations (60: within 1% on the first
+# layers here) make it stateless instead.
+SPECTRAL_NORM_ITERATIONS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,41 +54,196 @@ def scale_observation(obs: jax.Array) -> jax.Array:
   return obs.astype(jnp.float32)
 
 
-def first_linear(config: ArchConfig, output_size: int, name: str) -> Callable[[jax.Array], jax.Array]:
-  """The first dense layer, spectrally normalised when asked (Gogianu et al. 2021)."""
-  linear = hk.Linear(output_size, name=name)
+def top_singular_value(matrix: jax.Array, iterations: int = SPECTRAL_NORM_ITERATIONS) -> jax.Array:
+  """sigma_max by power iteration; gradients flow through `matrix` only (as in Miyato et al. 2018)."""
+  fixed = jax.lax.stop_gradient(matrix)
+  v = jax.random.normal(jax.random.PRNGKey(0), (matrix.shape[1],), matrix.dtype)
+
+  def step(_, v):
+    v = fixed.T @ (fixed @ v)
+    return v / (jnp.linalg.norm(v) + 1e-12)
+
+  v = jax.lax.stop_gradient(jax.lax.fori_loop(0, iterations, step, v / jnp.linalg.norm(v)))
+  return jnp.linalg.norm(matrix @ v)
+
+
+def _spectral_normalize_weights(next_getter, value, context: hk.GetterContext):
+  """A custom getter dividing every `w` by its top singular value (conv kernels as [kh*kw*in, out])."""
+  value = next_getter(value)
+  if context.name != 'w':
+    return value
+  return value / top_singular_value(value.reshape(-1, value.shape[-1]))
+
+
+def first_layer(config: ArchConfig, layer: Callable[[], hk.Module]) -> hk.Module:
+  """Builds the network's first weight layer, spectrally normalised when asked."""
   if not config.spectral_norm:
-    return linear
+    return layer()
+  module = layer()
 
   def apply(x: jax.Array) -> jax.Array:
-    w = hk.get_parameter('w', (x.shape[-1], output_size), init=hk.initializers.VarianceScaling(1.0, 'fan_avg', 'uniform'))
-    b = hk.get_parameter('b', (output_size,), init=jnp.zeros)
-    w = hk.SpectralNorm(name='spectral_norm')(w)
-    return x @ w + b
+    with hk.custom_getter(_spectral_normalize_weights):
+      return module(x)
 
-  return hk.to_module(apply)(name=name)
+  return apply
 
 
 def maybe_layer_norm(config: ArchConfig, x: jax.Array, name: str) -> jax.Array:
+  """LayerNorm over the features (channels for convolutions) when the switch is on."""
   if not config.layer_norm:
     return x
   return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)(x)
 
 
+def _width(config: ArchConfig, base: int) -> int:
+  return max(1, int(round(base * config.width_multiplier)))
+
+
+def _dense_stack(config: ArchConfig, x: jax.Array, widths: Sequence[int], hidden: List[jax.Array],
+                 first: bool) -> jax.Array:
+  """ReLU fully connected layers (layer norm before each ReLU when on), recording activations."""
+  for i, width in enumerate(widths):
+    make = lambda: hk.Linear(width, name=f'linear_{i}')
+    layer = first_layer(config, make) if first and i == 0 else make()
+    x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'linear_{i}_layer_norm'))
+    hidden.append(x)
+  return x
+
+
+def _flat_hidden(hidden: List[jax.Array]) -> tuple:
+  """The hidden activations, the last one flattened to [B, D] (the penultimate representation)."""
+  return tuple(hidden[:-1]) + (hidden[-1].reshape(hidden[-1].shape[0], -1),)
+
+
 @register('mlp')
 def mlp(config: ArchConfig) -> Callable[..., NetworkOutput]:
-  """Two hidden ReLU layers of width 512 x multiplier (appendix A.2)."""
-  width = int(round(512 * config.width_multiplier))
+  """Two hidden ReLU layers of width 512 x multiplier (appendix A.2).
+
+  Figure 5's width sweep (base 16, factors 1, 2, 4, 8, 12, 16) is
+  --width_multiplier = 16 * factor / 512, i.e. 0.03125 ... 0.5.
+  """
 
   def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:
     del is_training
-    x = hk.Flatten()(scale_observation(obs))
-    hidden = []
-    for i in range(2):
-      layer = first_linear(config, width, f'linear_{i}') if i == 0 else hk.Linear(width, name=f'linear_{i}')
-      x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'layer_norm_{i}'))
+    hidden: List[jax.Array] = []
+    x = _dense_stack(config, hk.Flatten()(scale_observation(obs)), [_width(config, 512)] * 2, hidden, first=True)
+    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+
+  return forward
+
+
+@register('cnn')
+def cnn(config: ArchConfig) -> Callable[..., NetworkOutput]:
+  """Appendix A.2: conv 5x5 and conv 3x3 with 64 channels, then two dense layers of 256.
+
+  Stride 1, SAME padding and no pooling: the paper names none.
+  """
+
+  def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:
+    del is_training
+    hidden: List[jax.Array] = []
+    x = scale_observation(obs)
+    for i, kernel in enumerate((5, 3)):
+      make = lambda: hk.Conv2D(_width(config, 64), kernel, name=f'conv_{i}')
+      layer = first_layer(config, make) if i == 0 else make()
+      x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'conv_{i}_layer_norm'))
       hidden.append(x)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), tuple(hidden))
+    x = _dense_stack(config, hk.Flatten()(x), [_width(config, 256)] * 2, hidden, first=False)
+    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+
+  return forward
+
+
+@register('nature_dqn')
+def nature_dqn(config: ArchConfig) -> Callable[..., NetworkOutput]:
+  """Mnih et al. (2015): conv 32 8x8/4, conv 64 4x4/2, conv 64 3x3/1 (VALID), dense 512."""
+
+  def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:
+    del is_training
+    hidden: List[jax.Array] = []
+    x = scale_observation(obs)
+    for i, (channels, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
+      make = lambda: hk.Conv2D(_width(config, channels), kernel, stride=stride, padding='VALID', name=f'conv_{i}')
+      layer = first_layer(config, make) if i == 0 else make()
+      x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'conv_{i}_layer_norm'))
+      hidden.append(x)
+    x = _dense_stack(config, hk.Flatten()(x), [_width(config, 512)], hidden, first=False)
+    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+
+  return forward
+
+
+@register('resnet18')
+def resnet18(config: ArchConfig) -> Callable[..., NetworkOutput]:
+  """ResNet-18 (He et al. 2016): a 3x3 stem, 4 stages x 2 basic blocks of 64/128/256/512 channels.
+
+  Two deviations keep it a pure function of (params, obs) on small images:
+  no batch normalisation (its running statistics would be transform state;
+  the `layernorm` switch puts a LayerNorm after every convolution instead),
+  and the CIFAR-style stem (3x3 stride 1, no max-pool) that 28x28 and 32x32
+  inputs call for.
+  """
+
+  def conv(x, channels, kernel, stride, name, first=False):
+    make = lambda: hk.Conv2D(channels, kernel, stride=stride, with_bias=not config.layer_norm, name=name)
+    layer = first_layer(config, make) if first else make()
+    return maybe_layer_norm(config, layer(x), f'{name}_layer_norm')
+
+  def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:
+    del is_training
+    hidden: List[jax.Array] = []
+    x = jax.nn.relu(conv(scale_observation(obs), _width(config, 64), 3, 1, 'stem', first=True))
+    hidden.append(x)
+    for stage, base in enumerate((64, 128, 256, 512)):
+      channels = _width(config, base)
+      for block in range(2):
+        stride = 2 if stage > 0 and block == 0 else 1
+        name = f'stage_{stage}_block_{block}'
+        y = jax.nn.relu(conv(x, channels, 3, stride, f'{name}_conv_0'))
+        hidden.append(y)
+        y = conv(y, channels, 3, 1, f'{name}_conv_1')
+        if stride != 1 or x.shape[-1] != channels:
+          x = conv(x, channels, 1, stride, f'{name}_shortcut')
+        x = jax.nn.relu(x + y)
+        hidden.append(x)
+    features = jnp.mean(x, axis=(1, 2))
+    hidden.append(features)
+    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(features), _flat_hidden(hidden))
+
+  return forward
+
+
+@register('vit')
+def vit(config: ArchConfig) -> Callable[..., NetworkOutput]:
+  """A small vision transformer (appendix A.2): patches 3x3, model width 256, MLP 1024, one block, dropout 0.1.
+
+  Pre-norm block (its layer norms are part of the architecture, so the
+  `layernorm` intervention does not apply), learned position embeddings,
+  mean pooling over patches, then `head`. Images whose sides are not
+  multiples of 3 are cropped (28x28 -> 27x27: 81 patches).
+  """
+  patch, model_dim, mlp_dim, heads, dropout = 3, _width(config, 256), _width(config, 1024), 8, 0.1
+
+  def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:
+    hidden: List[jax.Array] = []
+    x = scale_observation(obs)
+    height, width = x.shape[1] // patch * patch, x.shape[2] // patch * patch
+    x = first_layer(config, lambda: hk.Conv2D(model_dim, patch, stride=patch, padding='VALID',
+                                              name='patch_embedding'))(x[:, :height, :width])
+    x = x.reshape(x.shape[0], -1, model_dim)
+    x = x + hk.get_parameter('position_embedding', x.shape[1:], init=hk.initializers.TruncatedNormal(0.02))
+    drop = (lambda y: hk.dropout(hk.next_rng_key(), dropout, y)) if is_training else (lambda y: y)
+    norm = lambda name: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
+    attention = hk.MultiHeadAttention(num_heads=heads, key_size=model_dim // heads, model_size=model_dim,
+                                      w_init=hk.initializers.VarianceScaling(1.0), name='attention')
+    y = norm('attention_layer_norm')(x)
+    x = x + drop(attention(y, y, y))
+    y = jax.nn.gelu(hk.Linear(mlp_dim, name='mlp_0')(norm('mlp_layer_norm')(x)))
+    hidden.append(y)
+    x = x + drop(hk.Linear(model_dim, name='mlp_1')(drop(y)))
+    features = jnp.mean(norm('final_layer_norm')(x), axis=1)
+    hidden.append(features)
+    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(features), _flat_hidden(hidden))
 
   return forward
 
@@ -94,4 +261,3 @@ def make_network(arch: str, config: ArchConfig) -> Network:
     return transformed.apply(params, rng, obs, is_training=rng is not None)
 
   return Network(init=init, apply=apply)
-

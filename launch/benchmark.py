@@ -155,13 +155,22 @@ def main(argv):
   queue = multiprocessing.get_context('spawn').Queue()
   actors = [_spawn(_actor_process, ENV.value, i, address, 3 * SECONDS.value, queue) for i in range(2)]
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
-  learner_updates_per_second(learner, 2 * SECONDS.value)
-  info = reverb.Client(address).server_info()[replay.REPLAY_TABLE].rate_limiter_info
-  inserts, samples = info.insert_stats.completed, info.sample_stats.completed
+  client = reverb.Client(address)
+
+  def counts():
+    info = client.server_info()[replay.REPLAY_TABLE].rate_limiter_info
+    return info.insert_stats.completed, info.sample_stats.completed
+
+  learner_updates_per_second(learner, SECONDS.value)  # Past min_size, where the ratio starts to bind.
+  (inserts_0, samples_0), steps_0 = counts(), learner.step_count
+  learner_updates_per_second(learner, SECONDS.value)
+  (inserts_1, samples_1), steps_1 = counts(), learner.step_count
   for process in actors:
     process.terminate()
+  inserts, samples = inserts_1 - inserts_0, samples_1 - samples_0
   print(f'rate limiter: samples_per_insert set {SAMPLES_PER_INSERT.value}, held {samples / max(inserts, 1):.2f} '
-        f'({samples} samples / {inserts} inserts; {learner.step_count} learner steps with 2 actors)', flush=True)
+        f'({samples} samples / {inserts} inserts over {steps_1 - steps_0} learner steps with 2 actors, '
+        f'after the first {steps_0})', flush=True)
 
   probe_config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
                                      num_targets=PROBE_TARGETS.value)

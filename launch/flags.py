@@ -35,6 +35,10 @@ ARCH = flags.DEFINE_enum('arch', _AGENT.arch, sorted(networks.ARCHITECTURES), 'N
 WIDTH_MULTIPLIER = flags.DEFINE_float('width_multiplier', _AGENT.width_multiplier, 'Width multiplier of the network.',
                                       lower_bound=0.0)
 OUTPUT = flags.DEFINE_enum('output', _AGENT.output, sorted(encodings.ENCODINGS), 'Output encoding.')
+NUM_BINS = flags.DEFINE_integer('num_bins', _AGENT.num_bins, 'Bins of the categorical encodings (two_hot, hl_gauss).',
+                                lower_bound=2)
+SUPPORT_MIN = flags.DEFINE_float('support_min', _AGENT.support_min, 'Lowest value of the categorical support.')
+SUPPORT_MAX = flags.DEFINE_float('support_max', _AGENT.support_max, 'Highest value of the categorical support.')
 INTERVENTIONS = flags.DEFINE_list('interventions', [], 'Comma-separated interventions: '
                                   + ', '.join(sorted(interventions.INTERVENTIONS)) + '.')
 WEIGHT_DECAY = flags.DEFINE_float('weight_decay', _AGENT.weight_decay, 'l2 coefficient of --interventions=weight_decay.')
@@ -87,7 +91,8 @@ def experiment_config() -> ExperimentConfig:
   if not RUN_DIR.value:
     raise ValueError('--run_dir is required (a new directory, or an existing run to resume).')
   agent = AgentConfig(
-      arch=ARCH.value, width_multiplier=WIDTH_MULTIPLIER.value, output=OUTPUT.value,
+      arch=ARCH.value, width_multiplier=WIDTH_MULTIPLIER.value, output=OUTPUT.value, num_bins=NUM_BINS.value,
+      support_min=SUPPORT_MIN.value, support_max=SUPPORT_MAX.value,
       interventions=tuple(INTERVENTIONS.value), weight_decay=WEIGHT_DECAY.value, shrink=SHRINK.value,
       perturb=PERTURB.value, optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value,
       td_error_clip=TD_ERROR_CLIP.value, discount=DISCOUNT.value, batch_size=BATCH_SIZE.value,

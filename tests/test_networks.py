@@ -1,0 +1,229 @@
+"""Architectures, output encodings and interventions: each switch does what it says."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import rlax
+
+from agents import encodings, interventions, networks
+from agents.builder import make_agent
+from agents.config import AgentConfig
+from agents.learning import init_state, make_target_update, make_update
+from agents.types import Transition
+
+# Small widths and inputs: every architecture compiles and steps in seconds.
+SMALL = {
+    'mlp': ((8, 8, 1), 0.05),
+    'cnn': ((8, 8, 1), 0.1),
+    'nature_dqn': ((36, 36, 4), 0.1),
+    'resnet18': ((8, 8, 3), 0.0625),
+    'vit': ((9, 9, 1), 0.0625),
+}
+
+
+def small_agent(arch, **kwargs):
+  shape, width = SMALL[arch]
+  config = AgentConfig(arch=arch, width_multiplier=width, num_bins=11, **kwargs)
+  agent = make_agent(config, num_actions=3)
+  observations = np.random.default_rng(0).integers(0, 256, (4, *shape), dtype=np.uint8)
+  return agent, config, observations
+
+
+def accepted(arch, names):
+  try:
+    interventions.validate(names, arch)
+    return True
+  except ValueError:
+    return False
+
+
+def test_every_architecture_is_registered():
+  assert set(networks.ARCHITECTURES) == set(SMALL)
+  assert set(encodings.ENCODINGS) == {'regress', 'two_hot', 'hl_gauss'}
+
+
+# Every architecture with every encoding; every intervention alone (on the MLP: the hooks and optimizer
+# options are architecture-blind); and every architecture with all the interventions it accepts composed
+# (so each architecture-specific switch meets each architecture). One compilation per case keeps it affordable.
+ALL_ACCEPTED = {arch: tuple(n for n in sorted(interventions.INTERVENTIONS) if accepted(arch, (n,))) for arch in SMALL}
+CASES = ([(arch, output, ALL_ACCEPTED[arch] if output == 'two_hot' else ())
+          for arch in SMALL for output in sorted(encodings.ENCODINGS)]
+         + [('mlp', 'regress', (name,)) for name in sorted(interventions.INTERVENTIONS)])
+
+
+@pytest.fixture
+def fast_compilation():
+  """Most XLA optimisations off: these tests check values, not speed, and compile much faster."""
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
+
+
+@pytest.mark.parametrize('arch, output, names', CASES, ids=['-'.join([a, o, *n]) for a, o, n in CASES])
+def test_accepted_combination_builds_steps_and_stays_finite(arch, output, names, fast_compilation):
+  agent, config, obs = small_agent(arch, output=output, interventions=names)
+  update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount)
+  target_update = make_target_update(agent.network, agent.target_update_hooks, obs[:1])
+  step = jax.jit(lambda state, batch: (lambda s, m: (target_update(s), m))(*update(state, batch)))
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
+  batch = Transition(obs, np.array([0, 1, 2, 0]), np.array([1.0, 0.0, -1.0, 0.5], np.float32),
+                     np.ones(4, np.float32), obs[::-1])
+  state, metrics = step(state, batch)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  outputs = agent.network.apply(state.params, obs)
+  assert outputs.outputs.shape == (4, 3 * agent.encoding.outputs_per_action)
+  assert np.all(np.isfinite(outputs.outputs)) and np.all(np.isfinite(agent.encoding.q_values(outputs.outputs)))
+  assert outputs.hidden[-1].ndim == 2 and outputs.hidden[-1].shape[0] == 4
+
+
+def test_incompatible_and_unknown_interventions_say_why():
+  with pytest.raises(ValueError) as error:
+    make_agent(AgentConfig(arch='vit', interventions=('layernorm',)), 3)
+  assert '--arch=vit' in str(error.value) and 'mlp' in str(error.value) and 'cnn' in str(error.value)
+  with pytest.raises(ValueError, match='--interventions.*accepted') as error:
+    make_agent(AgentConfig(interventions=('dropout',)), 3)
+  with pytest.raises(ValueError, match='--arch'):
+    make_agent(AgentConfig(arch='lstm'), 3)
+  with pytest.raises(ValueError, match='--output'):
+    make_agent(AgentConfig(output='quantile'), 3)
+
+
+def _target_update_once(names):
+  agent, _, obs = small_agent('mlp', interventions=names)
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
+  state = state._replace(params=jax.tree_util.tree_map(lambda x: x + 0.5, state.params))  # "Trained" parameters.
+  fresh = agent.network.init(jax.random.split(state.rng)[1], obs[:1])  # The draw the target update makes.
+  return state, make_target_update(agent.network, agent.target_update_hooks, obs[:1])(state), fresh
+
+
+def test_reset_last_layer_reinitialises_the_head_only():
+  before, after, fresh = _target_update_once(('reset_last_layer',))
+  for module in before.params:
+    for name, value in after.params[module].items():
+      expected = fresh[module][name] if module == 'head' else before.params[module][name]
+      np.testing.assert_array_equal(value, expected, err_msg=f'{module}/{name}')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, after.target_params, before.params)
+
+
+def test_shrink_and_perturb_matches_its_formula():
+  config = AgentConfig()
+  before, after, fresh = _target_update_once(('shrink_and_perturb',))
+  jax.tree_util.tree_map(
+      lambda new, old, f: np.testing.assert_allclose(new, config.shrink * old + config.perturb * f, rtol=1e-6),
+      after.params, before.params, fresh)
+
+
+def test_reset_optimizer_restarts_its_state():
+  agent, config, obs = small_agent('mlp', interventions=('reset_optimizer',))
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
+  batch = Transition(obs, np.array([0, 1, 2, 0]), np.ones(4, np.float32), np.ones(4, np.float32), obs)
+  state, _ = make_update(agent.network, agent.encoding, agent.optimizer, config.discount)(state, batch)
+  assert int(state.opt_state[0].count) == 1
+  state = make_target_update(agent.network, agent.target_update_hooks, obs[:1])(state)
+  assert int(state.opt_state[0].count) == 0
+  jax.tree_util.tree_map(lambda m: np.testing.assert_array_equal(m, 0.0), state.opt_state[0].mu)
+
+
+def test_weight_decay_adds_the_l2_gradient():
+  plain = make_agent(AgentConfig(optimizer='sgd', learning_rate=0.1), 3).optimizer
+  decayed = make_agent(AgentConfig(optimizer='sgd', learning_rate=0.1, interventions=('weight_decay',),
+                                   weight_decay=0.01), 3).optimizer
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.5])}
+  np.testing.assert_allclose(plain.update(grads, plain.init(params), params)[0]['w'], [-0.05, -0.05])
+  np.testing.assert_allclose(decayed.update(grads, decayed.init(params), params)[0]['w'],
+                             [-0.1 * (0.5 + 0.01), -0.1 * (0.5 - 0.02)], rtol=1e-6)
+
+
+# The first layers it normalises are rectangular (784 x 512, 25 x 64, 9 x 256, ...), where it converges fast.
+@pytest.mark.parametrize('shape', [(784, 512), (5 * 5 * 1, 64), (9, 256), (27, 64)])
+def test_power_iteration_finds_the_top_singular_value(shape):
+  matrix = jax.random.normal(jax.random.PRNGKey(1), shape) / np.sqrt(shape[0])
+  exact = np.linalg.norm(np.asarray(matrix), 2)
+  assert float(networks.top_singular_value(matrix)) == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'cnn'])
+def test_spectrally_normalised_first_layer_has_top_singular_value_one(arch):
+  agent, _, obs = small_agent(arch, interventions=('spectral_norm',))
+  params = agent.network.init(jax.random.PRNGKey(0), obs[:1])
+  first = 'linear_0' if arch == 'mlp' else 'conv_0'
+  w = params[first]['w']
+  w = w.reshape(-1, w.shape[-1])
+  normalised = np.asarray(w) / float(networks.top_singular_value(w))
+  assert np.linalg.norm(normalised, 2) == pytest.approx(1.0, rel=0.01)
+  # The forward pass uses the normalised weight: the first hidden layer (bias 0 at init) is relu(x @ w / sigma).
+  if arch == 'mlp':
+    x = np.asarray(obs, np.float32).reshape(len(obs), -1) / 255.0
+    hidden = agent.network.apply(params, obs).hidden[0]
+    np.testing.assert_allclose(hidden, np.maximum(x @ normalised, 0.0), rtol=1e-4, atol=1e-5)
+  # Only the first layer is normalised.
+  other = 'linear_1' if arch == 'mlp' else 'conv_1'
+  assert not any('spectral' in name for name in params) and other in params
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'cnn', 'nature_dqn', 'resnet18'])
+def test_layer_norm_follows_every_hidden_weight_layer(arch):
+  plain, _, obs = small_agent(arch)
+  normed, _, _ = small_agent(arch, interventions=('layernorm',))
+  plain_params = plain.network.init(jax.random.PRNGKey(0), obs[:1])
+  normed_params = normed.network.init(jax.random.PRNGKey(0), obs[:1])
+  weight_layers = {name for name in plain_params if name != 'head'}
+  assert not any('layer_norm' in name for name in plain_params)
+  assert {name for name in normed_params if name.endswith('_layer_norm')} == {f'{n}_layer_norm' for n in weight_layers}
+
+
+@pytest.mark.parametrize('value', [-100.0, -37.3, 0.0, 0.4, 12.25, 99.9, 100.0])
+def test_two_hot_encode_then_decode_returns_the_value(value):
+  config = encodings.EncodingConfig()
+  encoding = encodings.make_encoding('two_hot', config)
+  probabilities = rlax.transform_to_2hot(jnp.array([value]), config.support_min, config.support_max, config.num_bins)
+  np.testing.assert_allclose(probabilities.sum(), 1.0, rtol=1e-6)
+  assert (probabilities > 0).sum() <= 2
+  logits = jnp.log(jnp.maximum(probabilities, 1e-30))
+  np.testing.assert_allclose(encoding.q_values(logits), [[value]], atol=1e-3)
+
+
+@pytest.mark.parametrize('value', [-50.0, 0.3, 42.0])
+def test_hl_gauss_encodes_a_gaussian_around_the_value(value):
+  config = encodings.EncodingConfig()
+  probabilities = encodings.hl_gauss_distribution(jnp.array([value]), config)[0]
+  centres = encodings.support(config)
+  np.testing.assert_allclose(probabilities.sum(), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(jnp.sum(probabilities * centres), value, atol=1e-2)
+  width = (config.support_max - config.support_min) / (config.num_bins - 1)
+  spread = jnp.sqrt(jnp.sum(probabilities * (centres - value) ** 2))
+  # Binning adds about width^2 / 12 to sigma^2 = (0.75 width)^2.
+  assert float(spread) == pytest.approx(np.sqrt((0.75 * width) ** 2 + width ** 2 / 12), rel=0.05)
+
+
+@pytest.mark.parametrize('output', ['two_hot', 'hl_gauss'])
+def test_categorical_loss_is_smallest_at_the_target_distribution(output):
+  config = encodings.EncodingConfig(num_bins=11, support_min=-5.0, support_max=5.0)
+  encoding = encodings.make_encoding(output, config)
+  target = jnp.array([1.3])
+  at_target = jnp.log(jnp.maximum({'two_hot': lambda t: rlax.transform_to_2hot(t, -5.0, 5.0, 11),
+                                   'hl_gauss': lambda t: encodings.hl_gauss_distribution(t, config)}[output](target),
+                                  1e-30))
+  elsewhere = jnp.zeros((1, 11))
+  assert float(encoding.loss(at_target, target)[0]) < float(encoding.loss(elsewhere, target)[0])
+  gradient = jax.grad(lambda logits: encoding.loss(logits, target).sum())(at_target)
+  np.testing.assert_allclose(gradient, 0.0, atol=1e-5)
+
+
+def test_optimizer_presets():
+  grads = {'w': jnp.array([0.3, -0.2])}
+  params = {'w': jnp.zeros(2)}
+  for name, learning_rate in itertools.product(['adam', 'adam_tuned', 'rmsprop', 'sgd'], [1e-3]):
+    optimizer = make_agent(AgentConfig(optimizer=name, learning_rate=learning_rate), 3).optimizer
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert np.all(np.sign(updates['w']) == -np.sign(grads['w'])), name
+  # Adam's first step is lr * g / (|g| + eps) = lr * sign(g); eps_root 1e-3 under the root damps small gradients.
+  adam = make_agent(AgentConfig(optimizer='adam'), 3).optimizer
+  tuned = make_agent(AgentConfig(optimizer='adam_tuned'), 3).optimizer
+  np.testing.assert_allclose(adam.update(grads, adam.init(params), params)[0]['w'], [-1e-3, 1e-3], rtol=1e-5)
+  tuned_step = tuned.update(grads, tuned.init(params), params)[0]['w']
+  np.testing.assert_allclose(tuned_step, -1e-3 * grads['w'] / np.sqrt(grads['w'] ** 2 + 1e-3), rtol=1e-4)
