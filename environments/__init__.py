@@ -1,6 +1,6 @@
 """Environments by spec string: `environments.make('mdp:mnist:easy', seed=0)`.
 
-A spec is `family:rest`; each family (`mdp`, later `atari`) registers a maker
+A spec is `family:rest`; each family (`mdp`, `atari`) registers a maker
 that parses `rest` and lists its valid specs, so a new family is one module
 plus one `register_family` call, and every bad spec is an error listing the
 valid ones.
@@ -39,8 +39,9 @@ def make(spec: str, seed: int = 0, **options) -> dm_env.Environment:
 
 
 def _register_builtin_families() -> None:
-  from environments import classification_mdp
+  from environments import atari, classification_mdp
   register_family('mdp', Family(make=classification_mdp.make_from_spec, valid_specs=classification_mdp.valid_specs))
+  register_family('atari', Family(make=atari.make_from_spec, valid_specs=atari.valid_specs))
 
 
 _register_builtin_families()

@@ -16,7 +16,9 @@ The returned `Dataset.source` says which, and runs log it.
 
 import gzip
 import os
+import pickle
 import socket
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -26,7 +28,7 @@ import numpy as np
 
 DATA_DIR_ENV = 'PLASTICITY_DATA_DIR'
 DOWNLOAD_ENV = 'PLASTICITY_DOWNLOAD'
-DOWNLOAD_TIMEOUT_S = 60.0
+DOWNLOAD_TIMEOUT_S = 120.0
 EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), 'data')
 
 Arrays = Tuple[np.ndarray, np.ndarray]  # images uint8 [N, H, W, C], labels int64 [N]
@@ -47,6 +49,8 @@ class DatasetSource(NamedTuple):
   # URL of a file `read` understands once saved under `download_name`, if any.
   download_url: Optional[str] = None
   download_name: Optional[str] = None
+  # Unpacks the downloaded file into the cache (archive path, cache dir), if it is an archive.
+  unpack: Optional[Callable[[str, str], None]] = None
   # A file of the embedded sample, read with `read_embedded`, if any.
   embedded: Optional[str] = None
   read_embedded: Optional[Callable[[str], Arrays]] = None
@@ -114,6 +118,44 @@ def read_mnist(directory: str) -> Optional[Arrays]:
   return images[..., None], labels.astype(np.int64)
 
 
+# ---------------------------------------------------------------- CIFAR-10
+
+CIFAR10_DIR = 'cifar-10-batches-py'
+CIFAR10_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
+
+
+def _read_cifar10_batch(path: str) -> Arrays:
+  try:
+    with open(path, 'rb') as f:
+      batch = pickle.load(f, encoding='bytes')
+    data, labels = np.asarray(batch[b'data'], dtype=np.uint8), np.asarray(batch[b'labels'], dtype=np.int64)
+  except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{path} is not a CIFAR-10 python batch (a pickled dict with b"data" uint8 [N, 3072] and '
+                     f'b"labels"): {e!r}') from e
+  if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+    raise ValueError(f'{path}: b"data" has shape {data.shape} and b"labels" {labels.shape}; expected [N, 3072] '
+                     f'(3 x 32 x 32, channels first) and [N].')
+  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar10(directory: str) -> Optional[Arrays]:
+  """The 50,000 training images from the pickled batches, in `directory/cifar-10-batches-py/` or `directory`."""
+  for candidate in (os.path.join(directory, CIFAR10_DIR), directory):
+    if os.path.isfile(os.path.join(candidate, CIFAR10_BATCHES[0])):
+      missing = [name for name in CIFAR10_BATCHES if not os.path.isfile(os.path.join(candidate, name))]
+      if missing:
+        raise ValueError(f'{candidate} holds {CIFAR10_BATCHES[0]} but not {", ".join(missing)}.')
+      parts = [_read_cifar10_batch(os.path.join(candidate, name)) for name in CIFAR10_BATCHES]
+      return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+  return None
+
+
+def _extract_cifar10(archive: str, cache: str) -> None:
+  with tarfile.open(archive, 'r:gz') as tar:
+    members = [m for m in tar.getmembers() if m.name.startswith(CIFAR10_DIR + '/') and m.isfile()]
+    tar.extractall(cache, members=members)
+
+
 SOURCES: Dict[str, DatasetSource] = {
     'mnist': DatasetSource(
         expected='mnist.npz (arrays x_train, y_train) or the IDX files train-images-idx3-ubyte[.gz] and '
@@ -123,6 +165,12 @@ SOURCES: Dict[str, DatasetSource] = {
         download_name='mnist.npz',
         # The sample is small: the MDPs use both of its splits.
         embedded='mnist-10k.npz', read_embedded=lambda path: _read_mnist_npz(path, ('train', 'test'))),
+    'cifar10': DatasetSource(
+        expected=f'the CIFAR-10 python batches {CIFAR10_DIR}/data_batch_1..5 (pickled dicts with b"data" and '
+        f'b"labels"), in {CIFAR10_DIR}/ or directly',
+        read=read_cifar10,
+        download_url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+        download_name='cifar-10-python.tar.gz', unpack=_extract_cifar10),
 }
 
 
@@ -179,11 +227,15 @@ def load(name: str, data_dir: Optional[str] = None, download: Optional[bool] = N
   failure = 'download disabled'
   if source.download_url and _download_enabled(download):
     try:
-      _download(source.download_url, os.path.join(cache, source.download_name), download_timeout_s)
+      downloaded = os.path.join(cache, source.download_name)
+      _download(source.download_url, downloaded, download_timeout_s)
+      if source.unpack:
+        source.unpack(downloaded, cache)
+        os.remove(downloaded)
       arrays = source.read(cache)
       if arrays is not None:
         return Dataset(*arrays, source=f'{name} downloaded to {cache} ({len(arrays[1])} images)')
-    except (OSError, ValueError, socket.timeout) as e:  # urllib's errors are OSErrors.
+    except (OSError, ValueError, socket.timeout, tarfile.TarError) as e:  # urllib's errors are OSErrors.
       failure = f'download failed: {e}'
   if source.embedded:
     path = os.path.join(EMBEDDED_DIR, source.embedded)

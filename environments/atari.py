@@ -1,0 +1,175 @@
+"""Atari 2600 games through the Arcade Learning Environment: `atari:<game>`.
+
+`ale_py.ALEInterface` directly, with the ROMs ale-py ships, and DQN Zoo's
+preprocessing (Mnih et al. 2015; van Hasselt et al. 2016), each choice an
+option of `environments.make('atari:pong', seed, **options)`:
+  * `action_repeat=4`: each action is repeated 4 frames; rewards are summed;
+  * `pool_frames=True`: the observed frame is the pixel-wise max of the last
+    two of those frames (removes sprite flicker);
+  * grayscale: ALE's own luminance screen (`getScreenGrayscale`), taken
+    before pooling (DQN Zoo pools RGB, then converts; the difference is the
+    order of max and a linear map, at most a grey level or two);
+  * `resize=(84, 84)`: bilinear (2 taps, half-pixel centres, as OpenCV's
+    INTER_LINEAR; DQN Zoo resizes bilinearly too);
+  * `frame_stack=4`: the observation is the last 4 processed frames, uint8
+    [84, 84, 4], oldest first;
+  * `noop_max=30`: a uniform number of no-ops in [0, 30] after each reset;
+  * `max_episode_frames=108_000`: episodes are truncated there (30 minutes of
+    play; discount 1, the agent bootstraps) — a game over terminates them;
+  * the minimal action set; losing a life does not end the episode;
+  * `sticky_action_probability=0.0`: ALE's repeat_action_probability (0.25 is
+    Machado et al. 2018's setting).
+Rewards are returned unclipped: the actor clips them for learning
+(`--reward_clip`) and reports unclipped episode returns. The same seed gives
+the same observations and rewards.
+"""
+
+import collections
+from typing import List, Optional, Tuple
+
+import ale_py
+from ale_py import roms
+import dm_env
+from dm_env import specs
+import numpy as np
+
+# The 57 games of the Atari-57 benchmark (the paper's figure 7), as ALE names them.
+GAMES = (
+    'alien', 'amidar', 'assault', 'asterix', 'asteroids', 'atlantis', 'bank_heist', 'battle_zone', 'beam_rider',
+    'berzerk', 'bowling', 'boxing', 'breakout', 'centipede', 'chopper_command', 'crazy_climber', 'defender',
+    'demon_attack', 'double_dunk', 'enduro', 'fishing_derby', 'freeway', 'frostbite', 'gopher', 'gravitar', 'hero',
+    'ice_hockey', 'jamesbond', 'kangaroo', 'krull', 'kung_fu_master', 'montezuma_revenge', 'ms_pacman',
+    'name_this_game', 'phoenix', 'pitfall', 'pong', 'private_eye', 'qbert', 'riverraid', 'road_runner', 'robotank',
+    'seaquest', 'skiing', 'solaris', 'space_invaders', 'star_gunner', 'surround', 'tennis', 'time_pilot',
+    'tutankham', 'up_n_down', 'venture', 'video_pinball', 'wizard_of_wor', 'yars_revenge', 'zaxxon')
+
+
+def valid_specs() -> List[str]:
+  return [f'atari:{game}' for game in GAMES]
+
+
+class BilinearResize:
+  """Separable 2-tap bilinear resizing with half-pixel centres (OpenCV's INTER_LINEAR).
+
+  Precomputed taps make it a few vectorised numpy operations per frame:
+  PIL's antialiased BILINEAR costs several times the emulation itself.
+  """
+
+  def __init__(self, source: Tuple[int, int], target: Tuple[int, int]):
+    self.rows = self._taps(source[0], target[0])
+    self.columns = self._taps(source[1], target[1])
+
+  @staticmethod
+  def _taps(source: int, target: int):
+    position = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    weight = (position - low).astype(np.float32)
+    return low, high, weight
+
+  def __call__(self, frame: np.ndarray) -> np.ndarray:
+    low, high, weight = self.rows
+    frame = frame.astype(np.float32)
+    rows = frame[low] * (1 - weight)[:, None] + frame[high] * weight[:, None]
+    low, high, weight = self.columns
+    out = rows[:, low] * (1 - weight) + rows[:, high] * weight
+    return (out + 0.5).astype(np.uint8)
+
+
+def process_frames(last: np.ndarray, previous: Optional[np.ndarray], resize: BilinearResize) -> np.ndarray:
+  """Max-pools two grayscale frames (or takes `last` alone), then resizes."""
+  return resize(last if previous is None else np.maximum(last, previous))
+
+
+class Atari(dm_env.Environment):
+
+  def __init__(self, game: str, seed: int = 0, action_repeat: int = 4, pool_frames: bool = True,
+               resize: Tuple[int, int] = (84, 84), frame_stack: int = 4, noop_max: int = 30,
+               max_episode_frames: int = 108_000, sticky_action_probability: float = 0.0):
+    if game not in GAMES:
+      raise ValueError(f'Unknown Atari game {game!r} (--env=atari:<game>); valid names: {", ".join(GAMES)}.')
+    if action_repeat < 1 or frame_stack < 1 or noop_max < 0:
+      raise ValueError(f'action_repeat and frame_stack must be >= 1 and noop_max >= 0; got {action_repeat}, '
+                       f'{frame_stack}, {noop_max}.')
+    self._ale = ale_py.ALEInterface()
+    self._ale.setLoggerMode(ale_py.LoggerMode.Error)
+    self._ale.setInt('random_seed', int(seed) % (2**31))
+    self._ale.setFloat('repeat_action_probability', float(sticky_action_probability))
+    self._ale.loadROM(str(roms.get_rom_path(game)))
+    self._actions = self._ale.getMinimalActionSet()
+    self._action_repeat = action_repeat
+    self._pool_frames = pool_frames
+    self._size = tuple(resize)
+    self._frame_stack = frame_stack
+    self._noop_max = noop_max
+    self._max_episode_frames = max_episode_frames
+    self._rng = np.random.default_rng(seed)
+    height, width = self._ale.getScreenDims()
+    self._resize = BilinearResize((height, width), self._size)
+    self._screens = (np.empty((height, width), np.uint8), np.empty((height, width), np.uint8))
+    self._frames = collections.deque(maxlen=frame_stack)
+    self._episode_frames = 0
+    self._needs_reset = True
+    self.game = game
+
+  def _grab(self, index: int) -> np.ndarray:
+    self._ale.getScreenGrayscale(self._screens[index])
+    return self._screens[index]
+
+  def _observation(self) -> np.ndarray:
+    return np.stack(self._frames, axis=-1)
+
+  def _repeat(self, action) -> Tuple[float, bool]:
+    """Plays `action` for action_repeat frames; pushes the processed frame; returns (reward, game over)."""
+    reward, pooled = 0.0, []
+    for i in range(self._action_repeat):
+      reward += self._ale.act(action)
+      self._episode_frames += 1
+      if i >= self._action_repeat - 2:  # The last two frames are the ones pooled.
+        pooled.append(self._grab(len(pooled)))
+      if self._ale.game_over() or self._episode_frames >= self._max_episode_frames:
+        break
+    if not pooled:  # The episode ended before the last two frames.
+      pooled.append(self._grab(0))
+    previous = pooled[0] if self._pool_frames and len(pooled) == 2 else None
+    self._frames.append(process_frames(pooled[-1], previous, self._resize))
+    return reward, self._ale.game_over()
+
+  def reset(self) -> dm_env.TimeStep:
+    self._ale.reset_game()
+    self._episode_frames = 0
+    for _ in range(int(self._rng.integers(self._noop_max + 1))):
+      self._ale.act(ale_py.Action.NOOP)
+      if self._ale.game_over():
+        self._ale.reset_game()
+    frame = process_frames(self._grab(0), None, self._resize)
+    self._frames.extend([frame] * self._frame_stack)
+    self._needs_reset = False
+    return dm_env.restart(self._observation())
+
+  def step(self, action) -> dm_env.TimeStep:
+    if self._needs_reset:
+      return self.reset()
+    reward, game_over = self._repeat(self._actions[int(action)])
+    if game_over:
+      self._needs_reset = True
+      return dm_env.termination(reward, self._observation())
+    if self._episode_frames >= self._max_episode_frames:
+      self._needs_reset = True
+      return dm_env.truncation(reward, self._observation())
+    return dm_env.transition(reward, self._observation())
+
+  def observation_spec(self) -> specs.BoundedArray:
+    return specs.BoundedArray((*self._size, self._frame_stack), np.uint8, 0, 255, name='observation')
+
+  def action_spec(self) -> specs.DiscreteArray:
+    return specs.DiscreteArray(len(self._actions), name='action')
+
+
+def make_from_spec(spec: str, parts: List[str], seed: int = 0, data_dir: Optional[str] = None, **options) -> Atari:
+  """`parts` = [game] of the spec `atari:game`; `data_dir` (a flag every run has) is unused."""
+  del data_dir
+  if len(parts) != 1 or parts[0] not in GAMES:
+    raise ValueError(f'Unknown environment --env={spec}; Atari specs are atari:<game> with game one of: '
+                     f'{", ".join(GAMES)}.')
+  return Atari(parts[0], seed=seed, **options)
