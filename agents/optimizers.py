@@ -45,8 +45,9 @@ def adam_tuned(config: OptimizerConfig) -> optax.GradientTransformation:
 
 @register('rmsprop')
 def rmsprop(config: OptimizerConfig) -> optax.GradientTransformation:
-  """DQN Zoo's double-DQN centred RMSProp (learning rate 2.5e-4 there)."""
-  return optax.rmsprop(config.learning_rate, decay=0.95, eps=0.01 / 32**2, centered=True)
+  """DQN Zoo's double-DQN optimizer: global-norm clip at 10, centred RMSProp (learning rate 2.5e-4 there)."""
+  return optax.chain(optax.clip_by_global_norm(10.0),
+                     optax.rmsprop(config.learning_rate, decay=0.95, eps=0.01 / 32**2, centered=True))
 
 
 @register('sgd')

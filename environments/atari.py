@@ -95,7 +95,9 @@ class Atari(dm_env.Environment):
     self._ale.setLoggerMode(ale_py.LoggerMode.Error)
     self._ale.setInt('random_seed', int(seed) % (2**31))
     self._ale.setFloat('repeat_action_probability', float(sticky_action_probability))
-    self._ale.loadROM(str(roms.get_rom_path(game)))
+    rom = str(roms.get_rom_path(game))
+    self._ale.loadROM(rom)
+    self.data_source = f'the {game} ROM shipped with ale-py ({rom})'  # What runs log as their data.
     self._actions = self._ale.getMinimalActionSet()
     self._action_repeat = action_repeat
     self._pool_frames = pool_frames

@@ -20,6 +20,8 @@ class ExperimentConfig:
   run_dir: str
   env: str = 'mdp:mnist:easy'
   data_dir: Optional[str] = None
+  # ALE's repeat_action_probability for atari:* envs (0.25: Machado et al. 2018).
+  sticky_action_probability: float = 0.0
   num_actors: int = 2
   launch_type: str = 'local_mp'
   max_learner_steps: int = 100_000
@@ -36,7 +38,11 @@ class ExperimentConfig:
   actor_params_update_period: int = 100
 
   def env_options(self) -> Dict[str, Any]:
-    return {'data_dir': self.data_dir} if self.data_dir else {}
+    """Keyword options of `environments.make` for this run's env."""
+    options: Dict[str, Any] = {'data_dir': self.data_dir} if self.data_dir else {}
+    if self.env.startswith('atari:'):
+      options['sticky_action_probability'] = self.sticky_action_probability
+    return options
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.run_dir, *parts)

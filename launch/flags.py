@@ -1,11 +1,14 @@
 """absl flags of a training run, and their mapping to `ExperimentConfig`.
 
 Defaults are the paper's settings for the classification MDPs (see
-agents/config.py for the sources); every choice-valued flag lists its accepted
-values in `--helpfull` and in the error a bad value raises.
+agents/config.py for the sources); `--preset` swaps in another set of defaults
+(DQN Zoo's double DQN for Atari) for every flag not given on the command line.
+Every choice-valued flag lists its accepted values in `--helpfull` and in the
+error a bad value raises.
 """
 
 import dataclasses
+from typing import Any, Dict
 
 from absl import flags
 
@@ -18,9 +21,34 @@ from probes.plasticity import ProbeConfig
 
 _AGENT, _REPLAY, _PROBE, _DIAGNOSTICS = AgentConfig(), ReplayConfig(), ProbeConfig(), DiagnosticsConfig()
 
+# Whole-experiment presets: flag name -> default, used where the flag is not given.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The flag defaults: the paper's classification-MDP settings (sections 4.1, 5.2, appendix A.1/A.2).
+    'mdp': {},
+    # DQN Zoo's double DQN (Quan & Ostrovski 2020) as the paper's section 5.3 and
+    # appendix A.3 run it: centred RMSProp at 2.5e-4 (with DQN Zoo's global-norm
+    # clip of 10, in the preset), TD-error gradient clipped to 1/32, a replay of
+    # 100,000 transitions (the paper's; DQN Zoo starts learning at 5% of its 1M,
+    # i.e. 50,000), epsilon 0.1, one update of 32 per 4 environment steps
+    # (32 / 4 = 8 samples per insert), the target network every 1.2e5 frames =
+    # 30,000 agent steps = 7,500 updates. Add --interventions=layernorm for the
+    # paper's modification.
+    'atari': {
+        'arch': 'nature_dqn', 'optimizer': 'rmsprop', 'learning_rate': 2.5e-4, 'td_error_clip': 1 / 32,
+        'batch_size': 32, 'discount': 0.99, 'epsilon': 0.1, 'target_update_period': 7_500,
+        'replay_capacity': 100_000, 'min_replay_size': 50_000, 'samples_per_insert': 8.0,
+    },
+}
+PRESET = flags.DEFINE_enum('preset', 'auto', ['auto', *PRESETS],
+                           'Defaults for the flags not given: atari (DQN Zoo double DQN, appendix A.3) or mdp (the '
+                           'paper\'s classification-MDP settings); auto picks atari for atari:* envs, else mdp.')
+
 ENV = flags.DEFINE_string('env', 'mdp:mnist:easy', 'Environment spec, e.g. mdp:mnist:easy, mdp:cifar10:hard, atari:pong.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'Directory holding the datasets (else $PLASTICITY_DATA_DIR, '
                                'the user cache, a download, or the embedded MNIST sample).')
+STICKY_ACTION_PROBABILITY = flags.DEFINE_float(
+    'sticky_action_probability', 0.0, 'atari:* only: probability that ALE repeats the previous action instead '
+    '(0.25 is Machado et al. 2018\'s setting; 0 is DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Run directory; relaunching with the same flags resumes it.')
 NUM_ACTORS = flags.DEFINE_integer('num_actors', 2, 'Number of actor nodes.', lower_bound=1)
 LAUNCH_TYPE = flags.DEFINE_enum('launch_type', 'local_mp', ['local_mp', 'local_mt'],
@@ -86,25 +114,43 @@ def diagnostics_config() -> DiagnosticsConfig:
                              lanczos_steps=LANCZOS_STEPS.value, covariance_samples=COVARIANCE_SAMPLES.value)
 
 
+def preset_name() -> str:
+  """The preset in force: --preset, or the one --env's family implies."""
+  if PRESET.value != 'auto':
+    return PRESET.value
+  return 'atari' if ENV.value.startswith('atari:') else 'mdp'
+
+
+def _value(holder: flags.FlagHolder) -> Any:
+  """A flag's value: given on the command line, else the preset's default, else the flag's."""
+  if flags.FLAGS[holder.name].present:
+    return holder.value
+  return PRESETS[preset_name()].get(holder.name, holder.value)
+
+
 def experiment_config() -> ExperimentConfig:
   """The configuration the parsed flags describe (validated by the builders)."""
   if not RUN_DIR.value:
     raise ValueError('--run_dir is required (a new directory, or an existing run to resume).')
   agent = AgentConfig(
-      arch=ARCH.value, width_multiplier=WIDTH_MULTIPLIER.value, output=OUTPUT.value, num_bins=NUM_BINS.value,
+      arch=_value(ARCH), width_multiplier=WIDTH_MULTIPLIER.value, output=OUTPUT.value, num_bins=NUM_BINS.value,
       support_min=SUPPORT_MIN.value, support_max=SUPPORT_MAX.value,
       interventions=tuple(INTERVENTIONS.value), weight_decay=WEIGHT_DECAY.value, shrink=SHRINK.value,
-      perturb=PERTURB.value, optimizer=OPTIMIZER.value, learning_rate=LEARNING_RATE.value,
-      td_error_clip=TD_ERROR_CLIP.value, discount=DISCOUNT.value, batch_size=BATCH_SIZE.value,
-      target_update_period=TARGET_UPDATE_PERIOD.value, epsilon=EPSILON.value, reward_clip=REWARD_CLIP.value)
-  replay = ReplayConfig(capacity=REPLAY_CAPACITY.value, min_size=MIN_REPLAY_SIZE.value,
-                        samples_per_insert=SAMPLES_PER_INSERT.value)
+      perturb=PERTURB.value, optimizer=_value(OPTIMIZER), learning_rate=_value(LEARNING_RATE),
+      td_error_clip=_value(TD_ERROR_CLIP), discount=_value(DISCOUNT), batch_size=_value(BATCH_SIZE),
+      target_update_period=_value(TARGET_UPDATE_PERIOD), epsilon=_value(EPSILON), reward_clip=REWARD_CLIP.value)
+  replay = ReplayConfig(capacity=_value(REPLAY_CAPACITY), min_size=_value(MIN_REPLAY_SIZE),
+                        samples_per_insert=_value(SAMPLES_PER_INSERT))
   probe = dataclasses.replace(_PROBE, steps=PROBE_STEPS.value, num_targets=PROBE_TARGETS.value,
                               batch_size=PROBE_BATCH_SIZE.value, num_inputs=PROBE_INPUTS.value)
-  if MIN_REPLAY_SIZE.value > REPLAY_CAPACITY.value:
-    raise ValueError(f'--min_replay_size={MIN_REPLAY_SIZE.value} exceeds --replay_capacity={REPLAY_CAPACITY.value}.')
+  if STICKY_ACTION_PROBABILITY.value and not ENV.value.startswith('atari:'):
+    raise ValueError(f'--sticky_action_probability applies to atari:* envs only, not --env={ENV.value}.')
+  if replay.min_size > replay.capacity:
+    raise ValueError(f'--min_replay_size={replay.min_size} exceeds --replay_capacity={replay.capacity} '
+                     f'(preset {preset_name()}).')
   return ExperimentConfig(
-      run_dir=RUN_DIR.value, env=ENV.value, data_dir=DATA_DIR.value, num_actors=NUM_ACTORS.value,
+      run_dir=RUN_DIR.value, env=ENV.value, data_dir=DATA_DIR.value,
+      sticky_action_probability=STICKY_ACTION_PROBABILITY.value, num_actors=NUM_ACTORS.value,
       launch_type=LAUNCH_TYPE.value, max_learner_steps=MAX_LEARNER_STEPS.value, seed=SEED.value, agent=agent,
       replay=replay, probe=probe, probe_every=PROBE_EVERY.value, diagnostics_enabled=DIAGNOSTICS.value,
       diagnostics=diagnostics_config(), checkpoint_every=CHECKPOINT_EVERY.value,

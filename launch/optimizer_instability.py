@@ -37,8 +37,8 @@ OPTIMIZERS = flags.DEFINE_list('optimizers', ['adam', 'adam_tuned'], 'Optimizer 
 NUM_IMAGES = flags.DEFINE_integer('num_images', 5000, 'Images whose random labels are memorised.', lower_bound=10)
 EVAL_SAMPLES = flags.DEFINE_integer('eval_samples', 4096, 'Images the accuracy and dead units are measured on.',
                                     lower_bound=1)
-ITERATIONS = flags.DEFINE_integer('iterations', 8, 'Label re-randomisations (iterations).', lower_bound=1)
-STEPS_PER_ITERATION = flags.DEFINE_integer('steps_per_iteration', 1500, 'Optimizer steps per iteration.',
+ITERATIONS = flags.DEFINE_integer('iterations', 5, 'Label re-randomisations (iterations).', lower_bound=1)
+STEPS_PER_ITERATION = flags.DEFINE_integer('steps_per_iteration', 4000, 'Optimizer steps per iteration.',
                                            lower_bound=1)
 EVAL_EVERY = flags.DEFINE_integer('eval_every', 250, 'Steps between measurements.', lower_bound=1)
 BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Minibatch size.', lower_bound=1)
@@ -114,7 +114,7 @@ def plot(records: List[Dict[str, float]], steps_per_iteration: int, path: str) -
       ax.axvline(change, color='grey', lw=0.5, ls=':')
   top.set_ylabel('accuracy')
   top.set_ylim(0, 1.02)
-  top.legend()
+  bottom.legend(loc='upper left')
   top.set_title('Optimizer instability: random labels re-drawn every iteration (dotted)')
   bottom.set_ylabel('fraction of dead units')
   bottom.set_ylim(0, 1.0)

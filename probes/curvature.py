@@ -26,7 +26,7 @@ the gradient of the same per-example loss l_i, its Gram matrix built block by
 block so that only two blocks of per-example gradients are ever held.
 """
 
-from typing import Callable, List, NamedTuple, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from agents.types import Params
+from probes import compiled_loops
 
 OutputFn = Callable[[Params, jax.Array], jax.Array]  # (params, inputs [N, ...]) -> outputs [N, K]
 
@@ -53,12 +54,13 @@ def per_example_loss(output_fn: OutputFn, params: Params, inputs: jax.Array, tar
   return jnp.mean(jnp.square(output_fn(params, inputs) - targets), axis=-1)
 
 
-def make_hvp(output_fn: OutputFn, params: Params, inputs: jax.Array,
-             targets: jax.Array) -> Tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+def make_hvp(output_fn: OutputFn, params: Params, inputs: jax.Array, targets: jax.Array,
+             unrolled: bool = False) -> Tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
   """(flat theta, v -> H v) of the batch-mean loss; inputs/targets are chunked [C, c, ...].
 
   Chunks are summed in a `lax.scan` so that memory is bounded by one chunk's
-  forward-over-reverse pass, whatever the batch size.
+  forward-over-reverse pass, whatever the batch size; `unrolled` sums them in
+  straight-line code instead (see probes/compiled_loops.py).
   """
   flat, unravel = ravel_pytree(params)
 
@@ -70,7 +72,12 @@ def make_hvp(output_fn: OutputFn, params: Params, inputs: jax.Array,
       x, y = chunk
       return total + jax.jvp(lambda theta: jax.grad(chunk_loss)(theta, x, y), (flat,), (v,))[1], None
 
-    total, _ = jax.lax.scan(add_chunk, jnp.zeros_like(flat), (inputs, targets))
+    if unrolled:
+      total = jnp.zeros_like(flat)
+      for c in range(inputs.shape[0]):
+        total, _ = add_chunk(total, (inputs[c], targets[c]))
+    else:
+      total, _ = jax.lax.scan(add_chunk, jnp.zeros_like(flat), (inputs, targets))
     return total / inputs.shape[0]
 
   return flat, hvp
@@ -89,37 +96,43 @@ def _restart(key: jax.Array, basis: jax.Array) -> jax.Array:
   return v / jnp.linalg.norm(v)
 
 
+def _lanczos_step(matvec: Callable[[jax.Array], jax.Array], key: jax.Array, i: jax.Array, carry: tuple) -> tuple:
+  """Step i: (basis, alphas, betas, v, scale) -> the same after adding v to the basis."""
+  basis, alphas, betas, v, scale = carry
+  basis = basis.at[i].set(v)
+  w = matvec(v)
+  alpha = jnp.vdot(v, w)
+  w = _orthogonalise(w, basis)  # Also removes alpha v and beta v_prev: the three-term recurrence.
+  beta = jnp.linalg.norm(w)
+  scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
+  broken = beta <= BREAKDOWN_TOL * scale
+  v_next = jax.lax.cond(broken, lambda: _restart(jax.random.fold_in(key, i), basis), lambda: w / beta)
+  return (basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broken, 0.0, beta)), v_next, scale)
+
+
+def _lanczos_start(v0: jax.Array, num_steps: int) -> tuple:
+  zeros = jnp.zeros((num_steps,), v0.dtype)
+  return (jnp.zeros((num_steps, v0.shape[0]), v0.dtype), zeros, zeros, v0 / jnp.linalg.norm(v0),
+          jnp.zeros((), v0.dtype))
+
+
 def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: int,
             key: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """Lanczos with full reorthogonalisation from v0: the tridiagonal's (alphas [m], betas [m-1]).
 
   `key` draws the restart vectors used on breakdown. Needs num_steps <= v0.size.
   """
-  n = v0.shape[0]
-  basis = jnp.zeros((num_steps, n), v0.dtype)
-
-  def step(i, carry):
-    basis, alphas, betas, v, scale = carry
-    basis = basis.at[i].set(v)
-    w = matvec(v)
-    alpha = jnp.vdot(v, w)
-    w = _orthogonalise(w, basis)  # Also removes alpha v and beta v_prev: the three-term recurrence.
-    beta = jnp.linalg.norm(w)
-    scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
-    broken = beta <= BREAKDOWN_TOL * scale
-    v_next = jax.lax.cond(broken, lambda: _restart(jax.random.fold_in(key, i), basis), lambda: w / beta)
-    return (basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broken, 0.0, beta)), v_next, scale)
-
-  zeros = jnp.zeros((num_steps,), v0.dtype)
-  init = (basis, zeros, zeros, v0 / jnp.linalg.norm(v0), jnp.zeros((), v0.dtype))
-  _, alphas, betas, _, _ = jax.lax.fori_loop(0, num_steps, step, init)
+  _, alphas, betas, _, _ = jax.lax.fori_loop(0, num_steps, lambda i, carry: _lanczos_step(matvec, key, i, carry),
+                                             _lanczos_start(v0, num_steps))
   return alphas, betas[:-1]
 
 
-def make_lanczos(output_fn: OutputFn, num_steps: int) -> Callable:
-  """jit (params, inputs [C, c, ...], targets [C, c, K], key) -> (alphas, betas) of one SLQ draw.
+def make_lanczos(output_fn: OutputFn, num_steps: int, stepwise: Optional[bool] = None) -> Callable:
+  """(params, inputs [C, c, ...], targets [C, c, K], key) -> (alphas, betas) of one SLQ draw.
 
-  The step count is clipped to the parameter count (a Krylov space can be no larger).
+  One jit-compiled loop, or on CPU for convolutional networks one compiled
+  call per step (probes/compiled_loops.py; `stepwise` forces either). The step count is clipped to the
+  parameter count (a Krylov space can be no larger).
   """
 
   @jax.jit
@@ -129,7 +142,28 @@ def make_lanczos(output_fn: OutputFn, num_steps: int) -> Callable:
     v0 = jax.random.normal(start_key, flat.shape, flat.dtype)
     return lanczos(hvp, v0, min(num_steps, flat.size), restart_key)
 
-  return run
+  @jax.jit
+  def start(params: Params, key: jax.Array):
+    flat = ravel_pytree(params)[0]
+    start_key, restart_key = jax.random.split(key)
+    return _lanczos_start(jax.random.normal(start_key, flat.shape, flat.dtype), min(num_steps, flat.size)), restart_key
+
+  @jax.jit
+  def step(i: jax.Array, carry: tuple, params: Params, inputs: jax.Array, targets: jax.Array, restart_key: jax.Array):
+    _, hvp = make_hvp(output_fn, params, inputs, targets, unrolled=True)
+    return _lanczos_step(hvp, restart_key, i, carry)
+
+  def run_stepwise(params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array):
+    carry, restart_key = start(params, key)
+    for i in range(carry[1].shape[0]):
+      carry = step(jnp.asarray(i, jnp.int32), carry, params, inputs, targets, restart_key)
+    return carry[1], carry[2][:-1]
+
+  def dispatch(params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array):
+    use_steps = compiled_loops.avoid_compiled_loops(params) if stepwise is None else stepwise
+    return (run_stepwise if use_steps else run)(params, inputs, targets, key)
+
+  return dispatch
 
 
 def ritz(alphas: np.ndarray, betas: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

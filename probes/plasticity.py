@@ -13,14 +13,17 @@ network can still fit new targets; `baseline` is the loss of predicting each
 target's mean (its variance), so `plasticity = baseline - final loss` is the
 share of target variance the network still manages to fit.
 
-All targets run as one jit-compiled computation, vmapped over targets and a
-`lax.scan` over steps; `make_sequential_probe` runs the same fits target by
-target (same keys, same result) for tests and the benchmark.
+All targets run as one jit-compiled computation, vmapped over targets, its
+optimizer steps a `lax.scan`; `make_sequential_probe` runs the same fits
+target by target (same keys, same result) for tests and the benchmark.
+
+On CPU, for convolutional networks, the scan becomes calls of `steps_per_call`
+steps unrolled at trace time (see probes/compiled_loops.py): same results.
 """
 
 import dataclasses
 import time
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ import numpy as np
 import optax
 
 from agents.types import Params
+from probes import compiled_loops
 
 ApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, inputs [N, ...]) -> outputs [N, K]
 InitFn = Callable[[jax.Array, jax.Array], Params]  # (rng, example inputs) -> params
@@ -41,6 +45,9 @@ class ProbeConfig:
   num_inputs: int = 2048  # Replay observations forming the probe's input set.
   curve_every: int = 20  # Probe steps per point of the recorded learning curve.
   frequency: float = 1e5  # The sine's frequency in equation 4.
+  # Optimizer steps per compiled call; None: all of them, except on CPU for
+  # convolutional networks, where it is 1 (see probes/compiled_loops.py).
+  steps_per_call: Optional[int] = None
 
 
 class ProbeResult(NamedTuple):
@@ -86,36 +93,62 @@ def _mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(outputs - targets))
 
 
+class _Fit(NamedTuple):
+  """One target's fit in three pure pieces, so that its steps can run in chunks."""
+  # (params, inputs, offset, key) -> (opt_state, targets, baseline, step keys [steps, 2])
+  start: Callable
+  # (params, opt_state, inputs, targets, step keys [n, 2]) -> (params, opt_state, step losses [n]):
+  # as a `lax.scan`, and unrolled at trace time (no loop for XLA:CPU to mis-lower; for short chunks).
+  run_steps: Callable
+  run_steps_unrolled: Callable
+  # (params, inputs, targets) -> full-input-set loss
+  final_loss: Callable
+
+
 def _make_fit(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTransformation,
-              config: ProbeConfig) -> Callable:
-  """(params, inputs, offset, key) -> (final loss, baseline, step losses) of one target."""
+              config: ProbeConfig) -> _Fit:
 
   def loss_fn(params, x, y):
     return _mse(apply_fn(params, x), y)
 
-  def fit(params: Params, inputs: jax.Array, offset: jax.Array, key: jax.Array):
+  def start(params: Params, inputs: jax.Array, offset: jax.Array, key: jax.Array):
     init_key, batch_key = jax.random.split(key)
-    target_params = init_fn(init_key, inputs[:1])
-    targets = offset + jnp.sin(config.frequency * apply_fn(target_params, inputs))
+    targets = offset + jnp.sin(config.frequency * apply_fn(init_fn(init_key, inputs[:1]), inputs))
     baseline = jnp.mean(jnp.var(targets, axis=0))
+    return optimizer.init(params), targets, baseline, jax.random.split(batch_key, config.steps)
 
-    def step(carry, step_key):
-      params, opt_state = carry
-      index = jax.random.randint(step_key, (config.batch_size,), 0, inputs.shape[0])
-      loss, grads = jax.value_and_grad(loss_fn)(params, inputs[index], targets[index])
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
+  def step(carry, step_key, inputs, targets):
+    params, opt_state = carry
+    index = jax.random.randint(step_key, (config.batch_size,), 0, inputs.shape[0])
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs[index], targets[index])
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
 
-    (params, _), step_losses = jax.lax.scan(
-        step, (params, optimizer.init(params)), jax.random.split(batch_key, config.steps))
-    return loss_fn(params, inputs, targets), baseline, step_losses
+  def run_steps(params: Params, opt_state, inputs: jax.Array, targets: jax.Array, step_keys: jax.Array):
+    (params, opt_state), step_losses = jax.lax.scan(
+        lambda carry, step_key: step(carry, step_key, inputs, targets), (params, opt_state), step_keys)
+    return params, opt_state, step_losses
 
-  return fit
+  def run_steps_unrolled(params: Params, opt_state, inputs: jax.Array, targets: jax.Array, step_keys: jax.Array):
+    carry, step_losses = (params, opt_state), []
+    for i in range(step_keys.shape[0]):
+      carry, loss = step(carry, step_keys[i], inputs, targets)
+      step_losses.append(loss)
+    return (*carry, jnp.stack(step_losses))
+
+  return _Fit(start, run_steps, run_steps_unrolled, loss_fn)
 
 
 def _prepare(apply_fn: ApplyFn, params: Params, inputs: jax.Array, key: jax.Array, num_targets: int):
   offset = jnp.mean(apply_fn(params, inputs), axis=0)
   return offset, jax.random.split(key, num_targets)
+
+
+def steps_per_call(config: ProbeConfig, params: Params) -> int:
+  """How many optimizer steps each compiled call runs."""
+  if config.steps_per_call:
+    return min(config.steps_per_call, config.steps)
+  return 1 if compiled_loops.avoid_compiled_loops(params) else config.steps
 
 
 class _Compiled:
@@ -136,44 +169,89 @@ class _Compiled:
     return self._executables[key](*args), compile_time
 
 
+def _run_in_chunks(run_steps: Callable, params, opt_state, inputs, targets, step_keys: jax.Array,
+                   chunk: int) -> Tuple[object, jax.Array, float]:
+  """Runs `step_keys` ([..., steps, 2], steps on axis -2) in calls of `chunk` steps; (params, losses, compile s)."""
+  losses, compile_time = [], 0.0
+  for begin in range(0, step_keys.shape[-2], chunk):
+    (params, opt_state, chunk_losses), seconds = run_steps(params, opt_state, inputs, targets,
+                                                           step_keys[..., begin:begin + chunk, :])
+    losses.append(chunk_losses)
+    compile_time += seconds
+  return params, jnp.concatenate(losses, axis=-1), compile_time
+
+
 def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTransformation,
                config: ProbeConfig) -> Callable[[Params, np.ndarray, jax.Array], ProbeResult]:
   """The probe: all targets in one jit-compiled, vmapped computation."""
   fit = _make_fit(apply_fn, init_fn, optimizer, config)
 
-  def fit_all(params, inputs, key):
+  def start_all(params, inputs, key):
     offset, keys = _prepare(apply_fn, params, inputs, key, config.num_targets)
-    return (offset,) + jax.vmap(fit, in_axes=(None, None, None, 0))(params, inputs, offset, keys)
+    opt_states, targets, baselines, step_keys = jax.vmap(fit.start, in_axes=(None, None, None, 0))(
+        params, inputs, offset, keys)
+    return offset, opt_states, targets, baselines, step_keys
 
-  compiled = _Compiled(fit_all)
+  # Steps of every target: `params` holds one copy per target.
+  run_all, run_all_unrolled = (jax.vmap(run, in_axes=(0, 0, None, 0, 0))
+                               for run in (fit.run_steps, fit.run_steps_unrolled))
+  final_all = jax.vmap(fit.final_loss, in_axes=(0, None, 0))
+
+  def fit_all(params, inputs, key):
+    offset, opt_states, targets, baselines, step_keys = start_all(params, inputs, key)
+    params, _, losses = run_all(_copies(params, config.num_targets), opt_states, inputs, targets, step_keys)
+    return offset, final_all(params, inputs, targets), baselines, losses
+
+  whole = _Compiled(fit_all)
+  start, run, final = (_Compiled(f) for f in (start_all, run_all_unrolled, final_all))
 
   def probe(params: Params, inputs: np.ndarray, key: jax.Array) -> ProbeResult:
-    start = time.time()
-    outputs, compile_time = compiled(params, jnp.asarray(inputs), key)
-    offset, final, baselines, losses = jax.device_get(outputs)
-    return ProbeResult(final, baselines, losses, offset, config.curve_every,
-                       time.time() - start - compile_time, compile_time)
+    started = time.time()
+    inputs = jnp.asarray(inputs)
+    chunk = steps_per_call(config, params)
+    if chunk == config.steps:
+      (offset, final_losses, baselines, losses), compile_time = whole(params, inputs, key)
+    else:
+      (offset, opt_states, targets, baselines, step_keys), compile_time = start(params, inputs, key)
+      params, losses, seconds = _run_in_chunks(run, _copies(params, config.num_targets), opt_states, inputs, targets,
+                                               step_keys, chunk)
+      final_losses, final_seconds = final(params, inputs, targets)
+      compile_time += seconds + final_seconds
+    offset, final_losses, baselines, losses = jax.device_get((offset, final_losses, baselines, losses))
+    return ProbeResult(final_losses, baselines, losses, offset, config.curve_every,
+                       time.time() - started - compile_time, compile_time)
 
   return probe
+
+
+def _copies(params: Params, num: int) -> Params:
+  """`num` stacked copies of the parameters, one per target."""
+  return jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf, (num, *jnp.shape(leaf))), params)
 
 
 def make_sequential_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTransformation,
                           config: ProbeConfig) -> Callable[[Params, np.ndarray, jax.Array], ProbeResult]:
   """The same fits as `make_probe`, one target at a time in a Python loop."""
-  fit = _Compiled(_make_fit(apply_fn, init_fn, optimizer, config))
+  fit = _make_fit(apply_fn, init_fn, optimizer, config)
   prepare = _Compiled(lambda params, inputs, key: _prepare(apply_fn, params, inputs, key, config.num_targets))
+  start, run, scanned, final = (_Compiled(f) for f in (fit.start, fit.run_steps_unrolled, fit.run_steps,
+                                                         fit.final_loss))
 
   def probe(params: Params, inputs: np.ndarray, key: jax.Array) -> ProbeResult:
-    start = time.time()
+    started = time.time()
     inputs = jnp.asarray(inputs)
+    chunk = steps_per_call(config, params)
+    chunk_run = run if chunk < config.steps else scanned
     (offset, keys), compile_time = prepare(params, inputs, key)
     results = []
     for target_key in keys:
-      outputs, seconds = fit(params, inputs, offset, target_key)
-      results.append(jax.device_get(outputs))
-      compile_time += seconds
-    final, baselines, losses = (np.stack(x) for x in zip(*results))
-    return ProbeResult(final, baselines, losses, np.asarray(offset), config.curve_every,
-                       time.time() - start - compile_time, compile_time)
+      (opt_state, targets, baseline, step_keys), seconds = start(params, inputs, offset, target_key)
+      fitted, losses, run_seconds = _run_in_chunks(chunk_run, params, opt_state, inputs, targets, step_keys, chunk)
+      final_loss, final_seconds = final(fitted, inputs, targets)
+      results.append(jax.device_get((final_loss, baseline, losses)))
+      compile_time += seconds + run_seconds + final_seconds
+    final_losses, baselines, losses = (np.stack(x) for x in zip(*results))
+    return ProbeResult(final_losses, baselines, losses, np.asarray(offset), config.curve_every,
+                       time.time() - started - compile_time, compile_time)
 
   return probe

@@ -38,6 +38,21 @@ def test_hvp_is_the_hessian_times_v(problem):
   np.testing.assert_allclose(hvp(v), hessian @ np.asarray(v), rtol=1e-4, atol=1e-5)
 
 
+def test_stepwise_lanczos_and_unrolled_hvp_match_the_compiled_loops(problem):
+  """The CPU path for convolutional networks (probes/compiled_loops.py) computes the same tridiagonal."""
+  _, output_fn, params, _, _, (x, y), _ = problem
+  flat, hvp = curvature.make_hvp(output_fn, params, x, y)
+  _, unrolled_hvp = curvature.make_hvp(output_fn, params, x, y, unrolled=True)
+  v = jax.random.normal(jax.random.PRNGKey(2), flat.shape)
+  np.testing.assert_allclose(unrolled_hvp(v), hvp(v), rtol=1e-5, atol=1e-6)
+  key = jax.random.PRNGKey(4)
+  looped = curvature.make_lanczos(output_fn, num_steps=12, stepwise=False)(params, x, y, key)
+  stepwise = curvature.make_lanczos(output_fn, num_steps=12, stepwise=True)(params, x, y, key)
+  for a, b in zip(looped, stepwise):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_lanczos_top_eigenvalue_and_quadrature_moments(problem):
   _, output_fn, params, _, _, (x, y), hessian = problem
   exact = np.linalg.eigvalsh(hessian)

@@ -1,5 +1,6 @@
 """The plasticity probe (section 2.2, eq. 4), the evaluator's schedule, the report."""
 
+import dataclasses
 import os
 
 import jax
@@ -36,6 +37,20 @@ def test_vmapped_probe_equals_the_target_by_target_loop(setup):
   np.testing.assert_allclose(vmapped.step_losses, looped.step_losses, rtol=2e-3, atol=1e-5)
   np.testing.assert_allclose(vmapped.final_losses, looped.final_losses, rtol=2e-3)
   assert vmapped.step_losses.shape == (CONFIG.num_targets, CONFIG.steps)
+
+
+def test_steps_cut_into_calls_give_the_same_fits(setup):
+  """The CPU path for convolutional networks (a call per few steps) computes what one scan does."""
+  agent, apply_fn, params, inputs = setup
+  key = jax.random.PRNGKey(5)
+  chunked_config = dataclasses.replace(CONFIG, steps_per_call=4)  # 150 steps: 37 calls of 4 and one of 2.
+  assert plasticity.steps_per_call(CONFIG, params) == CONFIG.steps  # An MLP: one call.
+  assert plasticity.steps_per_call(chunked_config, params) == 4
+  whole = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
+  for make in (plasticity.make_probe, plasticity.make_sequential_probe):
+    chunked = make(apply_fn, agent.network.init, agent.optimizer, chunked_config)(params, inputs, key)
+    np.testing.assert_allclose(chunked.step_losses, whole.step_losses, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(chunked.final_losses, whole.final_losses, rtol=2e-3)
 
 
 def test_targets_offset_and_baseline_follow_equation_4(setup):
