@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from launch import optimizer_instability
+from launch import instability_study
 
 
 def test_memorises_labels_then_loses_them_when_they_are_redrawn():
   images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
-  records = optimizer_instability.run_study(
+  records = instability_study.run_study(
       images, 'adam', iterations=2, steps_per_iteration=300, eval_every=100, batch_size=32, width=128,
       learning_rate=1e-3, eval_samples=64, seed=0)
   assert [(r['iteration'], r['step']) for r in records] == [(0, 100), (0, 200), (0, 300), (1, 400), (1, 500),
