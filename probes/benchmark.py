@@ -9,15 +9,16 @@ first-touch allocation; noisy on a shared machine), and its share of one
 evaluator cycle:
 the plasticity probe at its default `ProbeConfig` plus every diagnostic at its
 default `DiagnosticsConfig`. Fewer Lanczos or probe steps may be timed; their
-times are then extrapolated linearly in steps to the defaults, as printed (for
-the probe a slight overestimate: its fixed cost, the targets, is scaled too).
+times are then extrapolated to the defaults, as printed: Lanczos linearly in
+steps, the probe as its fixed cost (targets, final loss) plus its per-step
+cost, both measured from runs at N and 2N steps.
 Also prints the largest buffers: the Lanczos basis and the gradient blocks.
 Unregistered architectures are skipped with a note.
 """
 
 import dataclasses
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -48,10 +49,11 @@ def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, fl
   return {name: max(first[name] - second[name], 0.0) for name in second}, second
 
 
-def _time_probe(agent, params, inputs: np.ndarray) -> Tuple[float, float]:
-  """(compilation seconds, run seconds) of the plasticity probe at `--probe_steps`."""
-  config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
-                               num_inputs=inputs.shape[0], curve_every=min(20, PROBE_STEPS.value))
+def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) -> Tuple[float, float]:
+  """(compilation seconds, run seconds) of the plasticity probe at `steps` (default `--probe_steps`)."""
+  steps = steps or PROBE_STEPS.value
+  config = dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
+                               curve_every=min(20, steps))
   apply_fn = lambda p, x: agent.network.apply(p, x).outputs
   probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, config)
   result = probe(params, inputs, jax.random.PRNGKey(0))
@@ -69,9 +71,15 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   lanczos_scale = DiagnosticsConfig.lanczos_steps / LANCZOS_STEPS.value
   probe_scale = plasticity.ProbeConfig.steps / PROBE_STEPS.value
   probe_compile, probe_run = _time_probe(agent, params, inputs)
+  probe_at_default = probe_run
+  if probe_scale != 1:
+    # Fixed cost (the targets, the final loss) and per-step cost from two step counts.
+    _, probe_twice = _time_probe(agent, params, inputs, 2 * PROBE_STEPS.value)
+    per_step = max(probe_twice - probe_run, 0.0) / PROBE_STEPS.value
+    probe_at_default = max(probe_run - per_step * PROBE_STEPS.value, 0.0) + per_step * plasticity.ProbeConfig.steps
   rows = [(name, compile_times[name], run_times[name], run_times[name] * (lanczos_scale if name == 'hessian' else 1))
           for name in run_times]
-  rows.append(('plasticity_probe', probe_compile, probe_run, probe_run * probe_scale))
+  rows.append(('plasticity_probe', probe_compile, probe_run, probe_at_default))
   cycle = sum(row[3] for row in rows)
   print(f'  {"":18s}{"warmup_s":>10s}{"run_s":>10s}{"run_s@default":>15s}{"cycle_share":>13s}')
   for name, compiled, ran, scaled in rows:
@@ -86,8 +94,8 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
     print(f'  hessian timed at {LANCZOS_STEPS.value} Lanczos steps, x{lanczos_scale:g} to '
           f'{DiagnosticsConfig.lanczos_steps} (linear extrapolation)')
   if probe_scale != 1:
-    print(f'  plasticity probe timed at {PROBE_STEPS.value} steps, x{probe_scale:g} to '
-          f'{plasticity.ProbeConfig.steps} (linear extrapolation)')
+    print(f'  plasticity probe timed at {PROBE_STEPS.value} and {2 * PROBE_STEPS.value} steps; fixed cost plus '
+          f'per-step cost extrapolated to {plasticity.ProbeConfig.steps}')
 
 
 def main(argv) -> None:
