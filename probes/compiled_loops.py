@@ -9,6 +9,8 @@ Lanczos iteration dispatch their steps from Python, each step one compiled
 call of straight-line code: the same computation, the same keys.
 """
 
+from typing import Any, Callable, Tuple
+
 import jax
 
 from agents.types import Params
@@ -18,3 +20,14 @@ def avoid_compiled_loops(params: Params) -> bool:
   """True on CPU when the network has convolution kernels (4-D parameters)."""
   has_convolutions = any(jax.numpy.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(params))
   return has_convolutions and jax.default_backend() == 'cpu'
+
+
+def scan(fn: Callable[[Any, Any], Tuple[Any, Any]], carry: Any, xs: Any, unrolled: bool) -> Tuple[Any, Any]:
+  """`lax.scan(fn, carry, xs)`, or with `unrolled` the same steps in straight-line code (a trace-time loop)."""
+  if not unrolled:
+    return jax.lax.scan(fn, carry, xs)
+  outputs = []
+  for i in range(jax.tree_util.tree_leaves(xs)[0].shape[0]):
+    carry, output = fn(carry, jax.tree_util.tree_map(lambda x: x[i], xs))
+    outputs.append(output)
+  return carry, jax.tree_util.tree_map(lambda *ys: jax.numpy.stack(ys), *outputs)

@@ -72,12 +72,7 @@ def make_hvp(output_fn: OutputFn, params: Params, inputs: jax.Array, targets: ja
       x, y = chunk
       return total + jax.jvp(lambda theta: jax.grad(chunk_loss)(theta, x, y), (flat,), (v,))[1], None
 
-    if unrolled:
-      total = jnp.zeros_like(flat)
-      for c in range(inputs.shape[0]):
-        total, _ = add_chunk(total, (inputs[c], targets[c]))
-    else:
-      total, _ = jax.lax.scan(add_chunk, jnp.zeros_like(flat), (inputs, targets))
+    total, _ = compiled_loops.scan(add_chunk, jnp.zeros_like(flat), (inputs, targets), unrolled)
     return total / inputs.shape[0]
 
   return flat, hvp

@@ -22,6 +22,7 @@ steps unrolled at trace time (see probes/compiled_loops.py): same results.
 """
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -124,19 +125,13 @@ def _make_fit(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTrans
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  def run_steps(params: Params, opt_state, inputs: jax.Array, targets: jax.Array, step_keys: jax.Array):
-    (params, opt_state), step_losses = jax.lax.scan(
-        lambda carry, step_key: step(carry, step_key, inputs, targets), (params, opt_state), step_keys)
+  def run_steps(params: Params, opt_state, inputs: jax.Array, targets: jax.Array, step_keys: jax.Array,
+                unrolled: bool = False):
+    (params, opt_state), step_losses = compiled_loops.scan(
+        lambda carry, step_key: step(carry, step_key, inputs, targets), (params, opt_state), step_keys, unrolled)
     return params, opt_state, step_losses
 
-  def run_steps_unrolled(params: Params, opt_state, inputs: jax.Array, targets: jax.Array, step_keys: jax.Array):
-    carry, step_losses = (params, opt_state), []
-    for i in range(step_keys.shape[0]):
-      carry, loss = step(carry, step_keys[i], inputs, targets)
-      step_losses.append(loss)
-    return (*carry, jnp.stack(step_losses))
-
-  return _Fit(start, run_steps, run_steps_unrolled, loss_fn)
+  return _Fit(start, run_steps, functools.partial(run_steps, unrolled=True), loss_fn)
 
 
 def _prepare(apply_fn: ApplyFn, params: Params, inputs: jax.Array, key: jax.Array, num_targets: int):
