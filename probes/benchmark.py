@@ -1,6 +1,6 @@
 r"""Cost of the evaluator's diagnostics against the plasticity probe, per architecture.
 
-  python -m probes.benchmark --archs=mlp,cnn [--lanczos_steps=30 --probe_steps=200]
+  python -m probes.benchmark --archs=mlp,cnn [--lanczos_steps=30 --probe_steps=200 --covariance_samples=64]
 
 For each architecture (at initialisation, 10 actions, random uint8 inputs of
 the MNIST MDP's shape) prints each diagnostic's wall time after compilation
@@ -8,10 +8,12 @@ the MNIST MDP's shape) prints each diagnostic's wall time after compilation
 first-touch allocation; noisy on a shared machine), and its share of one
 evaluator cycle:
 the plasticity probe at its default `ProbeConfig` plus every diagnostic at its
-default `DiagnosticsConfig`. Fewer Lanczos or probe steps may be timed; their
-times are then extrapolated to the defaults, as printed: Lanczos linearly in
-steps, the probe as its fixed cost (targets, final loss) plus its per-step
-cost, both measured from runs at N and 2N steps.
+default `DiagnosticsConfig`. Fewer Lanczos steps, probe steps or covariance
+samples may be timed; their times are then extrapolated to the defaults, as
+printed: Lanczos linearly in steps; the probe as its fixed cost (targets, final
+loss) plus its per-step cost, both measured from runs at N and 2N steps; the
+covariance as a k + b k^2 (row blocks of gradients, then block pairs), fitted
+to runs at k and 2k samples.
 Also prints the largest buffers: the Lanczos basis and the gradient blocks.
 Unregistered architectures are skipped with a note.
 """
@@ -28,6 +30,7 @@ import numpy as np
 from agents import networks
 from agents.builder import make_agent
 from agents.config import AgentConfig
+from probes import curvature
 from probes import plasticity
 from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
 
@@ -39,11 +42,21 @@ LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', DiagnosticsConfig.lanczos_
                                      'Lanczos steps timed; extrapolated linearly to the default.')
 PROBE_STEPS = flags.DEFINE_integer('probe_steps', plasticity.ProbeConfig.steps,
                                    'Probe steps timed; extrapolated linearly to the default.')
+COVARIANCE_SAMPLES = flags.DEFINE_integer('covariance_samples', DiagnosticsConfig.covariance_samples,
+                                          'Covariance samples k timed; extrapolated as a k + b k^2 to the default.',
+                                          lower_bound=2)
+COVARIANCE_MEMORY_MB = flags.DEFINE_float('covariance_memory_mb', DiagnosticsConfig.covariance_memory_mb,
+                                          'Memory for blocks of per-example gradients (DiagnosticsConfig).')
+
+
+def _config() -> DiagnosticsConfig:
+  return dataclasses.replace(DiagnosticsConfig(), lanczos_steps=LANCZOS_STEPS.value,
+                             covariance_samples=COVARIANCE_SAMPLES.value, covariance_memory_mb=COVARIANCE_MEMORY_MB.value)
 
 
 def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, float], Dict[str, float]]:
   """(first call's extra seconds, second call's seconds) per diagnostic."""
-  diagnose = make_diagnostics(network, dataclasses.replace(DiagnosticsConfig(), lanczos_steps=LANCZOS_STEPS.value))
+  diagnose = make_diagnostics(network, _config())
   first = diagnose(params, inputs, jax.random.PRNGKey(0)).wall_times
   second = diagnose(params, inputs, jax.random.PRNGKey(1)).wall_times
   return {name: max(first[name] - second[name], 0.0) for name in second}, second
@@ -58,6 +71,28 @@ def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) 
   probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, config)
   result = probe(params, inputs, jax.random.PRNGKey(0))
   return result.compile_time_s, result.wall_time_s
+
+
+def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
+  """Seconds of C_k at the default k, from a k + b k^2 fitted to compiled runs at k and 2k samples."""
+  config = _config()
+  block = covariance_block_size(config, params)
+  output_fn = lambda p, x: network.apply(p, x).outputs
+  per_example_gradients = curvature.make_per_example_gradients(output_fn)
+  k = config.covariance_samples
+  targets = np.asarray(jax.jit(output_fn)(params, inputs[:2 * k])) + 1.0
+  for size in {block, k % block, 2 * k % block} - {0}:  # Compile every block shape first.
+    per_example_gradients(params, inputs[:size], targets[:size]).block_until_ready()
+  seconds = []
+  for samples in (k, 2 * k):
+    start = time.time()
+    curvature.gradient_covariance(per_example_gradients, params, inputs[:samples], targets[:samples], block,
+                                  config.kmeans_clusters, config.kmeans_seed)
+    seconds.append(time.time() - start)
+  quadratic = max(seconds[1] - 2 * seconds[0], 0.0) / (2 * k**2)
+  linear = max(seconds[0] - quadratic * k**2, 0.0) / k
+  default = DiagnosticsConfig.covariance_samples
+  return linear * default + quadratic * default**2
 
 
 def benchmark(arch: str, inputs: np.ndarray) -> None:
@@ -77,8 +112,11 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
     _, probe_twice = _time_probe(agent, params, inputs, 2 * PROBE_STEPS.value)
     per_step = max(probe_twice - probe_run, 0.0) / PROBE_STEPS.value
     probe_at_default = max(probe_run - per_step * PROBE_STEPS.value, 0.0) + per_step * plasticity.ProbeConfig.steps
-  rows = [(name, compile_times[name], run_times[name], run_times[name] * (lanczos_scale if name == 'hessian' else 1))
-          for name in run_times]
+  at_default = dict(run_times, hessian=run_times['hessian'] * lanczos_scale)
+  covariance_extrapolated = COVARIANCE_SAMPLES.value != DiagnosticsConfig.covariance_samples
+  if covariance_extrapolated:
+    at_default['covariance'] = _covariance_at_default(agent.network, params, inputs)
+  rows = [(name, compile_times[name], run_times[name], at_default[name]) for name in run_times]
   rows.append(('plasticity_probe', probe_compile, probe_run, probe_at_default))
   cycle = sum(row[3] for row in rows)
   print(f'  {"":18s}{"warmup_s":>10s}{"run_s":>10s}{"run_s@default":>15s}{"cycle_share":>13s}')
@@ -86,13 +124,16 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
     print(f'  {name:18s}{compiled:10.2f}{ran:10.2f}{scaled:15.2f}{scaled / cycle:13.1%}')
   print(f'  {"cycle":18s}{"":10s}{"":10s}{cycle:15.2f}{1:13.1%}')
   print(f'  diagnostics: {sum(row[3] for row in rows[:-1]) / cycle:.1%} of the cycle')
-  block = covariance_block_size(DiagnosticsConfig(), params)
+  block = covariance_block_size(_config(), params)
   print(f'  memory: Lanczos basis {LANCZOS_STEPS.value} x {num_params:,} float32 = '
         f'{LANCZOS_STEPS.value * num_params * 4 / 2**20:.0f} MiB; gradient blocks 2 x {block} x {num_params:,} '
         f'float32 = {2 * block * num_params * 4 / 2**20:.0f} MiB')
   if lanczos_scale != 1:
     print(f'  hessian timed at {LANCZOS_STEPS.value} Lanczos steps, x{lanczos_scale:g} to '
           f'{DiagnosticsConfig.lanczos_steps} (linear extrapolation)')
+  if covariance_extrapolated:
+    print(f'  covariance timed at k={COVARIANCE_SAMPLES.value} (and {2 * COVARIANCE_SAMPLES.value} for the fit); '
+          f'a k + b k^2 extrapolated to k={DiagnosticsConfig.covariance_samples}')
   if probe_scale != 1:
     print(f'  plasticity probe timed at {PROBE_STEPS.value} and {2 * PROBE_STEPS.value} steps; fixed cost plus '
           f'per-step cost extrapolated to {plasticity.ProbeConfig.steps}')
@@ -105,7 +146,8 @@ def main(argv) -> None:
   config = DiagnosticsConfig()
   print(f'Diagnostics defaults: Hessian batch {config.hessian_batch_size} (chunks of {config.hessian_chunk_size}), '
         f'{config.lanczos_steps} Lanczos steps x {config.lanczos_draws} draw(s), covariance k='
-        f'{config.covariance_samples} (blocks of {config.covariance_chunk_size}); probe: '
+        f'{config.covariance_samples} (blocks of up to {config.covariance_chunk_size} within '
+        f'{COVARIANCE_MEMORY_MB.value:g} MiB); probe: '
         f'{plasticity.ProbeConfig.num_targets} targets x {plasticity.ProbeConfig.steps} steps.')
   for arch in ARCHS.value:
     if arch not in networks.ARCHITECTURES:

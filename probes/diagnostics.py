@@ -42,7 +42,10 @@ class DiagnosticsConfig:
   # Gradient covariance C_k (equation 3; k = 512, the training batch of section 3.2).
   covariance_samples: int = 512
   covariance_chunk_size: int = 64  # Per-example gradients per block; two blocks are held at a time,
-  covariance_memory_mb: float = 512.0  # and fewer when 2 blocks of float32 gradients would exceed this.
+  # and fewer when 2 blocks of float32 gradients would exceed this. Block pairs recompute gradients, so
+  # the cost grows as k^2 / block: 2 GiB holds blocks of 20 gradients of the 12.9M-parameter CNN
+  # (C_512 in ~560 s on 2 CPU cores, against ~2,500 s in blocks of 5 at 512 MiB; probes.benchmark).
+  covariance_memory_mb: float = 2048.0
   kmeans_clusters: int = 10  # Appendix A.1: the number of latent states.
   kmeans_seed: int = 0
   # Statistics (section 4.2, Sokar et al. 2023).

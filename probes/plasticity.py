@@ -46,8 +46,9 @@ class ProbeConfig:
   num_inputs: int = 2048  # Replay observations forming the probe's input set.
   curve_every: int = 20  # Probe steps per point of the recorded learning curve.
   frequency: float = 1e5  # The sine's frequency in equation 4.
-  # Optimizer steps per compiled call; None: all of them, except on CPU for
-  # convolutional networks, where it is 1 (see probes/compiled_loops.py).
+  # Optimizer steps per compiled call of unrolled steps; None (or >= steps): all
+  # of them in one compiled loop, except on CPU for convolutional networks,
+  # where it is 1 (see probes/compiled_loops.py).
   steps_per_call: Optional[int] = None
 
 
@@ -139,11 +140,12 @@ def _prepare(apply_fn: ApplyFn, params: Params, inputs: jax.Array, key: jax.Arra
   return offset, jax.random.split(key, num_targets)
 
 
-def steps_per_call(config: ProbeConfig, params: Params) -> int:
-  """How many optimizer steps each compiled call runs."""
+def steps_per_call(config: ProbeConfig, params: Params) -> Optional[int]:
+  """Unrolled optimizer steps per compiled call; None: all steps in one compiled loop (`lax.scan`)."""
   if config.steps_per_call:
-    return min(config.steps_per_call, config.steps)
-  return 1 if compiled_loops.avoid_compiled_loops(params) else config.steps
+    return config.steps_per_call if config.steps_per_call < config.steps else None
+  # Even a one-step probe: a loop of trip count 1 is as slow on XLA:CPU.
+  return 1 if compiled_loops.avoid_compiled_loops(params) else None
 
 
 class _Compiled:
@@ -204,7 +206,7 @@ def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTran
     started = time.time()
     inputs = jnp.asarray(inputs)
     chunk = steps_per_call(config, params)
-    if chunk == config.steps:
+    if chunk is None:
       (offset, final_losses, baselines, losses), compile_time = whole(params, inputs, key)
     else:
       (offset, opt_states, targets, baselines, step_keys), compile_time = start(params, inputs, key)
@@ -236,7 +238,8 @@ def make_sequential_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.G
     started = time.time()
     inputs = jnp.asarray(inputs)
     chunk = steps_per_call(config, params)
-    chunk_run = run if chunk < config.steps else scanned
+    chunk_run = scanned if chunk is None else run
+    chunk = chunk or config.steps
     (offset, keys), compile_time = prepare(params, inputs, key)
     results = []
     for target_key in keys:

@@ -44,8 +44,12 @@ def test_steps_cut_into_calls_give_the_same_fits(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(5)
   chunked_config = dataclasses.replace(CONFIG, steps_per_call=4)  # 150 steps: 37 calls of 4 and one of 2.
-  assert plasticity.steps_per_call(CONFIG, params) == CONFIG.steps  # An MLP: one call.
+  assert plasticity.steps_per_call(CONFIG, params) is None  # An MLP: one compiled loop.
   assert plasticity.steps_per_call(chunked_config, params) == 4
+  # Convolution kernels on CPU: one unrolled step per call, even for a one-step probe.
+  with_convolutions = dict(params, conv={'w': jnp.zeros((3, 3, 1, 4))})
+  for steps in (1, CONFIG.steps):
+    assert plasticity.steps_per_call(dataclasses.replace(CONFIG, steps=steps), with_convolutions) == 1
   whole = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
   for make in (plasticity.make_probe, plasticity.make_sequential_probe):
     chunked = make(apply_fn, agent.network.init, agent.optimizer, chunked_config)(params, inputs, key)
