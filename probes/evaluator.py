@@ -6,8 +6,10 @@ live run, and unit tests.
 """
 
 import os
+import queue
+import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
@@ -20,6 +22,13 @@ from probes import diagnostics, plasticity
 
 PROBES = 'probes'
 DIAGNOSTICS = 'diagnostics'
+
+
+class Snapshot(NamedTuple):
+  """What one probe point measures: the learner's parameters at a step, and probe inputs from replay."""
+  learner_step: int
+  params: Params
+  inputs: np.ndarray
 
 
 class Evaluator:
@@ -50,10 +59,14 @@ class Evaluator:
       os.makedirs(self._covariance_dir, exist_ok=True)
     self.last_probed_step: Optional[int] = None
 
-  def evaluate(self) -> Dict[str, object]:
-    """Probes (and diagnoses) the learner's current parameters once; returns the probe record."""
+  def snapshot(self) -> Snapshot:
+    """One quick call for the parameters (the learner never waits) and one replay sample."""
     learner_step, params = self._params_source()
-    inputs = self._observation_source(self._probe_config.num_inputs)
+    return Snapshot(int(learner_step), params, self._observation_source(self._probe_config.num_inputs))
+
+  def evaluate(self, snapshot: Optional[Snapshot] = None) -> Dict[str, object]:
+    """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record."""
+    learner_step, params, inputs = snapshot or self.snapshot()
     self._rng, probe_key, diagnostics_key = jax.random.split(self._rng, 3)
     start = time.time()
     result = self._probe(params, inputs, probe_key)
@@ -71,23 +84,62 @@ class Evaluator:
     return record
 
   def run(self, probe_every: int, learner_step: Callable[[], int], learner_finished: Callable[[], bool],
-          should_stop: Callable[[], bool] = lambda: False, poll_seconds: float = 0.5) -> None:
-    """Probes at learner steps 0, probe_every, 2 * probe_every, ... and once at the end.
+          should_stop: Callable[[], bool] = lambda: False, poll_seconds: float = 0.5, max_pending: int = 4) -> None:
+    """Probes snapshots taken at learner steps 0, probe_every, 2 * probe_every, ... and at the end.
 
-    The probe runs on a snapshot while the learner keeps training; when a probe
-    takes longer than `probe_every` learner steps, the next one takes the newest
-    snapshot (the record's `learner_step` says which).
+    A thread takes each snapshot on time (at the first look at or past each
+    multiple of probe_every) while earlier snapshots are probed, so a probe
+    slower than the learner still measures the scheduled steps. At most
+    `max_pending` snapshots wait; a probe point that finds them all waiting is
+    skipped with a warning (the record's `learner_step` says which were kept);
+    the end of training is always probed.
     """
-    next_step = 0
-    if self.last_probed_step is not None:
-      next_step = (self.last_probed_step // probe_every + 1) * probe_every
-    while not should_stop():
+    pending: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    errors = []
+
+    def take_snapshots() -> None:
+      try:  # `should_stop` stays in the caller's thread: Launchpad's stop event answers only there.
+        self._take_snapshots(probe_every, learner_step, learner_finished, stop, poll_seconds, max_pending, pending)
+      except BaseException as e:  # pylint: disable=broad-except  Re-raised in the caller's thread.
+        errors.append(e)
+      finally:
+        pending.put(None)
+
+    thread = threading.Thread(target=take_snapshots, name='evaluator-snapshots', daemon=True)
+    thread.start()
+    try:
+      while not should_stop():
+        try:
+          snapshot = pending.get(timeout=max(poll_seconds, 0.01))
+        except queue.Empty:
+          continue
+        if snapshot is None:
+          break
+        self.evaluate(snapshot)
+    finally:
+      stop.set()
+    thread.join()
+    if errors:
+      raise errors[0]
+
+  def _take_snapshots(self, probe_every: int, learner_step: Callable[[], int], learner_finished: Callable[[], bool],
+                      stop: threading.Event, poll_seconds: float, max_pending: int, pending: queue.Queue) -> None:
+    last = self.last_probed_step
+    next_step = 0 if last is None else (last // probe_every + 1) * probe_every
+    while not stop.is_set():
       finished = learner_finished()
       step = learner_step()
-      if step >= next_step or (finished and step != self.last_probed_step):
-        self.evaluate()
-        next_step = (self.last_probed_step // probe_every + 1) * probe_every
+      if step >= next_step or (finished and step != last):
+        if finished or pending.qsize() < max_pending:
+          snapshot = self.snapshot()
+          pending.put(snapshot)
+          last = snapshot.learner_step
+        else:
+          logging.warning('Evaluator behind: %d snapshots wait, so the probe at learner step %d is skipped '
+                          '(fewer probe steps, a larger probe_every or an accelerator keep up).', max_pending, step)
+        next_step = (step // probe_every + 1) * probe_every
         continue
       if finished:
         return
-      time.sleep(poll_seconds)
+      stop.wait(poll_seconds)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,39 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
   steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
   assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
+
+
+def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
+  """The first probe lasts until the learner has finished: the scheduled steps are measured anyway."""
+  agent, _, params, inputs = setup
+  for max_pending, expected in ((4, [0, 100, 200, 300]), (1, [0, 100, 300])):
+    clock, probing = {'step': 0}, threading.Event()
+
+    def learner_step():  # Still until the first probe starts, then 10 steps a look, up to 300.
+      if probing.is_set():
+        clock['step'] = min(clock['step'] + 10, 300)
+      return clock['step']
+
+    finished = lambda: clock['step'] >= 300
+    out_dir = str(tmp_path / str(max_pending))
+    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
+                          observation_source=lambda n: inputs[:n], out_dir=out_dir)
+    probe = evaluator._probe  # pylint: disable=protected-access
+
+    def slow_probe(*args):
+      if not probing.is_set():
+        probing.set()
+        deadline = time.monotonic() + 30
+        while not finished() and time.monotonic() < deadline:
+          time.sleep(0.01)
+        assert finished(), 'no snapshots were taken while the first probe ran'
+      return probe(*args)
+
+    evaluator._probe = slow_probe  # pylint: disable=protected-access
+    evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.001,
+                  max_pending=max_pending)
+    # Every snapshot at its scheduled step; with one waiting, step 200 found it taken and was skipped.
+    assert [r['learner_step'] for r in read_jsonl(os.path.join(out_dir, 'probes.jsonl'))] == expected
 
 
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
