@@ -73,6 +73,14 @@ def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) 
   return result.compile_time_s, result.wall_time_s
 
 
+def _extrapolate(n: int, seconds: float, seconds_twice: float, target: int, powers: Tuple[int, int]) -> float:
+  """t(target) for t(n) = a n^p + b n^q (p < q; a, b >= 0) fitted to the times measured at n and 2n."""
+  p, q = powers
+  high = max(seconds_twice - 2**p * seconds, 0.0) / (2**q - 2**p)  # b n^q
+  low = max(seconds - high, 0.0)  # a n^p
+  return low * (target / n)**p + high * (target / n)**q
+
+
 def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
   """Seconds of C_k at the default k, from a k + b k^2 fitted to compiled runs at k and 2k samples."""
   config = _config()
@@ -89,10 +97,7 @@ def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
     curvature.gradient_covariance(per_example_gradients, params, inputs[:samples], targets[:samples], block,
                                   config.kmeans_clusters, config.kmeans_seed)
     seconds.append(time.time() - start)
-  quadratic = max(seconds[1] - 2 * seconds[0], 0.0) / (2 * k**2)
-  linear = max(seconds[0] - quadratic * k**2, 0.0) / k
-  default = DiagnosticsConfig.covariance_samples
-  return linear * default + quadratic * default**2
+  return _extrapolate(k, *seconds, DiagnosticsConfig.covariance_samples, powers=(1, 2))
 
 
 def benchmark(arch: str, inputs: np.ndarray) -> None:
@@ -110,8 +115,8 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   if probe_scale != 1:
     # Fixed cost (the targets, the final loss) and per-step cost from two step counts.
     _, probe_twice = _time_probe(agent, params, inputs, 2 * PROBE_STEPS.value)
-    per_step = max(probe_twice - probe_run, 0.0) / PROBE_STEPS.value
-    probe_at_default = max(probe_run - per_step * PROBE_STEPS.value, 0.0) + per_step * plasticity.ProbeConfig.steps
+    probe_at_default = _extrapolate(PROBE_STEPS.value, probe_run, probe_twice, plasticity.ProbeConfig.steps,
+                                    powers=(0, 1))
   at_default = dict(run_times, hessian=run_times['hessian'] * lanczos_scale)
   covariance_extrapolated = COVARIANCE_SAMPLES.value != DiagnosticsConfig.covariance_samples
   if covariance_extrapolated:
