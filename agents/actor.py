@@ -33,7 +33,7 @@ def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, f
 class Actor:
 
   def __init__(self, agent: AgentParts, environment: dm_env.Environment, epsilon: float,
-               params_source: Callable[[], Tuple[int, Params]], add: Callable[[Transition], None],
+               params_source: Callable[[], Optional[Tuple[int, Params]]], add: Callable[[Transition], None],
                seed: int = 0, reward_clip: Optional[float] = 1.0, params_update_period: int = 100,
                logger: Optional[Logger] = None):
     self._environment = environment
@@ -45,7 +45,8 @@ class Actor:
     self._logger = logger
     self._policy = make_policy(agent)
     self._rng = jax.random.PRNGKey(seed)
-    self._learner_step, self._params = params_source()
+    # Read at the first step and every `params_update_period` steps; a source that returns None ends `run`.
+    self._learner_step, self._params = 0, None
     self._env_steps = 0
     self._episodes = 0
 
@@ -65,7 +66,10 @@ class Actor:
     steps_done = 0
     while (num_steps is None or steps_done < num_steps) and not should_stop():
       if self._env_steps % self._params_update_period == 0:
-        self._learner_step, self._params = self._params_source()
+        update = self._params_source()
+        if update is None:  # The source gave up waiting: a stop was requested.
+          break
+        self._learner_step, self._params = update
       self._rng, key = jax.random.split(self._rng)
       action = int(self._policy(self._params, timestep.observation, key, self._epsilon))
       next_timestep = self._environment.step(action)

@@ -32,7 +32,7 @@ def make_optimizer(config: AgentConfig) -> optax.GradientTransformation:
 
 
 def make_agent(config: AgentConfig, num_actions: int) -> AgentParts:
-  interventions.validate(config.interventions, config.arch)
+  interventions.validate(config.interventions)
   encoding = encodings.make_encoding(config.output, encodings.EncodingConfig(
       td_error_clip=config.td_error_clip, num_bins=config.num_bins, support_min=config.support_min,
       support_max=config.support_max))

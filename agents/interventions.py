@@ -6,7 +6,7 @@ They compose: `--interventions=layernorm,reset_optimizer` applies both effects.
 """
 
 import dataclasses
-from typing import Callable, Dict, FrozenSet, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import optax
@@ -26,8 +26,6 @@ class Intervention:
   optimizer_options: Callable[[AgentConfig], Dict[str, object]] = lambda config: {}
   # Builds the target-update hook from the config and the optimizer.
   target_update_hook: Optional[Callable[[AgentConfig, optax.GradientTransformation], TargetUpdateHook]] = None
-  # Architectures it applies to; None means all.
-  architectures: Optional[FrozenSet[str]] = None
   doc: str = ''
 
 
@@ -64,9 +62,7 @@ def shrink_and_perturb_hook(config: AgentConfig, optimizer: optax.GradientTransf
 INTERVENTIONS: Dict[str, Intervention] = {
     'layernorm': Intervention(
         arch_options=lambda config: {'layer_norm': True},
-        # The ViT's block already holds its layer norms.
-        architectures=frozenset({'mlp', 'cnn', 'nature_dqn', 'resnet18'}),
-        doc='a layer norm after each hidden convolutional and fully connected layer'),
+        doc='a layer norm after each hidden convolutional and fully connected layer (the ViT: its pre-norms)'),
     'spectral_norm': Intervention(
         arch_options=lambda config: {'spectral_norm': True},
         doc='spectral normalisation of the first linear or convolutional layer'),
@@ -85,15 +81,11 @@ INTERVENTIONS: Dict[str, Intervention] = {
 }
 
 
-def validate(names: Sequence[str], arch: str) -> None:
+def validate(names: Sequence[str]) -> None:
   """Raises a ValueError naming the flag and the accepted values."""
   for name in names:
     if name not in INTERVENTIONS:
       raise ValueError(f'Unknown intervention {name!r} (--interventions); accepted: '
                        f'{", ".join(sorted(INTERVENTIONS))} (comma-separated, composable).')
-    supported = INTERVENTIONS[name].architectures
-    if supported is not None and arch not in supported:
-      raise ValueError(f'Intervention {name!r} (--interventions) does not apply to --arch={arch}; '
-                       f'it applies to: {", ".join(sorted(supported))}.')
   if len(set(names)) != len(names):
     raise ValueError(f'--interventions lists an intervention twice: {",".join(names)}.')

@@ -1,8 +1,13 @@
 """The learner: owns the training state, steps the pure update, checkpoints.
 
 The same class runs in a unit test (fed a Python iterator) and in a Launchpad
-node (fed a Reverb dataset); actors and evaluators read its parameters through
-`get_params`, which is one quick call that never waits for an update.
+node (fed a Reverb dataset); actors read its parameters through `get_params`
+and evaluators through `get_snapshot` (with the target parameters), each one
+quick call that never waits for an update.
+
+A non-finite loss or parameter ends training at once (`Diverged`): the state
+kept, published and checkpointed is the last finite one, and the learner's
+last record says `diverged`.
 """
 
 import threading
@@ -20,6 +25,16 @@ from agents.learning import TrainingState, init_state, make_target_update, make_
 from agents.types import Params, Transition
 
 Logger = Callable[[Dict[str, object]], None]
+
+
+class Diverged(Exception):
+  """An update produced a non-finite loss or parameter."""
+
+  def __init__(self, step: int, metrics: Dict[str, float]):
+    super().__init__(f'the update of learner step {step} gave a non-finite loss or parameter '
+                     f'(td_loss {metrics.get("td_loss")}); training stopped at the last finite state, step {step - 1}.')
+    self.step = step
+    self.metrics = metrics
 
 
 class Learner:
@@ -44,10 +59,12 @@ class Learner:
       self._state = jax.tree_util.tree_map(jax.numpy.asarray, TrainingState(*restored))
       self._restored_from = path
       logging.info('Learner restored step %d from %s', self.step_count, path)
-    self._published = (self.step_count, jax.device_get(self._state.params))
     self._lock = threading.Lock()
+    self._publish()
     self._last_log_time = time.time()
     self._last_log_step = self.step_count
+    self._last_metrics: Optional[Dict[str, float]] = None
+    self.diverged_at: Optional[int] = None
 
   @property
   def step_count(self) -> int:
@@ -62,48 +79,79 @@ class Learner:
     return self._state
 
   def step(self) -> Dict[str, float]:
-    """One update on the next batch; target update and checkpoint when due."""
+    """One update on the next batch; target update and checkpoint when due.
+
+    Raises `Diverged`, keeping the state before the update, if it was not finite.
+    """
     batch = next(self._iterator)
-    self._state, metrics = self._update(self._state, batch)
+    state, metrics = self._update(self._state, batch)
+    finite = bool(metrics.pop('finite'))  # One sync per update: the step is not applied before it is checked.
+    if not finite:
+      raise Diverged(int(state.step), {k: float(v) for k, v in metrics.items()})
+    self._state = state
     step = self.step_count
     if step % self._config.target_update_period == 0:
       self._state = self._target_update(self._state)
+    self._last_metrics = metrics
     if self._checkpoint_dir and step % self._checkpoint_every == 0:
       self.save()
     if step % self._log_every == 0:
-      self._publish_and_log(step, metrics)
+      self._publish()
+      self._log(step, metrics)
     return metrics
 
-  def _publish_and_log(self, step: int, metrics) -> None:
-    params = jax.device_get(self._state.params)
+  def _publish(self) -> None:
+    params, target_params = jax.device_get((self._state.params, self._state.target_params))
     with self._lock:
-      self._published = (step, params)
+      self._published = (self.step_count, params, target_params)
+
+  def _log(self, step: int, metrics, **extra) -> None:
     if self._logger:
       now = time.time()
       record = {'learner_step': step, **{k: float(v) for k, v in metrics.items()},
-                'updates_per_s': (step - self._last_log_step) / max(now - self._last_log_time, 1e-9)}
+                'updates_per_s': (step - self._last_log_step) / max(now - self._last_log_time, 1e-9), **extra}
       self._last_log_time, self._last_log_step = now, step
       self._logger(record)
 
   def run(self, max_steps: int, should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Steps until `max_steps` updates in total (resumed runs count earlier ones)."""
+    """Steps until `max_steps` updates in total (resumed runs count earlier ones).
+
+    Whatever ends it, the last step is logged, published and checkpointed;
+    on divergence the last finite step is, and `Diverged` is raised after.
+    """
+    diverged = None
     try:
       while self.step_count < max_steps and not should_stop():
         try:
           self.step()
         except StopIteration:  # The batch source ended: it was asked to stop.
           break
+        except Diverged as e:
+          diverged = e
+          break
     finally:
-      with self._lock:
-        self._published = (self.step_count, jax.device_get(self._state.params))
+      self._publish()
       if self._checkpoint_dir:
         self.save()
+      if diverged is not None:
+        self.diverged_at = diverged.step
+        logging.error('Learner diverged: %s', diverged)
+        self._log(diverged.step, diverged.metrics, diverged=True)
+      elif self._last_metrics is not None and self._last_log_step != self.step_count:
+        self._log(self.step_count, self._last_metrics)
+    if diverged is not None:
+      raise diverged
 
   def save(self) -> str:
     return checkpointing.save(self._checkpoint_dir, self.step_count, tuple(self._state))
 
   def get_params(self) -> tuple:
-    """(learner step, parameters as numpy); published every `log_every` steps."""
+    """(learner step, parameters as numpy); published every `log_every` steps and at the end."""
+    with self._lock:
+      return self._published[:2]
+
+  def get_snapshot(self) -> tuple:
+    """(learner step, parameters, target parameters) as numpy, published with `get_params`."""
     with self._lock:
       return self._published
 

@@ -57,6 +57,20 @@ def double_q_loss(network: Network, encoding: Encoding, discount: float,
   return loss, {'td_loss': loss, 'mean_q': jnp.mean(q_taken), 'mean_target': jnp.mean(targets)}
 
 
+def make_transition_loss(network: Network, encoding: Encoding,
+                         discount: float) -> Callable[[Params, Params, Transition], jax.Array]:
+  """(params, target params, one transition) -> its TD loss, deterministic (no dropout).
+
+  The per-example loss whose gradients form the TD-gradient covariance (appendix A.1).
+  """
+
+  def loss(params: Params, target_params: Params, transition: Transition) -> jax.Array:
+    batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], transition)
+    return double_q_loss(network, encoding, discount, params, target_params, batch, None)[0]
+
+  return loss
+
+
 def make_update(network: Network, encoding: Encoding, optimizer: optax.GradientTransformation,
                 discount: float) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
   """Returns the pure update `(state, batch) -> (state, metrics)`."""
@@ -70,6 +84,9 @@ def make_update(network: Network, encoding: Encoding, optimizer: optax.GradientT
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
+    # Checked by the learner before it keeps the step (agents/learner.py: `Diverged`).
+    metrics['finite'] = jnp.isfinite(metrics['td_loss']) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params)]))
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng), metrics
 
   return update

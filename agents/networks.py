@@ -5,7 +5,8 @@ to [0, 1], names its output layer `head` (the `reset_last_layer` intervention
 relies on it), and exposes its hidden activations (see `types.NetworkOutput`).
 The two switches every architecture honours:
   * `layer_norm`: a LayerNorm after each hidden convolutional or fully
-    connected layer, before its nonlinearity;
+    connected layer, before its nonlinearity (the ViT: the standard pre-norm
+    positions instead);
   * `spectral_norm`: the first linear or convolutional layer's weight divided
     by its largest singular value (Gogianu et al. 2021).
 Adding an architecture means writing one builder and registering it here.
@@ -217,10 +218,12 @@ def resnet18(config: ArchConfig) -> Callable[..., NetworkOutput]:
 def vit(config: ArchConfig) -> Callable[..., NetworkOutput]:
   """A small vision transformer (appendix A.2): patches 3x3, model width 256, MLP 1024, one block, dropout 0.1.
 
-  Pre-norm block (its layer norms are part of the architecture, so the
-  `layernorm` intervention does not apply), learned position embeddings,
-  mean pooling over patches, then `head`. Images whose sides are not
-  multiples of 3 are cropped (28x28 -> 27x27: 81 patches).
+  Norm-free by default, so that the `layer_norm` switch can compare it with
+  and without layer norm (the paper's figure 6): the switch adds the pre-norm
+  block's three LayerNorms, before the attention, before the MLP and before
+  the pooling. Learned position embeddings, mean pooling over patches, then
+  `head`. Images whose sides are not multiples of 3 are cropped (28x28 ->
+  27x27: 81 patches).
   """
   patch, model_dim, mlp_dim, heads, dropout = 3, _width(config, 256), _width(config, 1024), 8, 0.1
 
@@ -233,15 +236,14 @@ def vit(config: ArchConfig) -> Callable[..., NetworkOutput]:
     x = x.reshape(x.shape[0], -1, model_dim)
     x = x + hk.get_parameter('position_embedding', x.shape[1:], init=hk.initializers.TruncatedNormal(0.02))
     drop = (lambda y: hk.dropout(hk.next_rng_key(), dropout, y)) if is_training else (lambda y: y)
-    norm = lambda name: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
     attention = hk.MultiHeadAttention(num_heads=heads, key_size=model_dim // heads, model_size=model_dim,
                                       w_init=hk.initializers.VarianceScaling(1.0), name='attention')
-    y = norm('attention_layer_norm')(x)
+    y = maybe_layer_norm(config, x, 'attention_layer_norm')
     x = x + drop(attention(y, y, y))
-    y = jax.nn.gelu(hk.Linear(mlp_dim, name='mlp_0')(norm('mlp_layer_norm')(x)))
+    y = jax.nn.gelu(hk.Linear(mlp_dim, name='mlp_0')(maybe_layer_norm(config, x, 'mlp_layer_norm')))
     hidden.append(y)
     x = x + drop(hk.Linear(model_dim, name='mlp_1')(drop(y)))
-    features = jnp.mean(norm('final_layer_norm')(x), axis=1)
+    features = jnp.mean(maybe_layer_norm(config, x, 'final_layer_norm'), axis=1)
     hidden.append(features)
     return NetworkOutput(hk.Linear(config.num_outputs, name='head')(features), _flat_hidden(hidden))
 

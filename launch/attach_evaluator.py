@@ -4,9 +4,10 @@ r"""Attaches an evaluator to a live training run.
 
 Runs as its own process against the run's learner (Courier) and replay
 (Reverb), at the addresses the run publishes in RUN_DIR/addresses.json. It
-snapshots the learner's parameters on its own schedule, runs the probe, and
-writes under RUN_DIR/evaluators/NAME/, never touching the built-in evaluator's
-files. Several can attach at once; stopping one (Ctrl-C) leaves the run
+snapshots the learner's parameters on its own schedule, runs the probe on the
+run's probe set (RUN_DIR/probe_set.npz, drawn from the replay by whichever
+evaluator needs it first), and writes under RUN_DIR/evaluators/NAME/, never
+touching the built-in evaluator's files. Several can attach at once; stopping one (Ctrl-C) leaves the run
 untouched. It exits by itself once the learner has finished.
 """
 
@@ -90,8 +91,8 @@ def main(argv):
   diagnostics_enabled = config.diagnostics_enabled if DIAGNOSTICS.value is None else DIAGNOSTICS.value
   config: ExperimentConfig = dataclasses.replace(config, probe=probe, diagnostics_enabled=diagnostics_enabled)
   probe_every = PROBE_EVERY.value or config.probe_every or 5000
-  evaluator = program_lib.make_evaluator(config, out_dir, _guarded(learner.get_params), replay_address,
-                                         seed=SEED.value)
+  evaluator = program_lib.make_evaluator(config, out_dir, _guarded(learner.get_snapshot), replay_address,
+                                         seed=SEED.value, reference_probes=config.path('probes.jsonl'))
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
         f'({probe.steps} probe steps, diagnostics {"on" if diagnostics_enabled else "off"}); writing {out_dir}.',
         flush=True)

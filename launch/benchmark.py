@@ -70,8 +70,7 @@ def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
 
   env = environments.make(env_spec)
   evaluator = Evaluator(make_agent(AgentConfig(), env.action_spec().num_values), ProbeConfig(steps=200),
-                        params_source=lambda: (0, params),
-                        observation_source=lambda n: replay.sample_observations(address, n),
+                        params_source=lambda: (0, params, params), replay_source=replay.ReverbSource(address),
                         out_dir=tempfile.mkdtemp(), diagnostics_config=DiagnosticsConfig())
   while not stop_event.is_set():
     evaluator.evaluate()
@@ -174,7 +173,7 @@ def main(argv):
 
   probe_config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
                                      num_targets=PROBE_TARGETS.value)
-  inputs = replay.sample_observations(address, probe_config.num_inputs)
+  inputs = replay.ReverbSource(address).distinct_observations(probe_config.num_inputs, give_up=lambda: False)
   del server
   apply_fn = lambda params, obs: agent.network.apply(params, obs).outputs
   params = learner.get_params()[1]

@@ -26,8 +26,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # The flag defaults: the paper's classification-MDP settings (sections 4.1, 5.2, appendix A.1/A.2).
     'mdp': {},
     # DQN Zoo's double DQN (Quan & Ostrovski 2020) as the paper's section 5.3 and
-    # appendix A.3 run it: centred RMSProp at 2.5e-4 (with DQN Zoo's global-norm
-    # clip of 10, in the preset), TD-error gradient clipped to 1/32, a replay of
+    # appendix A.3 run it: centred RMSProp at 2.5e-4 (no gradient-norm clip, as in
+    # DQN Zoo's double_q), TD-error gradient clipped to 1/32, a replay of
     # 100,000 transitions (the paper's; DQN Zoo starts learning at 5% of its 1M,
     # i.e. 50,000), epsilon 0.1, one update of 32 per 4 environment steps
     # (32 / 4 = 8 samples per insert), the target network every 1.2e5 frames =
@@ -95,8 +95,12 @@ PROBE_TARGETS = flags.DEFINE_integer('probe_targets', _PROBE.num_targets, 'Rando
                                      lower_bound=1)
 PROBE_BATCH_SIZE = flags.DEFINE_integer('probe_batch_size', _PROBE.batch_size, 'Minibatch size of the probe fits.',
                                         lower_bound=1)
-PROBE_INPUTS = flags.DEFINE_integer('probe_inputs', _PROBE.num_inputs, 'Replay observations in the probe input set.',
+PROBE_INPUTS = flags.DEFINE_integer('probe_inputs', _PROBE.num_inputs, 'Distinct replay observations in the probe '
+                                    'input set (fewer if the replay holds fewer at the first probe point).',
                                     lower_bound=1)
+PROBE_FRESH_INPUTS = flags.DEFINE_bool('probe_fresh_inputs', _PROBE.fresh_inputs, 'Draw new probe inputs, targets and '
+                                       'transitions at every probe point (default: one set for the whole run, drawn '
+                                       'at the first point and saved as probe_set.npz).')
 
 DIAGNOSTICS = flags.DEFINE_bool('diagnostics', True, 'Run the curvature and representation diagnostics at every '
                                 'probe point (--nodiagnostics: the probe only).')
@@ -105,13 +109,17 @@ HESSIAN_BATCH_SIZE = flags.DEFINE_integer('hessian_batch_size', _DIAGNOSTICS.hes
 LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', _DIAGNOSTICS.lanczos_steps,
                                      'Lanczos steps of the Hessian density.', lower_bound=2)
 COVARIANCE_SAMPLES = flags.DEFINE_integer('covariance_samples', _DIAGNOSTICS.covariance_samples,
-                                          'k of the gradient covariance C_k.', lower_bound=2)
+                                          'k of the gradient covariance C_k of the probe loss.', lower_bound=2)
+TD_COVARIANCE_SAMPLES = flags.DEFINE_integer('td_covariance_samples', _DIAGNOSTICS.td_covariance_samples,
+                                             'Replay transitions in the TD-loss gradient covariance (0: off).',
+                                             lower_bound=0)
 
 
 def diagnostics_config() -> DiagnosticsConfig:
   return dataclasses.replace(_DIAGNOSTICS, hessian_batch_size=HESSIAN_BATCH_SIZE.value,
                              hessian_chunk_size=min(_DIAGNOSTICS.hessian_chunk_size, HESSIAN_BATCH_SIZE.value),
-                             lanczos_steps=LANCZOS_STEPS.value, covariance_samples=COVARIANCE_SAMPLES.value)
+                             lanczos_steps=LANCZOS_STEPS.value, covariance_samples=COVARIANCE_SAMPLES.value,
+                             td_covariance_samples=TD_COVARIANCE_SAMPLES.value)
 
 
 def preset_name() -> str:
@@ -142,7 +150,8 @@ def experiment_config() -> ExperimentConfig:
   replay = ReplayConfig(capacity=_value(REPLAY_CAPACITY), min_size=_value(MIN_REPLAY_SIZE),
                         samples_per_insert=_value(SAMPLES_PER_INSERT))
   probe = dataclasses.replace(_PROBE, steps=PROBE_STEPS.value, num_targets=PROBE_TARGETS.value,
-                              batch_size=PROBE_BATCH_SIZE.value, num_inputs=PROBE_INPUTS.value)
+                              batch_size=PROBE_BATCH_SIZE.value, num_inputs=PROBE_INPUTS.value,
+                              fresh_inputs=PROBE_FRESH_INPUTS.value)
   if STICKY_ACTION_PROBABILITY.value and not ENV.value.startswith('atari:'):
     raise ValueError(f'--sticky_action_probability applies to atari:* envs only, not --env={ENV.value}.')
   if replay.min_size > replay.capacity:

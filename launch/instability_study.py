@@ -36,8 +36,9 @@ def run_study(images: np.ndarray, optimizer_name: str, iterations: int, steps_pe
     logits = network.apply(params, x).outputs
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
+  # The images are arguments, not closed-over constants: XLA would constant-fold them at every compilation.
   @jax.jit
-  def train(params, opt_state, labels, key):
+  def train(params, opt_state, inputs, labels, key):
     def step(carry, step_key):
       params, opt_state = carry
       index = jax.random.randint(step_key, (batch_size,), 0, inputs.shape[0])
@@ -48,7 +49,7 @@ def run_study(images: np.ndarray, optimizer_name: str, iterations: int, steps_pe
     return params, opt_state, jnp.mean(losses)
 
   @jax.jit
-  def measure(params, labels):
+  def measure(params, evaluation, labels):
     output = network.apply(params, evaluation)
     accuracy = jnp.mean(jnp.argmax(output.outputs, -1) == labels[:eval_samples])
     dead = sum(jnp.sum(jnp.all(h == 0, axis=0)) for h in output.hidden)
@@ -61,9 +62,9 @@ def run_study(images: np.ndarray, optimizer_name: str, iterations: int, steps_pe
     labels = jnp.asarray(rng.integers(NUM_CLASSES, size=len(images)))
     for _ in range(max(1, steps_per_iteration // eval_every)):
       key, train_key = jax.random.split(key)
-      params, opt_state, loss = train(params, opt_state, labels, train_key)
+      params, opt_state, loss = train(params, opt_state, inputs, labels, train_key)
       step += eval_every
-      accuracy, dead = measure(params, labels)
+      accuracy, dead = measure(params, evaluation, labels)
       record = {'optimizer': optimizer_name, 'iteration': iteration, 'step': step, 'train_loss': float(loss),
                 'accuracy': float(accuracy), 'dead_unit_fraction': float(dead)}
       records.append(record)

@@ -3,6 +3,10 @@
 Several processes may append to the same JSONL file (all actors write
 `actors.jsonl`): each record is written with a single `write` on a file opened
 with O_APPEND, so lines never interleave.
+
+A non-finite number (a diverged run) is written as null, and the record's
+`nonfinite` list names the keys that held one: JSON has no NaN, and a stand-in
+such as 1e308 would pass for a measurement.
 """
 
 import json
@@ -13,15 +17,27 @@ from typing import Any, Dict, Iterator, List, Optional
 
 
 def _jsonable(value: Any) -> Any:
-  if hasattr(value, 'item') and getattr(value, 'ndim', 1) == 0:
-    value = value.item()
+  if hasattr(value, 'tolist'):  # numpy and JAX scalars and arrays.
+    value = value.tolist()
   if isinstance(value, float) and not math.isfinite(value):
-    return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return None
   if isinstance(value, dict):
     return {k: _jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_jsonable(v) for v in value]
   return value
+
+
+def _has_nonfinite(value: Any) -> bool:
+  if hasattr(value, 'tolist'):
+    value = value.tolist()
+  if isinstance(value, float):
+    return not math.isfinite(value)
+  if isinstance(value, dict):
+    return any(_has_nonfinite(v) for v in value.values())
+  if isinstance(value, (list, tuple)):
+    return any(_has_nonfinite(v) for v in value)
+  return False
 
 
 class JsonlLogger:
@@ -46,7 +62,11 @@ class JsonlLogger:
 
   def __call__(self, record: Dict[str, Any]) -> None:
     record = {**self._extra, **record, 'time': time.time()}
-    os.write(self._fd, (json.dumps(_jsonable(record)) + '\n').encode())
+    nonfinite = sorted(key for key, value in record.items() if _has_nonfinite(value))
+    record = _jsonable(record)
+    if nonfinite:
+      record['nonfinite'] = nonfinite
+    os.write(self._fd, (json.dumps(record) + '\n').encode())
     if self._summary_writer is not None and self._step_key in record:
       with self._summary_writer.as_default(step=int(record[self._step_key])):
         for key, value in record.items():

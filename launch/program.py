@@ -3,8 +3,8 @@
     actor_i --(Reverb gRPC: insert transitions)--> replay
     actor_i --(Courier: get_params)--------------> learner
     learner --(Reverb gRPC: sample batches)------> replay
-    evaluator --(Courier: get_params, is_finished)-> learner
-    evaluator --(Reverb gRPC: sample probe inputs)-> replay
+    evaluator --(Courier: get_snapshot, get_step, is_finished)-> learner
+    evaluator --(Reverb gRPC: sample the probe set, once)-> replay
     attached evaluators (launch.attach_evaluator) -> learner, replay, as above,
       at the addresses actor 0 publishes in the run directory
 
@@ -15,11 +15,12 @@ config and connects it to its peers. The program stops itself: the evaluator
 reached `max_learner_steps` and the final probe is written.
 """
 
+from concurrent import futures
 import json
 import os
 import socket
 import time
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import launchpad as lp
@@ -29,12 +30,13 @@ import reverb
 import environments
 from agents.actor import Actor
 from agents.builder import make_agent
-from agents.learner import Learner
+from agents.learner import Diverged, Learner
 from agents.types import Params
 from launch import replay
 from launch.experiment import ExperimentConfig
 from launch.loggers import JsonlLogger
-from probes.evaluator import Evaluator
+from probes import probe_set
+from probes.evaluator import Evaluator, ParamsSource, Stopped
 
 # Where a live run's learner and replay answer (see launch/attach_evaluator.py).
 ADDRESSES_FILE = 'addresses.json'
@@ -45,6 +47,27 @@ CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
 
 def _stop_requested() -> bool:
   return lp.stop_event().is_set()
+
+
+def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[], bool],
+                  poll_seconds: float = 1.0) -> Callable:
+  """A Courier call (`client.futures.method`) that waits for its answer only until a stop request.
+
+  A Courier client waits for a dead server forever; a node whose peer died
+  must still stop when asked. On a stop request it raises `Stopped`.
+  """
+
+  def call_until_stopped(*args):
+    future = call(*args)
+    while True:
+      try:
+        return future.result(timeout=poll_seconds)
+      except futures.TimeoutError:
+        if should_stop():
+          future.cancel()
+          raise Stopped('a stop was requested while waiting for the learner') from None
+
+  return call_until_stopped
 
 
 def environment_specs(config: ExperimentConfig):
@@ -72,6 +95,9 @@ class LearnerNode:
   def get_params(self) -> Tuple[int, Params]:
     return self._learner.get_params()
 
+  def get_snapshot(self) -> Tuple[int, Params, Params]:
+    return self._learner.get_snapshot()
+
   def get_step(self) -> int:
     return self._learner.get_step()
 
@@ -79,9 +105,12 @@ class LearnerNode:
     return self._finished
 
   def run(self) -> None:
-    self._learner.run(self._config.max_learner_steps, should_stop=_stop_requested)
+    try:
+      self._learner.run(self._config.max_learner_steps, should_stop=_stop_requested)
+      logging.info('Learner finished at step %d.', self._learner.step_count)
+    except Diverged:  # Logged and recorded by the learner; the evaluator still probes the last finite state.
+      pass
     self._finished = True
-    logging.info('Learner finished at step %d.', self._learner.step_count)
     if self._config.probe_every <= 0:
       lp.stop()
     else:
@@ -104,7 +133,15 @@ class ActorNode:
     env = environments.make(config.env, seed=seed, **config.env_options())
     logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, getattr(env, 'data_source', 'n/a'))
     agent = make_agent(config.agent, env.action_spec().num_values)
-    actor = Actor(agent, env, config.agent.epsilon, params_source=self._learner.get_params,
+    get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
+
+    def params_source():
+      try:
+        return get_params()
+      except Stopped:
+        return None  # The actor stops.
+
+    actor = Actor(agent, env, config.agent.epsilon, params_source=params_source,
                   add=replay.ReverbSink(self._replay_client, should_stop=_stop_requested), seed=seed,
                   reward_clip=config.agent.reward_clip,
                   params_update_period=config.actor_params_update_period,
@@ -113,14 +150,19 @@ class ActorNode:
     actor.run(should_stop=_stop_requested)
 
 
-def make_evaluator(config: ExperimentConfig, out_dir: str, params_source: Callable[[], Tuple[int, Params]],
-                   replay_address: str, seed: int) -> Evaluator:
-  """The evaluator of a run, writing under `out_dir` (the built-in one writes in the run directory)."""
+def make_evaluator(config: ExperimentConfig, out_dir: str, params_source: ParamsSource, replay_address: str,
+                   seed: int, reference_probes: Optional[str] = None) -> Evaluator:
+  """The evaluator of a run, writing under `out_dir` (the built-in one writes in the run directory).
+
+  Every evaluator of a run reads the run's probe set (drawn by the first to need it).
+  """
   _, num_actions = environment_specs(config)
   return Evaluator(
       make_agent(config.agent, num_actions), config.probe, params_source=params_source,
-      observation_source=lambda n: replay.sample_observations(replay_address, n), out_dir=out_dir,
-      diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed)
+      replay_source=replay.ReverbSource(replay_address), out_dir=out_dir,
+      probe_set_path=config.path(probe_set.PROBE_SET_FILE),
+      diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
+      discount=config.agent.discount, reference_probes=reference_probes)
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
@@ -142,10 +184,13 @@ class EvaluatorNode:
 
   def run(self) -> None:
     config = self._config
-    evaluator = make_evaluator(config, config.run_dir, self._learner.get_params,
+    should_stop = lp.stop_event().is_set  # The event itself: the snapshot thread reads it too.
+    learner = {name: until_stopped(getattr(self._learner.futures, name), should_stop)
+               for name in ('get_snapshot', 'get_step', 'is_finished')}
+    evaluator = make_evaluator(config, config.run_dir, learner['get_snapshot'],
                                self._replay_client.server_address, seed=config.seed)
-    evaluator.run(config.probe_every, learner_step=self._learner.get_step,
-                  learner_finished=self._learner.is_finished, should_stop=_stop_requested)
+    evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
+                  should_stop=should_stop)
     lp.stop()
 
 

@@ -10,7 +10,7 @@ Two tables share every inserted transition (Reverb stores the data once):
 
 import dataclasses
 import time
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import dm_env
 import numpy as np
@@ -19,6 +19,7 @@ import tensorflow as tf
 import tree
 
 from agents.types import Transition
+from probes import probe_set
 
 REPLAY_TABLE = 'replay'
 PROBE_TABLE = 'probe'
@@ -108,18 +109,44 @@ def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[
       yield Transition(**sample.data)
 
 
-def sample_observations(server_address: str, num: int, poll_seconds: float = 0.5) -> np.ndarray:
-  """`num` observations drawn uniformly from the replay (the probe's input set).
+class ReverbSource:
+  """The probe sets' source (probes.probe_set.ReplaySource): the `probe` table of a live replay."""
 
-  Waits until the replay holds `num` items (or is full), so that an early
-  probe does not fit the same few observations drawn over and over.
-  """
-  client = reverb.Client(server_address)
-  while True:
-    info = client.server_info()[PROBE_TABLE]
-    if info.current_size >= min(num, info.max_size):
-      break
-    time.sleep(poll_seconds)
-  dataset = _dataset(server_address, PROBE_TABLE, num)
-  sample = next(dataset.take(1).as_numpy_iterator())
-  return sample.data['observation']
+  def __init__(self, server_address: str, poll_seconds: float = 0.5, oversampling: int = 8):
+    self._server_address = server_address
+    self._poll_seconds = poll_seconds
+    self._oversampling = oversampling
+
+  def _size(self) -> Tuple[int, int]:
+    info = reverb.Client(self._server_address).server_info()[PROBE_TABLE]
+    return info.current_size, info.max_size
+
+  def distinct_observations(self, num: int, give_up: Callable[[], bool],
+                            should_stop: Callable[[], bool] = lambda: False) -> np.ndarray:
+    """Up to `num` observations distinct by content, drawn uniformly from the replay.
+
+    Waits until the replay holds `num` items (or is full), unless `give_up()`
+    first, so that an early probe does not fit the same few observations; then
+    samples until `num` distinct ones are found or `oversampling` times the
+    table's size has been drawn (after 8 n draws from n items, each item has
+    been missed with probability e^-8). A stop request ends it with nothing.
+    """
+    size, capacity = self._size()
+    while size < min(num, capacity) and not give_up():
+      time.sleep(self._poll_seconds)
+      size, capacity = self._size()
+    if size == 0 or should_stop():
+      return np.zeros((0,))
+    batch = min(num, size)
+    found, drawn = None, 0
+    for sample in _dataset(self._server_address, PROBE_TABLE, batch).as_numpy_iterator():
+      observations = sample.data['observation']
+      found = probe_set.distinct(observations if found is None else np.concatenate([found, observations]), num)
+      drawn += batch
+      if len(found) >= num or drawn >= self._oversampling * size or should_stop():
+        return found
+    raise RuntimeError('The replay\'s probe table stopped answering.')
+
+  def transitions(self, num: int) -> Transition:
+    sample = next(_dataset(self._server_address, PROBE_TABLE, num).take(1).as_numpy_iterator())
+    return Transition(**sample.data)

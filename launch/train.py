@@ -5,9 +5,17 @@ r"""Launches a training run: replay, actors, learner and evaluator.
 Relaunching with the same --run_dir and flags resumes from the last
 checkpoint (raise --max_learner_steps to extend a finished run). The run
 directory's files are described in WORKSPACE.md.
+
+Exit codes (every command of this project uses them): 0 finished; 1 bad input
+or usage; 2 a node failed; 3 the learner diverged; 130 interrupted (SIGINT or
+SIGTERM).
 """
 
+import enum
+import json
+import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,6 +31,15 @@ from launch import program as program_lib
 from launch.experiment import ExperimentConfig, write_or_check_config
 from launch.loggers import read_jsonl
 from probes import report
+from probes.evaluator import STATUS_FILE
+
+
+class ExitCode(enum.IntEnum):
+  FINISHED = 0
+  USAGE = 1  # What absl's app.UsageError exits with.
+  NODE_FAILED = 2
+  DIVERGED = 3
+  INTERRUPTED = 130
 
 
 def validate(config: ExperimentConfig) -> str:
@@ -40,22 +57,72 @@ def _last(path: str):
   return records[-1] if records else None
 
 
+def _number(value, spec: str) -> str:
+  """A logged number for people: `value` formatted, or what a null (non-finite) one was."""
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return 'non-finite'
+  return format(value, spec)
+
+
+def _read_status(config: ExperimentConfig) -> dict:
+  try:
+    with open(config.path(STATUS_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def program_completed(config: ExperimentConfig) -> bool:
+  """Whether the run's work is done: the learner finished (or diverged) and the evaluator, if any, too.
+
+  Under local_mp a node's `lp.stop()` reaches the launcher as a SIGTERM: one that
+  arrives when the work is done is the program stopping itself, not a user.
+  """
+  learner = _last(config.path('learner.jsonl'))
+  if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
+    return False
+  return config.probe_every <= 0 or _read_status(config).get('state') == 'finished'
+
+
+def _evaluator_status(config: ExperimentConfig) -> str:
+  status = _read_status(config)
+  if not status:
+    return ''
+  state = status.get('state', '')
+  if state == 'probing':
+    state = (f'evaluator probing step {status.get("learner_step")} '
+             f'(probe step {status.get("probe_step", 0)}/{status.get("probe_steps")})')
+  elif state.startswith(('diagnostics', 'drawing')):
+    state = f'evaluator at step {status.get("learner_step")}: {state}'
+  else:
+    state = f'evaluator {state}'
+  waiting = status.get('snapshots_waiting') or 0
+  return state + (f', {waiting} snapshot{"s" if waiting > 1 else ""} waiting' if waiting else '')
+
+
 def progress_line(config: ExperimentConfig) -> str:
   learner = _last(config.path('learner.jsonl'))
   probe = _last(config.path('probes.jsonl'))
   parts = []
   if learner:
     parts.append(f'learner step {learner["learner_step"]}/{config.max_learner_steps} '
-                 f'({learner["updates_per_s"]:.0f} updates/s, td_loss {learner["td_loss"]:.4f}, '
-                 f'mean_q {learner["mean_q"]:.3f})')
+                 f'({_number(learner.get("updates_per_s"), ".0f")} updates/s, '
+                 f'td_loss {_number(learner.get("td_loss"), ".4f")}, mean_q {_number(learner.get("mean_q"), ".3f")})'
+                 + (' DIVERGED' if learner.get('diverged') else ''))
   else:
     parts.append('learner waiting for replay to fill')
   if probe:
-    parts.append(f'last probe @ {probe["learner_step"]}: plasticity {probe["plasticity"]:.4f}')
+    parts.append(f'last probe @ {probe["learner_step"]}: plasticity {_number(probe.get("plasticity"), ".4f")}, '
+                 f'loss of plasticity {_number(probe.get("plasticity_loss"), ".4f")}')
+  if config.probe_every > 0:
+    status = _evaluator_status(config)
+    if status:
+      parts.append(status)
   return ' | '.join(parts)
 
 
-def launch_and_wait(config: ExperimentConfig) -> None:
+def launch_and_wait(config: ExperimentConfig) -> ExitCode:
+  """Runs the program until it stops; how it ended."""
   import launchpad as lp
   program = program_lib.make_program(config)
   if config.launch_type == 'local_mp':
@@ -67,7 +134,7 @@ def launch_and_wait(config: ExperimentConfig) -> None:
                         local_resources=program_lib.local_resources(config))
   else:
     manager = lp.launch(program, launch_type='local_mt', serialize_py_nodes=False)
-  failure = []
+  failure, interrupted = [], threading.Event()
 
   def wait():
     try:
@@ -75,14 +142,32 @@ def launch_and_wait(config: ExperimentConfig) -> None:
     except BaseException as e:  # A node failed: keep its error for the user.
       failure.append(e)
 
+  def on_signal(previous):
+    def handler(signum, frame):
+      if not program_completed(config):
+        interrupted.set()
+      if callable(previous):
+        previous(signum, frame)
+    return handler
+
+  for signum in (signal.SIGINT, signal.SIGTERM):  # Launchpad's handlers (stop every node) still run.
+    signal.signal(signum, on_signal(signal.getsignal(signum)))
   waiter = threading.Thread(target=wait, daemon=True)
   waiter.start()
   while waiter.is_alive():
     waiter.join(timeout=10.0)
     if waiter.is_alive():
       print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
+  if interrupted.is_set():
+    return ExitCode.INTERRUPTED
   if failure:
-    raise RuntimeError(f'A node of the program failed ({failure[0]}); see {config.path("logs")}.') from failure[0]
+    print(f'A node of the program failed ({failure[0]}); its log is under {config.path("logs")}.', file=sys.stderr)
+    return ExitCode.NODE_FAILED
+  return ExitCode.FINISHED
+
+
+RESULT_FILES = ('learner.jsonl', 'actors.jsonl', 'probes.jsonl', 'diagnostics.jsonl', 'probe_set.npz', 'checkpoints',
+                'tensorboard', 'plots')
 
 
 def main(argv):
@@ -99,16 +184,37 @@ def main(argv):
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
         f'({data_source}), {config.num_actors} actors, {config.launch_type}, '
         f'{config.max_learner_steps} learner steps, probe every {config.probe_every}.', flush=True)
-  launch_and_wait(config)
+  code = launch_and_wait(config)
   learner = _last(config.path('learner.jsonl'))
-  print(f'Finished: {progress_line(config)}')
-  if os.path.exists(config.path('probes.jsonl')):
+  print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
+  if os.path.exists(config.path('probes.jsonl')) and read_jsonl(config.path('probes.jsonl')):
     for path in report.write_report(config.run_dir):
       print(f'  plot: {path}')
-  print(f'Results in {config.run_dir}: learner.jsonl, actors.jsonl, probes.jsonl, checkpoints/, '
-        f'tensorboard/ (tensorboard --logdir {config.path("tensorboard")}), plots/.')
+  present = [name + ('/' if os.path.isdir(config.path(name)) else '') for name in RESULT_FILES
+             if _holds_something(config.path(name))]
+  print(f'Results in {config.run_dir}: {", ".join(present) or "nothing yet"}'
+        + (f' (tensorboard --logdir {config.path("tensorboard")})' if 'tensorboard/' in present else '') + '.')
+  if learner and learner.get('diverged'):
+    sys.exit(_fail(ExitCode.DIVERGED, f'The learner diverged at step {learner["learner_step"]} (a non-finite loss or '
+                   f'parameter); its last finite state is the latest checkpoint in {config.path("checkpoints")}. '
+                   f'Try a smaller --learning_rate.'))
+  if code != ExitCode.FINISHED:
+    sys.exit(_fail(code, 'Interrupted: relaunch the same command to resume.' if code == ExitCode.INTERRUPTED
+                   else f'See {config.path("logs")}.'))
   if not learner or learner['learner_step'] < config.max_learner_steps:
-    sys.exit(f'The learner stopped before --max_learner_steps={config.max_learner_steps}; see {config.path("logs")}.')
+    sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
+                   f'; see {config.path("logs")}.'))
+
+
+def _holds_something(path: str) -> bool:
+  if os.path.isdir(path):
+    return bool(os.listdir(path))
+  return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def _fail(code: ExitCode, message: str) -> int:
+  print(message, file=sys.stderr)
+  return int(code)
 
 
 if __name__ == '__main__':

@@ -56,7 +56,7 @@ def _config() -> DiagnosticsConfig:
 
 def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, float], Dict[str, float]]:
   """(first call's extra seconds, second call's seconds) per diagnostic."""
-  diagnose = make_diagnostics(network, _config())
+  diagnose = make_diagnostics(network, _config(), jax.random.PRNGKey(2))
   first = diagnose(params, inputs, jax.random.PRNGKey(0)).wall_times
   second = diagnose(params, inputs, jax.random.PRNGKey(1)).wall_times
   return {name: max(first[name] - second[name], 0.0) for name in second}, second
@@ -86,16 +86,16 @@ def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
   config = _config()
   block = covariance_block_size(config, params)
   output_fn = lambda p, x: network.apply(p, x).outputs
-  per_example_gradients = curvature.make_per_example_gradients(output_fn)
+  per_example_gradients = curvature.make_per_example_gradients(curvature.regression_example_loss(output_fn))
   k = config.covariance_samples
   targets = np.asarray(jax.jit(output_fn)(params, inputs[:2 * k])) + 1.0
   for size in {block, k % block, 2 * k % block} - {0}:  # Compile every block shape first.
-    per_example_gradients(params, inputs[:size], targets[:size]).block_until_ready()
+    per_example_gradients(params, None, (inputs[:size], targets[:size])).block_until_ready()
   seconds = []
   for samples in (k, 2 * k):
     start = time.time()
-    curvature.gradient_covariance(per_example_gradients, params, inputs[:samples], targets[:samples], block,
-                                  config.kmeans_clusters, config.kmeans_seed)
+    curvature.gradient_covariance(per_example_gradients, params, None, (inputs[:samples], targets[:samples]),
+                                  block, config.kmeans_clusters, config.kmeans_seed)
     seconds.append(time.time() - start)
   return _extrapolate(k, *seconds, DiagnosticsConfig.covariance_samples, powers=(1, 2))
 

@@ -5,12 +5,17 @@ of the network's current outputs (not the TD loss, whose structure trivially
 differs between agents):
 
     l_i(theta) = mean_k (f(x_i; theta)_k - y_ik)^2,
-    y = stop_gradient(f(x; theta_t)) + noise_scale * N(0, I)   (i.i.d. per input and output).
+    y_i = stop_gradient(f(x_i; theta_t)) + noise_scale * p(x_i),
+    p(x) = g(x; phi) / rms_k g(x; phi)_k,
 
-At theta_t the gradient of l_i is (2/K) J_i^T (f_i - y_i) = -(2/K) J_i^T noise_i,
-nonzero only thanks to the noise, and the Hessian is the Gauss-Newton term
-(2/K) J^T J plus the noise-weighted curvature of the outputs: how easily the
-network can move its predictions in arbitrary directions.
+g a fixed random network of the same architecture (phi drawn once per run from
+a seed), so the perturbation is a fixed, smooth function of the input: the same
+at every probe point, identical for identical inputs, similar for similar ones.
+At theta_t the gradient of l_i is -(2 noise_scale / K) J_i^T p(x_i), so C_k
+depends on the network (J) and the inputs only; i.i.d. noise per example would
+make every off-diagonal sign a coin flip. The Hessian is the Gauss-Newton term
+(2/K) J^T J plus the perturbation-weighted curvature of the outputs: how easily
+the network can move its predictions in arbitrary directions.
 
 Hessian spectrum: stochastic Lanczos quadrature (Ghorbani et al. 2019). Each
 draw runs `num_steps` Lanczos iterations with full reorthogonalisation on
@@ -22,14 +27,16 @@ exact for polynomials of degree < 2 * num_steps. The top eigenvalue reported is
 the largest Ritz value (Lanczos converges fastest at the extremes).
 
 Gradient covariance (equation 3): C_ij = <g_i, g_j> / (|g_i| |g_j|) with g_i
-the gradient of the same per-example loss l_i, its Gram matrix built block by
-block so that only two blocks of per-example gradients are ever held.
+the gradient of one example's loss (any per-example loss: the probe loss above,
+or the agent's TD loss on one transition), its Gram matrix built block by block
+so that only two blocks of per-example gradients are ever held.
 """
 
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -37,6 +44,9 @@ from agents.types import Params
 from probes import compiled_loops
 
 OutputFn = Callable[[Params, jax.Array], jax.Array]  # (params, inputs [N, ...]) -> outputs [N, K]
+# (params, context, one example) -> that example's loss; `context` holds what every example shares
+# (the target network's parameters for a TD loss), passed as an argument so that jit does not bake it in.
+ExampleLoss = Callable[[Params, Any, Any], jax.Array]
 
 # A Lanczos residual below this fraction of the largest tridiagonal entry so far
 # means the Krylov space is exhausted (e.g. repeated eigenvalues): restart with
@@ -44,9 +54,17 @@ OutputFn = Callable[[Params, jax.Array], jax.Array]  # (params, inputs [N, ...])
 BREAKDOWN_TOL = 1e-5
 
 
-def perturbed_targets(outputs: jax.Array, key: jax.Array, noise_scale: float) -> jax.Array:
-  """y = stop_gradient(f(x; theta_t)) + noise_scale * N(0, 1) per input and output."""
-  return jax.lax.stop_gradient(outputs) + noise_scale * jax.random.normal(key, outputs.shape, outputs.dtype)
+def fixed_perturbation(perturbation_outputs: jax.Array) -> jax.Array:
+  """p(x) = g(x; phi) / rms_k g(x; phi)_k from the fixed network's outputs [N, K]: unit RMS per input."""
+  chex.assert_rank(perturbation_outputs, 2)
+  rms = jnp.sqrt(jnp.mean(jnp.square(perturbation_outputs), axis=-1, keepdims=True))
+  return perturbation_outputs / jnp.maximum(rms, jnp.finfo(perturbation_outputs.dtype).tiny)
+
+
+def perturbed_targets(outputs: jax.Array, perturbation_outputs: jax.Array, noise_scale: float) -> jax.Array:
+  """y = stop_gradient(f(x; theta_t)) + noise_scale * p(x): a fixed function of the inputs."""
+  chex.assert_equal_shape([outputs, perturbation_outputs])
+  return jax.lax.stop_gradient(outputs) + noise_scale * fixed_perturbation(perturbation_outputs)
 
 
 def per_example_loss(output_fn: OutputFn, params: Params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -210,13 +228,18 @@ def hessian_spectrum(run_lanczos: Callable, params: Params, inputs: jax.Array, t
   return Spectrum(values, weights, grid, spectral_density(values, weights, grid, sigma), sigma)
 
 
-def make_per_example_gradients(output_fn: OutputFn) -> Callable:
-  """jit (params, inputs [c, ...], targets [c, K]) -> flattened per-example gradients of l_i [c, P]."""
+def regression_example_loss(output_fn: OutputFn) -> ExampleLoss:
+  """The probe loss l_i of one example (x_i, y_i); it needs no context."""
+  return lambda params, context, example: per_example_loss(output_fn, params, example[0][None], example[1][None])[0]
 
-  def gradient(params, x, y):
-    return ravel_pytree(jax.grad(lambda p: per_example_loss(output_fn, p, x[None], y[None])[0])(params))[0]
 
-  return jax.jit(jax.vmap(gradient, in_axes=(None, 0, 0)))
+def make_per_example_gradients(example_loss: ExampleLoss) -> Callable:
+  """jit (params, context, examples [c, ...] (a pytree)) -> flattened per-example gradients [c, P]."""
+
+  def gradient(params, context, example):
+    return ravel_pytree(jax.grad(example_loss)(params, context, example))[0]
+
+  return jax.jit(jax.vmap(gradient, in_axes=(None, None, 0)))
 
 
 @jax.jit
@@ -224,20 +247,28 @@ def _inner_products(rows: jax.Array, cols: jax.Array) -> jax.Array:
   return rows @ cols.T
 
 
-def gradient_gram(per_example_gradients: Callable, params: Params, inputs: jax.Array, targets: jax.Array,
+def _num_examples(examples: Any) -> int:
+  return len(jax.tree_util.tree_leaves(examples)[0])
+
+
+def _slice(examples: Any, start: int, size: int) -> Any:
+  return jax.tree_util.tree_map(lambda x: x[start:start + size], examples)
+
+
+def gradient_gram(per_example_gradients: Callable, params: Params, context: Any, examples: Any,
                   chunk_size: int) -> np.ndarray:
   """G = g g^T [k, k] in float64, block by block: two blocks of gradients in memory at a time.
 
   Each lower-triangular block pair recomputes its column block's gradients,
   trading compute (k / c + 1) / 2 times the gradients for k / c times less memory.
   """
-  k = inputs.shape[0]
+  k = _num_examples(examples)
   starts = list(range(0, k, chunk_size))
   gram = np.zeros((k, k))
   for a, i in enumerate(starts):
-    rows = per_example_gradients(params, inputs[i:i + chunk_size], targets[i:i + chunk_size])
+    rows = per_example_gradients(params, context, _slice(examples, i, chunk_size))
     for j in starts[:a + 1]:
-      cols = rows if j == i else per_example_gradients(params, inputs[j:j + chunk_size], targets[j:j + chunk_size])
+      cols = rows if j == i else per_example_gradients(params, context, _slice(examples, j, chunk_size))
       block = np.asarray(_inner_products(rows, cols), np.float64)
       gram[i:i + chunk_size, j:j + chunk_size] = block
       gram[j:j + chunk_size, i:i + chunk_size] = block.T
@@ -298,10 +329,10 @@ class Covariance(NamedTuple):
     return float(np.mean(self.matrix[off] < 0)) if off.any() else 0.0
 
 
-def gradient_covariance(per_example_gradients: Callable, params: Params, inputs: jax.Array, targets: jax.Array,
+def gradient_covariance(per_example_gradients: Callable, params: Params, context: Any, examples: Any,
                         chunk_size: int, num_clusters: int, seed: int) -> Covariance:
   """C_k of equation 3 with rows and columns ordered by k-means on its rows (appendix A.1)."""
-  matrix = normalise_gram(gradient_gram(per_example_gradients, params, inputs, targets, chunk_size))
+  matrix = normalise_gram(gradient_gram(per_example_gradients, params, context, examples, chunk_size))
   labels = kmeans(matrix, num_clusters, seed)
   order = cluster_order(labels)
   sizes = np.bincount(labels)

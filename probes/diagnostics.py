@@ -2,13 +2,18 @@
 
 One call on a parameter snapshot and a batch of replay observations gives:
 the Hessian eigenvalue density and top eigenvalue, the gradient covariance
-C_k (equation 3), and the statistics of section 4.2 (parameter norm, weight
-rank, dead units, feature rank) plus Sokar et al.'s dormant units. Definitions
-are in `probes/curvature.py` and `probes/statistics.py`.
+C_k (equation 3) of the probe loss, C_k of the agent's own TD loss on replay
+transitions (given the target parameters), and the statistics of section 4.2
+(parameter norm, weight rank, dead units, feature rank) plus Sokar et al.'s
+dormant units. Definitions are in `probes/curvature.py` and `probes/statistics.py`.
 
-    diag = make_diagnostics(agent.network, DiagnosticsConfig())
-    result = diag(params, observations, jax.random.PRNGKey(0))
+    diag = make_diagnostics(agent.network, DiagnosticsConfig(), jax.random.PRNGKey(seed), transition_loss)
+    result = diag(params, observations, jax.random.PRNGKey(0), target_params, transitions)
     record = result.as_record(); np.save(path, result.covariance)
+
+The perturbation network (curvature.py) is drawn once from the key given to
+`make_diagnostics`, so every call of one `diagnose` regresses towards the same
+function of the inputs; the call's own key only draws Lanczos start vectors.
 
 The jit-compiled pieces are built once per `make_diagnostics`, so only the
 first call pays compilation (and one more per new input shape).
@@ -22,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.types import Network, Params
+from agents.types import Network, Params, Transition
 from probes import curvature, statistics
 
 
 @dataclasses.dataclass(frozen=True)
 class DiagnosticsConfig:
-  # The probe loss of section 3.2: targets = f(x; theta_t) + noise_scale * N(0, 1).
+  # The probe loss of section 3.2: targets = f(x; theta_t) + noise_scale * p(x), p a fixed random
+  # network's outputs scaled to unit RMS per input (probes/curvature.py).
   noise_scale: float = 1.0
   # Hessian spectrum by stochastic Lanczos quadrature (Ghorbani et al. 2019).
   hessian_batch_size: int = 2048  # "A single large batch"; rounded down to a multiple of the chunk.
@@ -46,6 +52,8 @@ class DiagnosticsConfig:
   # the cost grows as k^2 / block: 2 GiB holds blocks of 20 gradients of the 12.9M-parameter CNN
   # (C_512 in ~560 s on 2 CPU cores, against ~2,500 s in blocks of 5 at 512 MiB; probes.benchmark).
   covariance_memory_mb: float = 2048.0
+  # C_k of the agent's TD loss, each replay transition's gradient taken alone (appendix A.1); 0: off.
+  td_covariance_samples: int = 512
   kmeans_clusters: int = 10  # Appendix A.1: the number of latent states.
   kmeans_seed: int = 0
   # Statistics (section 4.2, Sokar et al. 2023).
@@ -57,7 +65,8 @@ class DiagnosticsConfig:
 
 class DiagnosticsResult(NamedTuple):
   spectrum: curvature.Spectrum
-  gradients: curvature.Covariance
+  gradients: curvature.Covariance  # Of the probe loss.
+  td_gradients: Optional[curvature.Covariance]  # Of the TD loss; None without transitions.
   statistics: statistics.Statistics
   hessian_batch_size: int
   wall_times: Dict[str, float]  # Seconds per diagnostic, keyed by name.
@@ -66,6 +75,10 @@ class DiagnosticsResult(NamedTuple):
   def covariance(self) -> np.ndarray:
     """C_k in k-means order [k, k], for saving (.npy) and plotting."""
     return self.gradients.matrix
+
+  @property
+  def td_covariance(self) -> Optional[np.ndarray]:
+    return None if self.td_gradients is None else self.td_gradients.matrix
 
   def as_record(self) -> Dict[str, object]:
     spectrum, gradients = self.spectrum, self.gradients
@@ -80,15 +93,23 @@ class DiagnosticsResult(NamedTuple):
         'density': spectrum.density.tolist(),
         'ritz_values': spectrum.ritz_values.tolist(),
         'ritz_weights': spectrum.ritz_weights.tolist(),
-        'covariance_samples': int(gradients.matrix.shape[0]),
-        'covariance_block_size': gradients.block_size,
-        'covariance_mean_offdiag': gradients.mean_offdiag,
-        'covariance_frac_negative': gradients.frac_negative,
-        'covariance_cluster_sizes': list(gradients.cluster_sizes),
+        **_covariance_record('covariance', gradients),
     }
+    if self.td_gradients is not None:
+      record.update(_covariance_record('td_covariance', self.td_gradients))
     record.update(self.statistics.as_record())
     record.update({f'time_{name}_s': float(seconds) for name, seconds in self.wall_times.items()})
     return record
+
+
+def _covariance_record(prefix: str, covariance: curvature.Covariance) -> Dict[str, object]:
+  return {
+      f'{prefix}_samples': int(covariance.matrix.shape[0]),
+      f'{prefix}_block_size': covariance.block_size,
+      f'{prefix}_mean_offdiag': covariance.mean_offdiag,
+      f'{prefix}_frac_negative': covariance.frac_negative,
+      f'{prefix}_cluster_sizes': list(covariance.cluster_sizes),
+  }
 
 
 def _chunked(fn: Callable[[jax.Array], jax.Array], inputs: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -103,18 +124,28 @@ def covariance_block_size(config: DiagnosticsConfig, params: Params) -> int:
   return max(1, min(config.covariance_chunk_size, fitting))
 
 
-def make_diagnostics(network: Network, config: DiagnosticsConfig) -> Callable[[Params, np.ndarray, jax.Array],
-                                                                                 DiagnosticsResult]:
-  """Builds the jit-compiled pieces once; returns (params, uint8 inputs [N, ...], rng) -> result."""
+TransitionLoss = Callable[[Params, Params, Transition], jax.Array]  # agents.learning.make_transition_loss
+Diagnose = Callable[..., DiagnosticsResult]
+
+
+def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_key: jax.Array,
+                     transition_loss: Optional[TransitionLoss] = None) -> Diagnose:
+  """Builds the jit-compiled pieces once; returns the `diagnose` function.
+
+  diagnose(params, uint8 inputs [N, ...], rng, target_params=None, transitions=None): the TD
+  covariance needs `transition_loss` here and the target parameters and transitions there.
+  """
   output_fn = lambda params, x: network.apply(params, x).outputs
   outputs = jax.jit(output_fn)
   run_lanczos = curvature.make_lanczos(output_fn, config.lanczos_steps)
-  per_example_gradients = curvature.make_per_example_gradients(output_fn)
+  probe_gradients = curvature.make_per_example_gradients(curvature.regression_example_loss(output_fn))
+  td_gradients = None if transition_loss is None else curvature.make_per_example_gradients(transition_loss)
   activation_pass = statistics.make_activation_pass(network.apply, config.activation_chunk_size)
+  perturbation: Dict[str, Params] = {}  # The fixed network phi, drawn at the first call (it needs an input).
 
-  def diagnose(params: Params, inputs: np.ndarray, rng: jax.Array) -> DiagnosticsResult:
+  def diagnose(params: Params, inputs: np.ndarray, rng: jax.Array, target_params: Optional[Params] = None,
+               transitions: Optional[Transition] = None) -> DiagnosticsResult:
     inputs = np.asarray(inputs)
-    noise_key, lanczos_key = jax.random.split(rng)
     times = {}
 
     start = time.time()
@@ -127,8 +158,12 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig) -> Callable[[P
     chunk = min(config.hessian_chunk_size, config.hessian_batch_size, len(inputs))
     batch = min(config.hessian_batch_size, len(inputs)) // chunk * chunk
     used = inputs[:max(batch, min(config.covariance_samples, len(inputs)))]
+    if 'phi' not in perturbation:
+      perturbation['phi'] = network.init(perturbation_key, inputs[:1])
     current = _chunked(lambda x: outputs(params, x), used, config.activation_chunk_size)
-    targets = np.asarray(curvature.perturbed_targets(jnp.asarray(current), noise_key, config.noise_scale))
+    perturbed = _chunked(lambda x: outputs(perturbation['phi'], x), used, config.activation_chunk_size)
+    targets = np.asarray(curvature.perturbed_targets(jnp.asarray(current), jnp.asarray(perturbed),
+                                                     config.noise_scale))
     times['targets'] = time.time() - start
 
     start = time.time()
@@ -136,16 +171,27 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig) -> Callable[[P
         run_lanczos, params,
         inputs[:batch].reshape((batch // chunk, chunk) + inputs.shape[1:]),
         targets[:batch].reshape(batch // chunk, chunk, -1),
-        lanczos_key, config.lanczos_draws, config.density_grid_size, config.density_sigma)
+        rng, config.lanczos_draws, config.density_grid_size, config.density_sigma)
     times['hessian'] = time.time() - start
 
     start = time.time()
     k = min(config.covariance_samples, len(inputs))
-    gradients = curvature.gradient_covariance(per_example_gradients, params, inputs[:k], targets[:k],
-                                              covariance_block_size(config, params), config.kmeans_clusters,
-                                              config.kmeans_seed)
+    block = covariance_block_size(config, params)
+    gradients = curvature.gradient_covariance(probe_gradients, params, None, (inputs[:k], targets[:k]), block,
+                                              config.kmeans_clusters, config.kmeans_seed)
     times['covariance'] = time.time() - start
+
+    td = None
+    if td_gradients is not None and transitions is not None and config.td_covariance_samples > 0:
+      if target_params is None:
+        raise ValueError('The TD-gradient covariance needs the target parameters beside the transitions.')
+      start = time.time()
+      k = min(config.td_covariance_samples, len(transitions.action))
+      td = curvature.gradient_covariance(td_gradients, params, target_params,
+                                         jax.tree_util.tree_map(lambda x: np.asarray(x)[:k], transitions),
+                                         block, config.kmeans_clusters, config.kmeans_seed)
+      times['td_covariance'] = time.time() - start
     times['total'] = sum(times.values())
-    return DiagnosticsResult(spectrum, gradients, stats, batch, times)
+    return DiagnosticsResult(spectrum, gradients, td, stats, batch, times)
 
   return diagnose

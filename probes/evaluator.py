@@ -1,51 +1,87 @@
 """The evaluator: snapshots the learner's parameters and probes their plasticity.
 
-Launchpad-free: it reads parameters and probe inputs through two callables, so
-the same class serves the built-in evaluator node, an evaluator attached to a
-live run, and unit tests.
+Launchpad-free: it reads parameters and replay data through a callable and a
+`ReplaySource`, so the same class serves the built-in evaluator node, an
+evaluator attached to a live run, `probes.run` on a checkpoint, and unit tests.
+
+Every probe point measures on the run's probe set (probes/probe_set.py): the
+same distinct inputs, target key and transitions throughout, so that probe
+points differ only in the parameters, and `plasticity_loss` = P(theta_0) -
+P(theta_t) compares like with like (positive when plasticity is lost).
 """
 
+import json
 import os
 import queue
 import threading
 import time
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
 import numpy as np
 
 from agents.builder import AgentParts
+from agents.learning import make_transition_loss
 from agents.types import Params
-from launch.loggers import JsonlLogger
-from probes import diagnostics, plasticity
+from launch.loggers import JsonlLogger, read_jsonl
+from probes import diagnostics, plasticity, probe_set as probe_sets
 
 PROBES = 'probes'
 DIAGNOSTICS = 'diagnostics'
+STATUS_FILE = 'evaluator_status.json'
+
+# (learner step, online parameters, target parameters): the learner's `get_snapshot`.
+ParamsSource = Callable[[], Tuple[int, Params, Params]]
+
+
+class Stopped(Exception):
+  """Raised by a source that gave up waiting because a stop was requested: the end, not a failure."""
 
 
 class Snapshot(NamedTuple):
-  """What one probe point measures: the learner's parameters at a step, and probe inputs from replay."""
+  """What one probe point measures: the learner's parameters at a step, and the probe set."""
   learner_step: int
   params: Params
-  inputs: np.ndarray
+  target_params: Params
+  probe_set: probe_sets.ProbeSet
+
+
+def covariance_file(kind: str, learner_step: int) -> str:
+  """Name of a saved C_k under `diagnostics/`: kind `covariance` (probe loss) or `td_covariance`."""
+  return f'{kind}_{int(learner_step):09d}.npy'
+
+
+def _first_record(records: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
+  return min(records, key=lambda r: r['learner_step']) if records else None
 
 
 class Evaluator:
   """Probes (and diagnoses) parameter snapshots, writing under `out_dir`.
 
-  Files: probes.jsonl, diagnostics.jsonl, diagnostics/covariance_<step>.npy
-  and tensorboard/<probes,diagnostics>/ (see WORKSPACE.md).
+  Files: probes.jsonl, diagnostics.jsonl, diagnostics/<kind>_<step>.npy,
+  evaluator_status.json and tensorboard/<probes,diagnostics>/ (see
+  WORKSPACE.md). The fixed probe set is read from (or drawn into)
+  `probe_set_path`; with None it is kept in memory. `reference_probes` is
+  another evaluator's probes.jsonl (the run's, for an attached evaluator)
+  whose first record serves as P(theta_0) when it probed the same set the
+  same way; otherwise this evaluator's own first record does.
   """
 
-  def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig,
-               params_source: Callable[[], Tuple[int, Params]],
-               observation_source: Callable[[int], np.ndarray], out_dir: str,
-               diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0):
+  def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, params_source: ParamsSource,
+               replay_source: probe_sets.ReplaySource, out_dir: str, probe_set_path: Optional[str] = None,
+               diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0,
+               discount: float = 0.99, reference_probes: Optional[str] = None):
     self._probe_config = probe_config
     self._params_source = params_source
-    self._observation_source = observation_source
+    self._replay_source = replay_source
+    self._probe_set_path = probe_set_path
+    self._probe_set: Optional[probe_sets.ProbeSet] = None
+    self._reference_probes = reference_probes
+    self._diagnostics_config = diagnostics_config
+    self._out_dir = out_dir
     self._rng = jax.random.PRNGKey(seed)
+    self._rng, self._target_key, perturbation_key = jax.random.split(self._rng, 3)
     network = agent.network
     self._probe = plasticity.make_probe(
         apply_fn=lambda params, obs: network.apply(params, obs).outputs,
@@ -53,35 +89,135 @@ class Evaluator:
     self._probe_logger = JsonlLogger(out_dir, PROBES)
     self._diagnose = None
     if diagnostics_config is not None:
-      self._diagnose = diagnostics.make_diagnostics(network, diagnostics_config)
+      self._diagnose = diagnostics.make_diagnostics(
+          network, diagnostics_config, perturbation_key,
+          make_transition_loss(network, agent.encoding, discount))
       self._diagnostics_logger = JsonlLogger(out_dir, DIAGNOSTICS)
       self._covariance_dir = os.path.join(out_dir, DIAGNOSTICS)
       os.makedirs(self._covariance_dir, exist_ok=True)
-    self.last_probed_step: Optional[int] = None
+    # Resuming: the steps already probed and P(theta_0) come from the records written before.
+    records = read_jsonl(self._probe_logger.path)
+    self.last_probed_step: Optional[int] = max((int(r['learner_step']) for r in records), default=None)
+    first = _first_record(records)
+    self._reference: Optional[Tuple[int, float]] = None
+    if first is not None and first.get('plasticity') is not None:
+      self._reference = (int(first['learner_step']), float(first['plasticity']))
+    self._status_lock = threading.Lock()
+    self._status: Dict[str, object] = {}
+    self._status_written = 0.0
+    self._set_status(state='starting')
 
-  def snapshot(self) -> Snapshot:
-    """One quick call for the parameters (the learner never waits) and one replay sample."""
-    learner_step, params = self._params_source()
-    return Snapshot(int(learner_step), params, self._observation_source(self._probe_config.num_inputs))
+  # Status: what the evaluator is doing, for the launcher's progress line.
+
+  def _set_status(self, force: bool = True, **status) -> None:
+    """Records what the evaluator does now; written at most once a second unless `force`."""
+    with self._status_lock:
+      self._status.update(status)
+      now = time.time()
+      if not force and now - self._status_written < 1.0:
+        return
+      self._status_written = now
+      path = os.path.join(self._out_dir, STATUS_FILE)
+      with open(path + '.tmp', 'w') as f:
+        json.dump({**self._status, 'time': now}, f)
+      os.replace(path + '.tmp', path)
+
+  # Snapshots and probe sets.
+
+  def probe_set(self, learner_step: int, give_up: Callable[[], bool] = lambda: False,
+                should_stop: Callable[[], bool] = lambda: False) -> Optional[probe_sets.ProbeSet]:
+    """The run's probe set (loaded, or drawn now and saved), or a fresh one with `fresh_inputs`."""
+    config = self._probe_config
+    transitions = 0
+    if self._diagnostics_config is not None:
+      transitions = self._diagnostics_config.td_covariance_samples
+    if config.fresh_inputs:
+      self._rng, key = jax.random.split(self._rng)
+      return probe_sets.draw(self._replay_source, config.num_inputs, transitions, key, learner_step, give_up,
+                             should_stop)
+    if self._probe_set is None:
+      if self._probe_set_path and os.path.exists(self._probe_set_path):
+        self._probe_set = probe_sets.load(self._probe_set_path)
+        logging.info('Probe set of step %d read from %s (%d inputs).', self._probe_set.learner_step,
+                     self._probe_set_path, self._probe_set.num_unique_inputs)
+      else:
+        self._set_status(state='drawing the probe set from the replay', learner_step=learner_step)
+        drawn = probe_sets.draw(self._replay_source, config.num_inputs, transitions, self._target_key, learner_step,
+                                give_up, should_stop)
+        if drawn is None:
+          return None
+        self._probe_set = probe_sets.save(self._probe_set_path, drawn) if self._probe_set_path else drawn
+    return self._probe_set
+
+  def snapshot(self, give_up: Callable[[], bool] = lambda: False,
+               should_stop: Callable[[], bool] = lambda: False) -> Optional[Snapshot]:
+    """The learner's parameters now (one quick call: the learner never waits) and the probe set.
+
+    None when no probe set could be had (the replay was still empty when `give_up()`, or a stop
+    was requested before a set was drawn).
+    """
+    learner_step, params, target_params = self._params_source()
+    drawn = self.probe_set(int(learner_step), give_up, should_stop)
+    if drawn is None:
+      logging.warning('No probe at learner step %d: stopped before a probe set was drawn, or the replay was '
+                      'empty.', learner_step)
+      return None
+    return Snapshot(int(learner_step), params, target_params, drawn)
+
+  # Measurements.
 
   def evaluate(self, snapshot: Optional[Snapshot] = None) -> Dict[str, object]:
     """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record."""
-    learner_step, params, inputs = snapshot or self.snapshot()
-    self._rng, probe_key, diagnostics_key = jax.random.split(self._rng, 3)
+    snapshot = snapshot or self.snapshot()
+    learner_step, params, target_params, drawn = snapshot
+    self._rng, diagnostics_key = jax.random.split(self._rng)
+    steps = self._probe_config.steps
+    self._set_status(state='probing', learner_step=learner_step, probe_step=0, probe_steps=steps)
     start = time.time()
-    result = self._probe(params, inputs, probe_key)
-    record = {'learner_step': int(learner_step), **result.as_record()}
-    logging.info('Probe at learner step %d: plasticity %.4f (final loss %.4f, baseline %.4f) in %.1fs',
-                 learner_step, record['plasticity'], record['final_loss_mean'], record['baseline'],
+    result = self._probe(params, drawn.inputs, jax.numpy.asarray(drawn.target_key),
+                         progress=lambda done: self._set_status(force=False, probe_step=done))
+    record = {'learner_step': int(learner_step), **result.as_record(),
+              'num_unique_inputs': drawn.num_unique_inputs, 'probe_set_step': drawn.learner_step}
+    if drawn.num_unique_inputs < self._probe_config.num_inputs:
+      logging.warning('Probe at learner step %d on %d distinct inputs (the replay held no more), not %d.',
+                      learner_step, drawn.num_unique_inputs, self._probe_config.num_inputs)
+    record.update(self._plasticity_loss(record))
+    logging.info('Probe at learner step %d: plasticity %.4f (loss of plasticity %.4f since step %d) in %.1fs',
+                 learner_step, record['plasticity'], record['plasticity_loss'], record['plasticity_reference_step'],
                  time.time() - start)
     self._probe_logger(record)
     if self._diagnose is not None:
-      diagnosed = self._diagnose(params, inputs, diagnostics_key)
-      np.save(os.path.join(self._covariance_dir, f'covariance_{int(learner_step):09d}.npy'), diagnosed.covariance)
+      self._set_status(state='diagnostics (Hessian density, gradient covariance, statistics)')
+      diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions)
+      np.save(os.path.join(self._covariance_dir, covariance_file('covariance', learner_step)), diagnosed.covariance)
+      if diagnosed.td_covariance is not None:
+        np.save(os.path.join(self._covariance_dir, covariance_file('td_covariance', learner_step)),
+                diagnosed.td_covariance)
       self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
       logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
     self.last_probed_step = int(learner_step)
+    self._set_status(state='idle', last_probed_step=self.last_probed_step)
     return record
+
+  def _plasticity_loss(self, record: Dict[str, object]) -> Dict[str, object]:
+    """P(theta_0) - P(theta_t) against the reference point (0 there); positive when plasticity is lost."""
+    if self._reference is None:
+      self._reference = self._borrowed_reference(record) or (record['learner_step'], record['plasticity'])
+    step, plasticity_0 = self._reference
+    return {'plasticity_loss': plasticity_0 - record['plasticity'], 'plasticity_reference_step': step}
+
+  def _borrowed_reference(self, record: Dict[str, object]) -> Optional[Tuple[int, float]]:
+    """The reference evaluator's first point, if it probed this same probe set with the same probe."""
+    if not self._reference_probes or self._probe_config.fresh_inputs:
+      return None
+    first = _first_record(read_jsonl(self._reference_probes)) if os.path.exists(self._reference_probes) else None
+    if first is None or first.get('plasticity') is None:
+      return None
+    same = all(first.get(key) == record[key] for key in ('probe_steps', 'num_targets', 'probe_set_step',
+                                                          'num_unique_inputs'))
+    return (int(first['learner_step']), float(first['plasticity'])) if same else None
+
+  # The schedule.
 
   def run(self, probe_every: int, learner_step: Callable[[], int], learner_finished: Callable[[], bool],
           should_stop: Callable[[], bool] = lambda: False, poll_seconds: float = 0.5, max_pending: int = 4) -> None:
@@ -92,15 +228,18 @@ class Evaluator:
     slower than the learner still measures the scheduled steps. At most
     `max_pending` snapshots wait; a probe point that finds them all waiting is
     skipped with a warning (the record's `learner_step` says which were kept);
-    the end of training is always probed.
+    the end of training is always probed. Every wait (for the replay, for
+    the next step) ends on a stop request or when the learner has finished.
     """
     pending: queue.Queue = queue.Queue()
     stop = threading.Event()
     errors = []
 
     def take_snapshots() -> None:
-      try:  # `should_stop` stays in the caller's thread: Launchpad's stop event answers only there.
+      try:  # `should_stop` is read in the caller's thread: Launchpad's stop event may answer only there.
         self._take_snapshots(probe_every, learner_step, learner_finished, stop, poll_seconds, max_pending, pending)
+      except Stopped:
+        pass
       except BaseException as e:  # pylint: disable=broad-except  Re-raised in the caller's thread.
         errors.append(e)
       finally:
@@ -116,10 +255,14 @@ class Evaluator:
           continue
         if snapshot is None:
           break
+        self._set_status(snapshots_waiting=pending.qsize())
         self.evaluate(snapshot)
     finally:
       stop.set()
-    thread.join()
+    thread.join(timeout=max(20 * poll_seconds, 10.0))  # Its waits all see `stop`; a dead peer must not hold us.
+    if thread.is_alive():
+      logging.warning('The snapshot thread did not end within its grace period; leaving it behind.')
+    self._set_status(state='finished', snapshots_waiting=0)
     if errors:
       raise errors[0]
 
@@ -127,18 +270,23 @@ class Evaluator:
                       stop: threading.Event, poll_seconds: float, max_pending: int, pending: queue.Queue) -> None:
     last = self.last_probed_step
     next_step = 0 if last is None else (last // probe_every + 1) * probe_every
+    give_up = lambda: stop.is_set() or learner_finished()
     while not stop.is_set():
       finished = learner_finished()
       step = learner_step()
       if step >= next_step or (finished and step != last):
         if finished or pending.qsize() < max_pending:
-          snapshot = self.snapshot()
-          pending.put(snapshot)
-          last = snapshot.learner_step
+          snapshot = self.snapshot(give_up, stop.is_set)
+          if snapshot is not None:
+            pending.put(snapshot)
+            last = snapshot.learner_step
+            self._set_status(snapshots_waiting=pending.qsize())
         else:
           logging.warning('Evaluator behind: %d snapshots wait, so the probe at learner step %d is skipped '
                           '(fewer probe steps, a larger probe_every or an accelerator keep up).', max_pending, step)
         next_step = (step // probe_every + 1) * probe_every
+        if finished:
+          return
         continue
       if finished:
         return

@@ -50,6 +50,10 @@ class ProbeConfig:
   # of them in one compiled loop, except on CPU for convolutional networks,
   # where it is 1 (see probes/compiled_loops.py).
   steps_per_call: Optional[int] = None
+  # Probe steps per compiled loop when progress is reported (the evaluator's status line).
+  progress_every: int = 100
+  # Draw new inputs and targets at every probe point instead of one set for the run (probes/probe_set.py).
+  fresh_inputs: bool = False
 
 
 class ProbeResult(NamedTuple):
@@ -166,8 +170,11 @@ class _Compiled:
     return self._executables[key](*args), compile_time
 
 
+Progress = Callable[[int], None]  # Called with the number of probe steps done.
+
+
 def _run_in_chunks(run_steps: Callable, params, opt_state, inputs, targets, step_keys: jax.Array,
-                   chunk: int) -> Tuple[object, jax.Array, float]:
+                   chunk: int, progress: Optional[Progress] = None) -> Tuple[object, jax.Array, float]:
   """Runs `step_keys` ([..., steps, 2], steps on axis -2) in calls of `chunk` steps; (params, losses, compile s)."""
   losses, compile_time = [], 0.0
   for begin in range(0, step_keys.shape[-2], chunk):
@@ -175,6 +182,8 @@ def _run_in_chunks(run_steps: Callable, params, opt_state, inputs, targets, step
                                                            step_keys[..., begin:begin + chunk, :])
     losses.append(chunk_losses)
     compile_time += seconds
+    if progress is not None:
+      progress(min(begin + chunk, step_keys.shape[-2]))
   return params, jnp.concatenate(losses, axis=-1), compile_time
 
 
@@ -200,18 +209,21 @@ def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTran
     return offset, final_all(params, inputs, targets), baselines, losses
 
   whole = _Compiled(fit_all)
-  start, run, final = (_Compiled(f) for f in (start_all, run_all_unrolled, final_all))
+  start, run, run_scanned, final = (_Compiled(f) for f in (start_all, run_all_unrolled, run_all, final_all))
 
-  def probe(params: Params, inputs: np.ndarray, key: jax.Array) -> ProbeResult:
+  def probe(params: Params, inputs: np.ndarray, key: jax.Array, progress: Optional[Progress] = None) -> ProbeResult:
+    """Fits every target; `progress`, if given, hears how many steps are done (the fits then run in loops
+    of `config.progress_every` steps: the same computation, cut)."""
     started = time.time()
     inputs = jnp.asarray(inputs)
     chunk = steps_per_call(config, params)
-    if chunk is None:
+    if chunk is None and progress is None:
       (offset, final_losses, baselines, losses), compile_time = whole(params, inputs, key)
     else:
+      run_chunk = run if chunk else run_scanned
       (offset, opt_states, targets, baselines, step_keys), compile_time = start(params, inputs, key)
-      params, losses, seconds = _run_in_chunks(run, _copies(params, config.num_targets), opt_states, inputs, targets,
-                                               step_keys, chunk)
+      params, losses, seconds = _run_in_chunks(run_chunk, _copies(params, config.num_targets), opt_states, inputs,
+                                               targets, step_keys, chunk or config.progress_every, progress)
       final_losses, final_seconds = final(params, inputs, targets)
       compile_time += seconds + final_seconds
     offset, final_losses, baselines, losses = jax.device_get((offset, final_losses, baselines, losses))

@@ -7,18 +7,22 @@ For each run (a run directory, or any directory an evaluator wrote, such as
 RUN_DIR/evaluators/NAME), under RUN/plots/:
   probe_curves.png     the probe's learning curves, one per probe point,
                        coloured by learner step (the paper's figure 4);
-  plasticity.png       final probe loss, target variance (baseline) and
-                       plasticity = baseline - final loss over learner steps;
+  plasticity.png       final probe loss, target variance (baseline),
+                       plasticity P = baseline - final loss, and the loss of
+                       plasticity P(theta_0) - P(theta_t) over learner steps;
 and, when the evaluator ran the diagnostics:
   hessian_density.png  the Hessian eigenvalue density at up to 4 points of
                        training (figure 2, top);
   covariance.png       the gradient covariance heatmaps C_k, k-means ordered,
-                       at the same points (figure 2, bottom);
+                       at the same points (figure 2, bottom): of the probe
+                       loss, and of the TD loss where it was measured;
   statistics.png       each section-4.2 statistic and the top eigenvalue over
                        learner steps.
-With several runs, OUT_DIR/statistics_vs_plasticity.png scatters each
-statistic against the final probe loss (plasticity loss), one colour per run,
-one point per probe point (figure 3).
+With several runs, OUT_DIR/statistics_vs_plasticity.png is figure 3: for each
+statistic, one point per run, its change over training (last probe point
+minus first) against the run's loss of plasticity at its last probe point.
+
+A null (non-finite, a diverged run) value is drawn as a gap.
 """
 
 import os
@@ -33,6 +37,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from launch.loggers import read_jsonl
+from probes.evaluator import covariance_file
 
 PROBES_FILE = 'probes.jsonl'
 PLOTS_DIR = 'plots'
@@ -62,17 +67,25 @@ def plot_probe_curves(records: Sequence[Record], title: str) -> plt.Figure:
   return fig
 
 
+def _values(records: Sequence[Record], key: str) -> np.ndarray:
+  """A record key over records as floats; null (non-finite) or absent values become NaN, drawn as gaps."""
+  return np.array([np.nan if r.get(key) is None else r[key] for r in records], np.float64)
+
+
 def plot_plasticity(records: Sequence[Record], title: str) -> plt.Figure:
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+  fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6, 6.5), sharex=True)
   steps = [r['learner_step'] for r in records]
-  top.errorbar(steps, [r['final_loss_mean'] for r in records], yerr=[r['final_loss_std'] for r in records],
+  top.errorbar(steps, _values(records, 'final_loss_mean'), yerr=_values(records, 'final_loss_std'),
                marker='o', capsize=3, label='final probe loss')
-  top.plot(steps, [r['baseline'] for r in records], 'k--', label='baseline (target variance)')
+  top.plot(steps, _values(records, 'baseline'), 'k--', label='baseline (target variance)')
   top.set_ylabel('loss')
   top.legend(fontsize=8)
   top.set_title(title)
-  bottom.plot(steps, [r['plasticity'] for r in records], marker='o', color='tab:green')
-  bottom.set_ylabel('plasticity\n(baseline - final loss)')
+  middle.plot(steps, _values(records, 'plasticity'), marker='o', color='tab:green')
+  middle.set_ylabel('plasticity P\n(baseline - final loss)')
+  bottom.plot(steps, _values(records, 'plasticity_loss'), marker='o', color='tab:red')
+  bottom.axhline(0.0, color='k', lw=0.5)
+  bottom.set_ylabel('loss of plasticity\nP(theta_0) - P(theta_t)')
   bottom.set_xlabel('learner step')
   fig.tight_layout()
   return fig
@@ -82,12 +95,13 @@ DIAGNOSTICS_FILE = 'diagnostics.jsonl'
 # Statistics shown over training and against plasticity: record key -> axis label.
 STATISTICS = {
     'parameter_norm': 'parameter norm',
-    'weight_rank_mean': 'mean weight rank',
+    'weight_srank_mean': 'mean weight srank',  # The numerical rank stays at its initial value: in the records.
     'dead_unit_fraction': 'dead unit fraction',
     'dormant_fraction': 'dormant unit fraction',
     'feature_rank': 'feature rank',
     'top_eigenvalue': 'top Hessian eigenvalue',
     'covariance_mean_offdiag': 'mean off-diagonal of C_k',
+    'td_covariance_mean_offdiag': 'mean off-diagonal of TD C_k',
 }
 
 
@@ -103,11 +117,14 @@ def plot_hessian_density(records: Sequence[Record], title: str) -> plt.Figure:
   fig, ax = plt.subplots(figsize=(6, 4))
   cmap = plt.get_cmap('viridis')
   chosen = _spread(records)
+  peak = 0.0
   for i, record in enumerate(chosen):
-    ax.plot(record['density_grid'], record['density'], color=cmap(i / max(len(chosen) - 1, 1)),
-            label=f'step {record["learner_step"]} (top {record["top_eigenvalue"]:.3g})')
+    density = np.asarray(record['density'], np.float64)  # Nulls (a diverged run) become NaN gaps.
+    peak = max(peak, float(np.nanmax(density, initial=0.0)))
+    ax.plot(np.asarray(record['density_grid'], np.float64), density, color=cmap(i / max(len(chosen) - 1, 1)),
+            label=f'step {record["learner_step"]} (top {_number(record.get("top_eigenvalue"), ".3g")})')
   ax.set_yscale('log')
-  ax.set_ylim(1e-7, 3 * max(max(r['density']) for r in chosen))  # Outliers weigh ~1/num_params.
+  ax.set_ylim(1e-7, 3 * max(peak, 1e-6))  # Outliers weigh ~1/num_params.
   ax.set_xlabel('eigenvalue')
   ax.set_ylabel('density')
   ax.set_title(f'{title}: Hessian eigenvalue density')
@@ -116,23 +133,40 @@ def plot_hessian_density(records: Sequence[Record], title: str) -> plt.Figure:
   return fig
 
 
+COVARIANCE_KINDS = {'covariance': 'probe loss', 'td_covariance': 'TD loss'}
+
+
 def plot_covariance(run_dir: str, records: Sequence[Record], title: str) -> Optional[plt.Figure]:
-  chosen = [r for r in _spread(records) if os.path.exists(_covariance_path(run_dir, r['learner_step']))]
-  if not chosen:
+  """One row per kind of C_k saved (probe loss, TD loss), at up to 4 points of training."""
+  chosen = _spread(records)
+  rows = [(kind, [r for r in chosen if os.path.exists(_covariance_path(run_dir, kind, r['learner_step']))])
+          for kind in COVARIANCE_KINDS]
+  rows = [(kind, found) for kind, found in rows if found]
+  if not rows:
     return None
-  fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3.4), squeeze=False)
-  for ax, record in zip(axes[0], chosen):
-    image = ax.imshow(np.load(_covariance_path(run_dir, record['learner_step'])), cmap='RdBu_r', vmin=-1, vmax=1)
-    ax.set_title(f'step {record["learner_step"]}\nmean off-diag {record["covariance_mean_offdiag"]:.2f}', fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
+  columns = max(len(found) for _, found in rows)
+  fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns, 3.4 * len(rows)), squeeze=False)
+  for row, (kind, found) in enumerate(rows):
+    for ax in axes[row, len(found):]:
+      ax.axis('off')
+    for ax, record in zip(axes[row], found):
+      image = ax.imshow(np.load(_covariance_path(run_dir, kind, record['learner_step'])), cmap='RdBu_r', vmin=-1,
+                        vmax=1)
+      ax.set_title(f'{COVARIANCE_KINDS[kind]}, step {record["learner_step"]}\n'
+                   f'mean off-diag {_number(record.get(f"{kind}_mean_offdiag"))}', fontsize=8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.colorbar(image, ax=list(axes.flat), shrink=0.8)
   fig.suptitle(f'{title}: gradient covariance C_k (k-means ordered)', fontsize=9)
   return fig
 
 
-def _covariance_path(run_dir: str, step: int) -> str:
-  return os.path.join(run_dir, 'diagnostics', f'covariance_{int(step):09d}.npy')
+def _number(value, spec: str = '.2f') -> str:
+  return 'n/a' if value is None else format(value, spec)
+
+
+def _covariance_path(run_dir: str, kind: str, step: int) -> str:
+  return os.path.join(run_dir, 'diagnostics', covariance_file(kind, step))
 
 
 def plot_statistics(records: Sequence[Record], title: str) -> plt.Figure:
@@ -140,7 +174,7 @@ def plot_statistics(records: Sequence[Record], title: str) -> plt.Figure:
   fig, axes = plt.subplots(len(keys), 1, figsize=(6, 1.6 * len(keys)), sharex=True, squeeze=False)
   steps = [r['learner_step'] for r in records]
   for ax, key in zip(axes[:, 0], keys):
-    ax.plot(steps, [r[key] for r in records], marker='o', ms=3)
+    ax.plot(steps, _values(records, key), marker='o', ms=3)
     ax.set_ylabel(STATISTICS[key], fontsize=7)
   axes[-1, 0].set_xlabel('learner step')
   axes[0, 0].set_title(title)
@@ -148,26 +182,39 @@ def plot_statistics(records: Sequence[Record], title: str) -> plt.Figure:
   return fig
 
 
+def run_changes(probes: Sequence[Record], diagnostics: Sequence[Record]) -> Dict[str, float]:
+  """One run's point of figure 3: each statistic's change from its first to its last probe point, and the
+  loss of plasticity at the last probe point (`plasticity_loss`). Empty without two diagnosed points."""
+  if len(diagnostics) < 2 or not probes:
+    return {}
+  first, last = diagnostics[0], diagnostics[-1]
+  point = {key: last[key] - first[key] for key in STATISTICS
+           if first.get(key) is not None and last.get(key) is not None}
+  loss = probes[-1].get('plasticity_loss')
+  return {**point, 'plasticity_loss': loss} if loss is not None else {}
+
+
 def plot_statistics_vs_plasticity(runs: Dict[str, Tuple[List[Record], List[Record]]]) -> plt.Figure:
-  """One panel per statistic: x the statistic, y the final probe loss at the same learner step."""
+  """Figure 3: one panel per statistic, one point per run (its change over training, its plasticity loss)."""
   keys = list(STATISTICS)
   columns = 4
   rows = (len(keys) + columns - 1) // columns
   fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False)
+  points = {name: run_changes(*records) for name, records in runs.items()}
   for ax, key in zip(axes.flat, keys):
-    for name, (probes, diagnostics) in runs.items():
-      loss = {p['learner_step']: p['final_loss_mean'] for p in probes}
-      points = [(d[key], loss[d['learner_step']]) for d in diagnostics if d['learner_step'] in loss and key in d]
-      if points:
-        ax.scatter(*zip(*points), s=14, label=name)
-    ax.set_xlabel(STATISTICS[key], fontsize=8)
-    ax.set_ylabel('final probe loss', fontsize=8)
+    for name, point in points.items():
+      if key in point:
+        ax.scatter(point[key], point['plasticity_loss'], s=18, label=name)
+    ax.axhline(0.0, color='k', lw=0.5)
+    ax.set_xlabel(f'change in {STATISTICS[key]}', fontsize=8)
+    ax.set_ylabel('loss of plasticity', fontsize=8)
     ax.ticklabel_format(axis='x', style='sci', scilimits=(-3, 4))
     ax.tick_params(labelsize=7)
   for ax in list(axes.flat)[len(keys):]:
     ax.axis('off')
-  axes[0, 0].legend(fontsize=6)
-  fig.suptitle('Statistics against plasticity loss (one point per probe point)', fontsize=10)
+  if len(points) <= 12:
+    axes[0, 0].legend(fontsize=6)
+  fig.suptitle('Change in each statistic over training against loss of plasticity (one point per run)', fontsize=10)
   fig.tight_layout()
   return fig
 

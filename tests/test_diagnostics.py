@@ -2,16 +2,20 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from agents.types import Network, NetworkOutput
+from agents.learning import make_transition_loss
+from agents.types import Network, NetworkOutput, Transition
+from environments.datasets import EMBEDDED_DIR as EMBEDDED
 from probes import curvature, statistics
 from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
 
@@ -23,7 +27,8 @@ def problem():
   inputs = np.random.default_rng(0).integers(0, 256, (64, 4, 4, 1), dtype=np.uint8)
   params = network.init(jax.random.PRNGKey(0), inputs[:1])
   output_fn = lambda p, x: network.apply(p, x).outputs
-  targets = curvature.perturbed_targets(output_fn(params, inputs), jax.random.PRNGKey(1), 1.0)
+  phi = network.init(jax.random.PRNGKey(1), inputs[:1])
+  targets = curvature.perturbed_targets(output_fn(params, inputs), output_fn(phi, inputs), 1.0)
   flat, unravel = ravel_pytree(params)
   loss = lambda theta: jnp.mean(curvature.per_example_loss(output_fn, unravel(theta), inputs, targets))
   hessian = np.asarray(jax.hessian(loss)(flat), np.float64)
@@ -102,10 +107,11 @@ def test_gradient_covariance_matches_a_per_example_loop(problem):
     rows.append(np.asarray(ravel_pytree(jax.grad(loss)(params))[0], np.float64))
   g = np.stack(rows)
   expected = (g @ g.T) / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(g, axis=1))
-  per_example = curvature.make_per_example_gradients(output_fn)
-  gram = curvature.gradient_gram(per_example, params, inputs[:k], targets[:k], chunk_size=8)  # Blocks 8, 8, 4.
+  per_example = curvature.make_per_example_gradients(curvature.regression_example_loss(output_fn))
+  examples = (inputs[:k], targets[:k])
+  gram = curvature.gradient_gram(per_example, params, None, examples, chunk_size=8)  # Blocks 8, 8, 4.
   np.testing.assert_allclose(curvature.normalise_gram(gram), expected, atol=1e-5)
-  result = curvature.gradient_covariance(per_example, params, inputs[:k], targets[:k], 8, num_clusters=4, seed=0)
+  result = curvature.gradient_covariance(per_example, params, None, examples, 8, num_clusters=4, seed=0)
   assert sorted(result.order) == list(range(k))
   np.testing.assert_allclose(result.matrix, expected[np.ix_(result.order, result.order)], atol=1e-5)
   off = expected[~np.eye(k, dtype=bool)]
@@ -180,7 +186,7 @@ def test_make_diagnostics_record(problem):
   network, _, params, inputs, _, _, _ = problem
   config = DiagnosticsConfig(hessian_batch_size=48, hessian_chunk_size=16, lanczos_steps=30, covariance_samples=24,
                              covariance_chunk_size=10, kmeans_clusters=3, density_grid_size=64)
-  result = make_diagnostics(network, config)(params, inputs, jax.random.PRNGKey(8))
+  result = make_diagnostics(network, config, jax.random.PRNGKey(1))(params, inputs, jax.random.PRNGKey(8))
   record = json.loads(json.dumps(result.as_record()))
   assert result.covariance.shape == (24, 24)
   np.testing.assert_allclose(np.diag(result.covariance), 1.0, rtol=1e-5)
@@ -196,3 +202,91 @@ def test_make_diagnostics_record(problem):
   for key in ('parameter_norm', 'weight_rank_mean', 'dead_unit_fraction', 'feature_rank', 'dormant_fraction',
               'covariance_mean_offdiag', 'covariance_frac_negative'):
     assert key in record
+
+
+SMALL = DiagnosticsConfig(hessian_batch_size=32, hessian_chunk_size=16, lanczos_steps=8, covariance_samples=32,
+                          covariance_chunk_size=16, kmeans_clusters=2, density_grid_size=32, td_covariance_samples=24)
+
+
+def _unsorted(result_matrix: np.ndarray, order: np.ndarray) -> np.ndarray:
+  """C_k back in the inputs' order (undoes the k-means permutation)."""
+  inverse = np.argsort(order)
+  return result_matrix[np.ix_(inverse, inverse)]
+
+
+def test_covariance_of_identical_inputs_is_one_and_independent_of_the_key(problem):
+  """The perturbation is a function of the input: equal inputs give equal gradients, whatever the key."""
+  network, _, params, inputs, _, _, _ = problem
+  groups = np.concatenate([np.repeat(inputs[:1], 16, axis=0), np.repeat(inputs[1:2], 16, axis=0)])
+  diagnose = make_diagnostics(network, SMALL, jax.random.PRNGKey(1))
+  first = diagnose(params, groups, jax.random.PRNGKey(2))
+  second = diagnose(params, groups, jax.random.PRNGKey(3))
+  matrix = _unsorted(first.covariance, first.gradients.order)
+  same_group = np.kron(np.eye(2, dtype=bool), np.ones((16, 16), bool))
+  np.testing.assert_allclose(matrix[same_group], 1.0, atol=1e-5)
+  assert first.gradients.cluster_sizes == [16, 16]
+  np.testing.assert_allclose(second.covariance, first.covariance, atol=1e-6)
+  # Other inputs, other keys: still the same C_k on the same parameters and inputs.
+  again = [diagnose(params, inputs[:32], jax.random.PRNGKey(k)).covariance for k in (4, 5)]
+  np.testing.assert_allclose(again[0], again[1], atol=1e-6)
+
+
+def test_covariance_of_a_trained_network_is_not_a_coin_flip():
+  """After training, C_k's off-diagonal signs follow the network; i.i.d. noise targets made them ~50/50."""
+  with np.load(os.path.join(EMBEDDED, 'mnist-10k.npz')) as digits:  # Real digits the repo ships.
+    inputs, labels = digits['x_train'][:512, :, :, None], digits['y_train'][:512].astype(np.int32)
+  network = make_agent(AgentConfig(width_multiplier=1 / 16), num_actions=10).network  # Width 32.
+  params = network.init(jax.random.PRNGKey(0), inputs[:1])
+  optimizer = optax.adam(1e-3)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def train_step(params, opt_state, x, y):
+    loss = lambda p: jnp.mean(jnp.square(network.apply(p, x).outputs - jax.nn.one_hot(y, 10)))
+    updates, opt_state = optimizer.update(jax.grad(loss)(params), opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  for step in range(300):
+    batch = np.arange(step * 32, step * 32 + 32) % len(inputs)
+    params, opt_state = train_step(params, opt_state, inputs[batch], labels[batch])
+  config = dataclasses.replace(SMALL, covariance_samples=128, covariance_chunk_size=64)
+  result = make_diagnostics(network, config, jax.random.PRNGKey(1))(params, inputs, jax.random.PRNGKey(2))
+  assert result.gradients.frac_negative < 0.3
+  assert result.gradients.mean_offdiag > 0.1
+  # The old definition, an independent N(0, 1) per example and output: signs are coin flips.
+  output_fn = lambda p, x: network.apply(p, x).outputs
+  noisy = output_fn(params, inputs[:128]) + jax.random.normal(jax.random.PRNGKey(3), (128, 10))
+  per_example = curvature.make_per_example_gradients(curvature.regression_example_loss(output_fn))
+  coin = curvature.gradient_covariance(per_example, params, None, (inputs[:128], noisy), 64, 2, 0)
+  assert abs(coin.frac_negative - 0.5) < 0.05
+
+
+def test_td_covariance_matches_a_per_transition_loop(problem):
+  network, _, params, inputs, _, _, _ = problem
+  agent = make_agent(AgentConfig(width_multiplier=1 / 64), num_actions=3)
+  target_params = agent.network.init(jax.random.PRNGKey(9), inputs[:1])
+  rng = np.random.default_rng(3)
+  k = 24
+  transitions = Transition(observation=inputs[:k], action=rng.integers(0, 3, k).astype(np.int32),
+                           reward=rng.normal(size=k).astype(np.float32), discount=np.ones(k, np.float32),
+                           next_observation=inputs[k:2 * k])
+  transitions = transitions._replace(**{f: np.concatenate([v[:k - 1], v[:1]])  # The last repeats the first.
+                                        for f, v in transitions._asdict().items()})
+  loss = make_transition_loss(agent.network, agent.encoding, 0.99)
+  rows = []
+  for i in range(k):
+    one = jax.tree_util.tree_map(lambda x: x[i], transitions)
+    rows.append(np.asarray(ravel_pytree(jax.grad(loss)(params, target_params, one))[0], np.float64))
+  g = np.stack(rows)
+  expected = (g @ g.T) / np.outer(np.linalg.norm(g, axis=1), np.linalg.norm(g, axis=1))
+  diagnose = make_diagnostics(network, SMALL, jax.random.PRNGKey(1), loss)
+  result = diagnose(params, inputs, jax.random.PRNGKey(2), target_params, transitions)
+  matrix = _unsorted(result.td_covariance, result.td_gradients.order)
+  np.testing.assert_allclose(matrix, expected, atol=1e-5)
+  assert matrix[0, k - 1] == pytest.approx(1.0, abs=1e-5)
+  record = result.as_record()
+  assert record['td_covariance_samples'] == k and record['time_td_covariance_s'] >= 0
+  assert record['td_covariance_mean_offdiag'] == pytest.approx(
+      expected[~np.eye(k, dtype=bool)].mean(), abs=1e-5)
+  # Without transitions there is no TD covariance and no td_ key.
+  assert not any(key.startswith('td_') for key in diagnose(params, inputs, jax.random.PRNGKey(2)).as_record())

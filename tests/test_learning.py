@@ -11,9 +11,10 @@ from agents import checkpointing
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.encodings import make_encoding, EncodingConfig
-from agents.learner import Learner
+from agents.learner import Diverged, Learner
 from agents.learning import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
+from launch.loggers import JsonlLogger, read_jsonl
 
 
 def table_network() -> Network:
@@ -97,3 +98,45 @@ def test_learner_reduces_td_loss_on_a_fixed_batch():
   for _ in range(200):
     last = float(learner.step()['td_loss'])
   assert last < 0.1 * first
+
+
+def test_learner_logs_its_final_step_even_below_log_every(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
+  records = []
+  learner = Learner(make_agent(config, num_actions=3), config, random_batches(8), np.zeros((4, 4, 1), np.uint8),
+                    logger=records.append, log_every=100)
+  learner.run(max_steps=7)
+  assert [r['learner_step'] for r in records] == [7]
+  assert learner.get_params()[0] == learner.get_snapshot()[0] == 7
+
+
+def test_a_diverging_learner_stops_at_the_first_nonfinite_step_and_keeps_the_last_finite_state(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8, learning_rate=1e6)
+  agent = make_agent(config, num_actions=3)
+  logger = JsonlLogger(str(tmp_path), 'learner', tensorboard=False)
+  learner = Learner(agent, config, random_batches(8), np.zeros((4, 4, 1), np.uint8),
+                    checkpoint_dir=str(tmp_path / 'checkpoints'), checkpoint_every=1, logger=logger, log_every=1)
+  with pytest.raises(Diverged, match='learner step'):
+    learner.run(max_steps=1000)
+  records = read_jsonl(str(tmp_path / 'learner.jsonl'))
+  last = records[-1]
+  assert last['diverged'] is True and last['learner_step'] == learner.diverged_at
+  assert learner.step_count == learner.diverged_at - 1 < 1000  # Stopped at once, the bad step not applied.
+  assert all(not r.get('diverged') for r in records[:-1])
+  # The latest checkpoint is the last finite state.
+  step, state = checkpointing.load(checkpointing.latest(str(tmp_path / 'checkpoints')))
+  assert step == learner.step_count
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state[0]))
+  # Non-finite values are written as null and named, not replaced by a stand-in number.
+  assert last['td_loss'] is None and 'td_loss' in last['nonfinite']
+  assert all(last[key] is None for key in last['nonfinite'])
+
+
+def test_logger_writes_nonfinite_values_as_null_and_names_them(tmp_path):
+  logger = JsonlLogger(str(tmp_path), 'x', tensorboard=False)
+  logger({'learner_step': 1, 'a': float('nan'), 'b': np.float32('inf'), 'c': 1.5, 'd': [1.0, -np.inf],
+          'e': np.array([2.0, 3.0])})
+  record, = read_jsonl(str(tmp_path / 'x.jsonl'))
+  assert record['a'] is None and record['b'] is None and record['d'] == [1.0, None]
+  assert record['c'] == 1.5 and record['e'] == [2.0, 3.0]
+  assert record['nonfinite'] == ['a', 'b', 'd']

@@ -1,6 +1,7 @@
 """The plasticity probe (section 2.2, eq. 4), the evaluator's schedule, the report."""
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -13,11 +14,23 @@ import pytest
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from launch.loggers import JsonlLogger, read_jsonl
-from probes import plasticity, report
+from agents.types import Transition
+from probes import plasticity, probe_set, report
 from probes.diagnostics import DiagnosticsConfig
-from probes.evaluator import Evaluator
+from probes.evaluator import STATUS_FILE, Evaluator
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
+SMALL_DIAGNOSTICS = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10,
+                                      covariance_samples=32, covariance_chunk_size=16, kmeans_clusters=3,
+                                      density_grid_size=64, td_covariance_samples=24)
+
+
+def source(observations: np.ndarray) -> probe_set.ArraySource:
+  """A replay holding one transition per observation."""
+  n = len(observations)
+  return probe_set.ArraySource(Transition(observation=observations, action=np.arange(n, dtype=np.int32) % 3,
+                                          reward=np.ones(n, np.float32), discount=np.ones(n, np.float32),
+                                          next_observation=observations[::-1]))
 
 
 @pytest.fixture(scope='module')
@@ -109,8 +122,8 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
     clock['step'] = min(clock['step'] + 40, 230)
     return clock['step']
 
-  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
-                        observation_source=lambda n: inputs[:n], out_dir=str(tmp_path))
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
+                        replay_source=source(inputs), out_dir=str(tmp_path))
   clock['step'] = -40  # The first look sees step 0.
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
   steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
@@ -130,18 +143,18 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
 
     finished = lambda: clock['step'] >= 300
     out_dir = str(tmp_path / str(max_pending))
-    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
-                          observation_source=lambda n: inputs[:n], out_dir=out_dir)
+    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
+                          replay_source=source(inputs), out_dir=out_dir)
     probe = evaluator._probe  # pylint: disable=protected-access
 
-    def slow_probe(*args):
+    def slow_probe(*args, **kwargs):
       if not probing.is_set():
         probing.set()
         deadline = time.monotonic() + 30
         while not finished() and time.monotonic() < deadline:
           time.sleep(0.01)
         assert finished(), 'no snapshots were taken while the first probe ran'
-      return probe(*args)
+      return probe(*args, **kwargs)
 
     evaluator._probe = slow_probe  # pylint: disable=protected-access
     evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.001,
@@ -152,19 +165,18 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
 
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
   agent, _, params, inputs = setup
-  small = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10, covariance_samples=32,
-                            covariance_chunk_size=16, kmeans_clusters=3, density_grid_size=64)
-  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params), observation_source=lambda n: inputs[:n],
-                        out_dir=str(tmp_path), diagnostics_config=small)
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params, params), replay_source=source(inputs),
+                        out_dir=str(tmp_path), diagnostics_config=SMALL_DIAGNOSTICS)
   evaluator.evaluate()
   probe, = read_jsonl(str(tmp_path / 'probes.jsonl'))
   record, = read_jsonl(str(tmp_path / 'diagnostics.jsonl'))
   assert probe['learner_step'] == record['learner_step'] == 7
   assert np.isfinite(record['top_eigenvalue']) and record['hessian_batch_size'] == 128
   assert len(record['density']) == len(record['density_grid']) == 64
-  covariance = np.load(tmp_path / 'diagnostics' / 'covariance_000000007.npy')
-  assert covariance.shape == (32, 32)
-  np.testing.assert_allclose(np.diag(covariance), 1.0, rtol=1e-4)  # Normalised inner products.
+  for kind, k in (('covariance', 32), ('td_covariance', 24)):  # Probe loss, TD loss.
+    covariance = np.load(tmp_path / 'diagnostics' / f'{kind}_000000007.npy')
+    assert covariance.shape == (k, k) and record[f'{kind}_samples'] == k
+    np.testing.assert_allclose(np.diag(covariance), 1.0, rtol=1e-4)  # Normalised inner products.
 
 
 def test_report_writes_both_plots(tmp_path):
@@ -185,14 +197,12 @@ def test_report_writes_both_plots(tmp_path):
 
 def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
   agent, _, params, inputs = setup
-  small = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10, covariance_samples=32,
-                            covariance_chunk_size=16, kmeans_clusters=3, density_grid_size=64)
+  small = SMALL_DIAGNOSTICS
   runs = []
   for run in ('a', 'b'):
     clock = {'step': 0}
-    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params),
-                          observation_source=lambda n: inputs[:n], out_dir=str(tmp_path / run),
-                          diagnostics_config=small)
+    evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
+                          replay_source=source(inputs), out_dir=str(tmp_path / run), diagnostics_config=small)
     for step in (0, 100):
       clock['step'] = step
       evaluator.evaluate()
@@ -209,3 +219,141 @@ def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
 def test_report_on_a_directory_without_probes_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='probes.jsonl'):
     report.write_report(str(tmp_path))
+
+
+def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
+  """Every probe point, and a second evaluator of the run, measure on the same distinct inputs and targets."""
+  agent, _, params, inputs = setup
+  repeated = np.concatenate([inputs[:100]] * 3)  # 300 observations, 100 distinct: as MNIST digits repeat.
+  path = str(tmp_path / probe_set.PROBE_SET_FILE)
+  clock = {'step': 0}
+  first = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
+                    replay_source=source(repeated), out_dir=str(tmp_path / 'a'), probe_set_path=path)
+  records = []
+  for step in (0, 100):
+    clock['step'] = step
+    records.append(first.evaluate())
+  saved = probe_set.load(path)
+  assert saved.num_unique_inputs == 100 and saved.learner_step == 0
+  assert len(np.unique(saved.inputs.reshape(100, -1), axis=0)) == 100
+  assert [r['num_unique_inputs'] for r in records] == [100, 100]
+  assert [r['probe_set_step'] for r in records] == [0, 0]
+  # Same parameters, same inputs and targets: the same measurement, so no loss of plasticity.
+  assert records[1]['final_losses'] == records[0]['final_losses']
+  assert [r['plasticity_loss'] for r in records] == [0.0, 0.0]
+  # A second evaluator (another seed, another replay) reads the saved set and borrows the run's P(theta_0).
+  other = Evaluator(agent, CONFIG, params_source=lambda: (200, saturate(params), params),
+                    replay_source=source(inputs[100:]), out_dir=str(tmp_path / 'b'), probe_set_path=path, seed=7,
+                    reference_probes=str(tmp_path / 'a' / 'probes.jsonl'))
+  record = other.evaluate()
+  assert record['num_unique_inputs'] == 100 and record['plasticity_reference_step'] == 0
+  # The saturated network fits nothing: its loss of plasticity is the fresh network's plasticity.
+  assert record['plasticity_loss'] == pytest.approx(records[0]['plasticity'] - record['plasticity'])
+  assert record['plasticity_loss'] > 0.5 * records[0]['plasticity'] > 0
+  # Fresh sets on request: new inputs and targets at each point.
+  fresh = Evaluator(agent, dataclasses.replace(CONFIG, fresh_inputs=True),
+                    params_source=lambda: (0, params, params), replay_source=source(repeated),
+                    out_dir=str(tmp_path / 'c'))
+  assert fresh.probe_set(0).target_key.tolist() != fresh.probe_set(1).target_key.tolist()
+
+
+def test_plasticity_loss_is_measured_from_the_first_point_and_survives_a_restart(setup, tmp_path):
+  agent, _, params, inputs = setup
+  snapshots = iter([(0, params, params), (100, saturate(params), params), (200, saturate(params), params)])
+  make = lambda: Evaluator(agent, CONFIG, params_source=lambda: next(snapshots), replay_source=source(inputs),
+                           out_dir=str(tmp_path), probe_set_path=str(tmp_path / probe_set.PROBE_SET_FILE))
+  evaluator = make()
+  start, saturated = evaluator.evaluate(), evaluator.evaluate()
+  assert start['plasticity_loss'] == 0.0 and start['plasticity_reference_step'] == 0
+  assert saturated['plasticity_loss'] == pytest.approx(start['plasticity'] - saturated['plasticity'])
+  restarted = make()  # A relaunched evaluator: same reference, and it knows what it already probed.
+  assert restarted.last_probed_step == 100
+  again = restarted.evaluate()
+  assert again['plasticity_reference_step'] == 0
+  assert again['plasticity_loss'] == pytest.approx(saturated['plasticity_loss'], rel=1e-5)
+
+
+class NeverFullReplay:
+  """A replay that never reaches the probe inputs asked for: it has 50 distinct observations, forever."""
+
+  def __init__(self, inputs):
+    self._inputs, self.waited = inputs[:50], False
+
+  def distinct_observations(self, num, give_up, should_stop):
+    while not give_up():
+      self.waited = True
+      time.sleep(0.01)
+    return self._inputs
+
+  def transitions(self, num):
+    return source(self._inputs).transitions(num)
+
+
+def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fills(setup, tmp_path):
+  agent, _, params, inputs = setup
+  # The learner finishes (step 60, after half a second) while the first probe point waits for the replay:
+  # the evaluator probes what there is.
+  started = time.monotonic()
+  learner_step = lambda: min(int((time.monotonic() - started) * 120), 60)
+
+  replay = NeverFullReplay(inputs)
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (learner_step(), params, params),
+                        replay_source=replay, out_dir=str(tmp_path / 'a'))
+  thread = threading.Thread(target=evaluator.run, args=(30, learner_step, lambda: learner_step() >= 60),
+                            kwargs={'poll_seconds': 0.01}, daemon=True)
+  thread.start()
+  thread.join(timeout=60)
+  assert not thread.is_alive() and replay.waited
+  records = read_jsonl(str(tmp_path / 'a' / 'probes.jsonl'))
+  assert records and all(r['num_unique_inputs'] == 50 for r in records)
+  assert records[-1]['learner_step'] == 60
+  with open(tmp_path / 'a' / STATUS_FILE) as f:
+    assert json.load(f)['state'] == 'finished'
+  # A stop request ends the wait of a learner that never finishes; nothing is probed.
+  stop = threading.Event()
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (0, params, params), replay_source=NeverFullReplay(inputs),
+                        out_dir=str(tmp_path / 'b'))
+  thread = threading.Thread(target=evaluator.run, args=(30, lambda: 0, lambda: False),
+                            kwargs={'should_stop': stop.is_set, 'poll_seconds': 0.01}, daemon=True)
+  thread.start()
+  time.sleep(0.5)
+  stop.set()
+  thread.join(timeout=30)
+  assert not thread.is_alive()
+
+
+def test_probe_progress_reports_every_chunk_and_changes_nothing(setup):
+  agent, apply_fn, params, inputs = setup
+  key = jax.random.PRNGKey(5)
+  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer,
+                                dataclasses.replace(CONFIG, progress_every=40))
+  seen = []
+  with_progress = probe(params, inputs, key, progress=seen.append)
+  assert seen == [40, 80, 120, 150]
+  whole = probe(params, inputs, key)
+  np.testing.assert_allclose(with_progress.final_losses, whole.final_losses, rtol=2e-3)
+
+
+def test_figure_3_point_of_a_run_is_its_change_against_its_last_plasticity_loss():
+  probes = [{'learner_step': 0, 'plasticity_loss': 0.0}, {'learner_step': 100, 'plasticity_loss': 0.25}]
+  diagnostics = [{'learner_step': 0, 'parameter_norm': 10.0, 'feature_rank': 40, 'dead_unit_fraction': None},
+                 {'learner_step': 50, 'parameter_norm': 99.0, 'feature_rank': 1},
+                 {'learner_step': 100, 'parameter_norm': 12.5, 'feature_rank': 30, 'dead_unit_fraction': 0.5}]
+  assert report.run_changes(probes, diagnostics) == {'parameter_norm': 2.5, 'feature_rank': -10,
+                                                     'plasticity_loss': 0.25}
+  assert report.run_changes(probes, diagnostics[:1]) == {}  # One point is no change.
+
+
+def test_report_draws_a_diverged_run_with_gaps(tmp_path):
+  probes = JsonlLogger(str(tmp_path), 'probes', tensorboard=False)
+  diagnostics = JsonlLogger(str(tmp_path), 'diagnostics', tensorboard=False)
+  for step, value in ((0, 0.4), (100, float('nan'))):
+    probes({'learner_step': step, 'probe_steps': 20, 'num_targets': 2, 'final_loss_mean': value,
+            'final_loss_std': value, 'baseline': 0.5, 'plasticity': value, 'plasticity_loss': value,
+            'curve': [[0, value], [10, value]]})
+    diagnostics({'learner_step': step, 'density_grid': [0.0, 1.0, 2.0], 'density': [0.1, value, 0.2],
+                 'top_eigenvalue': value, 'parameter_norm': value, 'weight_srank_mean': 3.0})
+  assert read_jsonl(str(tmp_path / 'probes.jsonl'))[1]['plasticity'] is None
+  paths = report.write_report(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ['hessian_density.png', 'plasticity.png', 'probe_curves.png',
+                                                        'statistics.png']

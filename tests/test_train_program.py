@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ['--env=mdp:mnist:easy', '--num_actors=2', '--max_learner_steps=300', '--min_replay_size=200',
              '--log_every=50', '--checkpoint_every=100', '--target_update_period=100', '--probe_every=150',
              '--probe_steps=40', '--probe_inputs=256', '--probe_batch_size=64', '--width_multiplier=0.25',
-             '--hessian_batch_size=128', '--lanczos_steps=5', '--covariance_samples=32']
+             '--hessian_batch_size=128', '--lanczos_steps=5', '--covariance_samples=32', '--td_covariance_samples=32']
 
 
 def train(run_dir, *extra, timeout=240):
@@ -47,7 +48,8 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   assert not leftover_processes(start, run_dir)
 
   for name in ['config.json', 'addresses.json', 'learner.jsonl', 'actors.jsonl', 'probes.jsonl', 'diagnostics.jsonl',
-               'diagnostics/covariance_000000000.npy', 'plots/hessian_density.png', 'plots/covariance.png',
+               'probe_set.npz', 'evaluator_status.json', 'diagnostics/covariance_000000000.npy',
+               'diagnostics/td_covariance_000000000.npy', 'plots/hessian_density.png', 'plots/covariance.png',
                'plots/statistics.png',
                'plots/probe_curves.png', 'plots/plasticity.png', 'logs/learner/0', 'logs/actor/0',
                'logs/actor/1', 'logs/replay/0', 'logs/evaluator/0']:
@@ -67,9 +69,13 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   for record in probes:
     assert record['num_targets'] == 10 and record['probe_steps'] == 40
     assert abs(record['plasticity'] - (record['baseline'] - record['final_loss_mean'])) < 1e-6
+    assert record['num_unique_inputs'] == 256 and record['probe_set_step'] == 0  # One set for the run.
+    assert record['plasticity_loss'] == pytest.approx(probes[0]['plasticity'] - record['plasticity'], abs=1e-6)
+  assert probes[0]['plasticity_loss'] == 0.0
   diagnostics = read_jsonl(os.path.join(run_dir, 'diagnostics.jsonl'))
   assert [r['learner_step'] for r in diagnostics] == [r['learner_step'] for r in probes]
   assert all(r['lanczos_steps'] == 5 and r['covariance_samples'] == 32 for r in diagnostics)
+  assert all(r['td_covariance_samples'] == 32 for r in diagnostics)
   assert 'plot:' in result.stdout and run_dir in result.stdout
 
 
@@ -84,6 +90,51 @@ def test_local_mt_run_resumes_from_its_checkpoint(tmp_path):
   assert 'Resuming' in second.stdout
   steps = [r['learner_step'] for r in read_jsonl(os.path.join(run_dir, 'learner.jsonl'))]
   assert steps == [50, 100, 150, 200]  # The second run continued at 100, not from scratch.
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_path):
+  """The evaluator's first probe point waits for 2,048 distinct inputs that a 60-step run never collects."""
+  run_dir = str(tmp_path / 'short')
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every', '--probe_inputs'))]
+  result = train(run_dir, '--launch_type=local_mt', *flags, '--max_learner_steps=60', '--probe_every=30')
+  ended = time.time()
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  learner = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))
+  assert learner[-1]['learner_step'] == 60  # Logged although 60 is not a multiple of --log_every=50.
+  assert ended - learner[-1]['time'] < 60  # The issue's bound: within a minute of the learner's last step.
+  probes = read_jsonl(os.path.join(run_dir, 'probes.jsonl'))
+  assert probes[-1]['learner_step'] == 60
+  assert all(200 <= r['num_unique_inputs'] < 2048 for r in probes)  # What the replay held, said in the record.
+  assert 'evaluator finished' in result.stdout
+
+  run_dir = str(tmp_path / 'diverged')
+  result = train(run_dir, '--launch_type=local_mt', *flags, '--max_learner_steps=300', '--probe_every=0',
+                 '--learning_rate=1e6')
+  assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'diverged at step' in result.stderr and '--learning_rate' in result.stderr
+  last = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))[-1]
+  assert last['diverged'] is True and last['td_loss'] is None and 'td_loss' in last['nonfinite']
+  assert 'non-finite' in result.stdout  # The progress line shows it instead of crashing on a null.
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_inputs'))]
+  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
+                      '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
+  learner = os.path.join(run_dir, 'learner.jsonl')
+  deadline = time.time() + 180
+  while not (os.path.exists(learner) and os.path.getsize(learner)) and time.time() < deadline:  # Training.
+    time.sleep(0.5)
+  run.send_signal(signal.SIGTERM)
+  sent = time.time()
+  out, err = run.communicate(timeout=120)
+  assert run.returncode == 130, out[-3000:] + err[-3000:]
+  assert time.time() - sent < 30
+  assert 'Interrupted' in out and 'resume' in err
+  assert not os.path.exists(os.path.join(run_dir, 'probe_set.npz'))  # No set drawn from a stopping run.
 
 
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):

@@ -1,0 +1,124 @@
+"""The probe set: what every probe point of a run measures on, fixed for the whole run.
+
+A probe point should differ from the others only in the parameters it probes.
+So the inputs of the plasticity probe (distinct observations, by content: MNIST
+images and Atari start frames repeat in a replay), the key from which its
+target functions are drawn, and the replay transitions of the TD-gradient
+covariance are drawn once, at the run's first probe point, saved in the run
+directory, and reused at every later point, by attached evaluators and by
+`probes.run`. (`ProbeConfig.fresh_inputs` draws a new set at every point.)
+
+Drawing waits for the replay to hold the inputs asked for, but gives up when
+told to (a stop request, the learner's end): a set then holds what there was,
+and `num_unique_inputs` in each probe record says so.
+"""
+
+import os
+import tempfile
+from typing import Callable, NamedTuple, Optional, Protocol
+
+import jax
+import numpy as np
+
+from agents.types import Transition
+
+PROBE_SET_FILE = 'probe_set.npz'
+
+
+class ProbeSet(NamedTuple):
+  inputs: np.ndarray  # [n, ...] observations, distinct by content.
+  target_key: np.ndarray  # uint32 [2]: the probe's key; every target's initialisation derives from it.
+  transitions: Optional[Transition]  # [k] replay transitions for the TD-gradient covariance.
+  learner_step: int  # The probe point it was drawn at.
+
+  @property
+  def num_unique_inputs(self) -> int:
+    return int(len(self.inputs))
+
+
+class ReplaySource(Protocol):
+  """Where probe sets come from: the live replay (launch.replay.ReverbSource) or arrays (`ArraySource`)."""
+
+  def distinct_observations(self, num: int, give_up: Callable[[], bool],
+                            should_stop: Callable[[], bool]) -> np.ndarray:
+    """Up to `num` observations distinct by content: waits for `num` unless `give_up()`; none if `should_stop()`."""
+
+  def transitions(self, num: int) -> Transition:
+    """`num` transitions (numpy, leading axis `num`)."""
+
+
+def distinct(observations: np.ndarray, limit: Optional[int] = None) -> np.ndarray:
+  """The observations distinct by content, in the order first met, at most `limit` of them."""
+  if len(observations) == 0:
+    return observations
+  _, first = np.unique(observations.reshape(len(observations), -1), axis=0, return_index=True)
+  return observations[np.sort(first)][:limit]
+
+
+class ArraySource:
+  """A replay source over arrays held in memory: tests, and `probes.run` on a checkpoint."""
+
+  def __init__(self, transitions: Transition):
+    self._transitions = transitions
+
+  def distinct_observations(self, num: int, give_up: Callable[[], bool] = lambda: True,
+                            should_stop: Callable[[], bool] = lambda: False) -> np.ndarray:
+    del give_up, should_stop  # Everything there will ever be is here already, at once.
+    return distinct(np.asarray(self._transitions.observation), num)
+
+  def transitions(self, num: int) -> Transition:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[:num], self._transitions)
+
+
+def draw(source: ReplaySource, num_inputs: int, num_transitions: int, key: np.ndarray, learner_step: int,
+         give_up: Callable[[], bool] = lambda: False,
+         should_stop: Callable[[], bool] = lambda: False) -> Optional[ProbeSet]:
+  """A new probe set; None when the replay held no observation, or on a stop request (a stopping run's
+  replay is no sample to keep for the whole run)."""
+  inputs = source.distinct_observations(num_inputs, give_up, should_stop)
+  if len(inputs) == 0 or should_stop():
+    return None
+  transitions = source.transitions(num_transitions) if num_transitions > 0 else None
+  return ProbeSet(inputs, np.asarray(key, np.uint32), transitions, int(learner_step))
+
+
+def save(path: str, probe_set: ProbeSet) -> ProbeSet:
+  """Publishes the set at `path` unless one is there already; returns the set that is there.
+
+  Written to a temporary file and linked into place, which fails if the path
+  exists: of two evaluators drawing at once, both end up using the first one's.
+  """
+  arrays = {'inputs': probe_set.inputs, 'target_key': probe_set.target_key,
+            'learner_step': np.asarray(probe_set.learner_step)}
+  if probe_set.transitions is not None:
+    arrays.update({f'transition_{name}': np.asarray(value) for name, value in probe_set.transitions._asdict().items()})
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, prefix='.probe_set.', suffix='.npz', delete=False) as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  try:
+    os.link(f.name, path)
+  except FileExistsError:
+    return load(path)
+  finally:
+    os.remove(f.name)
+  return probe_set
+
+
+def load(path: str) -> ProbeSet:
+  """Reads a saved probe set; a ValueError naming the file if it is not one."""
+  try:
+    with np.load(path) as saved:
+      arrays = {name: saved[name] for name in saved.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f'{path} is not a readable probe set ({e}); move it away to draw a new one.') from e
+  missing = {'inputs', 'target_key', 'learner_step'} - set(arrays)
+  if missing:
+    raise ValueError(f'{path} is not a probe set: it lacks {", ".join(sorted(missing))}.')
+  transitions = None
+  if 'transition_action' in arrays:
+    transitions = Transition(**{name: arrays[f'transition_{name}'] for name in Transition._fields})
+  return ProbeSet(arrays['inputs'], arrays['target_key'].astype(np.uint32), transitions,
+                  int(arrays['learner_step']))
