@@ -5,18 +5,16 @@ node, a list in a unit test), so acting knows nothing of replay.
 """
 
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import dm_env
 import jax
-import jax.numpy as jnp
 import numpy as np
 import rlax
 
 from agents.builder import AgentParts
-from agents.types import Params, Transition
-
-Logger = Callable[[Dict[str, object]], None]
+from agents.config import AgentConfig
+from agents.types import Logger, Params, Transition
 
 
 def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, float], jax.Array]:
@@ -31,16 +29,16 @@ def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, f
 
 
 class Actor:
+  """Acts with `agent`'s network as `config` says (epsilon, reward_clip), as the Learner learns from it."""
 
-  def __init__(self, agent: AgentParts, environment: dm_env.Environment, epsilon: float,
+  def __init__(self, agent: AgentParts, config: AgentConfig, environment: dm_env.Environment,
                params_source: Callable[[], Optional[Tuple[int, Params]]], add: Callable[[Transition], None],
-               seed: int = 0, reward_clip: Optional[float] = 1.0, params_update_period: int = 100,
-               logger: Optional[Logger] = None):
+               seed: int = 0, params_update_period: int = 100, logger: Optional[Logger] = None):
     self._environment = environment
-    self._epsilon = epsilon
+    self._epsilon = config.epsilon
     self._params_source = params_source
     self._add = add
-    self._reward_clip = reward_clip
+    self._reward_clip = config.reward_clip
     self._params_update_period = params_update_period
     self._logger = logger
     self._policy = make_policy(agent)

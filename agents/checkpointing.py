@@ -16,9 +16,14 @@ import numpy as np
 _PATTERN = re.compile(r'^learner_(\d+)\.pkl$')
 
 
+def path_for(directory: str, step: int) -> str:
+  """The checkpoint of learner step `step` in `directory`."""
+  return os.path.join(directory, f'learner_{step:09d}.pkl')
+
+
 def save(directory: str, step: int, tree: Any, keep: int = 3) -> str:
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f'learner_{step:09d}.pkl')
+  path = path_for(directory, step)
   tmp_path = path + '.tmp'
   with open(tmp_path, 'wb') as f:
     pickle.dump({'step': int(step), 'state': jax.tree_util.tree_map(np.asarray, jax.device_get(tree))}, f,

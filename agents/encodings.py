@@ -1,16 +1,19 @@
 """Output encodings: how network outputs become Q-values and a loss.
 
-The learner computes the double-Q target once (`agents.learning`) and hands the
+The learner computes the double-Q target once (`agents.update`) and hands the
 chosen action's outputs and the scalar target to the encoding's loss, so adding
 an encoding (two-hot, HL-Gauss) changes nothing else.
 """
 
 import dataclasses
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import rlax
+
+from agents.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +40,29 @@ class Encoding(NamedTuple):
 
 
 EncodingBuilder = Callable[[EncodingConfig], Encoding]
-ENCODINGS: Dict[str, EncodingBuilder] = {}
+ENCODINGS: Registry[EncodingBuilder] = Registry('output encoding', '--output')
+register = ENCODINGS.register
 
 
-def register(name: str) -> Callable[[EncodingBuilder], EncodingBuilder]:
-  def decorator(builder: EncodingBuilder) -> EncodingBuilder:
-    ENCODINGS[name] = builder
-    return builder
-  return decorator
+def _checked(encoding: Encoding) -> Encoding:
+  """The encoding with its documented shapes asserted at trace time (as rlax does at its functions' boundaries)."""
+
+  def q_values(outputs: jax.Array) -> jax.Array:
+    chex.assert_rank(outputs, 2)
+    chex.assert_is_divisible(outputs.shape[1], encoding.outputs_per_action)
+    q = encoding.q_values(outputs)
+    chex.assert_shape(q, (outputs.shape[0], outputs.shape[1] // encoding.outputs_per_action))
+    return q
+
+  def loss(action_outputs: jax.Array, target: jax.Array) -> jax.Array:
+    chex.assert_shape(action_outputs, (None, encoding.outputs_per_action))
+    chex.assert_shape(target, action_outputs.shape[:1])
+    chex.assert_type(target, float)
+    value = encoding.loss(action_outputs, target)
+    chex.assert_shape(value, target.shape)
+    return value
+
+  return encoding._replace(q_values=q_values, loss=loss)
 
 
 @register('regress')
@@ -108,6 +126,4 @@ def hl_gauss(config: EncodingConfig) -> Encoding:
 
 
 def make_encoding(name: str, config: EncodingConfig) -> Encoding:
-  if name not in ENCODINGS:
-    raise ValueError(f'Unknown output encoding {name!r} (--output); accepted: {", ".join(sorted(ENCODINGS))}.')
-  return ENCODINGS[name](config)
+  return _checked(ENCODINGS.get(name)(config))

@@ -21,10 +21,8 @@ import numpy as np
 from agents import checkpointing
 from agents.builder import AgentParts
 from agents.config import AgentConfig
-from agents.learning import TrainingState, init_state, make_target_update, make_update
-from agents.types import Params, Transition
-
-Logger = Callable[[Dict[str, object]], None]
+from agents.update import TrainingState, init_state, make_target_update, make_update
+from agents.types import Logger, Transition
 
 
 class Diverged(Exception):
@@ -50,13 +48,18 @@ class Learner:
     self._logger = logger
     self._log_every = log_every
     dummy = np.asarray(dummy_observation)[None]
-    self._update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount))
+    self._update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount,
+                                       agent.loss_terms))
     self._target_update = jax.jit(make_target_update(agent.network, agent.target_update_hooks, dummy))
+    self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
     self._state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(seed), dummy)
     self._restored_from = None
     if checkpoint_dir and (path := checkpointing.latest(checkpoint_dir)):
       _, restored = checkpointing.load(path)
-      self._state = jax.tree_util.tree_map(jax.numpy.asarray, TrainingState(*restored))
+      # A checkpoint written before a TrainingState field existed lacks it: it is taken from the fresh state,
+      # exactly for initial_params (the initialisation is a function of the seed, which a resumed run keeps).
+      restored = TrainingState(*restored, *self._state[len(restored):])
+      self._state = jax.tree_util.tree_map(jax.numpy.asarray, restored)
       self._restored_from = path
       logging.info('Learner restored step %d from %s', self.step_count, path)
     self._lock = threading.Lock()
@@ -79,7 +82,7 @@ class Learner:
     return self._state
 
   def step(self) -> Dict[str, float]:
-    """One update on the next batch; target update and checkpoint when due.
+    """One update on the next batch; the interventions' periodic actions, target update and checkpoint when due.
 
     Raises `Diverged`, keeping the state before the update, if it was not finite.
     """
@@ -90,6 +93,10 @@ class Learner:
       raise Diverged(int(state.step), {k: float(v) for k, v in metrics.items()})
     self._state = state
     step = self.step_count
+    for period, act in self._periodic_actions:
+      if step % period == 0:
+        self._state, action_metrics = act(self._state, batch)
+        metrics = {**metrics, **action_metrics}
     if step % self._config.target_update_period == 0:
       self._state = self._target_update(self._state)
     self._last_metrics = metrics

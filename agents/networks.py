@@ -9,16 +9,19 @@ The two switches every architecture honours:
     positions instead);
   * `spectral_norm`: the first linear or convolutional layer's weight divided
     by its largest singular value (Gogianu et al. 2021).
-Adding an architecture means writing one builder and registering it here.
+Adding an architecture means writing one builder and registering it here
+(and, if its hidden layers form a simple chain, listing its layers in `CHAINS`
+so that unit-level interventions such as ReDo can apply to it).
 """
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from agents.registry import Registry
 from agents.types import Network, NetworkOutput
 
 # Power iterations per forward pass of the spectral normalisation. Haiku's
@@ -38,14 +41,23 @@ class ArchConfig:
 
 
 ArchBuilder = Callable[[ArchConfig], Callable[..., NetworkOutput]]
-ARCHITECTURES: Dict[str, ArchBuilder] = {}
+ARCHITECTURES: Registry[ArchBuilder] = Registry('architecture', '--arch')
+register = ARCHITECTURES.register
 
+HEAD = 'head'  # The output layer's module name in every architecture.
 
-def register(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
-  def decorator(builder: ArchBuilder) -> ArchBuilder:
-    ARCHITECTURES[name] = builder
-    return builder
-  return decorator
+# The weight layers of the architectures whose hidden layers form a simple chain
+# (hidden layer i, `NetworkOutput.hidden[i]`, is the output of layer i, through
+# its optional `<layer>_layer_norm`, and feeds layer i + 1 only), in that order,
+# then `head`: what a unit-level intervention (ReDo) needs to find a hidden
+# unit's incoming and outgoing weights. A conv layer feeding a dense one does so
+# through a row-major flatten of [H, W, C]. The residual resnet18 and the vit
+# are not chains.
+CHAINS: Dict[str, Tuple[str, ...]] = {
+    'mlp': ('linear_0', 'linear_1', HEAD),
+    'cnn': ('conv_0', 'conv_1', 'linear_0', 'linear_1', HEAD),
+    'nature_dqn': ('conv_0', 'conv_1', 'conv_2', 'linear_0', HEAD),
+}
 
 
 def scale_observation(obs: jax.Array) -> jax.Array:
@@ -128,7 +140,7 @@ def mlp(config: ArchConfig) -> Callable[..., NetworkOutput]:
     del is_training
     hidden: List[jax.Array] = []
     x = _dense_stack(config, hk.Flatten()(scale_observation(obs)), [_width(config, 512)] * 2, hidden, first=True)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+    return NetworkOutput(hk.Linear(config.num_outputs, name=HEAD)(x), _flat_hidden(hidden))
 
   return forward
 
@@ -150,7 +162,7 @@ def cnn(config: ArchConfig) -> Callable[..., NetworkOutput]:
       x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'conv_{i}_layer_norm'))
       hidden.append(x)
     x = _dense_stack(config, hk.Flatten()(x), [_width(config, 256)] * 2, hidden, first=False)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+    return NetworkOutput(hk.Linear(config.num_outputs, name=HEAD)(x), _flat_hidden(hidden))
 
   return forward
 
@@ -169,7 +181,7 @@ def nature_dqn(config: ArchConfig) -> Callable[..., NetworkOutput]:
       x = jax.nn.relu(maybe_layer_norm(config, layer(x), f'conv_{i}_layer_norm'))
       hidden.append(x)
     x = _dense_stack(config, hk.Flatten()(x), [_width(config, 512)], hidden, first=False)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(x), _flat_hidden(hidden))
+    return NetworkOutput(hk.Linear(config.num_outputs, name=HEAD)(x), _flat_hidden(hidden))
 
   return forward
 
@@ -209,7 +221,7 @@ def resnet18(config: ArchConfig) -> Callable[..., NetworkOutput]:
         hidden.append(x)
     features = jnp.mean(x, axis=(1, 2))
     hidden.append(features)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(features), _flat_hidden(hidden))
+    return NetworkOutput(hk.Linear(config.num_outputs, name=HEAD)(features), _flat_hidden(hidden))
 
   return forward
 
@@ -245,21 +257,21 @@ def vit(config: ArchConfig) -> Callable[..., NetworkOutput]:
     x = x + drop(hk.Linear(model_dim, name='mlp_1')(drop(y)))
     features = jnp.mean(maybe_layer_norm(config, x, 'final_layer_norm'), axis=1)
     hidden.append(features)
-    return NetworkOutput(hk.Linear(config.num_outputs, name='head')(features), _flat_hidden(hidden))
+    return NetworkOutput(hk.Linear(config.num_outputs, name=HEAD)(features), _flat_hidden(hidden))
 
   return forward
 
 
 def make_network(arch: str, config: ArchConfig) -> Network:
   """Builds a pure `Network` from a registered architecture name."""
-  if arch not in ARCHITECTURES:
-    raise ValueError(f'Unknown architecture {arch!r} (--arch); accepted: {", ".join(sorted(ARCHITECTURES))}.')
-  transformed = hk.transform(ARCHITECTURES[arch](config))
+  transformed = hk.transform(ARCHITECTURES.get(arch)(config))
 
   def init(rng: jax.Array, obs: jax.Array):
     return transformed.init(rng, obs, is_training=False)
 
-  def apply(params, obs: jax.Array, rng: Optional[jax.Array] = None) -> NetworkOutput:
-    return transformed.apply(params, rng, obs, is_training=rng is not None)
+  def apply(params, obs: jax.Array, *, is_training: bool = False, rng: Optional[jax.Array] = None) -> NetworkOutput:
+    if is_training and rng is None:
+      raise ValueError('Network.apply(..., is_training=True) needs an rng (the dropout key).')
+    return transformed.apply(params, rng, obs, is_training=is_training)
 
   return Network(init=init, apply=apply)

@@ -6,9 +6,11 @@ learning objective").
 """
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable
 
 import optax
+
+from agents.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,14 +23,8 @@ class OptimizerConfig:
 
 
 OptimizerBuilder = Callable[[OptimizerConfig], optax.GradientTransformation]
-OPTIMIZERS: Dict[str, OptimizerBuilder] = {}
-
-
-def register(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
-  def decorator(builder: OptimizerBuilder) -> OptimizerBuilder:
-    OPTIMIZERS[name] = builder
-    return builder
-  return decorator
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry('optimizer', '--optimizer')
+register = OPTIMIZERS.register
 
 
 @register('adam')
@@ -64,9 +60,7 @@ def sgd(config: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-  if config.name not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer {config.name!r} (--optimizer); accepted: {", ".join(sorted(OPTIMIZERS))}.')
-  optimizer = OPTIMIZERS[config.name](config)
+  optimizer = OPTIMIZERS.get(config.name)(config)
   if config.l2_penalty:
     optimizer = optax.chain(optax.add_decayed_weights(config.l2_penalty), optimizer)
   return optimizer

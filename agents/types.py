@@ -1,6 +1,6 @@
 """Types shared by the agent, the probes and the launch program."""
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 import jax
 
@@ -20,10 +20,12 @@ class NetworkOutput(NamedTuple):
 
 
 class Network(NamedTuple):
-  """A pure network: `init(rng, obs)` and `apply(params, obs, rng=None)`.
+  """A pure network: `init(rng, obs)` and `apply(params, obs, *, is_training=False, rng=None)`.
 
-  `apply` with `rng=None` is deterministic (no dropout): it is used for acting,
-  targets and probes; the learner passes a key for the online forward pass.
+  `apply` is deterministic (no dropout) unless `is_training=True`, which needs
+  `rng`, the dropout key: only the learner's online forward pass trains; acting,
+  targets and probes evaluate. Training mode is asked for, never inferred from
+  a key being passed.
   """
   init: Callable[[PRNGKey, jax.Array], Params]
   apply: Callable[..., NetworkOutput]
@@ -38,4 +40,5 @@ class Transition(NamedTuple):
   next_observation: Any
 
 
-OptionalKey = Optional[PRNGKey]
+# Where the actor and the learner send their records (a JSONL logger in a run, a list's append in a test).
+Logger = Callable[[Dict[str, object]], None]

@@ -1,47 +1,69 @@
 """Environments by spec string: `environments.make('mdp:mnist:easy', seed=0)`.
 
-A spec is `family:rest`; each family (`mdp`, `atari`) registers a maker
-that parses `rest` and lists its valid specs, so a new family is one module
-plus one `register_family` call, and every bad spec is an error listing the
-valid ones.
+A spec is `family:rest`; each family (`mdp`, `atari`) registers a maker that
+parses `rest`, lists its valid specs, and declares what the layers above ask
+of it: the keyword options its maker takes (the experiment's configuration
+has a field of each name; `launch/` passes a family only its own), the preset
+of agent defaults it calls for, and, through every environment's
+`data_source`, what data a run uses. So a new family is one module plus one
+`register_family` call, and every bad spec is an error listing the valid ones.
 """
 
-from typing import Callable, Dict, List, NamedTuple
+from typing import Any, Callable, List, NamedTuple, Tuple
 
 import dm_env
 
+from agents.registry import Registry
+
 
 class Family(NamedTuple):
-  # (the spec's parts after the family name, seed, options) -> environment
+  # (spec, the spec's parts after the family name, seed, options) -> an environment with a `data_source` (str).
   make: Callable[..., dm_env.Environment]
   # Every valid spec of the family, for error messages and `--helpfull`.
   valid_specs: Callable[[], List[str]]
+  # The keyword options `make` takes, e.g. ('data_dir',).
+  options: Tuple[str, ...] = ()
+  # The preset of agent defaults (launch/presets.py) a run of this family gets by default.
+  preset: str = 'mdp'
 
 
-FAMILIES: Dict[str, Family] = {}
+FAMILIES: Registry = Registry('environment family', '--env')
 
 
 def register_family(name: str, family: Family) -> None:
-  FAMILIES[name] = family
+  FAMILIES.add(name, family)
+
+
+def families_taking(option: str) -> List[str]:
+  """The families whose maker takes a keyword option (empty: no family does)."""
+  return [name for name in FAMILIES if option in FAMILIES[name].options]
 
 
 def valid_specs() -> List[str]:
-  return [spec for name in sorted(FAMILIES) for spec in FAMILIES[name].valid_specs()]
+  return [spec for name in FAMILIES for spec in FAMILIES[name].valid_specs()]
 
 
-def make(spec: str, seed: int = 0, **options) -> dm_env.Environment:
+def family(spec: str) -> Family:
+  """The family of a spec; a ValueError naming --env and the valid specs for an unknown one."""
+  name = spec.partition(':')[0]
+  if name not in FAMILIES:
+    raise ValueError(f'Unknown environment family {name!r} in --env={spec}; families: '
+                     f'{", ".join(FAMILIES.names())}; valid specs: {", ".join(valid_specs())}.')
+  return FAMILIES[name]
+
+
+def make(spec: str, seed: int = 0, **options: Any) -> dm_env.Environment:
   """Builds the environment a spec names; raises ValueError (naming --env) for a bad one."""
-  family, _, rest = spec.partition(':')
-  if family not in FAMILIES:
-    raise ValueError(f'Unknown environment family {family!r} in --env={spec}; families: '
-                     f'{", ".join(sorted(FAMILIES))}; valid specs: {", ".join(valid_specs())}.')
-  return FAMILIES[family].make(spec, rest.split(':') if rest else [], seed=seed, **options)
+  rest = spec.partition(':')[2]
+  return family(spec).make(spec, rest.split(':') if rest else [], seed=seed, **options)
 
 
 def _register_builtin_families() -> None:
   from environments import atari, classification_mdp
-  register_family('mdp', Family(make=classification_mdp.make_from_spec, valid_specs=classification_mdp.valid_specs))
-  register_family('atari', Family(make=atari.make_from_spec, valid_specs=atari.valid_specs))
+  register_family('mdp', Family(make=classification_mdp.make_from_spec, valid_specs=classification_mdp.valid_specs,
+                                options=('data_dir',), preset='mdp'))
+  register_family('atari', Family(make=atari.make_from_spec, valid_specs=atari.valid_specs,
+                                  options=('sticky_action_probability',), preset='atari'))
 
 
 _register_builtin_families()

@@ -146,9 +146,8 @@ class Atari(dm_env.Environment):
     return specs.DiscreteArray(len(self._actions), name='action')
 
 
-def make_from_spec(spec: str, parts: List[str], seed: int = 0, data_dir: Optional[str] = None, **options) -> Atari:
-  """`parts` = [game] of the spec `atari:game`; `data_dir` (a flag every run has) is unused."""
-  del data_dir
+def make_from_spec(spec: str, parts: List[str], seed: int = 0, **options) -> Atari:
+  """`parts` = [game] of the spec `atari:game`."""
   if len(parts) != 1 or parts[0] not in GAMES:
     raise ValueError(f'Unknown environment --env={spec}; Atari specs are atari:<game> with game one of: '
                      f'{", ".join(GAMES)}.')

@@ -22,9 +22,11 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
+
+from agents.registry import Registry
 
 DATA_DIR_ENV = 'PLASTICITY_DATA_DIR'
 DOWNLOAD_ENV = 'PLASTICITY_DOWNLOAD'
@@ -156,26 +158,23 @@ def _extract_cifar10(archive: str, cache: str) -> None:
     tar.extractall(cache, members=members)
 
 
-SOURCES: Dict[str, DatasetSource] = {
-    'mnist': DatasetSource(
+SOURCES: Registry = Registry('dataset', '--env=mdp:<dataset>:<variant>')
+SOURCES.add(
+    'mnist', DatasetSource(
         expected='mnist.npz (arrays x_train, y_train) or the IDX files train-images-idx3-ubyte[.gz] and '
         'train-labels-idx1-ubyte[.gz], directly or in a mnist/ subdirectory',
         read=read_mnist,
         download_url='https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz',
         download_name='mnist.npz',
         # The sample is small: the MDPs use both of its splits.
-        embedded='mnist-10k.npz', read_embedded=lambda path: _read_mnist_npz(path, ('train', 'test'))),
-    'cifar10': DatasetSource(
+        embedded='mnist-10k.npz', read_embedded=lambda path: _read_mnist_npz(path, ('train', 'test'))))
+SOURCES.add(
+    'cifar10', DatasetSource(
         expected=f'the CIFAR-10 python batches {CIFAR10_DIR}/data_batch_1..5 (pickled dicts with b"data" and '
         f'b"labels"), in {CIFAR10_DIR}/ or directly',
         read=read_cifar10,
         download_url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
-        download_name='cifar-10-python.tar.gz', unpack=_extract_cifar10),
-}
-
-
-def register(name: str, source: DatasetSource) -> None:
-  SOURCES[name] = source
+        download_name='cifar-10-python.tar.gz', unpack=_extract_cifar10))
 
 
 def _download(url: str, destination: str, timeout_s: float) -> None:
@@ -213,9 +212,7 @@ def _from_dir(name: str, source: DatasetSource, directory: str, origin: str) -> 
 def load(name: str, data_dir: Optional[str] = None, download: Optional[bool] = None,
          download_timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Dataset:
   """Loads a dataset's training split (see the module docstring for where from)."""
-  if name not in SOURCES:
-    raise ValueError(f'Unknown dataset {name!r}; accepted: {", ".join(sorted(SOURCES))}.')
-  source = SOURCES[name]
+  source = SOURCES.get(name)
   if data_dir:
     return _from_dir(name, source, data_dir, '--data_dir')
   if os.environ.get(DATA_DIR_ENV):

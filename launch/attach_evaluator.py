@@ -11,7 +11,6 @@ touching the built-in evaluator's files. Several can attach at once; stopping on
 untouched. It exits by itself once the learner has finished.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -21,21 +20,20 @@ from absl import flags
 from absl import logging
 import courier
 
+from agents import config_flags
 from launch import program as program_lib
-from launch.experiment import ExperimentConfig, load_config
+from probes.run_dir import ExperimentConfig, RunLayout, load_config
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
 NAME = flags.DEFINE_string('name', None, 'Name of this evaluator: it writes under RUN_DIR/evaluators/NAME/ '
                            '(default: attached-<time>-<pid>).')
-PROBE_EVERY = flags.DEFINE_integer('probe_every', None, 'Learner steps between probes (default: the run\'s).',
-                                   lower_bound=1)
-PROBE_STEPS = flags.DEFINE_integer('probe_steps', None, 'Steps of each probe fit (default: the run\'s).',
-                                   lower_bound=1)
-DIAGNOSTICS = flags.DEFINE_bool('diagnostics', None, 'Run the diagnostics beside the probe (default: as the run does).')
+# Every setting of the evaluator can differ from the run's: the probe's, the diagnostics', the schedule.
+OVERRIDES = config_flags.define(
+    ExperimentConfig, overrides=True, help_suffix=' (Default: as the run has it.)',
+    only=[f.flag for f in config_flags.fields(ExperimentConfig)
+          if f.path[0] in ('probe', 'diagnostics', 'probe_every', 'diagnostics_enabled')])
 SEED = flags.DEFINE_integer('seed', 1, 'Seed of this evaluator\'s probe targets.')
 CALL_TIMEOUT_S = flags.DEFINE_float('call_timeout_s', 30.0, 'Timeout of each call to the learner.', lower_bound=0.1)
-
-EVALUATORS_DIR = 'evaluators'
 
 
 class LearnerGone(Exception):
@@ -57,9 +55,9 @@ def _guarded(call):
 def connect(run_dir: str, call_timeout_s: float):
   """(run config, learner client, replay address), or a ValueError saying why the run is not attachable."""
   config = load_config(run_dir)  # A ValueError if `run_dir` is not a run directory.
-  path = config.path(program_lib.ADDRESSES_FILE)
+  path = config.layout.addresses
   if not os.path.exists(path):
-    raise ValueError(f'{run_dir} is a run directory but holds no {program_lib.ADDRESSES_FILE}: its program is not '
+    raise ValueError(f'{run_dir} is a run directory but holds no {os.path.basename(path)}: its program is not '
                      f'running (or has not started its actors yet). Start or resume it with launch.train.')
   with open(path) as f:
     addresses = json.load(f)
@@ -84,17 +82,18 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   name = NAME.value or f'attached-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
-  out_dir = config.path(EVALUATORS_DIR, name)
+  out = config.layout.evaluator(name)
+  out_dir = out.root
   if os.path.exists(out_dir):
     raise app.UsageError(f'--name={name}: {out_dir} already exists; choose another name.')
-  probe = config.probe if PROBE_STEPS.value is None else dataclasses.replace(config.probe, steps=PROBE_STEPS.value)
-  diagnostics_enabled = config.diagnostics_enabled if DIAGNOSTICS.value is None else DIAGNOSTICS.value
-  config: ExperimentConfig = dataclasses.replace(config, probe=probe, diagnostics_enabled=diagnostics_enabled)
-  probe_every = PROBE_EVERY.value or config.probe_every or 5000
-  evaluator = program_lib.make_evaluator(config, out_dir, _guarded(learner.get_snapshot), replay_address,
-                                         seed=SEED.value, reference_probes=config.path('probes.jsonl'))
+  config: ExperimentConfig = config_flags.apply_overrides(config, OVERRIDES)
+  probe_every = config.probe_every or ExperimentConfig.probe_every  # A run without an evaluator: the default.
+  evaluator = program_lib.make_evaluator(config, out, _guarded(learner.get_snapshot), replay_address,
+                                         seed=SEED.value,
+                                         reference_probes=config.layout.records(RunLayout.PROBES))
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
-        f'({probe.steps} probe steps, diagnostics {"on" if diagnostics_enabled else "off"}); writing {out_dir}.',
+        f'({config.probe.steps} probe steps, diagnostics {"on" if config.diagnostics_enabled else "off"}); '
+        f'writing {out_dir}.',
         flush=True)
   try:
     evaluator.run(probe_every, learner_step=_guarded(learner.get_step),

@@ -24,11 +24,12 @@ from absl import app
 from absl import flags
 import numpy as np
 
-ENV = flags.DEFINE_string('env', 'mdp:mnist:easy', 'Environment spec.')
+from agents import config_flags
+from probes.run_dir import ExperimentConfig
+
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
-SAMPLES_PER_INSERT = flags.DEFINE_float('samples_per_insert', 8.0, 'Ratio for the rate-limited measurement.')
-PROBE_STEPS = flags.DEFINE_integer('probe_steps', 2000, 'Steps of each probe fit.')
-PROBE_TARGETS = flags.DEFINE_integer('probe_targets', 10, 'Targets of the probe.')
+# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert).
+FIELDS = config_flags.define(ExperimentConfig, only=['env', 'samples_per_insert', 'probe_steps', 'probe_targets'])
 
 
 def _spawn(target, *args) -> multiprocessing.Process:
@@ -49,7 +50,7 @@ def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, r
   env = environments.make(env_spec, seed=actor_id)
   agent = make_agent(AgentConfig(), env.action_spec().num_values)
   params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *env.observation_spec().shape), np.uint8))
-  actor = Actor(agent, env, epsilon=0.1, params_source=lambda: (0, params),
+  actor = Actor(agent, AgentConfig(epsilon=0.1), env, params_source=lambda: (0, params),
                 add=replay.ReverbSink(reverb.Client(address)), seed=actor_id)
   actor.run(num_steps=200)  # Compile and warm up.
   start_steps, start = actor.env_steps, time.time()
@@ -66,12 +67,13 @@ def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
   from launch import replay
   from probes.diagnostics import DiagnosticsConfig
   from probes.evaluator import Evaluator
+  from probes.run_dir import RunLayout
   from probes.plasticity import ProbeConfig
 
   env = environments.make(env_spec)
   evaluator = Evaluator(make_agent(AgentConfig(), env.action_spec().num_values), ProbeConfig(steps=200),
                         params_source=lambda: (0, params, params), replay_source=replay.ReverbSource(address),
-                        out_dir=tempfile.mkdtemp(), diagnostics_config=DiagnosticsConfig())
+                        out=RunLayout(tempfile.mkdtemp()), diagnostics_config=DiagnosticsConfig())
   while not stop_event.is_set():
     evaluator.evaluate()
 
@@ -110,17 +112,18 @@ def main(argv):
   from launch import replay
   from probes import plasticity
 
-  env = environments.make(ENV.value)
+  run = config_flags.build(ExperimentConfig, FIELDS)
+  env = environments.make(run.env)
   observation_spec = env.observation_spec()
   dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
   unlimited = replay.ReplayConfig(capacity=100_000, min_size=1_000, samples_per_insert=1e9,
                                   samples_per_insert_tolerance=1e9)
   server = reverb.Server(replay.make_tables(unlimited, observation_spec))
   address = f'localhost:{server.port}'
-  print(f'Benchmark on {ENV.value}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
+  print(f'Benchmark on {run.env}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
 
   for num_actors in (1, 2):
-    rates = actor_steps_per_second(ENV.value, num_actors, address, SECONDS.value)
+    rates = actor_steps_per_second(run.env, num_actors, address, SECONDS.value)
     print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, {np.mean(rates):8.0f} per actor '
           f'(inserting into Reverb, no rate limit)', flush=True)
 
@@ -131,7 +134,7 @@ def main(argv):
   alone = learner_updates_per_second(learner, SECONDS.value)
   params = learner.get_params()[1]
   side_by_side = {}
-  for name, target, args in (('an evaluator', _evaluator_process, (ENV.value, address, params)),
+  for name, target, args in (('an evaluator', _evaluator_process, (run.env, address, params)),
                              ('a CPU burner', _cpu_burner_process, ())):
     stop = multiprocessing.get_context('spawn').Event()
     process = _spawn(target, *args, stop)
@@ -147,12 +150,12 @@ def main(argv):
         f'only the cores it shares)', flush=True)
   del server
 
-  limited = dataclasses.replace(unlimited, samples_per_insert=SAMPLES_PER_INSERT.value,
+  limited = dataclasses.replace(unlimited, samples_per_insert=run.replay.samples_per_insert,
                                 samples_per_insert_tolerance=0.1)
   server = reverb.Server(replay.make_tables(limited, observation_spec))
   address = f'localhost:{server.port}'
   queue = multiprocessing.get_context('spawn').Queue()
-  actors = [_spawn(_actor_process, ENV.value, i, address, 3 * SECONDS.value, queue) for i in range(2)]
+  actors = [_spawn(_actor_process, run.env, i, address, 3 * SECONDS.value, queue) for i in range(2)]
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
   client = reverb.Client(address)
 
@@ -167,12 +170,11 @@ def main(argv):
   for process in actors:
     process.terminate()
   inserts, samples = inserts_1 - inserts_0, samples_1 - samples_0
-  print(f'rate limiter: samples_per_insert set {SAMPLES_PER_INSERT.value}, held {samples / max(inserts, 1):.2f} '
+  print(f'rate limiter: samples_per_insert set {run.replay.samples_per_insert}, held {samples / max(inserts, 1):.2f} '
         f'({samples} samples / {inserts} inserts over {steps_1 - steps_0} learner steps with 2 actors, '
         f'after the first {steps_0})', flush=True)
 
-  probe_config = dataclasses.replace(plasticity.ProbeConfig(), steps=PROBE_STEPS.value,
-                                     num_targets=PROBE_TARGETS.value)
+  probe_config = run.probe
   inputs = replay.ReverbSource(address).distinct_observations(probe_config.num_inputs, give_up=lambda: False)
   del server
   apply_fn = lambda params, obs: agent.network.apply(params, obs).outputs

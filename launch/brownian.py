@@ -16,38 +16,15 @@ process), RUN_DIR/covariance/ and RUN_DIR/td_covariance/
 from absl import app
 from absl import flags
 
+from agents import config_flags
 import environments
 from launch import brownian_study
 from probes.diagnostics import DiagnosticsConfig
 
-_STUDY = brownian_study.StudyConfig()
-_DIAGNOSTICS = DiagnosticsConfig()
-
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory the results go to; one holding brownian.jsonl is refused.')
-STEPS = flags.DEFINE_integer('steps', _STUDY.steps, 'Training steps of both processes.', lower_bound=1)
-MEASURE_EVERY = flags.DEFINE_integer('measure_every', _STUDY.measure_every,
-                                     'Steps between measurements (also at step 0 and the last step).', lower_bound=1)
-NUM_TRANSITIONS = flags.DEFINE_integer('num_transitions', _STUDY.num_transitions,
-                                       'Uniformly-random-policy transitions collected up front; batches are sampled '
-                                       'from them.', lower_bound=1)
-BATCH_SIZE = flags.DEFINE_integer('batch_size', _STUDY.batch_size, 'Training batch (appendix A.1).', lower_bound=1)
-LEARNING_RATE = flags.DEFINE_float('learning_rate', _STUDY.learning_rate, 'SGD learning rate (appendix A.1).')
-TARGET_UPDATE_PERIOD = flags.DEFINE_integer('target_update_period', _STUDY.target_update_period,
-                                            'Steps between target-network copies (appendix A.1).', lower_bound=1)
-WIDTH_MULTIPLIER = flags.DEFINE_float('width_multiplier', _STUDY.width_multiplier,
-                                      'Scales the MLP\'s two hidden layers of 512.')
-SEED = flags.DEFINE_integer('seed', _STUDY.seed, 'Seed of the environment, policy, batches, initialisation, walk, '
-                            'perturbation network and Lanczos start.')
-DATA_DIR = flags.DEFINE_string('data_dir', None, 'MNIST location (see environments/datasets.py); default: the usual '
-                               'search, ending with the embedded 10,000 digits.')
-LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', _DIAGNOSTICS.lanczos_steps,
-                                     'Lanczos iterations of the Hessian density.', lower_bound=1)
-HESSIAN_BATCH_SIZE = flags.DEFINE_integer('hessian_batch_size', _DIAGNOSTICS.hessian_batch_size,
-                                          'Probe inputs the Hessian is taken on.', lower_bound=1)
-COVARIANCE_SAMPLES = flags.DEFINE_integer('covariance_samples', _DIAGNOSTICS.covariance_samples,
-                                          'k of the probe-task gradient covariance C_k.', lower_bound=2)
-TD_COVARIANCE_SAMPLES = flags.DEFINE_integer('td_covariance_samples', _DIAGNOSTICS.td_covariance_samples,
-                                             'k of the TD-loss gradient covariance (0: off).', lower_bound=0)
+STUDY = config_flags.define(brownian_study.StudyConfig)
+DIAGNOSTICS = config_flags.define(DiagnosticsConfig, only=['lanczos_steps', 'hessian_batch_size', 'covariance_samples',
+                                                           'td_covariance_samples'])
 
 
 def main(argv):
@@ -55,22 +32,17 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
   if not RUN_DIR.value:
     raise app.UsageError('--run_dir is required.')
-  config = brownian_study.StudyConfig(
-      learning_rate=LEARNING_RATE.value, batch_size=BATCH_SIZE.value, target_update_period=TARGET_UPDATE_PERIOD.value,
-      steps=STEPS.value, measure_every=MEASURE_EVERY.value, num_transitions=NUM_TRANSITIONS.value,
-      width_multiplier=WIDTH_MULTIPLIER.value, seed=SEED.value)
-  diagnostics = DiagnosticsConfig(lanczos_steps=LANCZOS_STEPS.value, hessian_batch_size=HESSIAN_BATCH_SIZE.value,
-                                  covariance_samples=COVARIANCE_SAMPLES.value,
-                                  td_covariance_samples=TD_COVARIANCE_SAMPLES.value)
+  config = config_flags.build(brownian_study.StudyConfig, STUDY)
+  diagnostics = config_flags.build(DiagnosticsConfig, DIAGNOSTICS)
   try:
     brownian_study.validate(config, diagnostics)
     brownian_study.check_run_dir(RUN_DIR.value)
-    env = environments.make(brownian_study.ENV, seed=SEED.value, data_dir=DATA_DIR.value)
+    env = environments.make(brownian_study.ENV, seed=config.seed, data_dir=config.data_dir)
   except ValueError as e:
     raise app.UsageError(str(e))
   print(f'{env.data_source}; collecting {config.num_transitions} transitions of a uniformly random policy.',
         flush=True)
-  transitions = brownian_study.collect_transitions(env, config.num_transitions, SEED.value)
+  transitions = brownian_study.collect_transitions(env, config.num_transitions, config.seed)
   try:
     probe_inputs = brownian_study.select_probe_inputs(transitions, diagnostics)
   except ValueError as e:

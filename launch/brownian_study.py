@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from agents.builder import AgentParts, make_agent
-from agents.config import AgentConfig
-from agents.learning import (TrainingState, double_q_loss, init_state, make_target_update, make_transition_loss,
+from agents.config import AgentConfig, option
+from agents.update import (TrainingState, double_q_loss, init_state, make_target_update, make_transition_loss,
                              make_update)
 from agents.types import Transition
-from launch.loggers import JsonlLogger
+from probes.loggers import JsonlLogger
 from probes.diagnostics import DiagnosticsConfig, make_diagnostics
 
 ENV = 'mdp:mnist:easy'
@@ -40,17 +40,22 @@ PROCESSES = ('gradient_descent', 'random_walk')
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
+  """The study's settings; `python -m launch.brownian` takes each as a flag of its name."""
   # Appendix A.1: SGD at 1e-3, batches of 512, the target network copied every 5,000 steps.
-  learning_rate: float = 1e-3
-  batch_size: int = 512
-  target_update_period: int = 5000
+  learning_rate: float = option(1e-3, 'SGD learning rate (appendix A.1).', lower_bound=0.0)
+  batch_size: int = option(512, 'Training batch (appendix A.1).', lower_bound=1)
+  target_update_period: int = option(5000, 'Steps between target-network copies (appendix A.1).', lower_bound=1)
   # The paper is silent on the rest.
-  steps: int = 20_000
-  measure_every: int = 5000
-  num_transitions: int = 50_000  # Pool of uniformly-random-policy transitions, collected up front.
-  width_multiplier: float = 1.0  # Of the MDP preset's MLP (two hidden layers of 512).
-  seed: int = 0
-  progress_every: int = 1000  # Training steps between progress lines.
+  steps: int = option(20_000, 'Training steps of both processes.', lower_bound=1)
+  measure_every: int = option(5000, 'Steps between measurements (also at step 0 and the last step).', lower_bound=1)
+  num_transitions: int = option(50_000, 'Uniformly-random-policy transitions collected up front; batches are '
+                                'sampled from them.', lower_bound=1)
+  width_multiplier: float = option(1.0, 'Scales the MLP\'s two hidden layers of 512.', lower_bound=0.0)
+  seed: int = option(0, 'Seed of the environment, policy, batches, initialisation, walk, perturbation network and '
+                     'Lanczos start.')
+  progress_every: int = option(1000, 'Training steps between progress lines.', lower_bound=1)
+  data_dir: Optional[str] = option(None, 'MNIST location (see environments/datasets.py); default: the usual search, '
+                                   'ending with the embedded 10,000 digits.')
 
   @property
   def measured_steps(self) -> List[int]:
@@ -233,7 +238,7 @@ def run(run_dir: str, config: StudyConfig, diagnostics: DiagnosticsConfig, trans
   """The study into an ordinary directory: brownian.jsonl, config.json, the C_k matrices and the PNG."""
   validate(config, diagnostics)
   check_run_dir(run_dir)
-  logger = JsonlLogger(run_dir, RECORDS, step_key='step', tensorboard=False)
+  logger = JsonlLogger(os.path.join(run_dir, f'{RECORDS}.jsonl'), step_key='step')
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     json.dump({'env': ENV, 'study': dataclasses.asdict(config), 'diagnostics': dataclasses.asdict(diagnostics)}, f,
               indent=2)

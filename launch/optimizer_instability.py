@@ -21,7 +21,7 @@ import numpy as np
 from agents import optimizers
 from environments import datasets
 from launch.instability_study import METRICS, plot, run_study
-from launch.loggers import JsonlLogger, read_jsonl
+from probes.loggers import JsonlLogger, read_jsonl
 
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where metrics.jsonl and the PNG go.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'MNIST location (see environments/datasets.py); default: the usual '
@@ -60,7 +60,7 @@ def main(argv):
   images = data.images[subset]
   print(f'{data.source}; {len(images)} images, {ITERATIONS.value} iterations x {STEPS_PER_ITERATION.value} steps.',
         flush=True)
-  logger = JsonlLogger(OUT_DIR.value, METRICS, step_key='step', tensorboard=False)
+  logger = JsonlLogger(os.path.join(OUT_DIR.value, f'{METRICS}.jsonl'), step_key='step')
   for name in OPTIMIZERS.value:
     start = time.time()
 

@@ -33,13 +33,8 @@ from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params
 from launch import replay
-from launch.experiment import ExperimentConfig
-from launch.loggers import JsonlLogger
-from probes import probe_set
+from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import Evaluator, ParamsSource, Stopped
-
-# Where a live run's learner and replay answer (see launch/attach_evaluator.py).
-ADDRESSES_FILE = 'addresses.json'
 
 # Nodes that must keep JAX off any accelerator: only the learner may use it.
 CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
@@ -87,8 +82,8 @@ class LearnerNode:
                                     should_stop=_stop_requested)
     self._learner = Learner(
         agent, config.agent, iterator, np.zeros(observation_spec.shape, observation_spec.dtype),
-        seed=config.seed, checkpoint_dir=config.path('checkpoints'),
-        checkpoint_every=config.checkpoint_every, logger=JsonlLogger(config.run_dir, 'learner'),
+        seed=config.seed, checkpoint_dir=config.layout.checkpoints,
+        checkpoint_every=config.checkpoint_every, logger=config.layout.logger(RunLayout.LEARNER),
         log_every=config.log_every)
     self._finished = False
 
@@ -131,7 +126,7 @@ class ActorNode:
       publish_addresses(config, self._learner.address, self._replay_client.server_address)
     seed = config.seed * 1000 + self._actor_id
     env = environments.make(config.env, seed=seed, **config.env_options())
-    logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, getattr(env, 'data_source', 'n/a'))
+    logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, env.data_source)
     agent = make_agent(config.agent, env.action_spec().num_values)
     get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
 
@@ -141,26 +136,25 @@ class ActorNode:
       except Stopped:
         return None  # The actor stops.
 
-    actor = Actor(agent, env, config.agent.epsilon, params_source=params_source,
+    actor = Actor(agent, config.agent, env, params_source=params_source,
                   add=replay.ReverbSink(self._replay_client, should_stop=_stop_requested), seed=seed,
-                  reward_clip=config.agent.reward_clip,
                   params_update_period=config.actor_params_update_period,
-                  logger=JsonlLogger(config.run_dir, 'actors', extra={'actor_id': self._actor_id},
-                                     tensorboard=self._actor_id == 0))
+                  logger=config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id},
+                                              tensorboard=self._actor_id == 0))
     actor.run(should_stop=_stop_requested)
 
 
-def make_evaluator(config: ExperimentConfig, out_dir: str, params_source: ParamsSource, replay_address: str,
+def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
                    seed: int, reference_probes: Optional[str] = None) -> Evaluator:
-  """The evaluator of a run, writing under `out_dir` (the built-in one writes in the run directory).
+  """The evaluator of a run, writing the files of `out` (the built-in one: the run directory's).
 
   Every evaluator of a run reads the run's probe set (drawn by the first to need it).
   """
   _, num_actions = environment_specs(config)
   return Evaluator(
       make_agent(config.agent, num_actions), config.probe, params_source=params_source,
-      replay_source=replay.ReverbSource(replay_address), out_dir=out_dir,
-      probe_set_path=config.path(probe_set.PROBE_SET_FILE),
+      replay_source=replay.ReverbSource(replay_address), out=out,
+      probe_set_path=config.layout.probe_set,
       diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
       discount=config.agent.discount, reference_probes=reference_probes)
 
@@ -169,7 +163,7 @@ def publish_addresses(config: ExperimentConfig, learner_address: str, replay_add
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
   record = {'learner': learner_address, 'replay': replay_address, 'host': socket.gethostname(),
             'launch_type': config.launch_type, 'written_at': time.time()}
-  path = config.path(ADDRESSES_FILE)
+  path = config.layout.addresses
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=2)
   os.replace(path + '.tmp', path)
@@ -187,7 +181,7 @@ class EvaluatorNode:
     should_stop = lp.stop_event().is_set  # The event itself: the snapshot thread reads it too.
     learner = {name: until_stopped(getattr(self._learner.futures, name), should_stop)
                for name in ('get_snapshot', 'get_step', 'is_finished')}
-    evaluator = make_evaluator(config, config.run_dir, learner['get_snapshot'],
+    evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
                                self._replay_client.server_address, seed=config.seed)
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                   should_stop=should_stop)

@@ -8,7 +8,6 @@ Two tables share every inserted transition (Reverb stores the data once):
     samples-per-insert ratio.
 """
 
-import dataclasses
 import time
 from typing import Callable, Iterator, List, Tuple
 
@@ -18,21 +17,12 @@ import reverb
 import tensorflow as tf
 import tree
 
+from agents.config import ReplayConfig
 from agents.types import Transition
 from probes import probe_set
 
 REPLAY_TABLE = 'replay'
 PROBE_TABLE = 'probe'
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplayConfig:
-  capacity: int = 100_000  # Appendix A.3.
-  min_size: int = 1_000
-  # Items sampled per item inserted; batch 32 per 4 environment steps (DQN Zoo) is 8.
-  samples_per_insert: float = 8.0
-  # Slack of the ratio, as a fraction of samples_per_insert * min_size (as in Acme).
-  samples_per_insert_tolerance: float = 0.1
 
 
 def transition_signature(observation_spec: dm_env.specs.Array) -> Transition:

@@ -21,17 +21,16 @@ import threading
 import time
 
 from absl import app
-from absl import logging
 
 import environments
 from environments import datasets
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import program as program_lib
-from launch.experiment import ExperimentConfig, write_or_check_config
-from launch.loggers import read_jsonl
-from probes import report
-from probes.evaluator import STATUS_FILE
+from probes.run_dir import ExperimentConfig, write_or_check_config
+from probes.loggers import read_jsonl
+from probes import plots
+from probes.run_dir import RunLayout
 
 
 class ExitCode(enum.IntEnum):
@@ -46,7 +45,7 @@ def validate(config: ExperimentConfig) -> str:
   """Builds the environment and agent once, so bad flags fail before any launch."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   make_agent(config.agent, env.action_spec().num_values)
-  return getattr(env, 'data_source', 'n/a')
+  return env.data_source
 
 
 def _last(path: str):
@@ -66,7 +65,7 @@ def _number(value, spec: str) -> str:
 
 def _read_status(config: ExperimentConfig) -> dict:
   try:
-    with open(config.path(STATUS_FILE)) as f:
+    with open(config.layout.evaluator_status) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
@@ -78,7 +77,7 @@ def program_completed(config: ExperimentConfig) -> bool:
   Under local_mp a node's `lp.stop()` reaches the launcher as a SIGTERM: one that
   arrives when the work is done is the program stopping itself, not a user.
   """
-  learner = _last(config.path('learner.jsonl'))
+  learner = _last(config.layout.records(RunLayout.LEARNER))
   if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
     return False
   return config.probe_every <= 0 or _read_status(config).get('state') == 'finished'
@@ -101,8 +100,8 @@ def _evaluator_status(config: ExperimentConfig) -> str:
 
 
 def progress_line(config: ExperimentConfig) -> str:
-  learner = _last(config.path('learner.jsonl'))
-  probe = _last(config.path('probes.jsonl'))
+  learner = _last(config.layout.records(RunLayout.LEARNER))
+  probe = _last(config.layout.records(RunLayout.PROBES))
   parts = []
   if learner:
     parts.append(f'learner step {learner["learner_step"]}/{config.max_learner_steps} '
@@ -127,7 +126,7 @@ def launch_and_wait(config: ExperimentConfig) -> ExitCode:
   program = program_lib.make_program(config)
   if config.launch_type == 'local_mp':
     from launchpad.launch.run_locally import launch_local_output_to_files
-    log_dir = config.path('logs')
+    log_dir = config.layout.logs
     os.makedirs(log_dir, exist_ok=True)
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
     manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
@@ -161,13 +160,21 @@ def launch_and_wait(config: ExperimentConfig) -> ExitCode:
   if interrupted.is_set():
     return ExitCode.INTERRUPTED
   if failure:
-    print(f'A node of the program failed ({failure[0]}); its log is under {config.path("logs")}.', file=sys.stderr)
+    print(f'A node of the program failed ({failure[0]}); its log is under {config.layout.logs}.', file=sys.stderr)
     return ExitCode.NODE_FAILED
   return ExitCode.FINISHED
 
 
-RESULT_FILES = ('learner.jsonl', 'actors.jsonl', 'probes.jsonl', 'diagnostics.jsonl', 'probe_set.npz', 'checkpoints',
-                'tensorboard', 'plots')
+def _results(layout: RunLayout) -> str:
+  """The result files and directories that hold something, for the final message."""
+  paths = [layout.records(name) for name in (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES,
+                                             RunLayout.DIAGNOSTICS)]
+  paths += [layout.probe_set, layout.checkpoints, layout.tensorboard(), layout.plots]
+  present = [os.path.relpath(p, layout.root) + ('/' if os.path.isdir(p) else '') for p in paths if _holds_something(p)]
+  text = ', '.join(present) or 'nothing yet'
+  if _holds_something(layout.tensorboard()):
+    text += f' (tensorboard --logdir {layout.tensorboard()})'
+  return text
 
 
 def main(argv):
@@ -185,25 +192,23 @@ def main(argv):
         f'({data_source}), {config.num_actors} actors, {config.launch_type}, '
         f'{config.max_learner_steps} learner steps, probe every {config.probe_every}.', flush=True)
   code = launch_and_wait(config)
-  learner = _last(config.path('learner.jsonl'))
+  layout = config.layout
+  learner = _last(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
-  if os.path.exists(config.path('probes.jsonl')) and read_jsonl(config.path('probes.jsonl')):
-    for path in report.write_report(config.run_dir):
+  if _last(layout.records(RunLayout.PROBES)):
+    for path in plots.write_report(config.run_dir):
       print(f'  plot: {path}')
-  present = [name + ('/' if os.path.isdir(config.path(name)) else '') for name in RESULT_FILES
-             if _holds_something(config.path(name))]
-  print(f'Results in {config.run_dir}: {", ".join(present) or "nothing yet"}'
-        + (f' (tensorboard --logdir {config.path("tensorboard")})' if 'tensorboard/' in present else '') + '.')
+  print(f'Results in {config.run_dir}: {_results(layout)}.')
   if learner and learner.get('diverged'):
     sys.exit(_fail(ExitCode.DIVERGED, f'The learner diverged at step {learner["learner_step"]} (a non-finite loss or '
-                   f'parameter); its last finite state is the latest checkpoint in {config.path("checkpoints")}. '
+                   f'parameter); its last finite state is the latest checkpoint in {layout.checkpoints}. '
                    f'Try a smaller --learning_rate.'))
   if code != ExitCode.FINISHED:
     sys.exit(_fail(code, 'Interrupted: relaunch the same command to resume.' if code == ExitCode.INTERRUPTED
-                   else f'See {config.path("logs")}.'))
+                   else f'See {layout.logs}.'))
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
-                   f'; see {config.path("logs")}.'))
+                   f'; see {layout.logs}.'))
 
 
 def _holds_something(path: str) -> bool:

@@ -27,31 +27,30 @@ from absl import flags
 import jax
 import numpy as np
 
-from agents import networks
+from agents import config_flags, networks
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from probes import curvature
 from probes import plasticity
 from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
+from probes.run_dir import ExperimentConfig
 
 ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn'], 'Architectures to benchmark.')
 NUM_INPUTS = flags.DEFINE_integer('num_inputs', 2048, 'Replay observations given to the probe and diagnostics.')
 OBSERVATION_SHAPE = flags.DEFINE_list('observation_shape', ['28', '28', '1'], 'Observation shape.')
 NUM_ACTIONS = flags.DEFINE_integer('num_actions', 10, 'Actions (network outputs).')
-LANCZOS_STEPS = flags.DEFINE_integer('lanczos_steps', DiagnosticsConfig.lanczos_steps,
-                                     'Lanczos steps timed; extrapolated linearly to the default.')
-PROBE_STEPS = flags.DEFINE_integer('probe_steps', plasticity.ProbeConfig.steps,
-                                   'Probe steps timed; extrapolated linearly to the default.')
-COVARIANCE_SAMPLES = flags.DEFINE_integer('covariance_samples', DiagnosticsConfig.covariance_samples,
-                                          'Covariance samples k timed; extrapolated as a k + b k^2 to the default.',
-                                          lower_bound=2)
-COVARIANCE_MEMORY_MB = flags.DEFINE_float('covariance_memory_mb', DiagnosticsConfig.covariance_memory_mb,
-                                          'Memory for blocks of per-example gradients (DiagnosticsConfig).')
+# The run's own declarations: each value is timed, then extrapolated to the field's default.
+FIELDS = config_flags.define(ExperimentConfig, only=['lanczos_steps', 'probe_steps', 'covariance_samples',
+                                                     'covariance_memory_mb'],
+                             help_suffix=' Timed at this value, then extrapolated to the default.')
+
+
+def _run() -> ExperimentConfig:
+  return config_flags.build(ExperimentConfig, FIELDS)
 
 
 def _config() -> DiagnosticsConfig:
-  return dataclasses.replace(DiagnosticsConfig(), lanczos_steps=LANCZOS_STEPS.value,
-                             covariance_samples=COVARIANCE_SAMPLES.value, covariance_memory_mb=COVARIANCE_MEMORY_MB.value)
+  return _run().diagnostics
 
 
 def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -64,7 +63,7 @@ def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, fl
 
 def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) -> Tuple[float, float]:
   """(compilation seconds, run seconds) of the plasticity probe at `steps` (default `--probe_steps`)."""
-  steps = steps or PROBE_STEPS.value
+  steps = steps or _run().probe.steps
   config = dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
                                curve_every=min(20, steps))
   apply_fn = lambda p, x: agent.network.apply(p, x).outputs
@@ -108,17 +107,17 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
         f'device(s)')
   compile_times, run_times = _time_diagnostics(agent.network, params, inputs)
   del compile_times['total'], run_times['total']
-  lanczos_scale = DiagnosticsConfig.lanczos_steps / LANCZOS_STEPS.value
-  probe_scale = plasticity.ProbeConfig.steps / PROBE_STEPS.value
+  lanczos_scale = DiagnosticsConfig.lanczos_steps / _config().lanczos_steps
+  probe_scale = plasticity.ProbeConfig.steps / _run().probe.steps
   probe_compile, probe_run = _time_probe(agent, params, inputs)
   probe_at_default = probe_run
   if probe_scale != 1:
     # Fixed cost (the targets, the final loss) and per-step cost from two step counts.
-    _, probe_twice = _time_probe(agent, params, inputs, 2 * PROBE_STEPS.value)
-    probe_at_default = _extrapolate(PROBE_STEPS.value, probe_run, probe_twice, plasticity.ProbeConfig.steps,
+    _, probe_twice = _time_probe(agent, params, inputs, 2 * _run().probe.steps)
+    probe_at_default = _extrapolate(_run().probe.steps, probe_run, probe_twice, plasticity.ProbeConfig.steps,
                                     powers=(0, 1))
   at_default = dict(run_times, hessian=run_times['hessian'] * lanczos_scale)
-  covariance_extrapolated = COVARIANCE_SAMPLES.value != DiagnosticsConfig.covariance_samples
+  covariance_extrapolated = _config().covariance_samples != DiagnosticsConfig.covariance_samples
   if covariance_extrapolated:
     at_default['covariance'] = _covariance_at_default(agent.network, params, inputs)
   rows = [(name, compile_times[name], run_times[name], at_default[name]) for name in run_times]
@@ -130,17 +129,17 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   print(f'  {"cycle":18s}{"":10s}{"":10s}{cycle:15.2f}{1:13.1%}')
   print(f'  diagnostics: {sum(row[3] for row in rows[:-1]) / cycle:.1%} of the cycle')
   block = covariance_block_size(_config(), params)
-  print(f'  memory: Lanczos basis {LANCZOS_STEPS.value} x {num_params:,} float32 = '
-        f'{LANCZOS_STEPS.value * num_params * 4 / 2**20:.0f} MiB; gradient blocks 2 x {block} x {num_params:,} '
+  print(f'  memory: Lanczos basis {_config().lanczos_steps} x {num_params:,} float32 = '
+        f'{_config().lanczos_steps * num_params * 4 / 2**20:.0f} MiB; gradient blocks 2 x {block} x {num_params:,} '
         f'float32 = {2 * block * num_params * 4 / 2**20:.0f} MiB')
   if lanczos_scale != 1:
-    print(f'  hessian timed at {LANCZOS_STEPS.value} Lanczos steps, x{lanczos_scale:g} to '
+    print(f'  hessian timed at {_config().lanczos_steps} Lanczos steps, x{lanczos_scale:g} to '
           f'{DiagnosticsConfig.lanczos_steps} (linear extrapolation)')
   if covariance_extrapolated:
-    print(f'  covariance timed at k={COVARIANCE_SAMPLES.value} (and {2 * COVARIANCE_SAMPLES.value} for the fit); '
+    print(f'  covariance timed at k={_config().covariance_samples} (and {2 * _config().covariance_samples} for the fit); '
           f'a k + b k^2 extrapolated to k={DiagnosticsConfig.covariance_samples}')
   if probe_scale != 1:
-    print(f'  plasticity probe timed at {PROBE_STEPS.value} and {2 * PROBE_STEPS.value} steps; fixed cost plus '
+    print(f'  plasticity probe timed at {_run().probe.steps} and {2 * _run().probe.steps} steps; fixed cost plus '
           f'per-step cost extrapolated to {plasticity.ProbeConfig.steps}')
 
 
@@ -152,7 +151,7 @@ def main(argv) -> None:
   print(f'Diagnostics defaults: Hessian batch {config.hessian_batch_size} (chunks of {config.hessian_chunk_size}), '
         f'{config.lanczos_steps} Lanczos steps x {config.lanczos_draws} draw(s), covariance k='
         f'{config.covariance_samples} (blocks of up to {config.covariance_chunk_size} within '
-        f'{COVARIANCE_MEMORY_MB.value:g} MiB); probe: '
+        f'{_config().covariance_memory_mb:g} MiB); probe: '
         f'{plasticity.ProbeConfig.num_targets} targets x {plasticity.ProbeConfig.steps} steps.')
   for arch in ARCHS.value:
     if arch not in networks.ARCHITECTURES:

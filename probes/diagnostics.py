@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents.config import option
 from agents.types import Network, Params, Transition
 from probes import curvature, statistics
 
@@ -35,32 +36,41 @@ from probes import curvature, statistics
 class DiagnosticsConfig:
   # The probe loss of section 3.2: targets = f(x; theta_t) + noise_scale * p(x), p a fixed random
   # network's outputs scaled to unit RMS per input (probes/curvature.py).
-  noise_scale: float = 1.0
+  noise_scale: float = option(1.0, 'Scale of the fixed perturbation of the curvature loss\'s targets.',
+                              lower_bound=0.0)
   # Hessian spectrum by stochastic Lanczos quadrature (Ghorbani et al. 2019).
-  hessian_batch_size: int = 2048  # "A single large batch"; rounded down to a multiple of the chunk.
-  hessian_chunk_size: int = 512  # Examples per Hessian-vector-product chunk: bounds memory.
-  lanczos_steps: int = 90  # Ghorbani et al.'s choice; clipped to the parameter count.
+  hessian_batch_size: int = option(2048, 'Probe inputs in the Hessian\'s batch ("a single large batch"; rounded '
+                                   'down to a multiple of the chunk).', lower_bound=1)
+  hessian_chunk_size: int = option(512, 'Examples per Hessian-vector-product chunk (bounds memory).', lower_bound=1)
+  lanczos_steps: int = option(90, 'Lanczos steps of the Hessian density (Ghorbani et al.\'s 90; clipped to the '
+                              'parameter count).', lower_bound=2)
   # One draw: the quadrature of v^T g(H) v / |v|^2 concentrates around tr g(H) / n
   # (variance O(1 / n)) for networks of 10^5+ parameters.
-  lanczos_draws: int = 1
-  density_grid_size: int = 512
-  density_sigma: float = 0.01  # Gaussian width, as a fraction of the Ritz values' range.
+  lanczos_draws: int = option(1, 'Random start vectors of stochastic Lanczos quadrature.', lower_bound=1)
+  density_grid_size: int = option(512, 'Points of the Hessian density\'s grid.', lower_bound=2)
+  density_sigma: float = option(0.01, 'Gaussian width of the density, as a fraction of the Ritz values\' range.',
+                                lower_bound=0.0)
   # Gradient covariance C_k (equation 3; k = 512, the training batch of section 3.2).
-  covariance_samples: int = 512
-  covariance_chunk_size: int = 64  # Per-example gradients per block; two blocks are held at a time,
-  # and fewer when 2 blocks of float32 gradients would exceed this. Block pairs recompute gradients, so
-  # the cost grows as k^2 / block: 2 GiB holds blocks of 20 gradients of the 12.9M-parameter CNN
-  # (C_512 in ~560 s on 2 CPU cores, against ~2,500 s in blocks of 5 at 512 MiB; probes.benchmark).
-  covariance_memory_mb: float = 2048.0
-  # C_k of the agent's TD loss, each replay transition's gradient taken alone (appendix A.1); 0: off.
-  td_covariance_samples: int = 512
-  kmeans_clusters: int = 10  # Appendix A.1: the number of latent states.
-  kmeans_seed: int = 0
+  covariance_samples: int = option(512, 'k of the gradient covariance C_k of the probe loss.', lower_bound=2)
+  # Two blocks are held at a time, and fewer when 2 blocks of float32 gradients would exceed the budget.
+  # Block pairs recompute gradients, so the cost grows as k^2 / block: 2 GiB holds blocks of 20 gradients
+  # of the 12.9M-parameter CNN (C_512 in ~560 s on 2 CPU cores, against ~2,500 s in blocks of 5 at 512 MiB).
+  covariance_chunk_size: int = option(64, 'Per-example gradients per block of C_k.', lower_bound=1)
+  covariance_memory_mb: float = option(2048.0, 'Memory budget of the blocks of per-example gradients (MiB).',
+                                       lower_bound=0.0)
+  td_covariance_samples: int = option(512, 'Replay transitions in the TD-loss gradient covariance (appendix A.1; '
+                                      '0: off).', lower_bound=0)
+  kmeans_clusters: int = option(10, 'k-means clusters ordering C_k (appendix A.1: the number of latent states).',
+                                lower_bound=1)
+  kmeans_seed: int = option(0, 'Seed of the k-means ordering.')
   # Statistics (section 4.2, Sokar et al. 2023).
-  rank_delta: float = 0.01  # srank_delta of features and weights (Kumar et al. 2020).
-  weight_rank_rtol: Optional[float] = None  # None: max(shape) * eps(float32).
-  dormant_threshold: float = 0.1  # Sokar et al.'s tau.
-  activation_chunk_size: int = 512  # Inputs per forward pass for statistics and targets.
+  rank_delta: float = option(0.01, 'delta of srank, of features and weights (Kumar et al. 2020).', lower_bound=0.0,
+                             upper_bound=1.0)
+  weight_rank_rtol: Optional[float] = option(None, 'Relative tolerance of the numerical weight rank (default: '
+                                             'max(shape) * eps(float32)).', lower_bound=0.0)
+  dormant_threshold: float = option(0.1, 'Sokar et al.\'s tau: a unit is dormant when its score is at most this.',
+                                    lower_bound=0.0)
+  activation_chunk_size: int = option(512, 'Inputs per forward pass of the statistics and targets.', lower_bound=1)
 
 
 class DiagnosticsResult(NamedTuple):
@@ -124,7 +134,7 @@ def covariance_block_size(config: DiagnosticsConfig, params: Params) -> int:
   return max(1, min(config.covariance_chunk_size, fitting))
 
 
-TransitionLoss = Callable[[Params, Params, Transition], jax.Array]  # agents.learning.make_transition_loss
+TransitionLoss = Callable[[Params, Params, Transition], jax.Array]  # agents.update.make_transition_loss
 Diagnose = Callable[..., DiagnosticsResult]
 
 

@@ -22,14 +22,12 @@ import jax
 import numpy as np
 
 from agents.builder import AgentParts
-from agents.learning import make_transition_loss
-from agents.types import Params
-from launch.loggers import JsonlLogger, read_jsonl
+from agents.update import make_transition_loss
+from agents.types import Logger, Params
+from probes.loggers import read_jsonl
 from probes import diagnostics, plasticity, probe_set as probe_sets
+from probes.run_dir import RunLayout
 
-PROBES = 'probes'
-DIAGNOSTICS = 'diagnostics'
-STATUS_FILE = 'evaluator_status.json'
 
 # (learner step, online parameters, target parameters): the learner's `get_snapshot`.
 ParamsSource = Callable[[], Tuple[int, Params, Params]]
@@ -47,31 +45,27 @@ class Snapshot(NamedTuple):
   probe_set: probe_sets.ProbeSet
 
 
-def covariance_file(kind: str, learner_step: int) -> str:
-  """Name of a saved C_k under `diagnostics/`: kind `covariance` (probe loss) or `td_covariance`."""
-  return f'{kind}_{int(learner_step):09d}.npy'
-
-
 def _first_record(records: List[Dict[str, object]]) -> Optional[Dict[str, object]]:
   return min(records, key=lambda r: r['learner_step']) if records else None
 
 
 class Evaluator:
-  """Probes (and diagnoses) parameter snapshots, writing under `out_dir`.
+  """Probes (and diagnoses) parameter snapshots, writing the files of `out` (a RunLayout; see WORKSPACE.md).
 
-  Files: probes.jsonl, diagnostics.jsonl, diagnostics/<kind>_<step>.npy,
-  evaluator_status.json and tensorboard/<probes,diagnostics>/ (see
-  WORKSPACE.md). The fixed probe set is read from (or drawn into)
-  `probe_set_path`; with None it is kept in memory. `reference_probes` is
-  another evaluator's probes.jsonl (the run's, for an attached evaluator)
-  whose first record serves as P(theta_0) when it probed the same set the
-  same way; otherwise this evaluator's own first record does.
+  Its records go to the loggers it is handed (by default `out`'s probes and
+  diagnostics streams); the C_k matrices and its status file to `out`, where
+  it also reads what it measured before a restart. The fixed probe set is
+  read from (or drawn into) `probe_set_path`; with None it is kept in memory.
+  `reference_probes` is another evaluator's probes.jsonl (the run's, for an
+  attached evaluator) whose first record serves as P(theta_0) when it probed
+  the same set the same way; otherwise this evaluator's own first record does.
   """
 
   def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, params_source: ParamsSource,
-               replay_source: probe_sets.ReplaySource, out_dir: str, probe_set_path: Optional[str] = None,
+               replay_source: probe_sets.ReplaySource, out: RunLayout, probe_set_path: Optional[str] = None,
                diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0,
-               discount: float = 0.99, reference_probes: Optional[str] = None):
+               discount: float = 0.99, reference_probes: Optional[str] = None,
+               probe_logger: Optional[Logger] = None, diagnostics_logger: Optional[Logger] = None):
     self._probe_config = probe_config
     self._params_source = params_source
     self._replay_source = replay_source
@@ -79,24 +73,23 @@ class Evaluator:
     self._probe_set: Optional[probe_sets.ProbeSet] = None
     self._reference_probes = reference_probes
     self._diagnostics_config = diagnostics_config
-    self._out_dir = out_dir
+    self._out = out
     self._rng = jax.random.PRNGKey(seed)
     self._rng, self._target_key, perturbation_key = jax.random.split(self._rng, 3)
     network = agent.network
     self._probe = plasticity.make_probe(
         apply_fn=lambda params, obs: network.apply(params, obs).outputs,
         init_fn=network.init, optimizer=agent.optimizer, config=probe_config)
-    self._probe_logger = JsonlLogger(out_dir, PROBES)
+    self._probe_logger = probe_logger or out.logger(RunLayout.PROBES)
     self._diagnose = None
     if diagnostics_config is not None:
       self._diagnose = diagnostics.make_diagnostics(
           network, diagnostics_config, perturbation_key,
           make_transition_loss(network, agent.encoding, discount))
-      self._diagnostics_logger = JsonlLogger(out_dir, DIAGNOSTICS)
-      self._covariance_dir = os.path.join(out_dir, DIAGNOSTICS)
-      os.makedirs(self._covariance_dir, exist_ok=True)
+      self._diagnostics_logger = diagnostics_logger or out.logger(RunLayout.DIAGNOSTICS)
     # Resuming: the steps already probed and P(theta_0) come from the records written before.
-    records = read_jsonl(self._probe_logger.path)
+    path = out.records(RunLayout.PROBES)
+    records = read_jsonl(path) if os.path.exists(path) else []
     self.last_probed_step: Optional[int] = max((int(r['learner_step']) for r in records), default=None)
     first = _first_record(records)
     self._reference: Optional[Tuple[int, float]] = None
@@ -117,7 +110,8 @@ class Evaluator:
       if not force and now - self._status_written < 1.0:
         return
       self._status_written = now
-      path = os.path.join(self._out_dir, STATUS_FILE)
+      path = self._out.evaluator_status
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path + '.tmp', 'w') as f:
         json.dump({**self._status, 'time': now}, f)
       os.replace(path + '.tmp', path)
@@ -189,10 +183,11 @@ class Evaluator:
     if self._diagnose is not None:
       self._set_status(state='diagnostics (Hessian density, gradient covariance, statistics)')
       diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions)
-      np.save(os.path.join(self._covariance_dir, covariance_file('covariance', learner_step)), diagnosed.covariance)
-      if diagnosed.td_covariance is not None:
-        np.save(os.path.join(self._covariance_dir, covariance_file('td_covariance', learner_step)),
-                diagnosed.td_covariance)
+      for kind, matrix in (('covariance', diagnosed.covariance), ('td_covariance', diagnosed.td_covariance)):
+        if matrix is not None:
+          path = self._out.covariance(kind, learner_step)
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          np.save(path, matrix)
       self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
       logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
     self.last_probed_step = int(learner_step)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from agents.config import option
 from agents.types import Params
 from probes import compiled_loops
 
@@ -40,20 +41,23 @@ InitFn = Callable[[jax.Array, jax.Array], Params]  # (rng, example inputs) -> pa
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  num_targets: int = 10  # Section 2.2.
-  steps: int = 2000  # Section 4.1 / appendix A.2.
-  batch_size: int = 128
-  num_inputs: int = 2048  # Replay observations forming the probe's input set.
-  curve_every: int = 20  # Probe steps per point of the recorded learning curve.
-  frequency: float = 1e5  # The sine's frequency in equation 4.
-  # Optimizer steps per compiled call of unrolled steps; None (or >= steps): all
-  # of them in one compiled loop, except on CPU for convolutional networks,
-  # where it is 1 (see probes/compiled_loops.py).
-  steps_per_call: Optional[int] = None
-  # Probe steps per compiled loop when progress is reported (the evaluator's status line).
-  progress_every: int = 100
-  # Draw new inputs and targets at every probe point instead of one set for the run (probes/probe_set.py).
-  fresh_inputs: bool = False
+  """The probe's settings; their flags are `--probe_<field>` unless named otherwise."""
+  num_targets: int = option(10, 'Random target functions per probe (section 2.2).', flag='probe_targets',
+                            lower_bound=1)
+  steps: int = option(2000, 'Optimizer steps of each probe fit (section 4.1, appendix A.2).', lower_bound=1)
+  batch_size: int = option(128, 'Minibatch size of the probe fits.', lower_bound=1)
+  num_inputs: int = option(2048, 'Distinct replay observations in the probe input set (fewer if the replay holds '
+                           'fewer at the first probe point).', flag='probe_inputs', lower_bound=1)
+  curve_every: int = option(20, 'Probe steps per point of the recorded learning curve.', lower_bound=1)
+  frequency: float = option(1e5, 'The sine\'s frequency in equation 4.')
+  # None (or >= steps): all of them in one compiled loop, except on CPU for
+  # convolutional networks, where it is 1 (see probes/compiled_loops.py).
+  steps_per_call: Optional[int] = option(None, 'Optimizer steps per compiled call of unrolled probe steps (default: '
+                                         'one compiled loop, or 1 on CPU for convolutional networks).', lower_bound=1)
+  progress_every: int = option(100, 'Probe steps per compiled loop when progress is reported (the evaluator\'s '
+                               'status line).', lower_bound=1)
+  fresh_inputs: bool = option(False, 'Draw new probe inputs, targets and transitions at every probe point (default: '
+                              'one set for the whole run, drawn at the first point and saved as probe_set.npz).')
 
 
 class ProbeResult(NamedTuple):

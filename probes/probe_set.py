@@ -22,8 +22,6 @@ import numpy as np
 
 from agents.types import Transition
 
-PROBE_SET_FILE = 'probe_set.npz'
-
 
 class ProbeSet(NamedTuple):
   inputs: np.ndarray  # [n, ...] observations, distinct by content.

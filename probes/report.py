@@ -1,279 +1,32 @@
-r"""PNG plots of one run directory, or of several.
+r"""Draws the PNG plots of one run directory, or of several (probes/plots.py says which).
 
   python -m probes.report --run_dir=runs/mnist_easy
   python -m probes.report --run_dir=runs/a,runs/b,runs/c --out_dir=plots/abc
 
-For each run (a run directory, or any directory an evaluator wrote, such as
-RUN_DIR/evaluators/NAME), under RUN/plots/:
-  probe_curves.png     the probe's learning curves, one per probe point,
-                       coloured by learner step (the paper's figure 4);
-  plasticity.png       final probe loss, target variance (baseline),
-                       plasticity P = baseline - final loss, and the loss of
-                       plasticity P(theta_0) - P(theta_t) over learner steps;
-and, when the evaluator ran the diagnostics:
-  hessian_density.png  the Hessian eigenvalue density at up to 4 points of
-                       training (figure 2, top);
-  covariance.png       the gradient covariance heatmaps C_k, k-means ordered,
-                       at the same points (figure 2, bottom): of the probe
-                       loss, and of the TD loss where it was measured;
-  statistics.png       each section-4.2 statistic and the top eigenvalue over
-                       learner steps.
-With several runs, OUT_DIR/statistics_vs_plasticity.png is figure 3: for each
-statistic, one point per run, its change over training (last probe point
-minus first) against the run's loss of plasticity at its last probe point.
-
-A null (non-finite, a diverged run) value is drawn as a gap.
+Any directory an evaluator wrote works, RUN_DIR/evaluators/NAME included.
 """
-
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
-import matplotlib
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np
+from probes import plots
+from probes.run_dir import RunLayout
 
-from launch.loggers import read_jsonl
-from probes.evaluator import covariance_file
-
-PROBES_FILE = 'probes.jsonl'
-PLOTS_DIR = 'plots'
-
-Record = Dict[str, object]
-
-
-def plot_probe_curves(records: Sequence[Record], title: str) -> plt.Figure:
-  fig, ax = plt.subplots(figsize=(6, 4))
-  steps = [r['learner_step'] for r in records]
-  cmap = plt.get_cmap('viridis')
-  span = max(max(steps) - min(steps), 1)
-  for record in records:
-    x, y = zip(*record['curve'])
-    ax.plot(x, y, color=cmap((record['learner_step'] - min(steps)) / span), lw=1.5,
-            label=f'step {record["learner_step"]}')
-  ax.set_yscale('log')
-  ax.set_xlabel('probe optimizer step')
-  ax.set_ylabel(f'mean loss over {records[0]["num_targets"]} targets')
-  ax.set_title(title)
-  if len(records) <= 12:
-    ax.legend(title='learner step', fontsize=7, title_fontsize=8)
-  else:
-    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(steps), max(steps)))
-    fig.colorbar(mappable, ax=ax, label='learner step')
-  fig.tight_layout()
-  return fig
-
-
-def _values(records: Sequence[Record], key: str) -> np.ndarray:
-  """A record key over records as floats; null (non-finite) or absent values become NaN, drawn as gaps."""
-  return np.array([np.nan if r.get(key) is None else r[key] for r in records], np.float64)
-
-
-def plot_plasticity(records: Sequence[Record], title: str) -> plt.Figure:
-  fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6, 6.5), sharex=True)
-  steps = [r['learner_step'] for r in records]
-  top.errorbar(steps, _values(records, 'final_loss_mean'), yerr=_values(records, 'final_loss_std'),
-               marker='o', capsize=3, label='final probe loss')
-  top.plot(steps, _values(records, 'baseline'), 'k--', label='baseline (target variance)')
-  top.set_ylabel('loss')
-  top.legend(fontsize=8)
-  top.set_title(title)
-  middle.plot(steps, _values(records, 'plasticity'), marker='o', color='tab:green')
-  middle.set_ylabel('plasticity P\n(baseline - final loss)')
-  bottom.plot(steps, _values(records, 'plasticity_loss'), marker='o', color='tab:red')
-  bottom.axhline(0.0, color='k', lw=0.5)
-  bottom.set_ylabel('loss of plasticity\nP(theta_0) - P(theta_t)')
-  bottom.set_xlabel('learner step')
-  fig.tight_layout()
-  return fig
-
-
-DIAGNOSTICS_FILE = 'diagnostics.jsonl'
-# Statistics shown over training and against plasticity: record key -> axis label.
-STATISTICS = {
-    'parameter_norm': 'parameter norm',
-    'weight_srank_mean': 'mean weight srank',  # The numerical rank stays at its initial value: in the records.
-    'dead_unit_fraction': 'dead unit fraction',
-    'dormant_fraction': 'dormant unit fraction',
-    'feature_rank': 'feature rank',
-    'top_eigenvalue': 'top Hessian eigenvalue',
-    'covariance_mean_offdiag': 'mean off-diagonal of C_k',
-    'td_covariance_mean_offdiag': 'mean off-diagonal of TD C_k',
-}
-
-
-def _spread(records: Sequence[Record], count: int = 4) -> List[Record]:
-  """Up to `count` records evenly spread over training, first and last included."""
-  if len(records) <= count:
-    return list(records)
-  indices = sorted({round(i * (len(records) - 1) / (count - 1)) for i in range(count)})
-  return [records[i] for i in indices]
-
-
-def plot_hessian_density(records: Sequence[Record], title: str) -> plt.Figure:
-  fig, ax = plt.subplots(figsize=(6, 4))
-  cmap = plt.get_cmap('viridis')
-  chosen = _spread(records)
-  peak = 0.0
-  for i, record in enumerate(chosen):
-    density = np.asarray(record['density'], np.float64)  # Nulls (a diverged run) become NaN gaps.
-    peak = max(peak, float(np.nanmax(density, initial=0.0)))
-    ax.plot(np.asarray(record['density_grid'], np.float64), density, color=cmap(i / max(len(chosen) - 1, 1)),
-            label=f'step {record["learner_step"]} (top {_number(record.get("top_eigenvalue"), ".3g")})')
-  ax.set_yscale('log')
-  ax.set_ylim(1e-7, 3 * max(peak, 1e-6))  # Outliers weigh ~1/num_params.
-  ax.set_xlabel('eigenvalue')
-  ax.set_ylabel('density')
-  ax.set_title(f'{title}: Hessian eigenvalue density')
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  return fig
-
-
-COVARIANCE_KINDS = {'covariance': 'probe loss', 'td_covariance': 'TD loss'}
-
-
-def plot_covariance(run_dir: str, records: Sequence[Record], title: str) -> Optional[plt.Figure]:
-  """One row per kind of C_k saved (probe loss, TD loss), at up to 4 points of training."""
-  chosen = _spread(records)
-  rows = [(kind, [r for r in chosen if os.path.exists(_covariance_path(run_dir, kind, r['learner_step']))])
-          for kind in COVARIANCE_KINDS]
-  rows = [(kind, found) for kind, found in rows if found]
-  if not rows:
-    return None
-  columns = max(len(found) for _, found in rows)
-  fig, axes = plt.subplots(len(rows), columns, figsize=(3.2 * columns, 3.4 * len(rows)), squeeze=False)
-  for row, (kind, found) in enumerate(rows):
-    for ax in axes[row, len(found):]:
-      ax.axis('off')
-    for ax, record in zip(axes[row], found):
-      image = ax.imshow(np.load(_covariance_path(run_dir, kind, record['learner_step'])), cmap='RdBu_r', vmin=-1,
-                        vmax=1)
-      ax.set_title(f'{COVARIANCE_KINDS[kind]}, step {record["learner_step"]}\n'
-                   f'mean off-diag {_number(record.get(f"{kind}_mean_offdiag"))}', fontsize=8)
-      ax.set_xticks([])
-      ax.set_yticks([])
-  fig.colorbar(image, ax=list(axes.flat), shrink=0.8)
-  fig.suptitle(f'{title}: gradient covariance C_k (k-means ordered)', fontsize=9)
-  return fig
-
-
-def _number(value, spec: str = '.2f') -> str:
-  return 'n/a' if value is None else format(value, spec)
-
-
-def _covariance_path(run_dir: str, kind: str, step: int) -> str:
-  return os.path.join(run_dir, 'diagnostics', covariance_file(kind, step))
-
-
-def plot_statistics(records: Sequence[Record], title: str) -> plt.Figure:
-  keys = [k for k in STATISTICS if k in records[0]]
-  fig, axes = plt.subplots(len(keys), 1, figsize=(6, 1.6 * len(keys)), sharex=True, squeeze=False)
-  steps = [r['learner_step'] for r in records]
-  for ax, key in zip(axes[:, 0], keys):
-    ax.plot(steps, _values(records, key), marker='o', ms=3)
-    ax.set_ylabel(STATISTICS[key], fontsize=7)
-  axes[-1, 0].set_xlabel('learner step')
-  axes[0, 0].set_title(title)
-  fig.tight_layout()
-  return fig
-
-
-def run_changes(probes: Sequence[Record], diagnostics: Sequence[Record]) -> Dict[str, float]:
-  """One run's point of figure 3: each statistic's change from its first to its last probe point, and the
-  loss of plasticity at the last probe point (`plasticity_loss`). Empty without two diagnosed points."""
-  if len(diagnostics) < 2 or not probes:
-    return {}
-  first, last = diagnostics[0], diagnostics[-1]
-  point = {key: last[key] - first[key] for key in STATISTICS
-           if first.get(key) is not None and last.get(key) is not None}
-  loss = probes[-1].get('plasticity_loss')
-  return {**point, 'plasticity_loss': loss} if loss is not None else {}
-
-
-def plot_statistics_vs_plasticity(runs: Dict[str, Tuple[List[Record], List[Record]]]) -> plt.Figure:
-  """Figure 3: one panel per statistic, one point per run (its change over training, its plasticity loss)."""
-  keys = list(STATISTICS)
-  columns = 4
-  rows = (len(keys) + columns - 1) // columns
-  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False)
-  points = {name: run_changes(*records) for name, records in runs.items()}
-  for ax, key in zip(axes.flat, keys):
-    for name, point in points.items():
-      if key in point:
-        ax.scatter(point[key], point['plasticity_loss'], s=18, label=name)
-    ax.axhline(0.0, color='k', lw=0.5)
-    ax.set_xlabel(f'change in {STATISTICS[key]}', fontsize=8)
-    ax.set_ylabel('loss of plasticity', fontsize=8)
-    ax.ticklabel_format(axis='x', style='sci', scilimits=(-3, 4))
-    ax.tick_params(labelsize=7)
-  for ax in list(axes.flat)[len(keys):]:
-    ax.axis('off')
-  if len(points) <= 12:
-    axes[0, 0].legend(fontsize=6)
-  fig.suptitle('Change in each statistic over training against loss of plasticity (one point per run)', fontsize=10)
-  fig.tight_layout()
-  return fig
-
-
-def _save(fig: plt.Figure, path: str) -> str:
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def _read(run_dir: str, name: str) -> List[Record]:
-  path = os.path.join(run_dir, name)
-  return sorted(read_jsonl(path), key=lambda r: r['learner_step']) if os.path.exists(path) else []
-
-
-def write_report(run_dir: str) -> List[str]:
-  """Writes the plots of one run directory; returns their paths."""
-  path = os.path.join(run_dir, PROBES_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f'{run_dir} holds no {PROBES_FILE}: is it a run directory with an evaluator (--probe_every > 0)?')
-  records = _read(run_dir, PROBES_FILE)
-  if not records:
-    raise ValueError(f'{path} holds no probe record yet.')
-  plots = os.path.join(run_dir, PLOTS_DIR)
-  os.makedirs(plots, exist_ok=True)
-  title = os.path.basename(os.path.normpath(run_dir))
-  written = [_save(plot_probe_curves(records, title), os.path.join(plots, 'probe_curves.png')),
-             _save(plot_plasticity(records, title), os.path.join(plots, 'plasticity.png'))]
-  diagnostics = _read(run_dir, DIAGNOSTICS_FILE)
-  if diagnostics:
-    written.append(_save(plot_hessian_density(diagnostics, title), os.path.join(plots, 'hessian_density.png')))
-    covariance = plot_covariance(run_dir, diagnostics, title)
-    if covariance is not None:
-      written.append(_save(covariance, os.path.join(plots, 'covariance.png')))
-    written.append(_save(plot_statistics(diagnostics, title), os.path.join(plots, 'statistics.png')))
-  return written
-
-
-def write_comparison(run_dirs: Sequence[str], out_dir: str) -> List[str]:
-  """Each run's own plots, then the cross-run scatter of statistics against plasticity loss."""
-  written = [path for run_dir in run_dirs for path in write_report(run_dir)]
-  runs = {os.path.basename(os.path.normpath(d)): (_read(d, PROBES_FILE), _read(d, DIAGNOSTICS_FILE))
-          for d in run_dirs}
-  if any(diagnostics for _, diagnostics in runs.values()):
-    os.makedirs(out_dir, exist_ok=True)
-    written.append(_save(plot_statistics_vs_plasticity(runs), os.path.join(out_dir, 'statistics_vs_plasticity.png')))
-  return written
+RUN_DIR = flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) holding probes.jsonl.')
+OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the cross-run plots go (default: FIRST_RUN/plots/comparison).')
 
 
 def main(argv):
   del argv
-  run_dirs = [d for d in (flags.FLAGS.run_dir or []) if d]
+  run_dirs = [d for d in (RUN_DIR.value or []) if d]
   if not run_dirs:
     raise app.UsageError('--run_dir is required: one run directory, or several separated by commas.')
   try:
     if len(run_dirs) == 1:
-      paths = write_report(run_dirs[0])
+      paths = plots.write_report(run_dirs[0])
     else:
-      paths = write_comparison(run_dirs, flags.FLAGS.out_dir or os.path.join(run_dirs[0], PLOTS_DIR, 'comparison'))
+      out_dir = OUT_DIR.value or RunLayout(run_dirs[0]).comparison
+      paths = plots.write_comparison(run_dirs, out_dir)
   except ValueError as e:
     raise app.UsageError(str(e))
   for path in paths:
@@ -281,7 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: launch.train imports this module and has its own --run_dir.
-  flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) holding probes.jsonl.')
-  flags.DEFINE_string('out_dir', None, 'Where the cross-run plots go (default: FIRST_RUN/plots/comparison).')
   app.run(main)

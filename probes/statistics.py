@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents import interventions
 from agents.types import NetworkOutput, Params
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -95,12 +96,8 @@ def make_activation_pass(apply_fn: Callable[[Params, jax.Array], NetworkOutput],
 
 
 def dormant_masks(activity: Sequence[np.ndarray], tau: float) -> List[np.ndarray]:
-  """Sokar et al.'s s_i <= tau per layer; a silent layer (zero mean) is all dormant."""
-  masks = []
-  for layer in activity:
-    mean = float(np.mean(layer))
-    masks.append(layer / mean <= tau if mean > 0 else np.ones(layer.shape, bool))
-  return masks
+  """Sokar et al.'s s_i <= tau per layer (agents.interventions' definition); a silent layer is all dormant."""
+  return [np.asarray(scores) <= tau for scores in interventions.relative_activity(activity)]
 
 
 class Statistics(NamedTuple):

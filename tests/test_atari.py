@@ -92,8 +92,8 @@ def test_rewards_are_unclipped_from_the_env_and_clipped_in_replay():
   agent = make_agent(AgentConfig(), env.action_spec().num_values)
   params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 84, 84, 4), np.uint8))
   stored, episodes = [], []
-  actor = Actor(agent, env, epsilon=1.0, params_source=lambda: (0, params), add=stored.append,
-                logger=episodes.append, reward_clip=1.0)
+  actor = Actor(agent, AgentConfig(epsilon=1.0, reward_clip=1.0), env, params_source=lambda: (0, params),
+                add=stored.append, logger=episodes.append)
   actor.run(num_steps=1000)
   assert max(t.reward for t in stored) == 1.0 and min(t.reward for t in stored) >= -1.0
   assert episodes, 'the 4,000-frame cap should end an episode within 1,000 steps'

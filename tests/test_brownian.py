@@ -9,7 +9,7 @@ import pytest
 
 import environments
 from launch import brownian_study
-from launch.loggers import read_jsonl
+from probes.loggers import read_jsonl
 from probes.diagnostics import DiagnosticsConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from agents.learning import make_transition_loss
+from agents.update import make_transition_loss
 from agents.types import Network, NetworkOutput, Transition
 from environments.datasets import EMBEDDED_DIR as EMBEDDED
 from probes import curvature, statistics

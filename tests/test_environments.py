@@ -1,14 +1,18 @@
 """The classification MDPs (section 4.1) and the dataset loader."""
 
+import dataclasses
 import gzip
 import os
 import pickle
+import socket
+import time
 
 import dm_env
 import numpy as np
 import pytest
 
 import environments
+from agents.registry import Registry
 from environments import classification_mdp, datasets
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist-10k.npz')
@@ -188,9 +192,16 @@ def test_cache_is_used_before_the_embedded_sample(tmp_path):
 
 
 def test_download_is_bounded_and_falls_back(monkeypatch):
-  monkeypatch.setitem(datasets.SOURCES, 'mnist', datasets.SOURCES['mnist']._replace(
-      download_url='http://10.255.255.1/mnist.npz'))  # A blackhole address: connect never completes.
-  data = datasets.load('mnist', download=True, download_timeout_s=1.0)
+  with socket.socket() as silent:  # Accepts connections on loopback and never answers.
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(1)
+    sources = Registry('dataset')
+    sources.add('mnist', datasets.SOURCES['mnist']._replace(
+        download_url=f'http://127.0.0.1:{silent.getsockname()[1]}/mnist.npz'))
+    monkeypatch.setattr(datasets, 'SOURCES', sources)
+    started = time.monotonic()
+    data = datasets.load('mnist', download=True, download_timeout_s=1.0)
+  assert time.monotonic() - started < 10
   assert 'embedded' in data.source and 'download failed' in data.source
 
 
@@ -240,3 +251,21 @@ def test_cifar10_missing_or_malformed_files_are_clear_errors(tmp_path):
   os.remove(tmp_path / 'partial' / 'cifar-10-batches-py' / 'data_batch_5')
   with pytest.raises(ValueError, match='data_batch_5'):
     datasets.load('cifar10', data_dir=str(tmp_path / 'partial'))
+
+
+def test_every_family_declares_what_the_launcher_asks_of_it():
+  """Options it takes, a preset that exists, and environments that say what data they use."""
+  from launch import flags as run_flags
+  from probes.run_dir import ExperimentConfig
+  fields = {field.name for field in dataclasses.fields(ExperimentConfig)}
+  for name in environments.FAMILIES:
+    family = environments.FAMILIES[name]
+    assert family.preset in run_flags.PRESETS, name
+    assert set(family.options) <= fields, name  # Each option is a field of the run's configuration.
+    spec = next(s for s in family.valid_specs() if 'cifar10' not in s)  # CIFAR-10 is not on this machine.
+    env = environments.make(spec, seed=0)
+    assert isinstance(env.data_source, str) and env.data_source, name
+  assert environments.families_taking('sticky_action_probability') == ['atari']
+  assert environments.families_taking('data_dir') == ['mdp']
+  with pytest.raises(ValueError, match='--env=lunar:lander; families: atari, mdp'):
+    environments.make('lunar:lander')

@@ -4,7 +4,10 @@ from absl import flags
 from absl.testing import flagsaver
 import pytest
 
+from agents import config_flags
+from agents.config import ReplayConfig
 from launch import flags as run_flags
+from probes.run_dir import ExperimentConfig
 
 
 def experiment_config(*argv: str):
@@ -21,7 +24,7 @@ def test_mdp_envs_get_the_paper_classification_defaults():
   config = experiment_config('--env=mdp:mnist:hard')
   assert (config.agent.arch, config.agent.optimizer, config.agent.learning_rate) == ('mlp', 'adam', 1e-3)
   assert config.agent.target_update_period == 1000
-  assert config.replay.samples_per_insert == run_flags._REPLAY.samples_per_insert
+  assert config.replay.samples_per_insert == ReplayConfig().samples_per_insert
 
 
 def test_atari_envs_get_dqn_zoo_double_dqn_unless_a_flag_says_otherwise():
@@ -47,5 +50,44 @@ def test_sticky_actions_reach_atari_envs_only():
   config = experiment_config('--env=atari:breakout', '--sticky_action_probability=0.25')
   assert config.env_options() == {'sticky_action_probability': 0.25}
   assert experiment_config('--env=mdp:mnist:easy').env_options() == {}
+  assert experiment_config('--env=mdp:mnist:easy', '--data_dir=/d').env_options() == {'data_dir': '/d'}
   with pytest.raises(ValueError, match='--sticky_action_probability applies to atari'):
     experiment_config('--env=mdp:mnist:easy', '--sticky_action_probability=0.25')
+
+
+def _other_value(field: config_flags.ConfigField):
+  """A valid value of the field's flag other than its default."""
+  choices = field.metadata['choices']
+  if field.kind is tuple:
+    return [list(choices())[0]]
+  if choices:
+    return next(c for c in choices() if c != field.default)
+  if field.kind is bool:
+    return not field.default
+  if field.kind is str:
+    return 'mdp:mnist:hard' if field.flag == 'env' else '/some/where'
+  base = field.default if field.default is not None else (field.metadata['lower_bound'] or 0) + 1
+  upper = field.metadata['upper_bound']
+  value = base / 2 if upper is not None and base > 0 else base + 1
+  return field.kind(value) if field.kind is int else float(value)
+
+
+def test_every_field_of_the_experiment_is_a_flag_and_can_be_set_by_a_preset(monkeypatch):
+  fields = config_flags.fields(ExperimentConfig)
+  assert {f.flag for f in fields} == {f.flag for f in run_flags.FIELDS}
+  leaves = {f.path for f in fields}
+  assert ('run_dir',) in leaves and ('probe', 'steps') in leaves and ('diagnostics', 'noise_scale') in leaves
+  assert ('replay', 'samples_per_insert_tolerance') in leaves and ('agent', 'reward_clip') in leaves
+  for field in fields:
+    if field.flag in ('run_dir', 'env', 'data_dir', 'sticky_action_probability'):
+      continue  # Set on the command line below; env options are checked against the env's family.
+    value = _other_value(field)
+    as_config = tuple(value) if field.kind is tuple else value
+    given = experiment_config(f'--{field.flag}={",".join(value) if field.kind is tuple else value}')
+    assert config_flags.value_of(given, field) == as_config, field.flag
+    monkeypatch.setitem(run_flags.PRESETS, 'mdp', {field.flag: as_config})
+    preset = experiment_config()
+    assert config_flags.value_of(preset, field) == as_config, field.flag
+    monkeypatch.setitem(run_flags.PRESETS, 'mdp', {})
+  assert experiment_config('--data_dir=/data').data_dir == '/data'
+  assert experiment_config('--env=atari:pong', '--sticky_action_probability=0.25').sticky_action_probability == 0.25

@@ -2,25 +2,28 @@
 
 import itertools
 
+import dm_env
+from dm_env import specs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from agents import checkpointing
+from agents.actor import Actor
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.encodings import make_encoding, EncodingConfig
 from agents.learner import Diverged, Learner
-from agents.learning import double_q_loss, init_state, make_target_update
+from agents.update import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
-from launch.loggers import JsonlLogger, read_jsonl
+from probes.loggers import JsonlLogger, read_jsonl
 
 
 def table_network() -> Network:
   """Q-values read from a table indexed by integer observations: hand-checkable."""
   return Network(init=lambda rng, obs: {'q': jnp.zeros((3, 2))},
-                 apply=lambda params, obs, rng=None: NetworkOutput(params['q'][obs], ()))
+                 apply=lambda params, obs, *, is_training=False, rng=None: NetworkOutput(params['q'][obs], ()))
 
 
 def test_double_q_target_matches_hand_computation():
@@ -40,6 +43,20 @@ def test_double_q_target_matches_hand_computation():
   expected = 0.5 * ((target_0 - q_0) ** 2 + (target_1 - q_1) ** 2) / 2
   np.testing.assert_allclose(metrics['mean_target'], (target_0 + target_1) / 2, rtol=1e-6)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_double_q_loss_asserts_the_batch_layout():
+  network, encoding = table_network(), make_encoding('regress', EncodingConfig())
+  params = {'q': jnp.zeros((3, 2))}
+  batch = Transition(observation=jnp.array([0, 2]), action=jnp.array([1, 0]), reward=jnp.array([1.0, -1.0]),
+                     discount=jnp.array([1.0, 0.0]), next_observation=jnp.array([1, 1]))
+  double_q_loss(network, encoding, 0.9, params, params, batch)
+  for bad in (batch._replace(reward=jnp.ones((2, 1))),  # Not [B].
+              batch._replace(discount=jnp.ones(3)),  # Another batch size.
+              batch._replace(next_observation=jnp.array([1])),
+              batch._replace(action=jnp.array([1.0, 0.0]))):  # Not integer actions.
+    with pytest.raises(AssertionError):
+      double_q_loss(network, encoding, 0.9, params, params, bad)
 
 
 def test_target_update_copies_online_parameters():
@@ -113,7 +130,7 @@ def test_learner_logs_its_final_step_even_below_log_every(tmp_path):
 def test_a_diverging_learner_stops_at_the_first_nonfinite_step_and_keeps_the_last_finite_state(tmp_path):
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8, learning_rate=1e6)
   agent = make_agent(config, num_actions=3)
-  logger = JsonlLogger(str(tmp_path), 'learner', tensorboard=False)
+  logger = JsonlLogger(str(tmp_path / 'learner.jsonl'))
   learner = Learner(agent, config, random_batches(8), np.zeros((4, 4, 1), np.uint8),
                     checkpoint_dir=str(tmp_path / 'checkpoints'), checkpoint_every=1, logger=logger, log_every=1)
   with pytest.raises(Diverged, match='learner step'):
@@ -133,10 +150,51 @@ def test_a_diverging_learner_stops_at_the_first_nonfinite_step_and_keeps_the_las
 
 
 def test_logger_writes_nonfinite_values_as_null_and_names_them(tmp_path):
-  logger = JsonlLogger(str(tmp_path), 'x', tensorboard=False)
+  logger = JsonlLogger(str(tmp_path / 'x.jsonl'))
   logger({'learner_step': 1, 'a': float('nan'), 'b': np.float32('inf'), 'c': 1.5, 'd': [1.0, -np.inf],
           'e': np.array([2.0, 3.0])})
   record, = read_jsonl(str(tmp_path / 'x.jsonl'))
   assert record['a'] is None and record['b'] is None and record['d'] == [1.0, None]
   assert record['c'] == 1.5 and record['e'] == [2.0, 3.0]
   assert record['nonfinite'] == ['a', 'b', 'd']
+
+
+class ThreeStepEpisodes(dm_env.Environment):
+  """Episodes of 3 steps, reward 5 per step, on constant 4x4x1 observations (nonzero: no tied Q-values)."""
+
+  def __init__(self):
+    self._t = 0
+
+  def reset(self) -> dm_env.TimeStep:
+    self._t = 0
+    return dm_env.restart(np.full((4, 4, 1), 25, np.uint8))
+
+  def step(self, action) -> dm_env.TimeStep:
+    self._t += 1
+    observation = np.full((4, 4, 1), 25 + 50 * self._t, np.uint8)
+    return dm_env.termination(5.0, observation) if self._t == 3 else dm_env.transition(5.0, observation)
+
+  def observation_spec(self):
+    return specs.Array((4, 4, 1), np.uint8)
+
+  def action_spec(self):
+    return specs.DiscreteArray(3)
+
+
+@pytest.mark.parametrize('epsilon, reward_clip', [(1.0, 1.0), (0.0, None)])
+def test_actor_takes_epsilon_and_reward_clip_from_the_agent_config(epsilon, reward_clip):
+  config = AgentConfig(width_multiplier=1 / 32, epsilon=epsilon, reward_clip=reward_clip)
+  agent = make_agent(config, num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.uint8))
+  stored, episodes = [], []
+  Actor(agent, config, ThreeStepEpisodes(), params_source=lambda: (0, params), add=stored.append,
+        logger=episodes.append).run(num_steps=30)
+  assert [t.reward for t in stored] == [5.0 if reward_clip is None else 1.0] * 30
+  assert [e['episode_return'] for e in episodes] == [15.0] * 10  # Unclipped.
+  greedy = {int(o[0, 0, 0]): int(np.argmax(agent.network.apply(params, o[None]).outputs[0])) for o in
+            (t.observation for t in stored[:3])}
+  acted = {(int(t.observation[0, 0, 0]), int(t.action)) for t in stored}
+  if epsilon == 0.0:
+    assert acted == set(greedy.items())
+  else:
+    assert {action for _, action in acted} == {0, 1, 2}

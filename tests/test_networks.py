@@ -9,10 +9,11 @@ import optax
 import pytest
 import rlax
 
-from agents import encodings, interventions, networks
+from agents import encodings, interventions, networks, optimizers
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from agents.learning import init_state, make_target_update, make_update
+from agents.registry import Registry
+from agents.update import init_state, make_target_update, make_update
 from agents.types import Transition
 
 # Small widths and inputs: every architecture compiles and steps in seconds.
@@ -38,12 +39,44 @@ def test_every_architecture_is_registered():
   assert set(encodings.ENCODINGS) == {'regress', 'two_hot', 'hl_gauss'}
 
 
-# Every architecture with every encoding; every intervention alone (on the MLP: the hooks and optimizer
-# options are architecture-blind); every architecture with all the interventions composed (so each
-# architecture-specific switch meets each architecture); and the ViT with its pre-norms alone (figure 6 compares
-# it with and without). One compilation per case keeps it affordable.
-ALL_INTERVENTIONS = tuple(sorted(interventions.INTERVENTIONS))
-CASES = ([(arch, output, ALL_INTERVENTIONS if output == 'two_hot' else ())
+def test_registry_looks_up_iterates_names_and_says_what_is_accepted():
+  registry = Registry('widget', '--widget')
+
+  @registry.register('b')
+  def b():
+    return 'B'
+
+  assert registry.add('a', 'A') == 'A' and b() == 'B'
+  assert list(registry) == registry.names() == ['a', 'b'] and len(registry) == 2
+  assert 'a' in registry and 'c' not in registry
+  assert registry.get('a') == registry['a'] == 'A' and registry['b'] is b
+  with pytest.raises(ValueError, match=r"^Unknown widget 'c' \(--widget\); accepted: a, b\.$"):
+    registry['c']
+  with pytest.raises(ValueError, match='registered twice'):
+    registry.add('a', 'again')
+  unflagged = Registry('dataset')
+  unflagged.add('mnist', None)
+  with pytest.raises(ValueError, match=r"^Unknown dataset 'x'; accepted: mnist\.$"):
+    unflagged.get('x')
+
+
+@pytest.mark.parametrize('registry, flag', [(networks.ARCHITECTURES, '--arch'), (encodings.ENCODINGS, '--output'),
+                                            (optimizers.OPTIMIZERS, '--optimizer'),
+                                            (interventions.INTERVENTIONS, '--interventions')])
+def test_every_registry_names_its_flag_and_yields_sorted_names(registry, flag):
+  assert list(registry) == sorted(registry) and len(registry) == len(list(registry))
+  with pytest.raises(ValueError, match=f'^Unknown .* \\({flag}\\); accepted: {", ".join(registry)}\\.$'):
+    registry.get('nonexistent')
+
+
+# Every architecture with every encoding; every intervention alone (on the MLP); every architecture with all the
+# interventions that apply to it composed (so each architecture-specific switch meets each architecture); and the
+# ViT with its pre-norms alone (figure 6 compares it with and without). One compilation per case keeps it affordable.
+def _applicable(arch):
+  return tuple(name for name in interventions.INTERVENTIONS if interventions.INTERVENTIONS[name].applies_to(arch))
+
+
+CASES = ([(arch, output, _applicable(arch) if output == 'two_hot' else ())
           for arch in SMALL for output in sorted(encodings.ENCODINGS)]
          + [('mlp', 'regress', (name,)) for name in sorted(interventions.INTERVENTIONS)]
          + [('vit', 'regress', ('layernorm',))])
@@ -60,14 +93,23 @@ def fast_compilation():
 @pytest.mark.parametrize('arch, output, names', CASES, ids=['-'.join([a, o, *n]) for a, o, n in CASES])
 def test_accepted_combination_builds_steps_and_stays_finite(arch, output, names, fast_compilation):
   agent, config, obs = small_agent(arch, output=output, interventions=names)
-  update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount)
+  update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)
   target_update = make_target_update(agent.network, agent.target_update_hooks, obs[:1])
-  step = jax.jit(lambda state, batch: (lambda s, m: (target_update(s), m))(*update(state, batch)))
+
+  @jax.jit
+  def step(state, batch):  # The update, every periodic action, then the target update: all of them due at once.
+    state, metrics = update(state, batch)
+    for action in agent.periodic_actions:
+      state, action_metrics = action.act(state, batch)
+      metrics.update(action_metrics)
+    return target_update(state), metrics
+
   state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
   batch = Transition(obs, np.array([0, 1, 2, 0]), np.array([1.0, 0.0, -1.0, 0.5], np.float32),
                      np.ones(4, np.float32), obs[::-1])
   state, metrics = step(state, batch)
   assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert set(metrics) >= {f'{name}_loss' for name in agent.loss_terms}
   outputs = agent.network.apply(state.params, obs)
   assert outputs.outputs.shape == (4, 3 * agent.encoding.outputs_per_action)
   assert np.all(np.isfinite(outputs.outputs)) and np.all(np.isfinite(agent.encoding.q_values(outputs.outputs)))
@@ -83,53 +125,22 @@ def test_unknown_interventions_architectures_and_outputs_say_why():
     make_agent(AgentConfig(arch='lstm'), 3)
   with pytest.raises(ValueError, match='--output'):
     make_agent(AgentConfig(output='quantile'), 3)
+  with pytest.raises(ValueError, match='--optimizer.*accepted: adam, adam_tuned'):
+    make_agent(AgentConfig(optimizer='lion'), 3)
 
 
-def _target_update_once(names):
-  agent, _, obs = small_agent('mlp', interventions=names)
-  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
-  state = state._replace(params=jax.tree_util.tree_map(lambda x: x + 0.5, state.params))  # "Trained" parameters.
-  fresh = agent.network.init(jax.random.split(state.rng)[1], obs[:1])  # The draw the target update makes.
-  return state, make_target_update(agent.network, agent.target_update_hooks, obs[:1])(state), fresh
-
-
-def test_reset_last_layer_reinitialises_the_head_only():
-  before, after, fresh = _target_update_once(('reset_last_layer',))
-  for module in before.params:
-    for name, value in after.params[module].items():
-      expected = fresh[module][name] if module == 'head' else before.params[module][name]
-      np.testing.assert_array_equal(value, expected, err_msg=f'{module}/{name}')
-  jax.tree_util.tree_map(np.testing.assert_array_equal, after.target_params, before.params)
-
-
-def test_shrink_and_perturb_matches_its_formula():
-  config = AgentConfig()
-  before, after, fresh = _target_update_once(('shrink_and_perturb',))
-  jax.tree_util.tree_map(
-      lambda new, old, f: np.testing.assert_allclose(new, config.shrink * old + config.perturb * f, rtol=1e-6),
-      after.params, before.params, fresh)
-
-
-def test_reset_optimizer_restarts_its_state():
-  agent, config, obs = small_agent('mlp', interventions=('reset_optimizer',))
-  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), obs[:1])
-  batch = Transition(obs, np.array([0, 1, 2, 0]), np.ones(4, np.float32), np.ones(4, np.float32), obs)
-  state, _ = make_update(agent.network, agent.encoding, agent.optimizer, config.discount)(state, batch)
-  assert int(state.opt_state[0].count) == 1
-  state = make_target_update(agent.network, agent.target_update_hooks, obs[:1])(state)
-  assert int(state.opt_state[0].count) == 0
-  jax.tree_util.tree_map(lambda m: np.testing.assert_array_equal(m, 0.0), state.opt_state[0].mu)
-
-
-def test_weight_decay_adds_the_l2_gradient():
-  plain = make_agent(AgentConfig(optimizer='sgd', learning_rate=0.1), 3).optimizer
-  decayed = make_agent(AgentConfig(optimizer='sgd', learning_rate=0.1, interventions=('weight_decay',),
-                                   weight_decay=0.01), 3).optimizer
-  params = {'w': jnp.array([1.0, -2.0])}
-  grads = {'w': jnp.array([0.5, 0.5])}
-  np.testing.assert_allclose(plain.update(grads, plain.init(params), params)[0]['w'], [-0.05, -0.05])
-  np.testing.assert_allclose(decayed.update(grads, decayed.init(params), params)[0]['w'],
-                             [-0.1 * (0.5 + 0.01), -0.1 * (0.5 - 0.02)], rtol=1e-6)
+def test_training_mode_is_asked_for_and_needs_a_key():
+  agent, _, obs = small_agent('vit')
+  params = agent.network.init(jax.random.PRNGKey(0), obs[:1])
+  evaluated = agent.network.apply(params, obs).outputs
+  # A key alone no longer switches dropout on; is_training does, and then it needs the key.
+  np.testing.assert_array_equal(agent.network.apply(params, obs, rng=jax.random.PRNGKey(1)).outputs, evaluated)
+  trained = agent.network.apply(params, obs, is_training=True, rng=jax.random.PRNGKey(1)).outputs
+  assert not np.allclose(trained, evaluated)
+  with pytest.raises(ValueError, match='is_training=True.*needs an rng'):
+    agent.network.apply(params, obs, is_training=True)
+  with pytest.raises(TypeError):
+    agent.network.apply(params, obs, jax.random.PRNGKey(1))  # No positional key.
 
 
 # The first layers it normalises are rectangular (784 x 512, 25 x 64, 9 x 256, ...), where it converges fast.

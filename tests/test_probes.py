@@ -13,11 +13,12 @@ import pytest
 
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from launch.loggers import JsonlLogger, read_jsonl
 from agents.types import Transition
-from probes import plasticity, probe_set, report
+from probes import plasticity, plots, probe_set
 from probes.diagnostics import DiagnosticsConfig
-from probes.evaluator import STATUS_FILE, Evaluator
+from probes.evaluator import Evaluator
+from probes.loggers import read_jsonl
+from probes.run_dir import RunLayout
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
 SMALL_DIAGNOSTICS = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10,
@@ -123,7 +124,7 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
     return clock['step']
 
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
-                        replay_source=source(inputs), out_dir=str(tmp_path))
+                        replay_source=source(inputs), out=RunLayout(str(tmp_path)))
   clock['step'] = -40  # The first look sees step 0.
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
   steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
@@ -144,7 +145,7 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
     finished = lambda: clock['step'] >= 300
     out_dir = str(tmp_path / str(max_pending))
     evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
-                          replay_source=source(inputs), out_dir=out_dir)
+                          replay_source=source(inputs), out=RunLayout(out_dir))
     probe = evaluator._probe  # pylint: disable=protected-access
 
     def slow_probe(*args, **kwargs):
@@ -166,7 +167,7 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
   agent, _, params, inputs = setup
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params, params), replay_source=source(inputs),
-                        out_dir=str(tmp_path), diagnostics_config=SMALL_DIAGNOSTICS)
+                        out=RunLayout(str(tmp_path)), diagnostics_config=SMALL_DIAGNOSTICS)
   evaluator.evaluate()
   probe, = read_jsonl(str(tmp_path / 'probes.jsonl'))
   record, = read_jsonl(str(tmp_path / 'diagnostics.jsonl'))
@@ -180,14 +181,14 @@ def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
 
 
 def test_report_writes_both_plots(tmp_path):
-  logger = JsonlLogger(str(tmp_path), 'probes', tensorboard=False)
+  logger = RunLayout(str(tmp_path)).logger('probes', tensorboard=False)
   rng = np.random.default_rng(0)
   for step in (0, 5000, 10000):
     loss = 0.1 + step / 1e5
     logger({'learner_step': step, 'probe_steps': 100, 'num_targets': 10, 'final_loss_mean': loss,
             'final_loss_std': 0.01, 'baseline': 0.5, 'plasticity': 0.5 - loss,
             'curve': [[i, float(0.5 - i / 300 + rng.random() * 0.01)] for i in range(0, 100, 20)]})
-  paths = report.write_report(str(tmp_path))
+  paths = plots.write_report(str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ['probe_curves.png', 'plasticity.png']
   for path in paths:
     with open(path, 'rb') as f:
@@ -202,12 +203,12 @@ def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
   for run in ('a', 'b'):
     clock = {'step': 0}
     evaluator = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
-                          replay_source=source(inputs), out_dir=str(tmp_path / run), diagnostics_config=small)
+                          replay_source=source(inputs), out=RunLayout(str(tmp_path / run)), diagnostics_config=small)
     for step in (0, 100):
       clock['step'] = step
       evaluator.evaluate()
     runs.append(str(tmp_path / run))
-  paths = report.write_comparison(runs, str(tmp_path / 'cmp'))
+  paths = plots.write_comparison(runs, str(tmp_path / 'cmp'))
   names = sorted(os.path.relpath(p, tmp_path) for p in paths)
   expected = [f'{run}/plots/{name}.png' for run in ('a', 'b') for name in
               ('covariance', 'hessian_density', 'plasticity', 'probe_curves', 'statistics')]
@@ -218,17 +219,17 @@ def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
 
 def test_report_on_a_directory_without_probes_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='probes.jsonl'):
-    report.write_report(str(tmp_path))
+    plots.write_report(str(tmp_path))
 
 
 def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   """Every probe point, and a second evaluator of the run, measure on the same distinct inputs and targets."""
   agent, _, params, inputs = setup
   repeated = np.concatenate([inputs[:100]] * 3)  # 300 observations, 100 distinct: as MNIST digits repeat.
-  path = str(tmp_path / probe_set.PROBE_SET_FILE)
+  path = RunLayout(str(tmp_path)).probe_set
   clock = {'step': 0}
   first = Evaluator(agent, CONFIG, params_source=lambda: (clock['step'], params, params),
-                    replay_source=source(repeated), out_dir=str(tmp_path / 'a'), probe_set_path=path)
+                    replay_source=source(repeated), out=RunLayout(str(tmp_path / 'a')), probe_set_path=path)
   records = []
   for step in (0, 100):
     clock['step'] = step
@@ -243,7 +244,7 @@ def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   assert [r['plasticity_loss'] for r in records] == [0.0, 0.0]
   # A second evaluator (another seed, another replay) reads the saved set and borrows the run's P(theta_0).
   other = Evaluator(agent, CONFIG, params_source=lambda: (200, saturate(params), params),
-                    replay_source=source(inputs[100:]), out_dir=str(tmp_path / 'b'), probe_set_path=path, seed=7,
+                    replay_source=source(inputs[100:]), out=RunLayout(str(tmp_path / 'b')), probe_set_path=path, seed=7,
                     reference_probes=str(tmp_path / 'a' / 'probes.jsonl'))
   record = other.evaluate()
   assert record['num_unique_inputs'] == 100 and record['plasticity_reference_step'] == 0
@@ -253,7 +254,7 @@ def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   # Fresh sets on request: new inputs and targets at each point.
   fresh = Evaluator(agent, dataclasses.replace(CONFIG, fresh_inputs=True),
                     params_source=lambda: (0, params, params), replay_source=source(repeated),
-                    out_dir=str(tmp_path / 'c'))
+                    out=RunLayout(str(tmp_path / 'c')))
   assert fresh.probe_set(0).target_key.tolist() != fresh.probe_set(1).target_key.tolist()
 
 
@@ -261,7 +262,7 @@ def test_plasticity_loss_is_measured_from_the_first_point_and_survives_a_restart
   agent, _, params, inputs = setup
   snapshots = iter([(0, params, params), (100, saturate(params), params), (200, saturate(params), params)])
   make = lambda: Evaluator(agent, CONFIG, params_source=lambda: next(snapshots), replay_source=source(inputs),
-                           out_dir=str(tmp_path), probe_set_path=str(tmp_path / probe_set.PROBE_SET_FILE))
+                           out=RunLayout(str(tmp_path)), probe_set_path=RunLayout(str(tmp_path)).probe_set)
   evaluator = make()
   start, saturated = evaluator.evaluate(), evaluator.evaluate()
   assert start['plasticity_loss'] == 0.0 and start['plasticity_reference_step'] == 0
@@ -298,7 +299,7 @@ def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fill
 
   replay = NeverFullReplay(inputs)
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (learner_step(), params, params),
-                        replay_source=replay, out_dir=str(tmp_path / 'a'))
+                        replay_source=replay, out=RunLayout(str(tmp_path / 'a')))
   thread = threading.Thread(target=evaluator.run, args=(30, learner_step, lambda: learner_step() >= 60),
                             kwargs={'poll_seconds': 0.01}, daemon=True)
   thread.start()
@@ -307,12 +308,12 @@ def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fill
   records = read_jsonl(str(tmp_path / 'a' / 'probes.jsonl'))
   assert records and all(r['num_unique_inputs'] == 50 for r in records)
   assert records[-1]['learner_step'] == 60
-  with open(tmp_path / 'a' / STATUS_FILE) as f:
+  with open(RunLayout(str(tmp_path / 'a')).evaluator_status) as f:
     assert json.load(f)['state'] == 'finished'
   # A stop request ends the wait of a learner that never finishes; nothing is probed.
   stop = threading.Event()
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (0, params, params), replay_source=NeverFullReplay(inputs),
-                        out_dir=str(tmp_path / 'b'))
+                        out=RunLayout(str(tmp_path / 'b')))
   thread = threading.Thread(target=evaluator.run, args=(30, lambda: 0, lambda: False),
                             kwargs={'should_stop': stop.is_set, 'poll_seconds': 0.01}, daemon=True)
   thread.start()
@@ -339,14 +340,14 @@ def test_figure_3_point_of_a_run_is_its_change_against_its_last_plasticity_loss(
   diagnostics = [{'learner_step': 0, 'parameter_norm': 10.0, 'feature_rank': 40, 'dead_unit_fraction': None},
                  {'learner_step': 50, 'parameter_norm': 99.0, 'feature_rank': 1},
                  {'learner_step': 100, 'parameter_norm': 12.5, 'feature_rank': 30, 'dead_unit_fraction': 0.5}]
-  assert report.run_changes(probes, diagnostics) == {'parameter_norm': 2.5, 'feature_rank': -10,
+  assert plots.run_changes(probes, diagnostics) == {'parameter_norm': 2.5, 'feature_rank': -10,
                                                      'plasticity_loss': 0.25}
-  assert report.run_changes(probes, diagnostics[:1]) == {}  # One point is no change.
+  assert plots.run_changes(probes, diagnostics[:1]) == {}  # One point is no change.
 
 
 def test_report_draws_a_diverged_run_with_gaps(tmp_path):
-  probes = JsonlLogger(str(tmp_path), 'probes', tensorboard=False)
-  diagnostics = JsonlLogger(str(tmp_path), 'diagnostics', tensorboard=False)
+  probes = RunLayout(str(tmp_path)).logger('probes', tensorboard=False)
+  diagnostics = RunLayout(str(tmp_path)).logger('diagnostics', tensorboard=False)
   for step, value in ((0, 0.4), (100, float('nan'))):
     probes({'learner_step': step, 'probe_steps': 20, 'num_targets': 2, 'final_loss_mean': value,
             'final_loss_std': value, 'baseline': 0.5, 'plasticity': value, 'plasticity_loss': value,
@@ -354,6 +355,6 @@ def test_report_draws_a_diverged_run_with_gaps(tmp_path):
     diagnostics({'learner_step': step, 'density_grid': [0.0, 1.0, 2.0], 'density': [0.1, value, 0.2],
                  'top_eigenvalue': value, 'parameter_norm': value, 'weight_srank_mean': 3.0})
   assert read_jsonl(str(tmp_path / 'probes.jsonl'))[1]['plasticity'] is None
-  paths = report.write_report(str(tmp_path))
+  paths = plots.write_report(str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == ['hessian_density.png', 'plasticity.png', 'probe_curves.png',
                                                         'statistics.png']

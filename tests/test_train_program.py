@@ -10,7 +10,9 @@ import time
 import psutil
 import pytest
 
-from launch.loggers import read_jsonl
+from agents import checkpointing
+from probes.loggers import read_jsonl
+from probes.run_dir import RunLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ['--env=mdp:mnist:easy', '--num_actors=2', '--max_learner_steps=300', '--min_replay_size=200',
@@ -47,24 +49,25 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   assert not leftover_processes(start, 'launchpad'), 'processes left behind'
   assert not leftover_processes(start, run_dir)
 
-  for name in ['config.json', 'addresses.json', 'learner.jsonl', 'actors.jsonl', 'probes.jsonl', 'diagnostics.jsonl',
-               'probe_set.npz', 'evaluator_status.json', 'diagnostics/covariance_000000000.npy',
-               'diagnostics/td_covariance_000000000.npy', 'plots/hessian_density.png', 'plots/covariance.png',
-               'plots/statistics.png',
-               'plots/probe_curves.png', 'plots/plasticity.png', 'logs/learner/0', 'logs/actor/0',
-               'logs/actor/1', 'logs/replay/0', 'logs/evaluator/0']:
-    assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
-  assert any(f.startswith('learner_') for f in os.listdir(os.path.join(run_dir, 'checkpoints')))
-  for name in ['learner', 'actors', 'probes', 'diagnostics']:
-    assert os.listdir(os.path.join(run_dir, 'tensorboard', name)), name
+  layout = RunLayout(run_dir)
+  streams = [RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS]
+  for path in [layout.config, layout.addresses, layout.probe_set, layout.evaluator_status,
+               *map(layout.records, streams), layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
+               *map(layout.plot, ['hessian_density', 'covariance', 'statistics', 'probe_curves', 'plasticity']),
+               *(os.path.join(layout.logs, node) for node in ['learner/0', 'actor/0', 'actor/1', 'replay/0',
+                                                              'evaluator/0'])]:
+    assert os.path.getsize(path) > 0, path
+  assert any(f.startswith('learner_') for f in os.listdir(layout.checkpoints))
+  for name in streams:
+    assert os.listdir(layout.tensorboard(name)), name
 
-  learner = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))
+  learner = read_jsonl(RunLayout(run_dir).records('learner'))
   assert [r['learner_step'] for r in learner] == list(range(50, 301, 50))
   assert all(set(r) >= {'td_loss', 'mean_q', 'updates_per_s'} for r in learner)
-  actors = read_jsonl(os.path.join(run_dir, 'actors.jsonl'))
+  actors = read_jsonl(RunLayout(run_dir).records('actors'))
   assert {r['actor_id'] for r in actors} == {0, 1}
   assert all(0 <= r['episode_return'] <= r['episode_length'] for r in actors)
-  probes = read_jsonl(os.path.join(run_dir, 'probes.jsonl'))
+  probes = read_jsonl(RunLayout(run_dir).records('probes'))
   assert probes[0]['learner_step'] == 0 and probes[-1]['learner_step'] == 300
   for record in probes:
     assert record['num_targets'] == 10 and record['probe_steps'] == 40
@@ -72,7 +75,7 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
     assert record['num_unique_inputs'] == 256 and record['probe_set_step'] == 0  # One set for the run.
     assert record['plasticity_loss'] == pytest.approx(probes[0]['plasticity'] - record['plasticity'], abs=1e-6)
   assert probes[0]['plasticity_loss'] == 0.0
-  diagnostics = read_jsonl(os.path.join(run_dir, 'diagnostics.jsonl'))
+  diagnostics = read_jsonl(RunLayout(run_dir).records('diagnostics'))
   assert [r['learner_step'] for r in diagnostics] == [r['learner_step'] for r in probes]
   assert all(r['lanczos_steps'] == 5 and r['covariance_samples'] == 32 for r in diagnostics)
   assert all(r['td_covariance_samples'] == 32 for r in diagnostics)
@@ -88,7 +91,7 @@ def test_local_mt_run_resumes_from_its_checkpoint(tmp_path):
   second = train(run_dir, *[f for f in flags if not f.startswith('--max_learner_steps')], '--max_learner_steps=200')
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert 'Resuming' in second.stdout
-  steps = [r['learner_step'] for r in read_jsonl(os.path.join(run_dir, 'learner.jsonl'))]
+  steps = [r['learner_step'] for r in read_jsonl(RunLayout(run_dir).records('learner'))]
   assert steps == [50, 100, 150, 200]  # The second run continued at 100, not from scratch.
 
 
@@ -100,10 +103,10 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
   result = train(run_dir, '--launch_type=local_mt', *flags, '--max_learner_steps=60', '--probe_every=30')
   ended = time.time()
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  learner = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))
+  learner = read_jsonl(RunLayout(run_dir).records('learner'))
   assert learner[-1]['learner_step'] == 60  # Logged although 60 is not a multiple of --log_every=50.
   assert ended - learner[-1]['time'] < 60  # The bound: within a minute of the learner's last step.
-  probes = read_jsonl(os.path.join(run_dir, 'probes.jsonl'))
+  probes = read_jsonl(RunLayout(run_dir).records('probes'))
   assert probes[-1]['learner_step'] == 60
   assert all(200 <= r['num_unique_inputs'] < 2048 for r in probes)  # What the replay held, said in the record.
   assert 'evaluator finished' in result.stdout
@@ -113,7 +116,7 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
                  '--learning_rate=1e6')
   assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'diverged at step' in result.stderr and '--learning_rate' in result.stderr
-  last = read_jsonl(os.path.join(run_dir, 'learner.jsonl'))[-1]
+  last = read_jsonl(RunLayout(run_dir).records('learner'))[-1]
   assert last['diverged'] is True and last['td_loss'] is None and 'td_loss' in last['nonfinite']
   assert 'non-finite' in result.stdout  # The progress line shows it instead of crashing on a null.
 
@@ -124,7 +127,7 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_inputs'))]
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
                       '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
-  learner = os.path.join(run_dir, 'learner.jsonl')
+  learner = RunLayout(run_dir).records('learner')
   deadline = time.time() + 180
   while not (os.path.exists(learner) and os.path.getsize(learner)) and time.time() < deadline:  # Training.
     time.sleep(0.5)
@@ -134,7 +137,7 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   assert run.returncode == 130, out[-3000:] + err[-3000:]
   assert time.time() - sent < 30
   assert 'Interrupted' in out and 'resume' in err
-  assert not os.path.exists(os.path.join(run_dir, 'probe_set.npz'))  # No set drawn from a stopping run.
+  assert not os.path.exists(RunLayout(run_dir).probe_set)  # No set drawn from a stopping run.
 
 
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
@@ -167,7 +170,7 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=3000', '--probe_every=0')
   deadline = time.time() + 180
-  while not os.path.exists(os.path.join(run_dir, 'addresses.json')) and time.time() < deadline:
+  while not os.path.exists(RunLayout(run_dir).addresses) and time.time() < deadline:
     time.sleep(0.5)
   attach = python_module('launch.attach_evaluator', f'--run_dir={run_dir}', '--name=mine', '--probe_every=200',
                          '--probe_steps=20', '--nodiagnostics')
@@ -176,11 +179,11 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   run_out, run_err = run.communicate(timeout=300)
   assert run.returncode == 0, run_out + run_err[-3000:]
 
-  records = read_jsonl(os.path.join(run_dir, 'evaluators', 'mine', 'probes.jsonl'))
+  records = read_jsonl(RunLayout(run_dir).evaluator('mine').records('probes'))
   steps = [r['learner_step'] for r in records]
   assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] <= 3000
   assert all(r['probe_steps'] == 20 for r in records)
-  assert not os.path.exists(os.path.join(run_dir, 'probes.jsonl'))  # The run's own files are untouched.
+  assert not os.path.exists(RunLayout(run_dir).records('probes'))  # The run's own files are untouched.
 
   # The run has stopped: attaching again is a clear error.
   again = python_module('launch.attach_evaluator', f'--run_dir={run_dir}')
@@ -190,9 +193,9 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   out, err = not_a_run.communicate(timeout=120)
   assert not_a_run.returncode != 0 and 'not a run directory' in err
 
-  checkpoint = os.path.join(run_dir, 'checkpoints', 'learner_000003000.pkl')
+  checkpoint = checkpointing.path_for(RunLayout(run_dir).checkpoints, 3000)
   offline = python_module('probes.run', f'--checkpoint={checkpoint}', '--probe_steps=20')
   out, err = offline.communicate(timeout=300)
   assert offline.returncode == 0, err[-3000:]
-  record, = read_jsonl(os.path.join(run_dir, 'offline', 'learner_000003000', 'probes.jsonl'))
+  record, = read_jsonl(RunLayout(run_dir).offline(checkpoint).records('probes'))
   assert record['learner_step'] == 3000 and record['probe_steps'] == 20 and 'plasticity' in out

@@ -1,7 +1,14 @@
-"""The double-DQN learning step as pure, jit-able functions (no I/O, no state)."""
+"""The double-DQN learning step as pure, jit-able functions (no I/O, no state).
 
-from typing import Callable, Dict, NamedTuple, Sequence, Tuple
+Shapes are asserted with chex at the functions' boundaries (as rlax and DQN Zoo
+do): a batch is B transitions, every field [B, ...], action, reward and
+discount [B]; Q-values are [B, A] and targets [B]. The checks run at trace
+time and cost nothing in the compiled step.
+"""
 
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,10 +26,29 @@ class TrainingState(NamedTuple):
   opt_state: optax.OptState
   step: jax.Array  # Number of updates applied so far.
   rng: jax.Array
+  # theta_0, what l2_init pulls towards. Last and defaulted so that a checkpoint
+  # written before it existed (5 fields) still makes a TrainingState (probes.run);
+  # the learner fills it in from its seed's initialisation (agents/learner.py).
+  initial_params: Optional[Params] = None
 
 
 # A target-update hook: (state after the target copy, fresh random parameters) -> state.
 TargetUpdateHook = Callable[[TrainingState, Params], TrainingState]
+# An extra loss term: (online parameters, initial parameters theta_0, batch) -> scalar, added to the TD loss.
+LossTerm = Callable[[Params, Params, Transition], jax.Array]
+# A change of the training state made on a batch, with metrics saying what it did.
+StateAction = Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]
+
+
+class PeriodicAction(NamedTuple):
+  """A change of the training state every `period` learner steps, made on that step's batch (ReDo).
+
+  The learner runs `act` (jitted on its own, as the target update is) after
+  each update whose step count is a multiple of `period`; the metrics it
+  returns say what it did and join that step's record.
+  """
+  period: int
+  act: StateAction
 
 
 def init_state(network: Network, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -30,28 +56,44 @@ def init_state(network: Network, optimizer: optax.GradientTransformation, rng: j
   init_rng, state_rng = jax.random.split(rng)
   params = network.init(init_rng, dummy_observation)
   return TrainingState(params=params, target_params=params, opt_state=optimizer.init(params),
-                       step=jnp.zeros((), jnp.int32), rng=state_rng)
+                       step=jnp.zeros((), jnp.int32), rng=state_rng, initial_params=params)
+
+
+def check_batch(batch: Transition) -> int:
+  """Asserts a batch's layout (every field [B, ...]; action, reward, discount [B]) and returns B."""
+  chex.assert_rank([batch.action, batch.reward, batch.discount], 1)
+  chex.assert_type([batch.action, batch.reward, batch.discount], [int, float, float])
+  chex.assert_equal_shape_prefix(jax.tree_util.tree_leaves(batch), 1)
+  return batch.action.shape[0]
 
 
 def double_q_loss(network: Network, encoding: Encoding, discount: float,
                   params: Params, target_params: Params, batch: Transition,
-                  rng: jax.Array) -> Tuple[jax.Array, Metrics]:
+                  rng: Optional[jax.Array] = None, *, is_training: bool = False) -> Tuple[jax.Array, Metrics]:
   """Double Q-learning (van Hasselt et al. 2016) through the chosen output encoding.
 
   The online network selects the next action and the target network evaluates
   it (`rlax.double_q_learning`); the resulting scalar target is then fitted by
-  the encoding's loss on the chosen action's outputs.
+  the encoding's loss on the chosen action's outputs. `is_training` runs the
+  differentiated online pass in training mode (dropout keyed by `rng`), as the
+  update does; the per-transition loss of the diagnostics evaluates. The
+  bootstrap passes always evaluate.
   """
-  outputs_tm1 = network.apply(params, batch.observation, rng).outputs
+  batch_size = check_batch(batch)
+  outputs_tm1 = network.apply(params, batch.observation, is_training=is_training, rng=rng).outputs
   q_tm1 = encoding.q_values(outputs_tm1)
   q_t_selector = encoding.q_values(network.apply(params, batch.next_observation).outputs)
   q_t_value = encoding.q_values(network.apply(target_params, batch.next_observation).outputs)
-  batch_size, num_actions = q_tm1.shape
+  chex.assert_rank(q_tm1, 2)
+  chex.assert_axis_dimension(q_tm1, 0, batch_size)
+  chex.assert_equal_shape([q_tm1, q_t_selector, q_t_value])
+  num_actions = q_tm1.shape[1]
   actions = batch.action.astype(jnp.int32)
   td_errors = jax.vmap(rlax.double_q_learning)(
       q_tm1, actions, batch.reward, discount * batch.discount, q_t_value, q_t_selector)
   q_taken = q_tm1[jnp.arange(batch_size), actions]
   targets = jax.lax.stop_gradient(q_taken + td_errors)
+  chex.assert_shape([q_taken, targets], (batch_size,))
   action_outputs = outputs_tm1.reshape(batch_size, num_actions, -1)[jnp.arange(batch_size), actions]
   loss = jnp.mean(encoding.loss(action_outputs, targets))
   return loss, {'td_loss': loss, 'mean_q': jnp.mean(q_taken), 'mean_target': jnp.mean(targets)}
@@ -71,16 +113,30 @@ def make_transition_loss(network: Network, encoding: Encoding,
   return loss
 
 
-def make_update(network: Network, encoding: Encoding, optimizer: optax.GradientTransformation,
-                discount: float) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
-  """Returns the pure update `(state, batch) -> (state, metrics)`."""
+def make_update(network: Network, encoding: Encoding, optimizer: optax.GradientTransformation, discount: float,
+                loss_terms: Optional[Mapping[str, LossTerm]] = None,
+                ) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
+  """Returns the pure update `(state, batch) -> (state, metrics)`.
 
-  def loss_fn(params, target_params, batch, rng):
-    return double_q_loss(network, encoding, discount, params, target_params, batch, rng)
+  The loss minimised is the TD loss (the online pass in training mode) plus
+  the interventions' `loss_terms`, each also reported as `<name>_loss`;
+  `td_loss` stays the TD loss alone.
+  """
+  loss_terms = dict(loss_terms or {})
+
+  def loss_fn(params: Params, state: TrainingState, batch: Transition, rng: jax.Array):
+    loss, metrics = double_q_loss(network, encoding, discount, params, state.target_params, batch, rng,
+                                  is_training=True)
+    for name, term in loss_terms.items():
+      value = term(params, state.initial_params, batch)
+      chex.assert_rank(value, 0)
+      metrics[f'{name}_loss'] = value
+      loss = loss + value
+    return loss, metrics
 
   def update(state: TrainingState, batch: Transition) -> Tuple[TrainingState, Metrics]:
     rng, loss_rng = jax.random.split(state.rng)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state.target_params, batch, loss_rng)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, loss_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)

@@ -41,24 +41,24 @@ def _has_nonfinite(value: Any) -> bool:
 
 
 class JsonlLogger:
-  """Appends records to `run_dir/<name>.jsonl`, adding a wall-clock time.
+  """Appends records to the JSONL file at `path`, adding a wall-clock time.
 
-  With `tensorboard=True` the numeric scalars of each record also go to
-  `run_dir/tensorboard/<name>/`, against `step_key`.
+  With a `tensorboard_dir` the numeric scalars of each record also go there,
+  against `step_key`.
   """
 
-  def __init__(self, run_dir: str, name: str, step_key: str = 'learner_step',
-               tensorboard: bool = True, extra: Optional[Dict[str, Any]] = None):
-    os.makedirs(run_dir, exist_ok=True)
-    self.path = os.path.join(run_dir, f'{name}.jsonl')
+  def __init__(self, path: str, tensorboard_dir: Optional[str] = None, step_key: str = 'learner_step',
+               extra: Optional[Dict[str, Any]] = None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.path = path
     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     self._step_key = step_key
     self._extra = extra or {}
     self._summary_writer = None
-    if tensorboard:
+    if tensorboard_dir:
       import tensorflow as tf  # Only the TensorBoard writer needs TF here.
       self._tf = tf
-      self._summary_writer = tf.summary.create_file_writer(os.path.join(run_dir, 'tensorboard', name))
+      self._summary_writer = tf.summary.create_file_writer(tensorboard_dir)
 
   def __call__(self, record: Dict[str, Any]) -> None:
     record = {**self._extra, **record, 'time': time.time()}
