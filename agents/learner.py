@@ -54,11 +54,19 @@ class Learner:
     self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
     self._state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(seed), dummy)
     self._restored_from = None
-    if checkpoint_dir and (path := checkpointing.latest(checkpoint_dir)):
-      _, restored = checkpointing.load(path)
+    if checkpoint_dir:
+      path, loaded, problems = checkpointing.latest_loadable(checkpoint_dir)
+      if path is None and problems:
+        raise checkpointing.CheckpointError(f'No checkpoint in {checkpoint_dir} is readable ({" ".join(problems)}); '
+                                            f'move them away to start the run over.')
+    if checkpoint_dir and path is not None:
       # A checkpoint written before a TrainingState field existed lacks it: it is taken from the fresh state,
       # exactly for initial_params (the initialisation is a function of the seed, which a resumed run keeps).
-      restored = TrainingState(*restored, *self._state[len(restored):])
+      restored = TrainingState(*loaded[1], *self._state[len(loaded[1]):])
+      if jax.tree_util.tree_structure(restored) != jax.tree_util.tree_structure(self._state):
+        raise checkpointing.CheckpointError(
+            f'{path} holds a training state of another shape than this configuration builds (written by an older '
+            f'version of the optimizer or network?); resume it with the version that wrote it, or start a new run.')
       self._state = jax.tree_util.tree_map(jax.numpy.asarray, restored)
       self._restored_from = path
       logging.info('Learner restored step %d from %s', self.step_count, path)
@@ -161,6 +169,15 @@ class Learner:
     """(learner step, parameters, target parameters) as numpy, published with `get_params`."""
     with self._lock:
       return self._published
+
+  def get_initial_snapshot(self) -> tuple:
+    """(0, theta_0, theta_0): the run's initial parameters, which are its own target at step 0.
+
+    An evaluator that starts after training has (the learner on an accelerator is fast) still
+    measures theta_0, the reference of the loss of plasticity.
+    """
+    initial = jax.device_get(self._state.initial_params)
+    return 0, initial, initial
 
   def get_step(self) -> int:
     with self._lock:

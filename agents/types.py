@@ -42,3 +42,7 @@ class Transition(NamedTuple):
 
 # Where the actor and the learner send their records (a JSONL logger in a run, a list's append in a test).
 Logger = Callable[[Dict[str, object]], None]
+
+
+class StopRequested(Exception):
+  """Raised by a wait or a long computation that gave up because a stop was requested: the end, not a failure."""

@@ -31,10 +31,10 @@ import environments
 from agents.actor import Actor
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
-from agents.types import Params
+from agents.types import Params, StopRequested
 from launch import replay
 from probes.run_dir import ExperimentConfig, RunLayout
-from probes.evaluator import Evaluator, ParamsSource, Stopped
+from probes.evaluator import Evaluator, ParamsSource
 
 # Nodes that must keep JAX off any accelerator: only the learner may use it.
 CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
@@ -49,7 +49,7 @@ def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[],
   """A Courier call (`client.futures.method`) that waits for its answer only until a stop request.
 
   A Courier client waits for a dead server forever; a node whose peer died
-  must still stop when asked. On a stop request it raises `Stopped`.
+  must still stop when asked. On a stop request it raises `StopRequested`.
   """
 
   def call_until_stopped(*args):
@@ -60,7 +60,7 @@ def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[],
       except futures.TimeoutError:
         if should_stop():
           future.cancel()
-          raise Stopped('a stop was requested while waiting for the learner') from None
+          raise StopRequested('a stop was requested while waiting for the learner') from None
 
   return call_until_stopped
 
@@ -92,6 +92,9 @@ class LearnerNode:
 
   def get_snapshot(self) -> Tuple[int, Params, Params]:
     return self._learner.get_snapshot()
+
+  def get_initial_snapshot(self) -> Tuple[int, Params, Params]:
+    return self._learner.get_initial_snapshot()
 
   def get_step(self) -> int:
     return self._learner.get_step()
@@ -133,7 +136,7 @@ class ActorNode:
     def params_source():
       try:
         return get_params()
-      except Stopped:
+      except StopRequested:
         return None  # The actor stops.
 
     actor = Actor(agent, config.agent, env, params_source=params_source,
@@ -145,7 +148,8 @@ class ActorNode:
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
-                   seed: int, reference_probes: Optional[str] = None) -> Evaluator:
+                   seed: int, reference_probes: Optional[str] = None,
+                   initial_source: Optional[ParamsSource] = None) -> Evaluator:
   """The evaluator of a run, writing the files of `out` (the built-in one: the run directory's).
 
   Every evaluator of a run reads the run's probe set (drawn by the first to need it).
@@ -156,7 +160,7 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
       replay_source=replay.ReverbSource(replay_address), out=out,
       probe_set_path=config.layout.probe_set,
       diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
-      discount=config.agent.discount, reference_probes=reference_probes)
+      discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source)
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
@@ -180,9 +184,10 @@ class EvaluatorNode:
     config = self._config
     should_stop = lp.stop_event().is_set  # The event itself: the snapshot thread reads it too.
     learner = {name: until_stopped(getattr(self._learner.futures, name), should_stop)
-               for name in ('get_snapshot', 'get_step', 'is_finished')}
+               for name in ('get_snapshot', 'get_initial_snapshot', 'get_step', 'is_finished')}
     evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
-                               self._replay_client.server_address, seed=config.seed)
+                               self._replay_client.server_address, seed=config.seed,
+                               initial_source=learner['get_initial_snapshot'])
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                   should_stop=should_stop)
     lp.stop()

@@ -21,16 +21,22 @@ import threading
 import time
 
 from absl import app
+from absl import flags
 
 import environments
 from environments import datasets
+from agents import checkpointing
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import program as program_lib
+from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
 from probes.loggers import read_jsonl
 from probes import plots
 from probes.run_dir import RunLayout
+
+
+TERMINATION_NOTICE_S = 20
 
 
 class ExitCode(enum.IntEnum):
@@ -42,9 +48,15 @@ class ExitCode(enum.IntEnum):
 
 
 def validate(config: ExperimentConfig) -> str:
-  """Builds the environment and agent once, so bad flags fail before any launch."""
+  """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   make_agent(config.agent, env.action_spec().num_values)
+  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints)
+  for problem in problems:
+    print(f'Warning: {problem} {"Resuming from " + path if path else ""}', file=sys.stderr)
+  if problems and path is None:
+    raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable; move them away to start the run '
+                     f'over.')
   return env.data_source
 
 
@@ -123,10 +135,15 @@ def progress_line(config: ExperimentConfig) -> str:
 def launch_and_wait(config: ExperimentConfig) -> ExitCode:
   """Runs the program until it stops; how it ended."""
   import launchpad as lp
+  if not flags.FLAGS['lp_termination_notice_secs'].present:
+    # Time for every node to stop by itself (the evaluator drops its point in progress, the learner saves)
+    # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
+    flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
   program = program_lib.make_program(config)
   if config.launch_type == 'local_mp':
     from launchpad.launch.run_locally import launch_local_output_to_files
-    log_dir = config.layout.logs
+    watchdog.start()  # Its nodes end with the launcher, even a killed one.
+    log_dir = config.layout.attempt_logs(config.layout.attempts() + 1)
     os.makedirs(log_dir, exist_ok=True)
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
     manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
@@ -160,7 +177,8 @@ def launch_and_wait(config: ExperimentConfig) -> ExitCode:
   if interrupted.is_set():
     return ExitCode.INTERRUPTED
   if failure:
-    print(f'A node of the program failed ({failure[0]}); its log is under {config.layout.logs}.', file=sys.stderr)
+    print(f'A node of the program failed ({failure[0]}); its log is under {config.layout.logs}/<attempt>/.',
+          file=sys.stderr)
     return ExitCode.NODE_FAILED
   return ExitCode.FINISHED
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents.config import option
-from agents.types import Network, Params, Transition
+from agents.types import Network, Params, StopRequested, Transition
 from probes import curvature, statistics
 
 
@@ -154,9 +154,14 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_k
   perturbation: Dict[str, Params] = {}  # The fixed network phi, drawn at the first call (it needs an input).
 
   def diagnose(params: Params, inputs: np.ndarray, rng: jax.Array, target_params: Optional[Params] = None,
-               transitions: Optional[Transition] = None) -> DiagnosticsResult:
+               transitions: Optional[Transition] = None,
+               should_stop: Callable[[], bool] = lambda: False) -> DiagnosticsResult:
     inputs = np.asarray(inputs)
     times = {}
+
+    def check_stop(next_stage: str) -> None:
+      if should_stop():
+        raise StopRequested(f'stopped before the {next_stage}')
 
     start = time.time()
     activity, features = activation_pass(params, inputs)
@@ -164,6 +169,7 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_k
                                           config.weight_rank_rtol, config.dormant_threshold)
     times['statistics'] = time.time() - start
 
+    check_stop('Hessian')
     start = time.time()
     chunk = min(config.hessian_chunk_size, config.hessian_batch_size, len(inputs))
     batch = min(config.hessian_batch_size, len(inputs)) // chunk * chunk
@@ -184,6 +190,7 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_k
         rng, config.lanczos_draws, config.density_grid_size, config.density_sigma)
     times['hessian'] = time.time() - start
 
+    check_stop('gradient covariance')
     start = time.time()
     k = min(config.covariance_samples, len(inputs))
     block = covariance_block_size(config, params)
@@ -195,6 +202,7 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_k
     if td_gradients is not None and transitions is not None and config.td_covariance_samples > 0:
       if target_params is None:
         raise ValueError('The TD-gradient covariance needs the target parameters beside the transitions.')
+      check_stop('TD-loss gradient covariance')
       start = time.time()
       k = min(config.td_covariance_samples, len(transitions.action))
       td = curvature.gradient_covariance(td_gradients, params, target_params,

@@ -23,7 +23,7 @@ import numpy as np
 
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
-from agents.types import Logger, Params
+from agents.types import Logger, Params, StopRequested
 from probes.loggers import read_jsonl
 from probes import diagnostics, plasticity, probe_set as probe_sets
 from probes.run_dir import RunLayout
@@ -31,10 +31,6 @@ from probes.run_dir import RunLayout
 
 # (learner step, online parameters, target parameters): the learner's `get_snapshot`.
 ParamsSource = Callable[[], Tuple[int, Params, Params]]
-
-
-class Stopped(Exception):
-  """Raised by a source that gave up waiting because a stop was requested: the end, not a failure."""
 
 
 class Snapshot(NamedTuple):
@@ -59,15 +55,19 @@ class Evaluator:
   `reference_probes` is another evaluator's probes.jsonl (the run's, for an
   attached evaluator) whose first record serves as P(theta_0) when it probed
   the same set the same way; otherwise this evaluator's own first record does.
+  `initial_source` gives the run's initial parameters: the first probe point
+  of a run is then step 0 even if training began before the evaluator.
   """
 
   def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, params_source: ParamsSource,
                replay_source: probe_sets.ReplaySource, out: RunLayout, probe_set_path: Optional[str] = None,
                diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0,
                discount: float = 0.99, reference_probes: Optional[str] = None,
-               probe_logger: Optional[Logger] = None, diagnostics_logger: Optional[Logger] = None):
+               probe_logger: Optional[Logger] = None, diagnostics_logger: Optional[Logger] = None,
+               initial_source: Optional[ParamsSource] = None):
     self._probe_config = probe_config
     self._params_source = params_source
+    self._initial_source = initial_source
     self._replay_source = replay_source
     self._probe_set_path = probe_set_path
     self._probe_set: Optional[probe_sets.ProbeSet] = None
@@ -144,13 +144,14 @@ class Evaluator:
     return self._probe_set
 
   def snapshot(self, give_up: Callable[[], bool] = lambda: False,
-               should_stop: Callable[[], bool] = lambda: False) -> Optional[Snapshot]:
-    """The learner's parameters now (one quick call: the learner never waits) and the probe set.
+               should_stop: Callable[[], bool] = lambda: False, initial: bool = False) -> Optional[Snapshot]:
+    """The learner's parameters now (one quick call: the learner never waits), or its initial ones, and the
+    probe set.
 
     None when no probe set could be had (the replay was still empty when `give_up()`, or a stop
     was requested before a set was drawn).
     """
-    learner_step, params, target_params = self._params_source()
+    learner_step, params, target_params = (self._initial_source if initial else self._params_source)()
     drawn = self.probe_set(int(learner_step), give_up, should_stop)
     if drawn is None:
       logging.warning('No probe at learner step %d: stopped before a probe set was drawn, or the replay was '
@@ -160,29 +161,42 @@ class Evaluator:
 
   # Measurements.
 
-  def evaluate(self, snapshot: Optional[Snapshot] = None) -> Dict[str, object]:
-    """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record."""
+  def evaluate(self, snapshot: Optional[Snapshot] = None,
+               should_stop: Callable[[], bool] = lambda: False) -> Dict[str, object]:
+    """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record.
+
+    A stop request ends it between probe chunks or diagnostics (`StopRequested`), and nothing of the
+    point is written: its records are written together, at the end.
+    """
     snapshot = snapshot or self.snapshot()
     learner_step, params, target_params, drawn = snapshot
     self._rng, diagnostics_key = jax.random.split(self._rng)
     steps = self._probe_config.steps
     self._set_status(state='probing', learner_step=learner_step, probe_step=0, probe_steps=steps)
+
+    def progress(done: int) -> None:
+      if should_stop():
+        raise StopRequested(f'stopped at probe step {done} of learner step {learner_step}')
+      self._set_status(force=False, probe_step=done)
+
     start = time.time()
-    result = self._probe(params, drawn.inputs, jax.numpy.asarray(drawn.target_key),
-                         progress=lambda done: self._set_status(force=False, probe_step=done))
+    result = self._probe(params, drawn.inputs, jax.numpy.asarray(drawn.target_key), progress=progress)
     record = {'learner_step': int(learner_step), **result.as_record(),
               'num_unique_inputs': drawn.num_unique_inputs, 'probe_set_step': drawn.learner_step}
     if drawn.num_unique_inputs < self._probe_config.num_inputs:
       logging.warning('Probe at learner step %d on %d distinct inputs (the replay held no more), not %d.',
                       learner_step, drawn.num_unique_inputs, self._probe_config.num_inputs)
+    diagnosed = None
+    if self._diagnose is not None:
+      self._set_status(state='diagnostics (Hessian density, gradient covariance, statistics)')
+      diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions,
+                                 should_stop=should_stop)
     record.update(self._plasticity_loss(record))
     logging.info('Probe at learner step %d: plasticity %.4f (loss of plasticity %.4f since step %d) in %.1fs',
                  learner_step, record['plasticity'], record['plasticity_loss'], record['plasticity_reference_step'],
                  time.time() - start)
     self._probe_logger(record)
-    if self._diagnose is not None:
-      self._set_status(state='diagnostics (Hessian density, gradient covariance, statistics)')
-      diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions)
+    if diagnosed is not None:
       for kind, matrix in (('covariance', diagnosed.covariance), ('td_covariance', diagnosed.td_covariance)):
         if matrix is not None:
           path = self._out.covariance(kind, learner_step)
@@ -233,7 +247,7 @@ class Evaluator:
     def take_snapshots() -> None:
       try:  # `should_stop` is read in the caller's thread: Launchpad's stop event may answer only there.
         self._take_snapshots(probe_every, learner_step, learner_finished, stop, poll_seconds, max_pending, pending)
-      except Stopped:
+      except StopRequested:
         pass
       except BaseException as e:  # pylint: disable=broad-except  Re-raised in the caller's thread.
         errors.append(e)
@@ -251,7 +265,11 @@ class Evaluator:
         if snapshot is None:
           break
         self._set_status(snapshots_waiting=pending.qsize())
-        self.evaluate(snapshot)
+        try:
+          self.evaluate(snapshot, should_stop)
+        except StopRequested as e:  # The point in progress is dropped whole; a relaunch probes it anew.
+          logging.info('Evaluator stopping: %s.', e)
+          break
     finally:
       stop.set()
     thread.join(timeout=max(20 * poll_seconds, 10.0))  # Its waits all see `stop`; a dead peer must not hold us.
@@ -266,6 +284,11 @@ class Evaluator:
     last = self.last_probed_step
     next_step = 0 if last is None else (last // probe_every + 1) * probe_every
     give_up = lambda: stop.is_set() or learner_finished()
+    if last is None and self._initial_source is not None and learner_step() > 0:
+      snapshot = self.snapshot(give_up, stop.is_set, initial=True)  # Training began first: theta_0 all the same.
+      if snapshot is not None:
+        pending.put(snapshot)
+        last, next_step = 0, probe_every
     while not stop.is_set():
       finished = learner_finished()
       step = learner_step()

@@ -70,7 +70,17 @@ class RunLayout:
 
   @property
   def logs(self) -> str:
+    """Each launch's node logs, `logs/<attempt>/<group>/<index>`: a relaunch keeps those of the launch before."""
     return self.path('logs')
+
+  def attempt_logs(self, attempt: int) -> str:
+    return os.path.join(self.logs, str(attempt))
+
+  def attempts(self) -> int:
+    """How many launches have left logs here."""
+    if not os.path.isdir(self.logs):
+      return 0
+    return max((int(name) for name in os.listdir(self.logs) if name.isdigit()), default=0)
 
   def covariance(self, kind: str, learner_step: int) -> str:
     """A saved C_k: kind `covariance` (probe loss) or `td_covariance` (TD loss)."""
@@ -142,27 +152,37 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
   """Writes config.json in a new run dir; in an existing one, checks it matches.
 
   Returns True when the run directory already held a run (a resume). A
-  mismatch raises ValueError naming each differing flag, before anything in
-  the directory is touched.
+  mismatch, a run directory that is a file or is not writable, or an
+  unreadable config.json raises ValueError naming it, before anything in the
+  directory is touched. config.json is replaced atomically.
   """
+  run_dir = config.run_dir
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise ValueError(f'--run_dir={run_dir} is a file, not a directory.')
+  try:
+    os.makedirs(run_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror}).') from e
+  if not os.access(run_dir, os.W_OK | os.X_OK):
+    raise ValueError(f'--run_dir={run_dir} is not writable.')
   path = config.layout.config
   current = json.loads(json.dumps(config.to_dict()))
-  if os.path.exists(path):
+  resumed = os.path.exists(path)
+  if resumed:
     # Read back through the dataclasses: a field added since the run began takes its default.
-    saved = json.loads(json.dumps(load_config(config.run_dir).to_dict()))
+    saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
     differences = _differences(saved, current)
     if differences:
       raise ValueError(
-          f'--run_dir={config.run_dir} holds a run with a different configuration; resuming it '
+          f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
           f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
           f'Use another --run_dir for a new run.')
-    with open(path, 'w') as f:
-      json.dump(current, f, indent=2)
-    return True
-  os.makedirs(config.run_dir, exist_ok=True)
-  with open(path, 'w') as f:
+  with open(path + '.tmp', 'w') as f:
     json.dump(current, f, indent=2)
-  return False
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + '.tmp', path)
+  return resumed
 
 
 def _differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = '') -> list:

@@ -198,3 +198,28 @@ def test_actor_takes_epsilon_and_reward_clip_from_the_agent_config(epsilon, rewa
     assert acted == set(greedy.items())
   else:
     assert {action for _, action in acted} == {0, 1, 2}
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
+  agent = make_agent(config, num_actions=3)
+  dummy = np.zeros((4, 4, 1), np.uint8)
+  learner = Learner(agent, config, random_batches(8), dummy, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+  learner.run(max_steps=10)  # Checkpoints at 5 and 10.
+  latest = checkpointing.path_for(str(tmp_path), 10)
+  with open(latest, 'r+b') as f:
+    f.truncate(100)  # A write cut short.
+  path, (step, _), problems = checkpointing.latest_loadable(str(tmp_path))
+  assert step == 5 and path == checkpointing.path_for(str(tmp_path), 5)
+  assert len(problems) == 1 and latest in problems[0]
+  assert Learner(agent, config, random_batches(8), dummy, checkpoint_dir=str(tmp_path)).step_count == 5
+  with open(checkpointing.path_for(str(tmp_path), 5), 'w') as f:
+    f.write('not a pickle')
+  with pytest.raises(checkpointing.CheckpointError, match='No checkpoint .* is readable'):
+    Learner(agent, config, random_batches(8), dummy, checkpoint_dir=str(tmp_path))
+  # A checkpoint of another configuration's state is refused by name, not fed to the update.
+  other = str(tmp_path / 'other')
+  Learner(agent, config, random_batches(8), dummy, checkpoint_dir=other, checkpoint_every=1).run(max_steps=1)
+  rmsprop = AgentConfig(width_multiplier=1 / 32, batch_size=8, optimizer='rmsprop')
+  with pytest.raises(checkpointing.CheckpointError, match='another shape'):
+    Learner(make_agent(rmsprop, 3), rmsprop, random_batches(8), dummy, checkpoint_dir=other)

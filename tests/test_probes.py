@@ -358,3 +358,15 @@ def test_report_draws_a_diverged_run_with_gaps(tmp_path):
   paths = plots.write_report(str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == ['hessian_density.png', 'plasticity.png', 'probe_curves.png',
                                                         'statistics.png']
+
+
+def test_an_evaluator_that_starts_late_still_measures_theta_0_first(setup, tmp_path):
+  agent, _, params, inputs = setup
+  evaluator = Evaluator(agent, CONFIG, params_source=lambda: (250, saturate(params), params),
+                        replay_source=source(inputs), out=RunLayout(str(tmp_path)),
+                        initial_source=lambda: (0, params, params))
+  evaluator.run(100, learner_step=lambda: 250, learner_finished=lambda: True, poll_seconds=0.0)
+  first, last = read_jsonl(RunLayout(str(tmp_path)).records('probes'))
+  assert (first['learner_step'], last['learner_step']) == (0, 250)
+  assert first['plasticity_loss'] == 0.0 and last['plasticity_reference_step'] == 0
+  assert last['plasticity_loss'] == pytest.approx(first['plasticity'] - last['plasticity']) and last['plasticity_loss'] > 0

@@ -54,8 +54,8 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   for path in [layout.config, layout.addresses, layout.probe_set, layout.evaluator_status,
                *map(layout.records, streams), layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
                *map(layout.plot, ['hessian_density', 'covariance', 'statistics', 'probe_curves', 'plasticity']),
-               *(os.path.join(layout.logs, node) for node in ['learner/0', 'actor/0', 'actor/1', 'replay/0',
-                                                              'evaluator/0'])]:
+               *(os.path.join(layout.attempt_logs(1), node)
+                 for node in ['learner/0', 'actor/0', 'actor/1', 'replay/0', 'evaluator/0'])]:
     assert os.path.getsize(path) > 0, path
   assert any(f.startswith('learner_') for f in os.listdir(layout.checkpoints))
   for name in streams:
@@ -140,6 +140,52 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   assert not os.path.exists(RunLayout(run_dir).probe_set)  # No set drawn from a stopping run.
 
 
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+  deadline = time.time() + timeout_s
+  while not condition():
+    assert time.time() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.2)
+
+
+def _evaluator_state(layout: RunLayout) -> str:
+  try:
+    with open(layout.evaluator_status) as f:
+      return json.load(f).get('state', '')
+  except (OSError, ValueError):
+    return ''
+
+
+@pytest.mark.slow
+def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_steps'))]
+  flags += ['--launch_type=local_mp', '--max_learner_steps=100000', '--probe_steps=100000']  # A probe of minutes.
+  start = time.time()
+  run = python_module('launch.train', f'--run_dir={run_dir}', *flags)
+  _wait_for(lambda: _evaluator_state(layout) == 'probing', 180, 'the first probe')
+  run.send_signal(signal.SIGINT)
+  sent = time.time()
+  out, err = run.communicate(timeout=120)
+  assert run.returncode == 130, out[-3000:] + err[-3000:]
+  assert time.time() - sent < 30  # The evaluator dropped its probe instead of being killed at the notice.
+  assert 'Interrupted' in out and 'resume' in err
+  assert os.listdir(layout.checkpoints)  # The learner's final checkpoint.
+  assert not read_jsonl(layout.records('probes'))  # The point in progress is dropped whole, not half-written.
+  time.sleep(1.0)
+  assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
+
+  relaunch = python_module('launch.train', f'--run_dir={run_dir}', *flags)
+  _wait_for(lambda: layout.attempts() == 2 and _evaluator_state(layout) == 'probing', 180, 'the relaunch')
+  assert os.path.isdir(os.path.join(layout.attempt_logs(1), 'learner'))  # The first launch's logs are kept.
+  killed = time.time()
+  relaunch.kill()  # kill -9 of the launcher: no stop reaches its nodes from it.
+  relaunch.communicate(timeout=30)
+  _wait_for(lambda: not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir), 15,
+            'the nodes to end after their launcher')
+  assert time.time() - killed < 15
+
+
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
@@ -155,6 +201,18 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert result.returncode != 0 and 'env' in result.stderr and "'mdp:mnist:easy' -> 'mdp:mnist:hard'" in result.stderr
   assert json.loads((run_dir / 'config.json').read_text()) == {'env': 'mdp:mnist:easy', 'agent': {'arch': 'mlp'}}
   assert sorted(os.listdir(run_dir)) == ['config.json']
+  # A run directory that is a file; a config.json that is not one; a damaged checkpoint: named, nothing lost.
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('mine')
+  result = train(str(a_file), timeout=120)
+  assert result.returncode == 1 and f'--run_dir={a_file} is a file' in result.stderr
+  assert a_file.read_text() == 'mine'
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  (broken / 'config.json').write_text('{"env": ')
+  result = train(str(broken), timeout=120)
+  assert result.returncode == 1 and f'{broken / "config.json"} is not a readable run configuration' in result.stderr
+  assert (broken / 'config.json').read_text() == '{"env": ' and sorted(os.listdir(broken)) == ['config.json']
 
 
 def python_module(module, *args):
