@@ -81,3 +81,8 @@ class ReplayConfig:
   # Slack of the ratio, as a fraction of samples_per_insert * min_size (as in Acme).
   samples_per_insert_tolerance: float = option(0.1, 'Slack of the samples-per-insert ratio, as a fraction of '
                                                'samples_per_insert * min_replay_size (as in Acme).', lower_bound=0.0)
+  # Reverb's own checkpoints of both tables (data and rate-limiter counters) into the run directory, restored by a
+  # relaunch; one more at a clean stop.
+  checkpoint_every_minutes: float = option(10.0, 'Minutes between replay checkpoints; one more at a clean stop '
+                                           '(0: no replay checkpoints, a relaunch refills the replay).',
+                                           flag='replay_checkpoint_every_minutes', lower_bound=0.0)

@@ -89,7 +89,7 @@ def main(argv):
   config: ExperimentConfig = config_flags.apply_overrides(config, OVERRIDES)
   probe_every = config.probe_every or ExperimentConfig.probe_every  # A run without an evaluator: the default.
   evaluator = program_lib.make_evaluator(config, out, _guarded(learner.get_snapshot), replay_address,
-                                         seed=SEED.value,
+                                         seed=SEED.value, initial_source=_guarded(learner.get_initial_snapshot),
                                          reference_probes=config.layout.records(RunLayout.PROBES))
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
         f'({config.probe.steps} probe steps, diagnostics {"on" if config.diagnostics_enabled else "off"}); '

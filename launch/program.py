@@ -74,7 +74,7 @@ def environment_specs(config: ExperimentConfig):
 class LearnerNode:
   """Serves parameters over Courier while training on Reverb batches."""
 
-  def __init__(self, config: ExperimentConfig, replay_client: reverb.Client):
+  def __init__(self, config: ExperimentConfig, attempt: int, replay_client: reverb.Client):
     self._config = config
     observation_spec, num_actions = environment_specs(config)
     agent = make_agent(config.agent, num_actions)
@@ -83,7 +83,8 @@ class LearnerNode:
     self._learner = Learner(
         agent, config.agent, iterator, np.zeros(observation_spec.shape, observation_spec.dtype),
         seed=config.seed, checkpoint_dir=config.layout.checkpoints,
-        checkpoint_every=config.checkpoint_every, logger=config.layout.logger(RunLayout.LEARNER),
+        checkpoint_every=config.checkpoint_every,
+        logger=config.layout.logger(RunLayout.LEARNER, extra={'attempt': attempt}),
         log_every=config.log_every)
     self._finished = False
 
@@ -117,8 +118,9 @@ class LearnerNode:
 
 class ActorNode:
 
-  def __init__(self, config: ExperimentConfig, actor_id: int, learner, replay_client: reverb.Client):
+  def __init__(self, config: ExperimentConfig, attempt: int, actor_id: int, learner, replay_client: reverb.Client):
     self._config = config
+    self._attempt = attempt
     self._actor_id = actor_id
     self._learner = learner
     self._replay_client = replay_client
@@ -139,17 +141,18 @@ class ActorNode:
       except StopRequested:
         return None  # The actor stops.
 
-    actor = Actor(agent, config.agent, env, params_source=params_source,
-                  add=replay.ReverbSink(self._replay_client, should_stop=_stop_requested), seed=seed,
-                  params_update_period=config.actor_params_update_period,
-                  logger=config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id},
-                                              tensorboard=self._actor_id == 0))
+    sink = replay.ReverbSink(self._replay_client, should_stop=_stop_requested)
+    logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id, 'attempt': self._attempt},
+                                  tensorboard=self._actor_id == 0)
+    actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
+                  params_update_period=config.actor_params_update_period, logger=logger)
     actor.run(should_stop=_stop_requested)
+    sink.close()  # Its last transitions reach the replay (and its final checkpoint).
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
                    seed: int, reference_probes: Optional[str] = None,
-                   initial_source: Optional[ParamsSource] = None) -> Evaluator:
+                   initial_source: Optional[ParamsSource] = None, attempt: int = 1) -> Evaluator:
   """The evaluator of a run, writing the files of `out` (the built-in one: the run directory's).
 
   Every evaluator of a run reads the run's probe set (drawn by the first to need it).
@@ -160,7 +163,9 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
       replay_source=replay.ReverbSource(replay_address), out=out,
       probe_set_path=config.layout.probe_set,
       diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
-      discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source)
+      discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source,
+      probe_logger=out.logger(RunLayout.PROBES, extra={'attempt': attempt}),
+      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, extra={'attempt': attempt}))
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
@@ -175,8 +180,9 @@ def publish_addresses(config: ExperimentConfig, learner_address: str, replay_add
 
 class EvaluatorNode:
 
-  def __init__(self, config: ExperimentConfig, learner, replay_client: reverb.Client):
+  def __init__(self, config: ExperimentConfig, attempt: int, learner, replay_client: reverb.Client):
     self._config = config
+    self._attempt = attempt
     self._learner = learner
     self._replay_client = replay_client
 
@@ -187,26 +193,28 @@ class EvaluatorNode:
                for name in ('get_snapshot', 'get_initial_snapshot', 'get_step', 'is_finished')}
     evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
                                self._replay_client.server_address, seed=config.seed,
-                               initial_source=learner['get_initial_snapshot'])
+                               initial_source=learner['get_initial_snapshot'], attempt=self._attempt)
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                   should_stop=should_stop)
     lp.stop()
 
 
-def make_program(config: ExperimentConfig) -> lp.Program:
+def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
+  """The program of one launch of the run; `attempt` (1, 2, ... per launch) is in every record it writes."""
   observation_spec, _ = environment_specs(config)
   program = lp.Program(name='plasticity')
   with program.group('replay'):
-    replay_handle = program.add_node(lp.ReverbNode(
-        lambda: replay.make_tables(config.replay, observation_spec)))
+    replay_handle = program.add_node(replay.ReplayNode(
+        lambda: replay.make_tables(config.replay, observation_spec), config.layout.replay_checkpoint,
+        config.layout.replay_status, config.replay.checkpoint_every_minutes))
   with program.group('learner'):
-    learner = program.add_node(lp.CourierNode(LearnerNode, config, replay_handle))
+    learner = program.add_node(lp.CourierNode(LearnerNode, config, attempt, replay_handle))
   with program.group('actor'):
     for actor_id in range(config.num_actors):
-      program.add_node(lp.CourierNode(ActorNode, config, actor_id, learner, replay_handle))
+      program.add_node(lp.CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle))
   if config.probe_every > 0:
     with program.group('evaluator'):
-      program.add_node(lp.CourierNode(EvaluatorNode, config, learner, replay_handle))
+      program.add_node(lp.CourierNode(EvaluatorNode, config, attempt, learner, replay_handle))
   return program
 
 

@@ -1,4 +1,4 @@
-"""The Reverb replay service: tables, the actors' writer, the readers.
+"""The Reverb replay service: tables, its node (with checkpoints), the actors' writer, the readers.
 
 Two tables share every inserted transition (Reverb stores the data once):
   * `replay`: uniform sampling, FIFO removal, a SampleToInsertRatio rate
@@ -8,17 +8,24 @@ Two tables share every inserted transition (Reverb stores the data once):
     samples-per-insert ratio.
 """
 
+import json
+import os
+import shutil
 import time
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
+from absl import logging
 import dm_env
+from launchpad import address as lp_address
+from launchpad.launch import worker_manager
+from launchpad.nodes.reverb import node as reverb_node
 import numpy as np
 import reverb
 import tensorflow as tf
 import tree
 
 from agents.config import ReplayConfig
-from agents.types import Transition
+from agents.types import StopRequested, Transition
 from probes import probe_set
 
 REPLAY_TABLE = 'replay'
@@ -46,6 +53,76 @@ def make_tables(config: ReplayConfig, observation_spec: dm_env.specs.Array) -> L
       name=PROBE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
       max_size=config.capacity, signature=signature, rate_limiter=reverb.rate_limiters.MinSize(1))
   return [replay, probe]
+
+
+class ReplayNode(reverb_node.ReverbNode):
+  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`.
+
+  At its start the server restores the latest checkpoint there (data and the
+  rate limiter's counters: sampling goes on where it stopped, each actor insert
+  freeing samples_per_insert more; no refill from `min_size`). A damaged
+  latest checkpoint is moved aside (`<root>.bad-<time>`) and the replay starts
+  empty. It checkpoints every `every_minutes` and once more at a clean stop
+  (Launchpad's node does not), writing `status_path` for the launcher. Reverb
+  keeps one checkpoint and deletes anything else in `checkpoint_root`.
+  """
+
+  def __init__(self, tables_fn: Callable[[], List[reverb.Table]], checkpoint_root: str, status_path: str,
+               every_minutes: float):
+    super().__init__(tables_fn)
+    self._root = checkpoint_root
+    self._status_path = status_path
+    self._every_minutes = every_minutes
+    self._state: Dict[str, object] = {}
+
+  def _status(self, **status) -> None:
+    """Updates the status file: what was restored at the start stays in it."""
+    self._state = {**self._state, **status, 'time': time.time()}
+    with open(self._status_path + '.tmp', 'w') as f:
+      json.dump(self._state, f)
+    os.replace(self._status_path + '.tmp', self._status_path)
+
+  def _server(self, port: int) -> reverb.Server:
+    checkpointer = reverb.checkpointers.DefaultCheckpointer(path=self._root) if self._every_minutes else None
+    try:
+      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=checkpointer)
+    except (RuntimeError, ValueError) as e:  # A damaged checkpoint, or one of other tables.
+      aside = f'{self._root}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
+      logging.error('The replay checkpoint in %s is unreadable (%s); moved to %s, starting empty.', self._root, e,
+                    aside)
+      shutil.move(self._root, aside)
+      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=checkpointer)
+
+  def run(self) -> None:
+    os.makedirs(self._root, exist_ok=True)
+    restored_from = _latest_checkpoint(self._root)
+    server = self._server(lp_address.get_port_from_address(self._address.resolve()))
+    client = server.localhost_client()
+    sizes = _sizes(client)
+    if restored_from and any(sizes.values()):
+      logging.info('Replay restored %s from %s', sizes, restored_from)
+      self._status(restored_items=sizes, restored_from=restored_from)
+    else:
+      self._status(restored_items={})
+    if not self._every_minutes:
+      worker_manager.wait_for_stop()
+      return
+    while not worker_manager.wait_for_stop(self._every_minutes * 60):
+      client.checkpoint()
+    self._status(state='writing the replay checkpoint', items=_sizes(client))
+    start = time.time()
+    path = client.checkpoint()
+    self._status(state='replay checkpoint written', path=path, items=_sizes(client), seconds=time.time() - start)
+
+
+def _sizes(client: reverb.Client) -> Dict[str, int]:
+  return {name: info.current_size for name, info in client.server_info().items()}
+
+
+def _latest_checkpoint(root: str) -> str:
+  """The checkpoint Reverb restores: the last-sorting directory holding DONE ('' if none)."""
+  done = sorted(name for name in os.listdir(root) if os.path.exists(os.path.join(root, name, 'DONE')))
+  return os.path.join(root, done[-1]) if done else ''
 
 
 class ReverbSink:
@@ -76,7 +153,12 @@ class ReverbSink:
         if self._should_stop():
           return
 
-  def close(self) -> None:
+  def close(self, timeout_ms: int = 5000) -> None:
+    """Flushes what is in flight (`close` alone drops it), then closes."""
+    try:
+      self._writer.flush(timeout_ms=timeout_ms)
+    except reverb.errors.DeadlineExceededError:
+      pass  # The rate limiter holds it back: the learner has stopped sampling.
     self._writer.close()
 
 
@@ -108,7 +190,11 @@ class ReverbSource:
     self._oversampling = oversampling
 
   def _size(self) -> Tuple[int, int]:
-    info = reverb.Client(self._server_address).server_info()[PROBE_TABLE]
+    """(items, capacity) of the probe table; a replay that does not answer within a poll is a stopping one."""
+    try:
+      info = reverb.Client(self._server_address).server_info(timeout=max(int(self._poll_seconds), 1))[PROBE_TABLE]
+    except (reverb.errors.DeadlineExceededError, RuntimeError) as e:
+      raise StopRequested(f'the replay at {self._server_address} does not answer ({e})') from e
     return info.current_size, info.max_size
 
   def distinct_observations(self, num: int, give_up: Callable[[], bool],

@@ -36,7 +36,7 @@ from probes import plots
 from probes.run_dir import RunLayout
 
 
-TERMINATION_NOTICE_S = 20
+TERMINATION_NOTICE_S = 40  # A cap: nodes stop in seconds, the replay after its final checkpoint.
 
 
 class ExitCode(enum.IntEnum):
@@ -75,12 +75,16 @@ def _number(value, spec: str) -> str:
   return format(value, spec)
 
 
-def _read_status(config: ExperimentConfig) -> dict:
+def _read_json(path: str) -> dict:
   try:
-    with open(config.layout.evaluator_status) as f:
+    with open(path) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
+
+
+def _read_status(config: ExperimentConfig) -> dict:
+  return _read_json(config.layout.evaluator_status)
 
 
 def program_completed(config: ExperimentConfig) -> bool:
@@ -129,22 +133,27 @@ def progress_line(config: ExperimentConfig) -> str:
     status = _evaluator_status(config)
     if status:
       parts.append(status)
+  replay_state = _read_json(config.layout.replay_status).get('state', '')
+  if replay_state.startswith('writing'):
+    parts.append(f'replay: {replay_state}')
   return ' | '.join(parts)
 
 
 def launch_and_wait(config: ExperimentConfig) -> ExitCode:
   """Runs the program until it stops; how it ended."""
   import launchpad as lp
+  launched = time.time()
   if not flags.FLAGS['lp_termination_notice_secs'].present:
     # Time for every node to stop by itself (the evaluator drops its point in progress, the learner saves)
     # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
     flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
-  program = program_lib.make_program(config)
+  attempt = config.layout.attempts() + 1
+  log_dir = config.layout.attempt_logs(attempt)
+  os.makedirs(log_dir, exist_ok=True)
+  program = program_lib.make_program(config, attempt)
   if config.launch_type == 'local_mp':
     from launchpad.launch.run_locally import launch_local_output_to_files
     watchdog.start()  # Its nodes end with the launcher, even a killed one.
-    log_dir = config.layout.attempt_logs(config.layout.attempts() + 1)
-    os.makedirs(log_dir, exist_ok=True)
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
     manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
                         local_resources=program_lib.local_resources(config))
@@ -170,10 +179,21 @@ def launch_and_wait(config: ExperimentConfig) -> ExitCode:
     signal.signal(signum, on_signal(signal.getsignal(signum)))
   waiter = threading.Thread(target=wait, daemon=True)
   waiter.start()
+  said_restored = False
+
+  def say_restored() -> bool:
+    status = _read_json(config.layout.replay_status)
+    if said_restored or not status.get('restored_items') or status['time'] < launched:
+      return said_restored
+    print(f'Replay restored: {status["restored_items"]} items from {status["restored_from"]}.', flush=True)
+    return True
+
   while waiter.is_alive():
     waiter.join(timeout=10.0)
+    said_restored = say_restored()
     if waiter.is_alive():
       print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
+  say_restored()
   if interrupted.is_set():
     return ExitCode.INTERRUPTED
   if failure:

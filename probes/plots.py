@@ -213,8 +213,13 @@ def _save(fig: plt.Figure, path: str) -> str:
 
 
 def _read(layout: RunLayout, name: str) -> List[Record]:
+  """A stream's records by learner step; a step recorded by several launches (a relaunch repeats the steps
+  after its checkpoint) counts once, as the last launch recorded it."""
   path = layout.records(name)
-  return sorted(read_jsonl(path), key=lambda r: r['learner_step']) if os.path.exists(path) else []
+  if not os.path.exists(path):
+    return []
+  latest = {r['learner_step']: r for r in sorted(read_jsonl(path), key=lambda r: r.get('attempt', 1))}
+  return [latest[step] for step in sorted(latest)]
 
 
 def write_report(run_dir: str) -> List[str]:

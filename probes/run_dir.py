@@ -56,6 +56,16 @@ class RunLayout:
     return self.path('checkpoints')
 
   @property
+  def replay_checkpoint(self) -> str:
+    """Reverb's checkpoint of the replay (one, its latest): Reverb deletes everything else in this directory."""
+    return self.path('replay_checkpoint')
+
+  @property
+  def replay_status(self) -> str:
+    """What the replay restored at its start and whether it is writing a checkpoint, for the launcher."""
+    return self.path('replay_status.json')
+
+  @property
   def probe_set(self) -> str:
     return self.path('probe_set.npz')
 

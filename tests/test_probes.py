@@ -370,3 +370,13 @@ def test_an_evaluator_that_starts_late_still_measures_theta_0_first(setup, tmp_p
   assert (first['learner_step'], last['learner_step']) == (0, 250)
   assert first['plasticity_loss'] == 0.0 and last['plasticity_reference_step'] == 0
   assert last['plasticity_loss'] == pytest.approx(first['plasticity'] - last['plasticity']) and last['plasticity_loss'] > 0
+
+
+def test_a_step_recorded_by_two_launches_is_read_once_as_the_last_launch_recorded_it(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  for attempt, steps in ((1, (0, 100, 200)), (2, (100, 300))):
+    logger = layout.logger('probes', tensorboard=False, extra={'attempt': attempt})
+    for step in steps:
+      logger({'learner_step': step, 'plasticity': float(attempt)})
+  records = plots._read(layout, 'probes')  # pylint: disable=protected-access
+  assert [(r['learner_step'], r['attempt']) for r in records] == [(0, 1), (100, 2), (200, 1), (300, 2)]

@@ -1,7 +1,9 @@
 """End to end: `python -m launch.train` as a user runs it, under local_mp and local_mt."""
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,8 +93,14 @@ def test_local_mt_run_resumes_from_its_checkpoint(tmp_path):
   second = train(run_dir, *[f for f in flags if not f.startswith('--max_learner_steps')], '--max_learner_steps=200')
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert 'Resuming' in second.stdout
-  steps = [r['learner_step'] for r in read_jsonl(RunLayout(run_dir).records('learner'))]
-  assert steps == [50, 100, 150, 200]  # The second run continued at 100, not from scratch.
+  records = read_jsonl(RunLayout(run_dir).records('learner'))
+  assert [(r['learner_step'], r['attempt']) for r in records] == [(50, 1), (100, 1), (150, 2), (200, 2)]
+  # The replay came back from its checkpoint at the first run's stop: at least what learning needed.
+  restored = re.search(r'Replay restored: (\{.*\}) items from (\S+)\.', second.stdout)
+  assert restored, second.stdout[-3000:]
+  items = ast.literal_eval(restored.group(1))
+  assert items['replay'] >= 200 and items['probe'] >= 200  # --min_replay_size: no refill needed.
+  assert restored.group(2).startswith(RunLayout(run_dir).replay_checkpoint)
 
 
 @pytest.mark.slow
