@@ -127,7 +127,7 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
                         replay_source=source(inputs), out=RunLayout(str(tmp_path)))
   clock['step'] = -40  # The first look sees step 0.
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
-  steps = [r['learner_step'] for r in read_jsonl(str(tmp_path / 'probes.jsonl'))]
+  steps = [r['learner_step'] for r in read_jsonl(RunLayout(str(tmp_path)).records('probes'))]
   assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
 
 
@@ -161,7 +161,7 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
     evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.001,
                   max_pending=max_pending)
     # Every snapshot at its scheduled step; with one waiting, step 200 found it taken and was skipped.
-    assert [r['learner_step'] for r in read_jsonl(os.path.join(out_dir, 'probes.jsonl'))] == expected
+    assert [r['learner_step'] for r in read_jsonl(RunLayout(out_dir).records('probes'))] == expected
 
 
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
@@ -169,13 +169,13 @@ def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params, params), replay_source=source(inputs),
                         out=RunLayout(str(tmp_path)), diagnostics_config=SMALL_DIAGNOSTICS)
   evaluator.evaluate()
-  probe, = read_jsonl(str(tmp_path / 'probes.jsonl'))
-  record, = read_jsonl(str(tmp_path / 'diagnostics.jsonl'))
+  probe, = read_jsonl(RunLayout(str(tmp_path)).records('probes'))
+  record, = read_jsonl(RunLayout(str(tmp_path)).records('diagnostics'))
   assert probe['learner_step'] == record['learner_step'] == 7
   assert np.isfinite(record['top_eigenvalue']) and record['hessian_batch_size'] == 128
   assert len(record['density']) == len(record['density_grid']) == 64
   for kind, k in (('covariance', 32), ('td_covariance', 24)):  # Probe loss, TD loss.
-    covariance = np.load(tmp_path / 'diagnostics' / f'{kind}_000000007.npy')
+    covariance = np.load(RunLayout(str(tmp_path)).covariance(kind, 7))
     assert covariance.shape == (k, k) and record[f'{kind}_samples'] == k
     np.testing.assert_allclose(np.diag(covariance), 1.0, rtol=1e-4)  # Normalised inner products.
 
@@ -245,7 +245,7 @@ def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   # A second evaluator (another seed, another replay) reads the saved set and borrows the run's P(theta_0).
   other = Evaluator(agent, CONFIG, params_source=lambda: (200, saturate(params), params),
                     replay_source=source(inputs[100:]), out=RunLayout(str(tmp_path / 'b')), probe_set_path=path, seed=7,
-                    reference_probes=str(tmp_path / 'a' / 'probes.jsonl'))
+                    reference_probes=RunLayout(str(tmp_path / 'a')).records('probes'))
   record = other.evaluate()
   assert record['num_unique_inputs'] == 100 and record['plasticity_reference_step'] == 0
   # The saturated network fits nothing: its loss of plasticity is the fresh network's plasticity.
@@ -305,7 +305,7 @@ def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fill
   thread.start()
   thread.join(timeout=60)
   assert not thread.is_alive() and replay.waited
-  records = read_jsonl(str(tmp_path / 'a' / 'probes.jsonl'))
+  records = read_jsonl(RunLayout(str(tmp_path / 'a')).records('probes'))
   assert records and all(r['num_unique_inputs'] == 50 for r in records)
   assert records[-1]['learner_step'] == 60
   with open(RunLayout(str(tmp_path / 'a')).evaluator_status) as f:
@@ -354,7 +354,7 @@ def test_report_draws_a_diverged_run_with_gaps(tmp_path):
             'curve': [[0, value], [10, value]]})
     diagnostics({'learner_step': step, 'density_grid': [0.0, 1.0, 2.0], 'density': [0.1, value, 0.2],
                  'top_eigenvalue': value, 'parameter_norm': value, 'weight_srank_mean': 3.0})
-  assert read_jsonl(str(tmp_path / 'probes.jsonl'))[1]['plasticity'] is None
+  assert read_jsonl(RunLayout(str(tmp_path)).records('probes'))[1]['plasticity'] is None
   paths = plots.write_report(str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == ['hessian_density.png', 'plasticity.png', 'probe_curves.png',
                                                         'statistics.png']
