@@ -110,7 +110,7 @@ class LearnerNode:
     except Diverged:  # Logged and recorded by the learner; the evaluator still probes the last finite state.
       pass
     self._finished = True
-    if self._config.probe_every <= 0:
+    if self._config.probe_every <= 0 and not _stop_requested():  # Not when stopped by another's failure.
       lp.stop()
     else:
       lp.wait_for_stop()
@@ -196,7 +196,8 @@ class EvaluatorNode:
                                initial_source=learner['get_initial_snapshot'], attempt=self._attempt)
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                   should_stop=should_stop)
-    lp.stop()
+    if not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
+      lp.stop()
 
 
 def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:

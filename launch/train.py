@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NamedTuple, Tuple
 
 from absl import app
 from absl import flags
@@ -31,7 +32,7 @@ from launch import flags as run_flags
 from launch import program as program_lib
 from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
-from probes.loggers import read_jsonl
+from probes.loggers import JsonlLogger, read_jsonl
 from probes import plots
 from probes.run_dir import RunLayout
 
@@ -139,44 +140,82 @@ def progress_line(config: ExperimentConfig) -> str:
   return ' | '.join(parts)
 
 
-def launch_and_wait(config: ExperimentConfig) -> ExitCode:
-  """Runs the program until it stops; how it ended."""
+class Launch(NamedTuple):
+  """How one launch of the program ended."""
+  code: ExitCode
+  cause: str = ''  # What failed, for a node failure.
+  failed_nodes: Tuple[str, ...] = ()  # The node groups whose processes exited abnormally (local_mp).
+
+
+_INTERRUPTED = threading.Event()  # Set by a user's SIGINT or SIGTERM, for every launch of this process.
+_WATCHING = []
+
+
+def _watch_signals(config: ExperimentConfig) -> None:
+  """Marks a user's SIGINT or SIGTERM (not the program's own stop); Launchpad's handlers still run.
+
+  Installed once, over the dispatcher Launchpad installs at its first launch.
+  """
+  if _WATCHING:
+    return
+  _WATCHING.append(True)
+
+  def on_signal(previous):
+    def handler(signum, frame):
+      if not program_completed(config):
+        _INTERRUPTED.set()
+      if callable(previous):
+        previous(signum, frame)
+    return handler
+
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, on_signal(signal.getsignal(signum)))
+
+
+def _abnormal_exits(manager) -> Tuple[str, ...]:
+  """Node groups with a process that exited other than cleanly or by the stop's SIGTERM (Launchpad keeps the
+  processes in a private table: read only for this message)."""
+  groups = set()
+  for group, processes in getattr(manager, '_node_processes', {}).items():
+    for process in processes:
+      if process.poll() not in (None, 0, -signal.SIGTERM):
+        groups.add(f'{group} (exit {process.returncode})')
+  return tuple(sorted(groups))
+
+
+def launch_and_wait(config: ExperimentConfig) -> Launch:
+  """Runs the program once until it stops; how it ended."""
   import launchpad as lp
+  from launchpad.launch import worker_manager
   launched = time.time()
   if not flags.FLAGS['lp_termination_notice_secs'].present:
     # Time for every node to stop by itself (the evaluator drops its point in progress, the learner saves)
     # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
     flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
+  worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
   attempt = config.layout.attempts() + 1
   log_dir = config.layout.attempt_logs(attempt)
   os.makedirs(log_dir, exist_ok=True)
   program = program_lib.make_program(config, attempt)
   if config.launch_type == 'local_mp':
     from launchpad.launch.run_locally import launch_local_output_to_files
-    watchdog.start()  # Its nodes end with the launcher, even a killed one.
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
     manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
                         local_resources=program_lib.local_resources(config))
+    manager._node_processes = {group: list(processes)  # pylint: disable=protected-access
+                               for group, processes in manager._active_workers.items()}  # pylint: disable=protected-access
   else:
     manager = lp.launch(program, launch_type='local_mt', serialize_py_nodes=False)
-  failure, interrupted = [], threading.Event()
+  _watch_signals(config)
+  failure = []
 
   def wait():
     try:
       manager.wait()
-    except BaseException as e:  # A node failed: keep its error for the user.
+    except BaseException as e:  # A node failed: keep its error, and let the others stop.
       failure.append(e)
+      manager.wait(raise_error=False)
 
-  def on_signal(previous):
-    def handler(signum, frame):
-      if not program_completed(config):
-        interrupted.set()
-      if callable(previous):
-        previous(signum, frame)
-    return handler
-
-  for signum in (signal.SIGINT, signal.SIGTERM):  # Launchpad's handlers (stop every node) still run.
-    signal.signal(signum, on_signal(signal.getsignal(signum)))
   waiter = threading.Thread(target=wait, daemon=True)
   waiter.start()
   said_restored = False
@@ -194,13 +233,43 @@ def launch_and_wait(config: ExperimentConfig) -> ExitCode:
     if waiter.is_alive():
       print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
   say_restored()
-  if interrupted.is_set():
-    return ExitCode.INTERRUPTED
+  if _INTERRUPTED.is_set():
+    return Launch(ExitCode.INTERRUPTED)
   if failure:
-    print(f'A node of the program failed ({failure[0]}); its log is under {config.layout.logs}/<attempt>/.',
-          file=sys.stderr)
-    return ExitCode.NODE_FAILED
-  return ExitCode.FINISHED
+    return Launch(ExitCode.NODE_FAILED, str(failure[0]), _abnormal_exits(manager))
+  return Launch(ExitCode.FINISHED)
+
+
+def supervise(config: ExperimentConfig) -> ExitCode:
+  """Launches the program, and relaunches it from the checkpoints when a node fails (`--max_restarts` times).
+
+  Launchpad's local launcher stops the whole program on any node's failure and
+  restarts nothing; the learner's and the replay's checkpoints make a relaunch
+  continue where they were. Each relaunch is a record in restarts.jsonl.
+  """
+  layout = config.layout
+  if config.launch_type == 'local_mp':
+    watchdog.start()  # Its nodes end with the launcher, even a killed one.
+  restarts = 0
+  while True:
+    launch = launch_and_wait(config)
+    if launch.code != ExitCode.NODE_FAILED:
+      return launch.code
+    print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
+          f'logs in {layout.attempt_logs(layout.attempts())}.', file=sys.stderr, flush=True)
+    if program_completed(config) or restarts >= config.max_restarts:
+      return ExitCode.FINISHED if program_completed(config) else ExitCode.NODE_FAILED
+    restarts += 1
+    learner = _last(layout.records(RunLayout.LEARNER))
+    logged = learner['learner_step'] if learner else 0
+    _, loaded, _ = checkpointing.latest_loadable(layout.checkpoints)
+    resumed_at = loaded[0] if loaded else 0
+    record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
+              'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
+              'steps_lost': max(logged - resumed_at, 0)}
+    JsonlLogger(layout.records(RunLayout.RESTARTS), step_key='restart')(record)
+    print(f'Relaunching from the checkpoints ({restarts}/{config.max_restarts}): the learner resumes at step '
+          f'{resumed_at}.', flush=True)
 
 
 def _results(layout: RunLayout) -> str:
@@ -229,7 +298,7 @@ def main(argv):
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
         f'({data_source}), {config.num_actors} actors, {config.launch_type}, '
         f'{config.max_learner_steps} learner steps, probe every {config.probe_every}.', flush=True)
-  code = launch_and_wait(config)
+  code = supervise(config)
   layout = config.layout
   learner = _last(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')

@@ -20,7 +20,7 @@ from probes.loggers import JsonlLogger
 from probes.plasticity import ProbeConfig
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir')
+RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class RunLayout:
   ACTORS = 'actors'
   PROBES = 'probes'
   DIAGNOSTICS = 'diagnostics'
+  RESTARTS = 'restarts'  # Written by the launcher: one record per relaunch after a node failure.
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
@@ -144,6 +145,8 @@ class ExperimentConfig:
   log_every: int = option(100, 'Learner steps between logged records and parameter snapshots.', lower_bound=1)
   actor_params_update_period: int = option(100, 'Environment steps between an actor\'s parameter pulls.',
                                            lower_bound=1)
+  max_restarts: int = option(3, 'Relaunches of the program from its checkpoints after a node fails (0: none).',
+                             lower_bound=0)
 
   @property
   def layout(self) -> RunLayout:

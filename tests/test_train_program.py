@@ -194,6 +194,45 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert time.time() - killed < 15
 
 
+def _node_processes(run_dir: str, group: str):
+  """The live processes of one node group of a local_mp run (Launchpad names each log file after the node)."""
+  found = []
+  for process in psutil.process_iter(['pid', 'open_files']):
+    try:
+      if any(f.path.startswith(RunLayout(run_dir).logs) and f.path.endswith(f'/{group}')
+             for f in process.info['open_files'] or []):
+        found.append(process)
+    except psutil.Error:
+      pass
+  return found
+
+
+@pytest.mark.slow
+def test_a_killed_actor_is_survived_the_run_relaunches_from_its_checkpoints_and_finishes(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--checkpoint_every'))]
+  start = time.time()
+  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
+                      '--max_learner_steps=1500', '--checkpoint_every=250')
+  learner = layout.records('learner')
+  _wait_for(lambda: os.path.exists(learner) and len(read_jsonl(learner)) >= 4, 180, 'the learner at step 200')
+  actor, = _node_processes(run_dir, 'actor/0') or [None]
+  assert actor is not None, 'no process of actor 0 found'
+  actor.kill()
+  out, err = run.communicate(timeout=400)
+  assert run.returncode == 0, out[-3000:] + err[-3000:]
+  assert 'Relaunching from the checkpoints (1/3)' in out and 'Replay restored' in out
+  restart, = read_jsonl(layout.records('restarts'))
+  assert restart['attempt'] == 1 and any(node.startswith('actor') for node in restart['nodes'])
+  assert 0 <= restart['steps_lost'] <= 250  # At most one --checkpoint_every.
+  records = read_jsonl(learner)
+  assert records[-1]['learner_step'] == 1500 and records[-1]['attempt'] == 2
+  assert layout.attempts() == 2
+  time.sleep(1.0)
+  assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
+
+
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
