@@ -208,7 +208,7 @@ def _node_processes(run_dir: str, group: str):
 
 
 @pytest.mark.slow
-def test_a_killed_actor_is_survived_the_run_relaunches_from_its_checkpoints_and_finishes(tmp_path):
+def test_killed_nodes_are_survived_the_run_relaunches_from_its_checkpoints_and_finishes(tmp_path):
   run_dir = str(tmp_path / 'run')
   layout = RunLayout(run_dir)
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--checkpoint_every'))]
@@ -220,15 +220,22 @@ def test_a_killed_actor_is_survived_the_run_relaunches_from_its_checkpoints_and_
   actor, = _node_processes(run_dir, 'actor/0') or [None]
   assert actor is not None, 'no process of actor 0 found'
   actor.kill()
+  # The relaunch trains again; then its learner is killed (no final checkpoint).
+  _wait_for(lambda: any(r.get('attempt') == 2 and r['learner_step'] >= 600 for r in read_jsonl(learner)), 240,
+            'the relaunched learner at step 600')
+  learner_process, = _node_processes(run_dir, 'learner/0')
+  learner_process.kill()
   out, err = run.communicate(timeout=400)
   assert run.returncode == 0, out[-3000:] + err[-3000:]
-  assert 'Relaunching from the checkpoints (1/3)' in out and 'Replay restored' in out
-  restart, = read_jsonl(layout.records('restarts'))
-  assert restart['attempt'] == 1 and any(node.startswith('actor') for node in restart['nodes'])
-  assert 0 <= restart['steps_lost'] <= 250  # At most one --checkpoint_every.
+  assert 'Relaunching from the checkpoints (2/3)' in out and out.count('Replay restored') == 2
+  first, second = read_jsonl(layout.records('restarts'))
+  assert first['attempt'] == 1 and any(node.startswith('actor') for node in first['nodes'])
+  assert second['attempt'] == 2 and any(node.startswith('learner') for node in second['nodes'])
+  for restart in (first, second):
+    assert 0 <= restart['steps_lost'] <= 250  # At most one --checkpoint_every.
   records = read_jsonl(learner)
-  assert records[-1]['learner_step'] == 1500 and records[-1]['attempt'] == 2
-  assert layout.attempts() == 2
+  assert records[-1]['learner_step'] == 1500 and records[-1]['attempt'] == 3
+  assert layout.attempts() == 3
   time.sleep(1.0)
   assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
 
