@@ -178,7 +178,7 @@ def _abnormal_exits(manager) -> Tuple[str, ...]:
   groups = set()
   for group, processes in getattr(manager, '_node_processes', {}).items():
     for process in processes:
-      if process.poll() not in (None, 0, -signal.SIGTERM):
+      if process.poll() not in (None, 0, -signal.SIGTERM, -signal.SIGALRM):  # Not the stop's own signals.
         groups.add(f'{group} (exit {process.returncode})')
   return tuple(sorted(groups))
 
