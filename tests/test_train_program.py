@@ -45,7 +45,9 @@ def leftover_processes(since: float, marker: str):
 def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path):
   run_dir = str(tmp_path / 'run')
   start = time.time()
-  result = train(run_dir, '--launch_type=local_mp', *SMALL_RUN)
+  # One sample per insert: the learner needs ~10,000 transitions, so that both actors have time to act (at 8, one
+  # fast actor can fill the replay before the other has compiled its policy).
+  result = train(run_dir, '--launch_type=local_mp', *SMALL_RUN, '--samples_per_insert=1')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   time.sleep(1.0)
   assert not leftover_processes(start, 'launchpad'), 'processes left behind'
