@@ -29,16 +29,20 @@ def train(run_dir, *extra, timeout=240):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def leftover_processes(since: float, marker: str):
+def processes(matches, attributes=('pid', 'cmdline', 'create_time')):
+  """The processes whose `psutil` info (the given attributes) `matches` says yes to."""
   found = []
-  for process in psutil.process_iter(['pid', 'cmdline', 'create_time']):
+  for process in psutil.process_iter(list(attributes)):
     try:
-      if process.info['create_time'] >= since and process.pid != os.getpid() and \
-          any(marker in part for part in (process.info['cmdline'] or [])):
-        found.append(process.info)
+      if process.pid != os.getpid() and matches(process.info):
+        found.append(process)
     except psutil.Error:
       pass
   return found
+
+
+def leftover_processes(since: float, marker: str):
+  return processes(lambda info: info['create_time'] >= since and any(marker in part for part in info['cmdline'] or []))
 
 
 @pytest.mark.slow
@@ -198,15 +202,9 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
 
 def _node_processes(run_dir: str, group: str):
   """The live processes of one node group of a local_mp run (Launchpad names each log file after the node)."""
-  found = []
-  for process in psutil.process_iter(['pid', 'open_files']):
-    try:
-      if any(f.path.startswith(RunLayout(run_dir).logs) and f.path.endswith(f'/{group}')
-             for f in process.info['open_files'] or []):
-        found.append(process)
-    except psutil.Error:
-      pass
-  return found
+  logs = RunLayout(run_dir).logs
+  return processes(lambda info: any(f.path.startswith(logs) and f.path.endswith(f'/{group}')
+                                    for f in info['open_files'] or []), attributes=('pid', 'open_files'))
 
 
 @pytest.mark.slow
