@@ -28,6 +28,14 @@ def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, f
   return jax.jit(policy)
 
 
+def actor_seed(run_seed: int, actor_id: int, attempt: int = 1) -> int:
+  """A 63-bit seed per (run, launch, actor), from numpy's SeedSequence: distinct for any number of actors (the
+  former `seed * 1000 + i` collided past 1,000), and new for each relaunch, so a restarted actor does not replay
+  its first trajectories."""
+  low, high = np.random.SeedSequence([run_seed, attempt, actor_id]).generate_state(2, np.uint32)
+  return (int(high) << 31) ^ int(low)
+
+
 class Actor:
   """Acts with `agent`'s network as `config` says (epsilon, reward_clip), as the Learner learns from it."""
 

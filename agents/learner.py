@@ -12,7 +12,7 @@ last record says `diverged`.
 
 import threading
 import time
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import jax
@@ -72,8 +72,10 @@ class Learner:
       logging.info('Learner restored step %d from %s', self.step_count, path)
     self._lock = threading.Lock()
     self._publish()
-    self._last_log_time = time.time()
     self._last_log_step = self.step_count
+    # (time, step) the next record's updates/s counts from: the end of the first update, so that neither the
+    # replay's fill nor compilation weighs on it.
+    self._rate_since: Optional[Tuple[float, int]] = None
     self._last_metrics: Optional[Dict[str, float]] = None
     self.diverged_at: Optional[int] = None
 
@@ -101,6 +103,8 @@ class Learner:
       raise Diverged(int(state.step), {k: float(v) for k, v in metrics.items()})
     self._state = state
     step = self.step_count
+    if self._rate_since is None:
+      self._rate_since = (time.time(), step)
     for period, act in self._periodic_actions:
       if step % period == 0:
         self._state, action_metrics = act(self._state, batch)
@@ -123,9 +127,10 @@ class Learner:
   def _log(self, step: int, metrics, **extra) -> None:
     if self._logger:
       now = time.time()
-      record = {'learner_step': step, **{k: float(v) for k, v in metrics.items()},
-                'updates_per_s': (step - self._last_log_step) / max(now - self._last_log_time, 1e-9), **extra}
-      self._last_log_time, self._last_log_step = now, step
+      record = {'learner_step': step, **{k: float(v) for k, v in metrics.items()}, **extra}
+      if self._rate_since is not None and step > self._rate_since[1]:
+        record['updates_per_s'] = (step - self._rate_since[1]) / max(now - self._rate_since[0], 1e-9)
+      self._rate_since, self._last_log_step = (now, step), step
       self._logger(record)
 
   def run(self, max_steps: int, should_stop: Callable[[], bool] = lambda: False) -> None:

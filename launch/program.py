@@ -28,7 +28,7 @@ import numpy as np
 import reverb
 
 import environments
-from agents.actor import Actor
+from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
@@ -129,7 +129,7 @@ class ActorNode:
     config = self._config
     if self._actor_id == 0:  # Actors hold handles to both the learner and the replay.
       publish_addresses(config, self._learner.address, self._replay_client.server_address)
-    seed = config.seed * 1000 + self._actor_id
+    seed = actor_seed(config.seed, self._actor_id, self._attempt)
     env = environments.make(config.env, seed=seed, **config.env_options())
     logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, env.data_source)
     agent = make_agent(config.agent, env.action_spec().num_values)

@@ -1,6 +1,7 @@
 """The double-DQN learning step, target updates and the learner class."""
 
 import itertools
+import time
 
 import dm_env
 from dm_env import specs
@@ -223,3 +224,27 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_pat
   rmsprop = AgentConfig(width_multiplier=1 / 32, batch_size=8, optimizer='rmsprop')
   with pytest.raises(checkpointing.CheckpointError, match='another shape'):
     Learner(make_agent(rmsprop, 3), rmsprop, random_batches(8), dummy, checkpoint_dir=other)
+
+
+def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill():
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
+
+  def slow_start():
+    time.sleep(2.0)  # The replay filling before the first batch.
+    yield from random_batches(8)
+
+  records = []
+  learner = Learner(make_agent(config, num_actions=3), config, slow_start(), np.zeros((4, 4, 1), np.uint8),
+                    logger=records.append, log_every=20)
+  learner.run(max_steps=40)
+  assert [r['learner_step'] for r in records] == [20, 40]
+  # Counted from the wait's end, 19 updates take well under the 2 s the wait would add (then <= 10 updates/s).
+  assert records[0]['updates_per_s'] > 20
+
+
+def test_actor_seeds_are_distinct_for_many_actors_and_new_at_each_launch():
+  from agents.actor import actor_seed
+  seeds = {actor_seed(0, i) for i in range(20_000)}
+  assert len(seeds) == 20_000 and all(0 <= s < 2**63 for s in seeds)
+  assert actor_seed(0, 5) == actor_seed(0, 5) and actor_seed(0, 5) != actor_seed(0, 5, attempt=2)
+  assert actor_seed(0, 1000) != actor_seed(1, 0)  # seed * 1000 + i made these equal.
