@@ -31,6 +31,7 @@ from agents.update import (TrainingState, double_q_loss, init_state, make_target
                              make_update)
 from agents.types import Transition
 from probes.loggers import JsonlLogger
+from probes import probe_set
 from probes.diagnostics import DiagnosticsConfig, make_diagnostics
 
 ENV = 'mdp:mnist:easy'
@@ -111,12 +112,12 @@ def select_probe_inputs(transitions: Transition, diagnostics: DiagnosticsConfig)
   Distinct, since a repeated image would give C_k rows that are copies.
   """
   observations = transitions.observation
-  _, first = np.unique(observations.reshape(len(observations), -1), axis=0, return_index=True)
+  unique = probe_set.distinct(observations)
   needed = max(diagnostics.hessian_batch_size, diagnostics.covariance_samples)
-  if len(first) < needed:
-    raise ValueError(f'The {len(observations)} transitions (--num_transitions) hold {len(first)} distinct '
+  if len(unique) < needed:
+    raise ValueError(f'The {len(observations)} transitions (--num_transitions) hold {len(unique)} distinct '
                      f'observations, fewer than the {needed} that --hessian_batch_size / --covariance_samples need.')
-  return observations[np.sort(first)[:needed]]
+  return unique[:needed]
 
 
 class StudyResult(NamedTuple):

@@ -62,10 +62,7 @@ def validate(config: ExperimentConfig) -> str:
 
 
 def _last(path: str):
-  try:
-    records = read_jsonl(path)
-  except FileNotFoundError:
-    return None
+  records = read_jsonl(path)
   return records[-1] if records else None
 
 

@@ -88,8 +88,7 @@ class Evaluator:
           make_transition_loss(network, agent.encoding, discount))
       self._diagnostics_logger = diagnostics_logger or out.logger(RunLayout.DIAGNOSTICS)
     # Resuming: the steps already probed and P(theta_0) come from the records written before.
-    path = out.records(RunLayout.PROBES)
-    records = read_jsonl(path) if os.path.exists(path) else []
+    records = read_jsonl(out.records(RunLayout.PROBES))
     self.last_probed_step: Optional[int] = max((int(r['learner_step']) for r in records), default=None)
     first = _first_record(records)
     self._reference: Optional[Tuple[int, float]] = None
@@ -219,7 +218,7 @@ class Evaluator:
     """The reference evaluator's first point, if it probed this same probe set with the same probe."""
     if not self._reference_probes or self._probe_config.fresh_inputs:
       return None
-    first = _first_record(read_jsonl(self._reference_probes)) if os.path.exists(self._reference_probes) else None
+    first = _first_record(read_jsonl(self._reference_probes))
     if first is None or first.get('plasticity') is None:
       return None
     same = all(first.get(key) == record[key] for key in ('probe_steps', 'num_targets', 'probe_set_step',

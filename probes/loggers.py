@@ -81,8 +81,9 @@ class JsonlLogger:
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
-  """Reads a JSONL file, skipping a truncated last line (a crash mid-write)."""
-  return list(iter_jsonl(path))
+  """Reads a JSONL file, skipping a truncated last line (a crash mid-write); a file not yet written has no
+  records."""
+  return list(iter_jsonl(path)) if os.path.exists(path) else []
 
 
 def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:

@@ -215,10 +215,8 @@ def _save(fig: plt.Figure, path: str) -> str:
 def _read(layout: RunLayout, name: str) -> List[Record]:
   """A stream's records by learner step; a step recorded by several launches (a relaunch repeats the steps
   after its checkpoint) counts once, as the last launch recorded it."""
-  path = layout.records(name)
-  if not os.path.exists(path):
-    return []
-  latest = {r['learner_step']: r for r in sorted(read_jsonl(path), key=lambda r: r.get('attempt', 1))}
+  records = read_jsonl(layout.records(name))
+  latest = {r['learner_step']: r for r in sorted(records, key=lambda r: r.get('attempt', 1))}
   return [latest[step] for step in sorted(latest)]
 
 

@@ -45,6 +45,13 @@ def leftover_processes(since: float, marker: str):
   return processes(lambda info: info['create_time'] >= since and any(marker in part for part in info['cmdline'] or []))
 
 
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+  deadline = time.time() + timeout_s
+  while not condition():
+    assert time.time() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path):
   run_dir = str(tmp_path / 'run')
@@ -142,9 +149,7 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
                       '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
   learner = RunLayout(run_dir).records('learner')
-  deadline = time.time() + 180
-  while not (os.path.exists(learner) and os.path.getsize(learner)) and time.time() < deadline:  # Training.
-    time.sleep(0.5)
+  _wait_for(lambda: os.path.exists(learner) and os.path.getsize(learner), 180, 'the learner to train')
   run.send_signal(signal.SIGTERM)
   sent = time.time()
   out, err = run.communicate(timeout=120)
@@ -152,13 +157,6 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   assert time.time() - sent < 30
   assert 'Interrupted' in out and 'resume' in err
   assert not os.path.exists(RunLayout(run_dir).probe_set)  # No set drawn from a stopping run.
-
-
-def _wait_for(condition, timeout_s: float, what: str) -> None:
-  deadline = time.time() + timeout_s
-  while not condition():
-    assert time.time() < deadline, f'timed out waiting for {what}'
-    time.sleep(0.2)
 
 
 def _evaluator_state(layout: RunLayout) -> str:
@@ -281,9 +279,7 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=3000', '--probe_every=0')
-  deadline = time.time() + 180
-  while not os.path.exists(RunLayout(run_dir).addresses) and time.time() < deadline:
-    time.sleep(0.5)
+  _wait_for(lambda: os.path.exists(RunLayout(run_dir).addresses), 180, 'the run to publish its addresses')
   attach = python_module('launch.attach_evaluator', f'--run_dir={run_dir}', '--name=mine', '--probe_every=200',
                          '--probe_steps=20', '--nodiagnostics')
   out, err = attach.communicate(timeout=300)
