@@ -23,8 +23,7 @@ from probes.diagnostics import DiagnosticsConfig
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory the results go to; one holding brownian.jsonl is refused.')
 STUDY = config_flags.define(brownian_study.StudyConfig)
-DIAGNOSTICS = config_flags.define(DiagnosticsConfig, only=['lanczos_steps', 'hessian_batch_size', 'covariance_samples',
-                                                           'td_covariance_samples'])
+DIAGNOSTICS = config_flags.define(DiagnosticsConfig, only=brownian_study.DIAGNOSTIC_FLAGS)
 
 
 def main(argv):

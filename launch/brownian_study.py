@@ -37,6 +37,8 @@ from probes.diagnostics import DiagnosticsConfig, make_diagnostics
 ENV = 'mdp:mnist:easy'
 RECORDS = 'brownian'
 PROCESSES = ('gradient_descent', 'random_walk')
+# The diagnostics' settings the command line takes (the rest stay the evaluator's defaults).
+DIAGNOSTIC_FLAGS = ('lanczos_steps', 'hessian_batch_size', 'covariance_samples', 'td_covariance_samples')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 `python -m launch.optimizer_instability` is its command line.
 """
 
-from typing import Dict, List
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,28 @@ import numpy as np
 import optax
 
 from agents import networks, optimizers
+from agents.config import option, registered
 
 METRICS = 'metrics'
 NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class InstabilityConfig:
+  """The study's settings; `python -m launch.optimizer_instability` takes each as a flag of its name."""
+  optimizers: Tuple[str, ...] = option(('adam', 'adam_tuned'), 'Optimizer presets to compare.',
+                                       choices=registered('agents.optimizers', 'OPTIMIZERS'))
+  num_images: int = option(5000, 'Images whose random labels are memorised.', lower_bound=10)
+  eval_samples: int = option(4096, 'Images the accuracy and dead units are measured on.', lower_bound=1)
+  iterations: int = option(5, 'Label re-randomisations (iterations).', lower_bound=1)
+  steps_per_iteration: int = option(4000, 'Optimizer steps per iteration.', lower_bound=1)
+  eval_every: int = option(250, 'Steps between measurements.', lower_bound=1)
+  batch_size: int = option(128, 'Minibatch size.', lower_bound=1)
+  width: int = option(1024, 'Hidden width.', lower_bound=1)
+  learning_rate: float = option(1e-3, 'Learning rate (appendix A.1).', lower_bound=0.0)
+  seed: int = option(0, 'Seed of the image subset, labels, initialisation and batches.')
+  data_dir: Optional[str] = option(None, 'MNIST location (see environments/datasets.py); default: the usual search, '
+                                   'ending with the embedded 10,000 digits.')
 
 
 def run_study(images: np.ndarray, optimizer_name: str, iterations: int, steps_per_iteration: int, eval_every: int,

@@ -8,7 +8,8 @@ inputs stay). Every `--eval_every` steps it logs the accuracy on 4,096 of the
 images and the fraction of dead ReLU units (zero on all of them), once per
 optimizer preset (default Adam and the tuned one), to OUT_DIR/metrics.jsonl,
 and draws OUT_DIR/optimizer_instability.png. The network and the optimizers
-are the agent's own (`agents.networks`, `agents.optimizers`).
+are the agent's own (`agents.networks`, `agents.optimizers`); the settings are
+`launch.instability_study.InstabilityConfig`'s fields.
 """
 
 import os
@@ -18,50 +19,39 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from agents import optimizers
+from agents import config_flags, optimizers
 from environments import datasets
-from launch.instability_study import METRICS, plot, run_study
+from launch.instability_study import METRICS, InstabilityConfig, plot, run_study
 from probes.loggers import JsonlLogger, read_jsonl
 
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where metrics.jsonl and the PNG go.')
-DATA_DIR = flags.DEFINE_string('data_dir', None, 'MNIST location (see environments/datasets.py); default: the usual '
-                               'search, ending with the embedded 10,000 digits.')
-OPTIMIZERS = flags.DEFINE_list('optimizers', ['adam', 'adam_tuned'], 'Optimizer presets to compare.')
-NUM_IMAGES = flags.DEFINE_integer('num_images', 5000, 'Images whose random labels are memorised.', lower_bound=10)
-EVAL_SAMPLES = flags.DEFINE_integer('eval_samples', 4096, 'Images the accuracy and dead units are measured on.',
-                                    lower_bound=1)
-ITERATIONS = flags.DEFINE_integer('iterations', 5, 'Label re-randomisations (iterations).', lower_bound=1)
-STEPS_PER_ITERATION = flags.DEFINE_integer('steps_per_iteration', 4000, 'Optimizer steps per iteration.',
-                                           lower_bound=1)
-EVAL_EVERY = flags.DEFINE_integer('eval_every', 250, 'Steps between measurements.', lower_bound=1)
-BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Minibatch size.', lower_bound=1)
-WIDTH = flags.DEFINE_integer('width', 1024, 'Hidden width.', lower_bound=1)
-LEARNING_RATE = flags.DEFINE_float('learning_rate', 1e-3, 'Learning rate (appendix A.1).', lower_bound=0.0)
-SEED = flags.DEFINE_integer('seed', 0, 'Seed of the image subset, labels, initialisation and batches.')
+FIELDS = config_flags.define(InstabilityConfig)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
   if not OUT_DIR.value:
     raise app.UsageError('--out_dir is required.')
-  unknown = [name for name in OPTIMIZERS.value if name not in optimizers.OPTIMIZERS]
+  config = config_flags.build(InstabilityConfig, FIELDS)
+  unknown = [name for name in config.optimizers if name not in optimizers.OPTIMIZERS]
   if unknown:
     raise app.UsageError(f'--optimizers: unknown {", ".join(unknown)}; accepted: '
                          f'{", ".join(sorted(optimizers.OPTIMIZERS))}.')
   if os.path.exists(os.path.join(OUT_DIR.value, f'{METRICS}.jsonl')):
     raise app.UsageError(f'--out_dir={OUT_DIR.value} already holds {METRICS}.jsonl; choose another directory.')
   try:
-    data = datasets.load('mnist', data_dir=DATA_DIR.value)
+    data = datasets.load('mnist', data_dir=config.data_dir)
   except ValueError as e:
     raise app.UsageError(str(e))
-  if NUM_IMAGES.value > len(data.images):
-    raise app.UsageError(f'--num_images={NUM_IMAGES.value} exceeds the {len(data.images)} images of {data.source}.')
-  subset = np.random.default_rng(SEED.value).permutation(len(data.images))[:NUM_IMAGES.value]
+  if config.num_images > len(data.images):
+    raise app.UsageError(f'--num_images={config.num_images} exceeds the {len(data.images)} images of {data.source}.')
+  subset = np.random.default_rng(config.seed).permutation(len(data.images))[:config.num_images]
   images = data.images[subset]
-  print(f'{data.source}; {len(images)} images, {ITERATIONS.value} iterations x {STEPS_PER_ITERATION.value} steps.',
+  print(f'{data.source}; {len(images)} images, {config.iterations} iterations x {config.steps_per_iteration} steps.',
         flush=True)
   logger = JsonlLogger(os.path.join(OUT_DIR.value, f'{METRICS}.jsonl'), step_key='step')
-  for name in OPTIMIZERS.value:
+  for name in config.optimizers:
     start = time.time()
 
     def log(record):
@@ -69,10 +59,10 @@ def main(argv):
       print(f'[{name}] iteration {record["iteration"]} step {record["step"]}: accuracy {record["accuracy"]:.3f}, '
             f'dead units {record["dead_unit_fraction"]:.3f} ({time.time() - start:.0f}s)', flush=True)
 
-    run_study(images, name, ITERATIONS.value, STEPS_PER_ITERATION.value, EVAL_EVERY.value, BATCH_SIZE.value,
-              WIDTH.value, LEARNING_RATE.value, min(EVAL_SAMPLES.value, len(images)), SEED.value, logger=log)
+    run_study(images, name, config.iterations, config.steps_per_iteration, config.eval_every, config.batch_size,
+              config.width, config.learning_rate, min(config.eval_samples, len(images)), config.seed, logger=log)
   path = os.path.join(OUT_DIR.value, 'optimizer_instability.png')
-  plot(read_jsonl(logger.path), STEPS_PER_ITERATION.value, path)
+  plot(read_jsonl(logger.path), config.steps_per_iteration, path)
   print(f'Wrote {logger.path} and {path}')
 
 

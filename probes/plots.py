@@ -212,7 +212,7 @@ def _save(fig: plt.Figure, path: str) -> str:
   return path
 
 
-def _read(layout: RunLayout, name: str) -> List[Record]:
+def read_stream(layout: RunLayout, name: str) -> List[Record]:
   """A stream's records by learner step; a step recorded by several launches (a relaunch repeats the steps
   after its checkpoint) counts once, as the last launch recorded it."""
   records = read_jsonl(layout.records(name))
@@ -227,13 +227,13 @@ def write_report(run_dir: str) -> List[str]:
   if not os.path.exists(path):
     raise ValueError(f'{run_dir} holds no {os.path.basename(path)}: is it a run directory with an evaluator '
                      f'(--probe_every > 0)?')
-  records = _read(layout, RunLayout.PROBES)
+  records = read_stream(layout, RunLayout.PROBES)
   if not records:
     raise ValueError(f'{path} holds no probe record yet.')
   title = os.path.basename(os.path.normpath(run_dir))
   written = [_save(plot_probe_curves(records, title), layout.plot('probe_curves')),
              _save(plot_plasticity(records, title), layout.plot('plasticity'))]
-  diagnostics = _read(layout, RunLayout.DIAGNOSTICS)
+  diagnostics = read_stream(layout, RunLayout.DIAGNOSTICS)
   if diagnostics:
     written.append(_save(plot_hessian_density(diagnostics, title), layout.plot('hessian_density')))
     covariance = plot_covariance(layout, diagnostics, title)
@@ -247,7 +247,7 @@ def write_comparison(run_dirs: Sequence[str], out_dir: str) -> List[str]:
   """Each run's own plots, then the cross-run figure 3 in `out_dir`."""
   written = [path for run_dir in run_dirs for path in write_report(run_dir)]
   layouts = {os.path.basename(os.path.normpath(d)): RunLayout(d) for d in run_dirs}
-  runs = {name: (_read(layout, RunLayout.PROBES), _read(layout, RunLayout.DIAGNOSTICS))
+  runs = {name: (read_stream(layout, RunLayout.PROBES), read_stream(layout, RunLayout.DIAGNOSTICS))
           for name, layout in layouts.items()}
   if any(diagnostics for _, diagnostics in runs.values()):
     written.append(_save(plot_statistics_vs_plasticity(runs),

@@ -378,5 +378,5 @@ def test_a_step_recorded_by_two_launches_is_read_once_as_the_last_launch_recorde
     logger = layout.logger('probes', tensorboard=False, extra={'attempt': attempt})
     for step in steps:
       logger({'learner_step': step, 'plasticity': float(attempt)})
-  records = plots._read(layout, 'probes')  # pylint: disable=protected-access
+  records = plots.read_stream(layout, 'probes')
   assert [(r['learner_step'], r['attempt']) for r in records] == [(0, 1), (100, 2), (200, 1), (300, 2)]

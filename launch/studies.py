@@ -1,0 +1,414 @@
+"""The paper's experiments as studies: a named grid of runs per scale, and the aggregation drawing its figure.
+
+A study is a `Study` in the `STUDIES` registry: `cells(scale, options)` gives
+its grid (each `Cell` a run's command and flags, and the axes the aggregation
+groups by), `measure(cell, run_dir)` one finished run's numbers, and
+`aggregate(layout, rows)` the tables and the figure. `launch/study.py` runs the
+grid (`python -m launch.study`); nothing here launches anything.
+
+Scales: `smoke` (a few hundred learner steps per cell), `cpu` (reduced but
+faithful, for a few hours on 2 cores: narrower CNNs, fewer probe steps, fewer
+cells, no ResNet-18 or ViT), `paper` (the paper's settings).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from agents import config_flags
+from agents.registry import Registry
+from environments import datasets
+from launch import brownian_study, instability_study
+from probes import aggregate, study_plots
+from probes.loggers import read_jsonl
+from probes.run_dir import ExperimentConfig
+
+SCALES = ('smoke', 'cpu', 'paper')
+Row = aggregate.Row
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyOptions:
+  """What a grid may depend on besides its scale."""
+  data_dir: Optional[str] = None
+  games: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One configuration of a study's grid, run once per seed."""
+  name: str
+  axes: Mapping[str, Any]  # What the aggregation groups by (arch, intervention, env, ...).
+  args: Mapping[str, Any]  # The command's flags, beside the run's directory and seed.
+  command: str = 'launch.train'  # The module run as `python -m`.
+  dir_flag: str = 'run_dir'
+  resumable: bool = True  # A rerun resumes it (launch.train); else a rerun starts it afresh.
+
+  def with_args(self, **args) -> 'Cell':
+    return dataclasses.replace(self, args={**self.args, **args})
+
+
+class StudyLayout:
+  """Every file of a study directory, named once (see WORKSPACE.md)."""
+
+  STATE = 'study.json'
+
+  def __init__(self, root: str):
+    self.root = root
+
+  @property
+  def state(self) -> str:
+    return os.path.join(self.root, self.STATE)
+
+  def run_dir(self, cell: str, seed: int) -> str:
+    return os.path.join(self.root, 'runs', cell, f'seed{seed}')
+
+  def log(self, cell: str, seed: int) -> str:
+    return os.path.join(self.root, 'logs', cell, f'seed{seed}.log')
+
+  def table(self, name: str) -> str:
+    """A table's stem: `<name>.csv` and `<name>.jsonl` (results: one row per run; summary: one per cell)."""
+    return os.path.join(self.root, name)
+
+  def figure(self, name: str) -> str:
+    return os.path.join(self.root, f'{name}.png')
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  name: str
+  figure: str  # The paper's figure it reproduces.
+  cells: Callable[[str, StudyOptions], Tuple[List[Cell], Dict[str, str]]]  # (cells, skipped cell -> reason).
+  seeds: Mapping[str, int]  # Default seeds per scale.
+  settable: Callable[[], List[str]]  # Flags `--set` may change in every cell.
+  measure: Callable[[Cell, str], Row]
+  aggregate: Callable[[StudyLayout, List[Row], str], List[str]]  # (layout, rows, scale) -> written paths.
+
+
+STUDIES: Registry[Study] = Registry('study', flag='--study')
+
+
+def _train_flags() -> List[str]:
+  return ['preset'] + [field.flag for field in config_flags.fields(ExperimentConfig)]
+
+
+# Settings of every training run at each scale (flag -> value); a study's cells add their own.
+TRAIN_SCALES: Dict[str, Dict[str, Any]] = {
+    # A few hundred learner steps, tiny probes and diagnostics: the whole pipeline in a minute per run.
+    'smoke': dict(num_actors=1, max_learner_steps=300, min_replay_size=200, log_every=50, checkpoint_every=150,
+                  target_update_period=100, probe_every=150, probe_steps=100, probe_inputs=256, probe_batch_size=64,
+                  hessian_batch_size=128, lanczos_steps=10, covariance_samples=32, td_covariance_samples=32),
+    # 10 iterations of 1,000 steps (the paper: 100), probes every 2,500 of 1,000 steps (the paper: 5,000 of 2,000),
+    # smaller Hessian batch, Lanczos and C_k.
+    'cpu': dict(num_actors=1, max_learner_steps=10_000, probe_every=2_500, probe_steps=1_000, hessian_batch_size=512,
+                lanczos_steps=30, covariance_samples=128, td_covariance_samples=128),
+    # The paper's: 100 iterations of 1,000 steps, probes every 5,000 of 2,000 steps (the field defaults).
+    'paper': dict(max_learner_steps=100_000),
+}
+# CNN widths per scale: the paper's 64 channels (and 256 units) cost hours per run on 2 CPU cores.
+CNN_WIDTH = {'smoke': 0.25, 'cpu': 0.25, 'paper': 1.0}
+MLP_WIDTH = {'smoke': 0.25, 'cpu': 1.0, 'paper': 1.0}
+
+
+def _arch_args(arch: str, scale: str) -> Dict[str, Any]:
+  width = {'cnn': CNN_WIDTH, 'mlp': MLP_WIDTH}.get(arch)
+  return {'arch': arch, **({'width_multiplier': width[scale]} if width else {})}
+
+
+def _datasets(options: StudyOptions) -> Tuple[List[str], Dict[str, str]]:
+  """The MDP observation datasets present (MNIST always is: the embedded digits), and why others are not."""
+  present, missing = ['mnist'], {}
+  try:
+    datasets.load('cifar10', data_dir=options.data_dir)
+    present.append('cifar10')
+  except ValueError as e:
+    missing['cifar10'] = str(e)
+  return present, missing
+
+
+def _skipped(names: Sequence[str], reason: str) -> Dict[str, str]:
+  return {name: reason for name in names}
+
+
+def train_measure(cell: Cell, run_dir: str) -> Row:
+  return aggregate.run_measures(run_dir)
+
+
+# --- interventions (figure 6; with both output encodings, figures 8 and 9) ---
+
+INTERVENTION_COLUMNS = ('none', 'layernorm', 'spectral_norm', 'weight_decay', 'shrink_and_perturb', 'reset_last_layer',
+                        'reset_optimizer', 'two_hot')
+PAPER_ARCHS = ('mlp', 'cnn', 'resnet18', 'vit')
+CPU_ARCHS = ('mlp', 'cnn')
+# Figure 6 is read after 100 iterations of 1,000 steps; figures 8 and 9 after 1 million steps (appendix B.1).
+FIGURE6_STEP = 100_000
+PAPER_LONG_STEPS = 1_000_000
+
+
+def _intervention_args(intervention: str) -> Dict[str, Any]:
+  return {} if intervention == 'none' else {'interventions': intervention}
+
+
+def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  base = {**TRAIN_SCALES[scale], 'diagnostics': False}
+  cells = []
+  archs = PAPER_ARCHS if scale == 'paper' else CPU_ARCHS
+  for arch in archs:
+    if scale != 'paper':
+      for column in INTERVENTION_COLUMNS:
+        output = 'two_hot' if column == 'two_hot' else 'regress'
+        intervention = 'none' if column == 'two_hot' else column
+        cells.append(Cell(f'{arch}-{column}', {'arch': arch, 'intervention': intervention, 'output': output},
+                          {**base, **_arch_args(arch, scale), **_intervention_args(intervention), 'output': output}))
+      continue
+    for intervention in INTERVENTION_COLUMNS[:-1]:  # Every intervention crossed with both encodings.
+      for output in ('regress', 'two_hot'):
+        cells.append(Cell(f'{arch}-{intervention}-{output}', {'arch': arch, 'intervention': intervention,
+                                                               'output': output},
+                          {**base, **_arch_args(arch, scale), **_intervention_args(intervention), 'output': output,
+                           'max_learner_steps': PAPER_LONG_STEPS}))
+  skipped = {} if scale == 'paper' else _skipped(
+      [f'{a}-*' for a in PAPER_ARCHS if a not in archs], f'ResNet-18 and ViT run at --scale=paper only')
+  return cells, skipped
+
+
+def _column(row: Row) -> str:
+  return 'two_hot' if row['output'] == 'two_hot' and row['intervention'] == 'none' else row['intervention']
+
+
+def interventions_measure(cell: Cell, run_dir: str) -> Row:
+  measures = aggregate.run_measures(run_dir)
+  if cell.args.get('max_learner_steps') == PAPER_LONG_STEPS:
+    at = aggregate.run_measures(run_dir, at_step=FIGURE6_STEP)
+    measures['plasticity_loss_at_100k'] = at.get('plasticity_loss')
+  return measures
+
+
+def interventions_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  for row in rows:
+    row['column'] = _column(row)
+  measures = ('plasticity_loss', 'plasticity') + (('plasticity_loss_at_100k',) if scale == 'paper' else ())
+  summary = aggregate.summarize(rows, ('arch', 'intervention', 'output', 'column'), measures)
+  written = aggregate.write_table(summary, layout.table('summary'))
+  archs = [a for a in PAPER_ARCHS if any(s['arch'] == a for s in summary)]
+  panels = []
+  if scale == 'paper':  # Figure 6 (after 100,000 steps, regression and the two-hot column), then 8 and 9.
+    figure6 = [s for s in summary if s['output'] == 'regress' or s['column'] == 'two_hot']
+    panels.append(('plasticity loss after 100 iterations of 1,000 steps (figure 6)',
+                   aggregate.grid(figure6, 'arch', 'column', 'plasticity_loss_at_100k', archs, INTERVENTION_COLUMNS)))
+    for output in ('regress', 'two_hot'):
+      mine = [s for s in summary if s['output'] == output]
+      panels.append((f'{output} output, after {PAPER_LONG_STEPS:,} steps (figures 8 and 9)',
+                     aggregate.grid(mine, 'arch', 'intervention', 'plasticity_loss', archs,
+                                    INTERVENTION_COLUMNS[:-1])))
+  else:
+    steps = rows[0].get('probe_step') if rows else None
+    panels.append((f'plasticity loss at the last probe point (step {steps})',
+                   aggregate.grid(summary, 'arch', 'column', 'plasticity_loss', archs, INTERVENTION_COLUMNS)))
+  written.append(study_plots.save(study_plots.heatmaps(panels, 'Effect of interventions on plasticity loss'),
+                                  layout.figure('interventions')))
+  return written
+
+
+# --- falsification (figure 3) ---
+
+DIFFICULTIES = ('easy', 'hard', 'sparse')
+# Each setting's runs: architectures x (optimizer, intervention) variants.
+FALSIFICATION_VARIANTS = {
+    'smoke': (('mlp',), (('adam', 'none'), ('adam', 'layernorm'))),
+    'cpu': (('mlp', 'cnn'), (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none'))),
+    'paper': (PAPER_ARCHS, (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none'), ('rmsprop', 'layernorm'))),
+}
+
+
+def falsification_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  present, missing = _datasets(options)
+  archs, variants = FALSIFICATION_VARIANTS[scale]
+  cells, skipped = [], {}
+  for dataset in ('mnist', 'cifar10'):
+    for difficulty in DIFFICULTIES:
+      env = f'mdp:{dataset}:{difficulty}'
+      for arch in archs:
+        for optimizer, intervention in variants:
+          name = f'{dataset}-{difficulty}-{arch}-{optimizer}-{intervention}'
+          if dataset not in present:
+            skipped[name] = missing[dataset]
+            continue
+          args = {**TRAIN_SCALES[scale], **_arch_args(arch, scale), 'env': env, 'optimizer': optimizer,
+                  **_intervention_args(intervention), **({'data_dir': options.data_dir} if options.data_dir else {})}
+          cells.append(Cell(name, {'setting': f'{dataset}:{difficulty}', 'arch': arch, 'optimizer': optimizer,
+                                   'intervention': intervention}, args))
+  return cells, skipped
+
+
+def falsification_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  changes = [f'change_{key}' for key in study_plots.STATISTICS]
+  written = aggregate.write_table(aggregate.correlations(rows, 'setting', changes), layout.table('correlations'))
+  written.append(study_plots.save(study_plots.falsification(rows, 'setting'), layout.figure('falsification')))
+  return written
+
+
+# --- width (figure 5) ---
+
+WIDTH_FACTORS = (1, 2, 4, 8, 12, 16)  # Appendix A.2: a base width of 16 times these.
+TARGET_PERIODS = (1, 100, 1000)  # Figure 5's panels.
+WIDTH_GRIDS = {  # arch -> factors per scale.
+    'smoke': {'mlp': (1, 16)},
+    'cpu': {'mlp': WIDTH_FACTORS, 'cnn': (1, 4, 16)},
+    'paper': {'mlp': WIDTH_FACTORS, 'cnn': WIDTH_FACTORS},
+}
+WIDTH_PERIODS = {'smoke': (100,), 'cpu': TARGET_PERIODS, 'paper': TARGET_PERIODS}
+
+
+def width_multiplier(arch: str, factor: int) -> float:
+  """The MLP's hidden layers are 16 x factor units (its default 512 = factor 32); the CNN's channels and units
+  scale alike, factor 16 being the paper's CNN (64 channels, 256 units)."""
+  return 16 * factor / 512 if arch == 'mlp' else factor / 16
+
+
+def width_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  present, missing = _datasets(options)
+  cells, skipped = [], {}
+  for dataset in ('mnist', 'cifar10'):
+    for arch, factors in WIDTH_GRIDS[scale].items():
+      for period in WIDTH_PERIODS[scale]:
+        for factor in factors:
+          name = f'{arch}-{dataset}-period{period}-x{factor}'
+          if dataset not in present:
+            skipped[name] = missing[dataset]
+            continue
+          args = {**TRAIN_SCALES[scale], 'diagnostics': False, 'env': f'mdp:{dataset}:easy', 'arch': arch,
+                  'width_multiplier': width_multiplier(arch, factor), 'target_update_period': period,
+                  **({'data_dir': options.data_dir} if options.data_dir else {})}
+          cells.append(Cell(name, {'arch': arch, 'dataset': dataset, 'target_update_period': period,
+                                   'width_factor': factor}, args))
+  return cells, skipped
+
+
+def width_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  summary = aggregate.summarize(rows, ('arch', 'dataset', 'target_update_period', 'width_factor'),
+                                ('plasticity_loss', 'plasticity'))
+  written = aggregate.write_table(summary, layout.table('summary'))
+  written.append(study_plots.save(study_plots.width(summary), layout.figure('width')))
+  return written
+
+
+# --- optimizer instability (figure 1) and the Brownian-motion control (figure 2): not RL runs ---
+
+INSTABILITY_SCALES = {
+    'smoke': dict(num_images=500, eval_samples=500, iterations=2, steps_per_iteration=200, eval_every=100),
+    'cpu': dict(iterations=5, steps_per_iteration=2000),
+    'paper': dict(iterations=5, steps_per_iteration=4000),  # Appendix A.1's.
+}
+
+
+def instability_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  data = {'data_dir': options.data_dir} if options.data_dir else {}
+  return [Cell(name, {'optimizer': name}, {**INSTABILITY_SCALES[scale], 'optimizers': name, **data},
+               command='launch.optimizer_instability', dir_flag='out_dir', resumable=False)
+          for name in ('adam', 'adam_tuned')], {}
+
+
+def instability_measure(cell: Cell, run_dir: str) -> Row:
+  """Accuracy and dead units at the end of each iteration (the last record of each), and at the end."""
+  records = read_jsonl(os.path.join(run_dir, f'{instability_study.METRICS}.jsonl'))
+  ends = {r['iteration']: r for r in records}
+  return {'final_accuracy': records[-1]['accuracy'], 'final_dead_unit_fraction': records[-1]['dead_unit_fraction'],
+          'iteration_accuracy': [ends[i]['accuracy'] for i in sorted(ends)],
+          'iteration_dead_unit_fraction': [ends[i]['dead_unit_fraction'] for i in sorted(ends)]}
+
+
+def instability_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  summary = aggregate.summarize(rows, ('optimizer',), ('final_accuracy', 'final_dead_unit_fraction'))
+  written = aggregate.write_table(summary, layout.table('summary'))
+  curves = {row['optimizer']: [] for row in rows}
+  for row in rows:
+    curves[row['optimizer']].append(read_jsonl(os.path.join(row['run_dir'], f'{instability_study.METRICS}.jsonl')))
+  written.append(study_plots.save(study_plots.mean_curves(curves, 'step', ('accuracy', 'dead_unit_fraction'),
+                                                          'Optimizer instability (figure 1): mean over seeds'),
+                                  layout.figure('optimizer_instability')))
+  return written
+
+
+BROWNIAN_SCALES = {
+    'smoke': dict(steps=200, measure_every=100, num_transitions=2000, lanczos_steps=10, hessian_batch_size=256,
+                  covariance_samples=64, td_covariance_samples=64),
+    'cpu': dict(steps=2000, measure_every=1000),
+    'paper': dict(steps=20_000, measure_every=5000),
+}
+
+
+def brownian_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  data = {'data_dir': options.data_dir} if options.data_dir else {}
+  return [Cell('brownian', {}, {**BROWNIAN_SCALES[scale], **data}, command='launch.brownian', resumable=False)], {}
+
+
+def brownian_measure(cell: Cell, run_dir: str) -> Row:
+  """Each process's top eigenvalue and distance from its start at the last measured step."""
+  records = read_jsonl(os.path.join(run_dir, f'{brownian_study.RECORDS}.jsonl'))
+  last = max(r['step'] for r in records)
+  measures: Row = {'step': last}
+  for r in records:
+    if r['step'] == last:
+      measures[f'{r["process"]}_top_eigenvalue'] = r['top_eigenvalue']
+      measures[f'{r["process"]}_distance_from_init'] = r['distance_from_init']
+  return measures
+
+
+def brownian_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  keys = [f'{p}_{k}' for p in brownian_study.PROCESSES for k in ('top_eigenvalue', 'distance_from_init')]
+  written = aggregate.write_table(aggregate.summarize(rows, ('cell',), keys), layout.table('summary'))
+  curves = {process: [] for process in brownian_study.PROCESSES}
+  for row in rows:
+    records = read_jsonl(os.path.join(row['run_dir'], f'{brownian_study.RECORDS}.jsonl'))
+    for process in curves:
+      curves[process].append([r for r in records if r['process'] == process])
+  written.append(study_plots.save(study_plots.mean_curves(curves, 'step', ('top_eigenvalue', 'distance_from_init'),
+                                                          'Gradient descent against a random walk (figure 2)'),
+                                  layout.figure('brownian')))
+  return written
+
+
+def _flags_of(config_class) -> Callable[[], List[str]]:
+  return lambda: [field.flag for field in config_flags.fields(config_class)]
+
+
+STUDIES.add('interventions', Study('interventions', 'figure 6 (figures 8 and 9 at --scale=paper)', interventions_cells,
+                                   {'smoke': 1, 'cpu': 2, 'paper': 3}, _train_flags, interventions_measure,
+                                   interventions_aggregate))
+STUDIES.add('falsification', Study('falsification', 'figure 3', falsification_cells, {'smoke': 1, 'cpu': 1, 'paper': 3},
+                                   _train_flags, train_measure, falsification_aggregate))
+STUDIES.add('width', Study('width', 'figure 5', width_cells, {'smoke': 1, 'cpu': 1, 'paper': 3}, _train_flags,
+                           train_measure, width_aggregate))
+STUDIES.add('optimizer_instability', Study('optimizer_instability', 'figure 1', instability_cells,
+                                           {'smoke': 1, 'cpu': 3, 'paper': 3},
+                                           _flags_of(instability_study.InstabilityConfig), instability_measure,
+                                           instability_aggregate))
+STUDIES.add('brownian', Study('brownian', 'figure 2', brownian_cells, {'smoke': 1, 'cpu': 2, 'paper': 3},
+                              lambda: _flags_of(brownian_study.StudyConfig)() + list(brownian_study.DIAGNOSTIC_FLAGS),
+                              brownian_measure, brownian_aggregate))
+
+
+def grid_record(study: Study, scale: str, seeds: int, cells: Sequence[Cell], skipped: Mapping[str, str]) -> Dict:
+  """What study.json records of the grid; a rerun must describe the same (`grid_differences`)."""
+  return {'study': study.name, 'scale': scale, 'seeds': seeds,
+          'cells': {c.name: {'command': c.command, 'axes': dict(c.axes), 'args': dict(c.args)} for c in cells},
+          'skipped': dict(skipped)}
+
+
+def grid_differences(old: Mapping, new: Mapping) -> List[str]:
+  """How two grid records differ, in words (empty: the same grid)."""
+  differences = [f'{key}: {old.get(key)!r} there, {new.get(key)!r} now' for key in ('study', 'scale', 'seeds')
+                 if old.get(key) != new.get(key)]
+  old_cells, new_cells = old.get('cells', {}), new.get('cells', {})
+  for name in sorted(set(old_cells) - set(new_cells)):
+    differences.append(f'cell {name} only there')
+  for name in sorted(set(new_cells) - set(old_cells)):
+    differences.append(f'cell {name} only now')
+  for name in sorted(set(old_cells) & set(new_cells)):
+    before, after = old_cells[name]['args'], new_cells[name]['args']
+    for flag in sorted(set(before) | set(after)):
+      if json.dumps(before.get(flag)) != json.dumps(after.get(flag)):
+        differences.append(f'cell {name}: --{flag}={before.get(flag)!r} there, {after.get(flag)!r} now')
+  return differences

@@ -1,0 +1,204 @@
+"""Studies: the aggregation on hand-made records, the grid's checks, and a real study killed and resumed."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+import numpy as np
+import pytest
+
+from launch import studies, study
+from launch.studies import Cell, StudyLayout
+from probes import aggregate
+from tests.test_train_program import ROOT, leftover_processes, python_module
+
+
+def test_summary_is_mean_standard_error_and_count_per_cell():
+  rows = [{'cell': 'a', 'x': 1.0}, {'cell': 'a', 'x': 3.0}, {'cell': 'a', 'x': None}, {'cell': 'b', 'x': 5.0},
+          {'cell': 'b', 'x': float('nan')}]
+  a, b = aggregate.summarize(rows, ('cell',), ('x',))
+  # Cell a: mean 2, sample std sqrt(2), standard error sqrt(2)/sqrt(2) = 1, 2 seeds measured of 3 runs.
+  assert a == {'cell': 'a', 'runs': 3, 'x_mean': 2.0, 'x_stderr': pytest.approx(1.0), 'x_n': 2}
+  assert b == {'cell': 'b', 'runs': 2, 'x_mean': 5.0, 'x_stderr': None, 'x_n': 1}
+
+
+def test_correlation_sign_flips_across_settings_as_built():
+  rows = ([{'setting': 'up', 'change_norm': x, 'plasticity_loss': 2 * x + 1} for x in (1.0, 2.0, 3.0)] +
+          [{'setting': 'down', 'change_norm': x, 'plasticity_loss': -x} for x in (1.0, 2.0, 4.0)] +
+          [{'setting': 'few', 'change_norm': x, 'plasticity_loss': x} for x in (1.0, 2.0)] +
+          [{'setting': 'flat', 'change_norm': 1.0, 'plasticity_loss': y} for y in (1.0, 2.0, 3.0)])
+  table = {entry['setting']: entry for entry in aggregate.correlations(rows, 'setting', ['change_norm'])}
+  assert table['up']['correlation'] == pytest.approx(1.0) and table['up']['sign'] == '+'
+  assert table['down']['correlation'] == pytest.approx(-1.0) and table['down']['sign'] == '-'
+  assert table['few'] == {'setting': 'few', 'statistic': 'change_norm', 'runs': 2, 'correlation': None, 'sign': None}
+  assert table['flat']['correlation'] is None  # A constant statistic has no correlation.
+  # A hand computation: x = (0, 1, 3), y = (1, 0, 2): r = cov / (sx sy) = 1.5 / sqrt(4.667 * 1) ... exactly:
+  x, y = np.array([0.0, 1.0, 3.0]), np.array([1.0, 0.0, 2.0])
+  expected = np.sum((x - x.mean()) * (y - y.mean())) / math.sqrt(np.sum((x - x.mean())**2) * np.sum((y - y.mean())**2))
+  rows = [{'setting': 's', 'c': a, 'plasticity_loss': b} for a, b in zip(x, y)]
+  assert aggregate.correlations(rows, 'setting', ['c'])[0]['correlation'] == pytest.approx(expected)
+  assert expected == pytest.approx(0.6547, abs=1e-4)
+
+
+def test_heatmap_grid_places_each_cell_and_leaves_missing_ones_empty():
+  summaries = aggregate.summarize([{'arch': 'mlp', 'column': 'none', 'loss': 0.5},
+                                   {'arch': 'mlp', 'column': 'none', 'loss': 0.7},
+                                   {'arch': 'cnn', 'column': 'layernorm', 'loss': 0.1}], ('arch', 'column'), ('loss',))
+  rows, columns, means, stderrs = aggregate.grid(summaries, 'arch', 'column', 'loss', ['mlp', 'cnn'],
+                                                 ['none', 'layernorm'])
+  assert rows == ['mlp', 'cnn'] and columns == ['none', 'layernorm']
+  np.testing.assert_allclose(means, [[0.6, np.nan], [np.nan, 0.1]])
+  np.testing.assert_allclose(stderrs, [[0.1, np.nan], [np.nan, np.nan]])
+
+
+def test_tables_round_trip(tmp_path):
+  rows = [{'cell': 'a', 'values': [1, 2]}, {'cell': 'b', 'extra': 3.5}]
+  csv_path, jsonl_path = aggregate.write_table(rows, str(tmp_path / 'results'))
+  assert aggregate.read_table(jsonl_path) == rows
+  assert open(csv_path).read().splitlines() == ['cell,values,extra', 'a,"[1, 2]",', 'b,,3.5']
+
+
+def test_grids_of_every_study_and_scale_are_well_formed():
+  for name in studies.STUDIES:
+    definition = studies.STUDIES.get(name)
+    accepted = set(definition.settable())
+    for scale in studies.SCALES:
+      cells, _ = definition.cells(scale, studies.StudyOptions())
+      assert cells, (name, scale)
+      assert len({c.name for c in cells}) == len(cells)
+      for cell in cells:
+        assert set(cell.args) <= accepted, (name, scale, set(cell.args) - accepted)
+
+
+def test_paper_scale_is_the_papers_settings():
+  cells, _ = studies.interventions_cells('paper', studies.StudyOptions())
+  assert {c.axes['arch'] for c in cells} == {'mlp', 'cnn', 'resnet18', 'vit'}
+  assert len(cells) == 4 * 7 * 2  # Every intervention crossed with both encodings (figures 8, 9).
+  assert {c.args['max_learner_steps'] for c in cells} == {1_000_000}
+  assert studies.TRAIN_SCALES['paper'] == {'max_learner_steps': 100_000}  # Probes: the defaults, 2,000 steps / 5,000.
+  widths = {c.axes['width_factor']: c.args['width_multiplier']
+            for c in studies.width_cells('paper', studies.StudyOptions())[0] if c.axes['arch'] == 'mlp'}
+  assert {f: round(w * 512) for f, w in widths.items()} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
+
+
+def test_cifar_cells_are_skipped_with_the_reason_when_its_data_is_absent(tmp_path, monkeypatch):
+  monkeypatch.setenv('PLASTICITY_DOWNLOAD', '0')
+  monkeypatch.setenv('PLASTICITY_CACHE_DIR', str(tmp_path))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  cells, skipped = studies.falsification_cells('smoke', studies.StudyOptions())
+  assert {c.axes['setting'] for c in cells} == {'mnist:easy', 'mnist:hard', 'mnist:sparse'}
+  assert skipped and all(name.startswith('cifar10-') for name in skipped)
+  assert 'cifar-10-batches-py' in next(iter(skipped.values()))
+
+
+def test_grid_differences_name_each_difference():
+  definition = studies.STUDIES.get('interventions')
+  cells, _ = definition.cells('smoke', studies.StudyOptions())
+  old = studies.grid_record(definition, 'smoke', 1, cells[:2], {})
+  new = studies.grid_record(definition, 'smoke', 2, [cells[0].with_args(max_learner_steps=500), cells[2]], {})
+  assert studies.grid_differences(old, old) == []
+  assert studies.grid_differences(old, new) == [
+      'seeds: 1 there, 2 now', f'cell {cells[1].name} only there', f'cell {cells[2].name} only now',
+      f'cell {cells[0].name}: --max_learner_steps=300 there, 500 now']
+
+
+def run_study(*args, timeout=120):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
+  return subprocess.run([sys.executable, '-m', 'launch.study', *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
+  out = tmp_path / 'study'
+  result = run_study('--study=plasticityz', f'--out_dir={out}')
+  assert result.returncode == 1 and "Unknown study 'plasticityz' (--study)" in result.stderr
+  assert 'interventions' in result.stderr and 'falsification' in result.stderr
+  result = run_study('--study=width', '--scale=huge', f'--out_dir={out}')
+  assert result.returncode == 1 and "Unknown scale 'huge' (--scale); accepted: smoke, cpu, paper" in result.stderr
+  result = run_study('--study=interventions', '--cells=mlp-none,mlp-bogus', f'--out_dir={out}')
+  assert result.returncode == 1 and 'Unknown cell(s) mlp-bogus (--cells)' in result.stderr
+  assert 'cnn-two_hot' in result.stderr
+  result = run_study('--study=interventions', '--set=max_learner_stepz=5', f'--out_dir={out}')
+  assert result.returncode == 1 and "unknown flag 'max_learner_stepz'" in result.stderr
+  assert 'max_learner_steps' in result.stderr
+  assert not out.exists()
+  # A study directory made by another grid is refused, naming the difference, and left as it was.
+  layout = StudyLayout(str(out))
+  out.mkdir()
+  definition = studies.STUDIES.get('interventions')
+  cells, _ = study.plan(definition, 'smoke', studies.StudyOptions(), ['mlp-none'], {})
+  state = {'grid': studies.grid_record(definition, 'smoke', 1, cells, {}), 'runs': {}}
+  study._write_state(layout, state)  # pylint: disable=protected-access
+  before = open(layout.state).read()
+  result = run_study('--study=interventions', '--cells=mlp-none', '--set=max_learner_steps=500', f'--out_dir={out}')
+  assert result.returncode == 1 and 'was made by a different grid' in result.stderr
+  assert '--max_learner_steps=300 there' in result.stderr
+  assert open(layout.state).read() == before and sorted(os.listdir(out)) == ['study.json']
+  not_a_study = tmp_path / 'other'
+  not_a_study.mkdir()
+  (not_a_study / 'notes.txt').write_text('mine')
+  result = run_study('--study=interventions', f'--out_dir={not_a_study}')
+  assert result.returncode == 1 and 'not a study directory' in result.stderr
+
+
+def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
+  layout = StudyLayout(str(tmp_path))
+  definition = studies.STUDIES.get('optimizer_instability')
+  good, _ = definition.cells('smoke', studies.StudyOptions())
+  bad = Cell('bad', {'arch': 'mlp'}, {'env': 'mdp:mnist:bogus'})  # launch.train refuses it (exit 1).
+  runs = [study.Run(f'{c.name}/seed0', c, 0, layout.run_dir(c.name, 0), layout.log(c.name, 0))
+          for c in (bad, good[0])]
+  state = {'grid': {'study': 'test'}, 'runs': {r.key: {'state': 'pending'} for r in runs}}
+  console = Console(record=True, width=200)
+  assert study.execute(layout, state, runs, 2, None, console)
+  assert state['runs']['bad/seed0']['state'] == 'failed' and state['runs']['bad/seed0']['exit_code'] == 1
+  assert state['runs']['adam/seed0']['state'] == 'finished'
+  assert json.load(open(layout.state))['runs'] == state['runs']
+  text = console.export_text()
+  assert 'failed bad/seed0 (exit 1)' in text and layout.log('bad', 0) in text
+  assert 'mdp:mnist:bogus' in open(layout.log('bad', 0)).read()
+  rows = study.collect(definition, layout, state, runs, console)
+  assert [r['cell'] for r in rows] == ['adam'] and 0.0 <= rows[0]['final_accuracy'] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_killed_study_leaves_no_run_behind_and_resumes_without_redoing_finished_runs(tmp_path):
+  out = tmp_path / 'study'
+  layout = StudyLayout(str(out))
+  args = ('--study=interventions', '--scale=smoke', f'--out_dir={out}', '--cells=mlp-none,mlp-layernorm',
+          '--run_launch_type=local_mt')
+  started = time.time()
+  first = python_module('launch.study', *args)
+  deadline = time.time() + 300
+  state = {}
+  while time.time() < deadline and first.poll() is None:
+    state = json.load(open(layout.state)) if os.path.exists(layout.state) else {}
+    runs = state.get('runs', {})
+    if runs.get('mlp-none/seed0', {}).get('state') == 'finished' and 'pid' in runs.get('mlp-layernorm/seed0', {}):
+      break
+    time.sleep(0.5)
+  assert 'pid' in state['runs']['mlp-layernorm/seed0'], state
+  time.sleep(15)  # Into its training.
+  first.send_signal(signal.SIGKILL)
+  first.wait(timeout=10)
+  deadline = time.time() + 60  # Its run got SIGTERM from the kernel: it saves its checkpoint and exits.
+  while leftover_processes(started, str(out)) and time.time() < deadline:
+    time.sleep(0.5)
+  assert not leftover_processes(started, str(out))
+  resumed = run_study(*args, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert '1 of 2 runs already finished; running 1.' in resumed.stdout
+  assert open(layout.log('mlp-none', 0)).read().count('=== ') == 1  # Not redone.
+  assert open(layout.log('mlp-layernorm', 0)).read().count('=== ') == 2
+  rows = aggregate.read_table(layout.table('results') + '.jsonl')
+  assert sorted(r['cell'] for r in rows) == ['mlp-layernorm', 'mlp-none']
+  assert all(r['probe_step'] == 300 and r['plasticity_loss'] is not None for r in rows)
+  summary = aggregate.read_table(layout.table('summary') + '.jsonl')
+  assert {s['column']: s['plasticity_loss_n'] for s in summary} == {'none': 1, 'layernorm': 1}
+  assert os.path.getsize(layout.figure('interventions')) > 10_000
+  assert json.load(open(layout.state))['runs']['mlp-layernorm/seed0']['attempts'] == 2
