@@ -58,6 +58,15 @@ def evaluation_seed(run_seed: int, attempt: int) -> int:
   return (int(high) << 31) ^ int(low)
 
 
+def final_evaluation(records: List[Dict[str, object]]) -> Dict[str, object]:
+  """A run's evaluation.jsonl record at its last evaluated learner step (the last written, when a relaunch
+  evaluated that step again): its `mean_return` is the run's score."""
+  if not records:
+    raise ValueError('No evaluation records: was the run launched with --eval_every_frames > 0?')
+  last = max(record['learner_step'] for record in records)
+  return [record for record in records if record['learner_step'] == last][-1]
+
+
 def action_repeat(environment: dm_env.Environment) -> int:
   """Frames per environment step: an environment that repeats actions says so with an `action_repeat` attribute."""
   return int(getattr(environment, 'action_repeat', 1))

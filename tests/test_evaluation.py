@@ -13,7 +13,7 @@ from agents.builder import make_agent
 from agents.config import AgentConfig, ReplayConfig
 from agents.types import StopRequested
 from environments import atari, atari_scores
-from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed
+from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed, final_evaluation
 from probes.loggers import read_jsonl
 from probes.run_dir import RunLayout
 from tests.test_train_program import SMALL_RUN, train
@@ -167,6 +167,16 @@ def test_a_stop_ends_the_evaluation_loop():
                                FrameSchedule(40, ReplayConfig(), 32, 1), logger=lambda record: None)
   assert not evaluator.run(stopping, lambda: (0, params), lambda: False, should_stop=lambda: False)
   assert not evaluator.run(lambda: 0, lambda: (0, params), lambda: False, should_stop=lambda: True)
+
+
+def test_a_runs_score_is_its_last_evaluation_from_the_last_launch_that_wrote_it():
+  records = [{'learner_step': 0, 'mean_return': 1.0, 'attempt': 1},
+             {'learner_step': 50, 'mean_return': 2.0, 'attempt': 1},
+             {'learner_step': 50, 'mean_return': 3.0, 'attempt': 2},  # Written again by a relaunch.
+             {'learner_step': 25, 'mean_return': 4.0, 'attempt': 2}]
+  assert final_evaluation(records) == records[2]
+  with pytest.raises(ValueError, match='--eval_every_frames'):
+    final_evaluation([])
 
 
 def test_the_evaluation_seed_is_apart_from_every_actors_and_new_at_each_launch():
