@@ -35,8 +35,8 @@ from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
-from launch import replay
 from environments import atari_scores
+from launch import replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
 from probes.loggers import read_jsonl
 from probes.run_dir import ExperimentConfig, RunLayout

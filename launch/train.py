@@ -95,7 +95,7 @@ def program_completed(config: ExperimentConfig) -> bool:
   learner = _last(config.layout.records(RunLayout.LEARNER))
   if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
     return False
-  if config.evaluation.enabled:
+  if config.evaluation.enabled and not learner.get('diverged'):  # Else its last finite step is the one evaluated.
     evaluation = _last(config.layout.records(RunLayout.EVALUATION))
     if not evaluation or evaluation['learner_step'] < learner['learner_step']:
       return False
