@@ -1,5 +1,6 @@
 """Evaluation episodes (probes/evaluation.py) and the Atari reference scores (environments/atari_scores.py)."""
 
+import dataclasses
 import os
 
 import dm_env
@@ -15,7 +16,7 @@ from agents.types import StopRequested
 from environments import atari, atari_scores
 from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed, final_evaluation
 from probes.loggers import read_jsonl
-from probes.run_dir import RunLayout
+from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
 from tests.test_train_program import SMALL_RUN, train
 
 
@@ -177,6 +178,15 @@ def test_a_runs_score_is_its_last_evaluation_from_the_last_launch_that_wrote_it(
   assert final_evaluation(records) == records[2]
   with pytest.raises(ValueError, match='--eval_every_frames'):
     final_evaluation([])
+
+
+def test_evaluation_episodes_can_be_turned_on_when_a_run_resumes(tmp_path):
+  """They do not change what is learnt; a changed learning flag is still refused."""
+  config = ExperimentConfig(run_dir=str(tmp_path / 'run'))
+  assert not write_or_check_config(config)
+  assert write_or_check_config(dataclasses.replace(config, evaluation=EvaluationConfig(every_frames=1000)))
+  with pytest.raises(ValueError, match='seed'):
+    write_or_check_config(dataclasses.replace(config, seed=1))
 
 
 def test_the_evaluation_seed_is_apart_from_every_actors_and_new_at_each_launch():
