@@ -91,6 +91,7 @@ class Atari(dm_env.Environment):
     self._episode_frames = 0
     self._needs_reset = True
     self.game = game
+    self.action_repeat = action_repeat  # ALE frames per step, for whoever counts frames (probes/evaluation.py).
 
   def _grab(self, index: int) -> np.ndarray:
     self._ale.getScreenGrayscale(self._screens[index])

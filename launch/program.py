@@ -5,14 +5,17 @@
     learner --(Reverb gRPC: sample batches)------> replay
     evaluator --(Courier: get_snapshot, get_step, is_finished)-> learner
     evaluator --(Reverb gRPC: sample the probe set, once)-> replay
+    evaluator --(Courier: is_finished)-> evaluation
+    evaluation --(Courier: get_params, get_step, is_finished)-> learner
     attached evaluators (launch.attach_evaluator) -> learner, replay, as above,
       at the addresses actor 0 publishes in the run directory
 
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment
 config and connects it to its peers. The program stops itself: the evaluator
-(or, with no evaluator, the learner) calls `lp.stop()` once the learner has
-reached `max_learner_steps` and the final probe is written.
+(or, with no evaluator, the evaluation node, or with neither, the learner)
+calls `lp.stop()` once the learner has reached `max_learner_steps` and the
+final probe and evaluation are written.
 """
 
 from concurrent import futures
@@ -32,7 +35,10 @@ from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
+from environments import atari_scores
 from launch import replay
+from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
+from probes.loggers import read_jsonl
 from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import Evaluator, ParamsSource
 
@@ -63,6 +69,19 @@ def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[],
           raise StopRequested('a stop was requested while waiting for the learner') from None
 
   return call_until_stopped
+
+
+def wait_until_finished(node, should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> bool:
+  """Waits for a node's `is_finished()`; False on a stop request."""
+  is_finished = until_stopped(node.futures.is_finished, should_stop)
+  try:
+    while not is_finished():
+      if should_stop():
+        return False
+      time.sleep(poll_seconds)
+    return True
+  except StopRequested:
+    return False
 
 
 def environment_specs(config: ExperimentConfig):
@@ -110,7 +129,8 @@ class LearnerNode:
     except Diverged:  # Logged and recorded by the learner; the evaluator still probes the last finite state.
       pass
     self._finished = True
-    if self._config.probe_every <= 0 and not _stop_requested():  # Not when stopped by another's failure.
+    stops_program = self._config.probe_every <= 0 and not self._config.evaluation.enabled
+    if stops_program and not _stop_requested():  # Not when stopped by another's failure.
       lp.stop()
     else:
       lp.wait_for_stop()
@@ -180,11 +200,13 @@ def publish_addresses(config: ExperimentConfig, learner_address: str, replay_add
 
 class EvaluatorNode:
 
-  def __init__(self, config: ExperimentConfig, attempt: int, learner, replay_client: reverb.Client):
+  def __init__(self, config: ExperimentConfig, attempt: int, learner, replay_client: reverb.Client,
+               evaluation=None):
     self._config = config
     self._attempt = attempt
     self._learner = learner
     self._replay_client = replay_client
+    self._evaluation = evaluation  # The evaluation node, if any: the program ends after its last evaluation.
 
   def run(self) -> None:
     config = self._config
@@ -196,8 +218,44 @@ class EvaluatorNode:
                                initial_source=learner['get_initial_snapshot'], attempt=self._attempt)
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                   should_stop=should_stop)
-    if not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
+    done = self._evaluation is None or wait_until_finished(self._evaluation, should_stop)
+    if done and not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
       lp.stop()
+
+
+class EvaluationNode:
+  """Evaluation episodes every --eval_every_frames training frames (probes/evaluation.py) into evaluation.jsonl."""
+
+  def __init__(self, config: ExperimentConfig, attempt: int, learner):
+    self._config = config
+    self._attempt = attempt
+    self._learner = learner
+    self._finished = False
+
+  def is_finished(self) -> bool:
+    """Whether the learner's last step is evaluated."""
+    return self._finished
+
+  def run(self) -> None:
+    config, layout = self._config, self._config.layout
+    learner = {name: until_stopped(getattr(self._learner.futures, name), _stop_requested)
+               for name in ('get_params', 'get_step', 'is_finished')}
+    seed = evaluation_seed(config.seed, self._attempt)
+    env = environments.make(config.env, seed=seed, **config.env_options())
+    schedule = FrameSchedule(config.evaluation.every_frames, config.replay, config.agent.batch_size,
+                             action_repeat(env))
+    # A relaunch goes on after the last evaluation written (the learner may repeat steps since its checkpoint).
+    last = max((r['learner_step'] for r in read_jsonl(layout.records(RunLayout.EVALUATION))), default=None)
+    evaluator = EpisodeEvaluator(
+        make_agent(config.agent, env.action_spec().num_values), config.agent, env, config.evaluation, schedule,
+        logger=layout.logger(RunLayout.EVALUATION, extra={'attempt': self._attempt}), seed=seed,
+        game=atari_scores.game_of(config.env))
+    self._finished = evaluator.run(learner['get_step'], learner['get_params'], learner['is_finished'],
+                                   _stop_requested, last_evaluated=last)
+    if self._finished and config.probe_every <= 0 and not _stop_requested():  # No evaluator to end the program.
+      lp.stop()
+    else:
+      lp.wait_for_stop()  # Serving is_finished to the evaluator.
 
 
 def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
@@ -213,16 +271,20 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
   with program.group('actor'):
     for actor_id in range(config.num_actors):
       program.add_node(lp.CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle))
+  evaluation = None
+  if config.evaluation.enabled:
+    with program.group('evaluation'):
+      evaluation = program.add_node(lp.CourierNode(EvaluationNode, config, attempt, learner))
   if config.probe_every > 0:
     with program.group('evaluator'):
-      program.add_node(lp.CourierNode(EvaluatorNode, config, attempt, learner, replay_handle))
+      program.add_node(lp.CourierNode(EvaluatorNode, config, attempt, learner, replay_handle, evaluation))
   return program
 
 
 def local_resources(config: ExperimentConfig) -> dict:
   """Per-group process environments for local_mp: only the learner may see a GPU."""
   from launchpad.nodes.python import local_multi_processing
-  groups = ['replay', 'actor', 'evaluator']
+  groups = ['replay', 'actor', 'evaluator', 'evaluation']
   resources = {group: local_multi_processing.PythonProcess(env=dict(CPU_ONLY_ENV)) for group in groups}
   resources['learner'] = local_multi_processing.PythonProcess(env={})
   return resources

@@ -86,7 +86,8 @@ def _read_status(config: ExperimentConfig) -> dict:
 
 
 def program_completed(config: ExperimentConfig) -> bool:
-  """Whether the run's work is done: the learner finished (or diverged) and the evaluator, if any, too.
+  """Whether the run's work is done: the learner finished (or diverged), and the evaluator and the evaluation
+  episodes, if any, too.
 
   Under local_mp a node's `lp.stop()` reaches the launcher as a SIGTERM: one that
   arrives when the work is done is the program stopping itself, not a user.
@@ -94,6 +95,10 @@ def program_completed(config: ExperimentConfig) -> bool:
   learner = _last(config.layout.records(RunLayout.LEARNER))
   if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
     return False
+  if config.evaluation.enabled and not learner.get('diverged'):  # Else its last finite step is the one evaluated.
+    evaluation = _last(config.layout.records(RunLayout.EVALUATION))
+    if not evaluation or evaluation['learner_step'] < learner['learner_step']:
+      return False
   return config.probe_every <= 0 or _read_status(config).get('state') == 'finished'
 
 
@@ -127,6 +132,12 @@ def progress_line(config: ExperimentConfig) -> str:
   if probe:
     parts.append(f'last probe @ {probe["learner_step"]}: plasticity {_number(probe.get("plasticity"), ".4f")}, '
                  f'loss of plasticity {_number(probe.get("plasticity_loss"), ".4f")}')
+  evaluation = _last(config.layout.records(RunLayout.EVALUATION))
+  if evaluation:
+    normalised = (f' ({_number(evaluation["human_normalised"], ".3f")} human-normalised)'
+                  if 'human_normalised' in evaluation else '')
+    parts.append(f'last evaluation @ {evaluation["learner_step"]}: mean return '
+                 f'{_number(evaluation.get("mean_return"), ".2f")}{normalised}')
   if config.probe_every > 0:
     status = _evaluator_status(config)
     if status:
@@ -272,7 +283,7 @@ def supervise(config: ExperimentConfig) -> ExitCode:
 def _results(layout: RunLayout) -> str:
   """The result files and directories that hold something, for the final message."""
   paths = [layout.records(name) for name in (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES,
-                                             RunLayout.DIAGNOSTICS)]
+                                             RunLayout.DIAGNOSTICS, RunLayout.EVALUATION)]
   paths += [layout.probe_set, layout.checkpoints, layout.tensorboard(), layout.plots]
   present = [os.path.relpath(p, layout.root) + ('/' if os.path.isdir(p) else '') for p in paths if _holds_something(p)]
   text = ', '.join(present) or 'nothing yet'

@@ -16,11 +16,13 @@ import environments
 from agents import config_flags
 from agents.config import AgentConfig, ReplayConfig, option
 from probes.diagnostics import DiagnosticsConfig
+from probes.evaluation import EvaluationConfig
 from probes.loggers import JsonlLogger
 from probes.plasticity import ProbeConfig
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts')
+RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
+                    'evaluation')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class RunLayout:
   PROBES = 'probes'
   DIAGNOSTICS = 'diagnostics'
   RESTARTS = 'restarts'  # Written by the launcher: one record per relaunch after a node failure.
+  EVALUATION = 'evaluation'  # Evaluation episodes (probes/evaluation.py).
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
@@ -141,6 +144,7 @@ class ExperimentConfig:
   diagnostics_enabled: bool = option(True, 'Run the curvature and representation diagnostics at every probe point '
                                      '(--nodiagnostics: the probe only).', flag='diagnostics')
   diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+  evaluation: EvaluationConfig = dataclasses.field(default=EvaluationConfig(), metadata={config_flags.PREFIX: 'eval_'})
   checkpoint_every: int = option(5000, 'Learner steps between checkpoints.', lower_bound=1)
   log_every: int = option(100, 'Learner steps between logged records and parameter snapshots.', lower_bound=1)
   actor_params_update_period: int = option(100, 'Environment steps between an actor\'s parameter pulls.',
