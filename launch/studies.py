@@ -18,11 +18,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from agents import config_flags
 from agents.registry import Registry
-from environments import datasets
+from environments import atari, atari_scores, datasets
 from launch import brownian_study, instability_study
-from probes import aggregate, study_plots
+from probes import aggregate, evaluation, study_plots
 from probes.loggers import read_jsonl
-from probes.run_dir import ExperimentConfig
+from probes.diagnostics import DiagnosticsConfig
+from probes.run_dir import ExperimentConfig, RunLayout
 
 SCALES = ('smoke', 'cpu', 'paper')
 Row = aggregate.Row
@@ -81,16 +82,22 @@ class Study:
   figure: str  # The paper's figure it reproduces.
   cells: Callable[[str, StudyOptions], Tuple[List[Cell], Dict[str, str]]]  # (cells, skipped cell -> reason).
   seeds: Mapping[str, int]  # Default seeds per scale.
-  settable: Callable[[], List[str]]  # Flags `--set` may change in every cell.
+  settable: Callable[[], Dict[str, type]]  # Flags `--set` may change in every cell, with their types.
   measure: Callable[[Cell, str], Row]
   aggregate: Callable[[StudyLayout, List[Row], str], List[str]]  # (layout, rows, scale) -> written paths.
+  takes_games: bool = False  # Whether --games chooses its cells.
 
 
 STUDIES: Registry[Study] = Registry('study', flag='--study')
 
 
-def _train_flags() -> List[str]:
-  return ['preset'] + [field.flag for field in config_flags.fields(ExperimentConfig)]
+def _flag_types(*config_classes, only: Sequence[str] = ()) -> Dict[str, type]:
+  return {field.flag: field.kind for config_class in config_classes for field in config_flags.fields(config_class)
+          if not only or field.flag in only}
+
+
+def _train_flags() -> Dict[str, type]:
+  return {'preset': str, **_flag_types(ExperimentConfig)}
 
 
 # Settings of every training run at each scale (flag -> value); a study's cells add their own.
@@ -370,8 +377,65 @@ def brownian_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List
   return written
 
 
-def _flags_of(config_class) -> Callable[[], List[str]]:
-  return lambda: [field.flag for field in config_flags.fields(config_class)]
+# --- layer norm on Atari (figure 7) ---
+
+ATARI_GAMES = {'smoke': ('pong',), 'cpu': ('pong', 'breakout', 'boxing'), 'paper': atari.GAMES}
+# No plasticity probes (figure 7 is about scores; attach an evaluator to a run for its probes). Training frames:
+# (min_replay_size + learner steps x batch / samples_per_insert) x 4, as probes.evaluation.FrameSchedule counts them.
+ATARI_SCALES = {
+    'smoke': dict(num_actors=1, max_learner_steps=100, min_replay_size=500, replay_capacity=2_000, log_every=50,
+                  checkpoint_every=100, target_update_period=100, eval_every_frames=2_000, eval_frames=500),
+    # 25,000 updates after 10,000 random transitions: 440,000 frames (the paper: 200 million).
+    'cpu': dict(num_actors=1, max_learner_steps=25_000, min_replay_size=10_000, eval_every_frames=100_000,
+                eval_frames=25_000),
+    # Appendix A.3: 200 million frames = 50 million agent steps = 12.5 million updates of the atari preset,
+    # evaluated as DQN Zoo does (every million frames, 500,000 frames at epsilon 0.01).
+    'paper': dict(max_learner_steps=12_500_000, eval_every_frames=1_000_000, eval_frames=500_000),
+}
+ATARI_VARIANTS = {'baseline': {}, 'layernorm': {'interventions': 'layernorm'}}
+
+
+def atari_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  games = options.games or ATARI_GAMES[scale]
+  unknown = [game for game in games if game not in atari.GAMES]
+  if unknown:
+    raise ValueError(f'Unknown game(s) {", ".join(unknown)} (--games); accepted: {", ".join(atari.GAMES)}.')
+  return [Cell(f'{game}-{variant}', {'game': game, 'variant': variant},
+               {**ATARI_SCALES[scale], 'env': f'atari:{game}', 'probe_every': 0, **args})
+          for game in games for variant, args in ATARI_VARIANTS.items()], {}
+
+
+def atari_measure(cell: Cell, run_dir: str) -> Row:
+  """The run's score: the mean return of its last evaluation."""
+  final = evaluation.final_evaluation(read_jsonl(RunLayout(run_dir).records(RunLayout.EVALUATION)))
+  return {'score': final['mean_return'], 'human_normalised': final.get('human_normalised'),
+          'evaluated_frames': final['frames'], 'learner_step': final['learner_step']}
+
+
+def improvements(summary: Sequence[Row]) -> List[Row]:
+  """Per game, layer norm's human-normalised improvement over the baseline (Wang et al. 2016), from the mean
+  scores over seeds."""
+  table = []
+  for game in dict.fromkeys(s['game'] for s in summary):
+    means = {s['variant']: s['score_mean'] for s in summary if s['game'] == game}
+    if means.get('baseline') is None or means.get('layernorm') is None:
+      continue
+    scores = atari_scores.reference(game)
+    table.append({'game': game, 'baseline': means['baseline'], 'layernorm': means['layernorm'],
+                  'random': scores.random, 'human': scores.human,
+                  'improvement': atari_scores.human_normalised_improvement(game, means['layernorm'],
+                                                                           means['baseline'])})
+  return sorted(table, key=lambda row: row['improvement'])
+
+
+def atari_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  summary = aggregate.summarize(rows, ('game', 'variant'), ('score', 'human_normalised'))
+  table = improvements(summary)
+  written = aggregate.write_table(summary, layout.table('summary')) + aggregate.write_table(
+      table, layout.table('improvement'))
+  if table:
+    written.append(study_plots.save(study_plots.improvement_bars(table), layout.figure('atari_layernorm')))
+  return written
 
 
 STUDIES.add('interventions', Study('interventions', 'figure 6 (figures 8 and 9 at --scale=paper)', interventions_cells,
@@ -383,10 +447,13 @@ STUDIES.add('width', Study('width', 'figure 5', width_cells, {'smoke': 1, 'cpu':
                            train_measure, width_aggregate))
 STUDIES.add('optimizer_instability', Study('optimizer_instability', 'figure 1', instability_cells,
                                            {'smoke': 1, 'cpu': 3, 'paper': 3},
-                                           _flags_of(instability_study.InstabilityConfig), instability_measure,
+                                           lambda: _flag_types(instability_study.InstabilityConfig), instability_measure,
                                            instability_aggregate))
+STUDIES.add('atari_layernorm', Study('atari_layernorm', 'figure 7', atari_cells, {'smoke': 1, 'cpu': 1, 'paper': 3},
+                                     _train_flags, atari_measure, atari_aggregate, takes_games=True))
 STUDIES.add('brownian', Study('brownian', 'figure 2', brownian_cells, {'smoke': 1, 'cpu': 2, 'paper': 3},
-                              lambda: _flags_of(brownian_study.StudyConfig)() + list(brownian_study.DIAGNOSTIC_FLAGS),
+                              lambda: {**_flag_types(brownian_study.StudyConfig),
+                                       **_flag_types(DiagnosticsConfig, only=brownian_study.DIAGNOSTIC_FLAGS)},
                               brownian_measure, brownian_aggregate))
 
 
@@ -410,5 +477,5 @@ def grid_differences(old: Mapping, new: Mapping) -> List[str]:
     before, after = old_cells[name]['args'], new_cells[name]['args']
     for flag in sorted(set(before) | set(after)):
       if json.dumps(before.get(flag)) != json.dumps(after.get(flag)):
-        differences.append(f'cell {name}: --{flag}={before.get(flag)!r} there, {after.get(flag)!r} now')
+        differences.append(f'cell {name}: --{flag}={before.get(flag)} there, {after.get(flag)} now')
   return differences

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -51,6 +51,8 @@ LAUNCH_TYPE = flags.DEFINE_enum('run_launch_type', None, ['local_mp', 'local_mt'
 CELLS = flags.DEFINE_list('cells', None, 'Run only these cells of the grid (default: all).')
 SET = flags.DEFINE_multi_string('set', [], 'FLAG=VALUE given to every run of the grid (repeatable), e.g. '
                                 '--set=max_learner_steps=500.')
+GAMES = flags.DEFINE_list('games', None, 'atari_layernorm: the games (default: the scale\'s, all 57 at '
+                          '--scale=paper).')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'Datasets directory given to every run (see launch.train '
                                '--data_dir); CIFAR-10 cells run only where its data is found.')
 
@@ -63,7 +65,21 @@ class StudyError(ValueError):
   """A bad input, said before anything in the study directory is touched."""
 
 
-def _parse_set(values: List[str], accepted: List[str]) -> Dict[str, str]:
+def _parse_value(name: str, text: str, kind: type) -> Any:
+  """A --set value as its flag's type, so that a grid records 300 whether given or a default."""
+  try:
+    if kind is bool:
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError('expected true or false')
+      return text.lower() in ('true', '1')
+    if kind is tuple:
+      return tuple(part for part in text.split(',') if part)
+    return kind(text)
+  except ValueError as e:
+    raise StudyError(f'--set={name}={text}: not a {kind.__name__} ({e}).') from e
+
+
+def _parse_set(values: List[str], accepted: Dict[str, type]) -> Dict[str, Any]:
   overrides = {}
   for value in values:
     name, equals, setting = value.partition('=')
@@ -73,7 +89,7 @@ def _parse_set(values: List[str], accepted: List[str]) -> Dict[str, str]:
     if name not in accepted:
       raise StudyError(f'--set={value}: unknown flag {name!r} for this study\'s runs; accepted: '
                        f'{", ".join(sorted(accepted))}.')
-    overrides[name] = setting
+    overrides[name] = _parse_value(name, setting, accepted[name])
   return overrides
 
 
@@ -266,27 +282,51 @@ def collect(study: Study, layout: StudyLayout, state: Dict, runs: List[Run], con
   return rows
 
 
+@dataclasses.dataclass
+class Prepared:
+  study: Study
+  layout: StudyLayout
+  runs: List[Run]
+  skipped: Dict[str, str]
+  state: Dict
+
+
+def prepare(name: Optional[str], scale: str, out_dir: Optional[str], seeds: Optional[int] = None,
+            cells: Optional[List[str]] = None, sets: Sequence[str] = (), games: Sequence[str] = (),
+            data_dir: Optional[str] = None) -> Prepared:
+  """Checks every input and opens (or creates) the study directory; a `StudyError` (a ValueError) before
+  anything in it is touched."""
+  if not name or not out_dir:
+    raise StudyError('--study and --out_dir are required.')
+  study = studies.STUDIES.get(name)
+  if games and not study.takes_games:
+    raise StudyError(f'--games applies to {", ".join(n for n in studies.STUDIES if studies.STUDIES[n].takes_games)} '
+                     f'only, not --study={study.name}.')
+  overrides = _parse_set(list(sets), study.settable())
+  chosen, skipped = plan(study, scale, StudyOptions(data_dir=data_dir, games=tuple(games)), cells, overrides)
+  seeds = seeds or study.seeds[scale]
+  layout = StudyLayout(out_dir)
+  runs = [Run(f'{cell.name}/seed{seed}', cell, seed, layout.run_dir(cell.name, seed), layout.log(cell.name, seed))
+          for cell in chosen for seed in range(seeds)]
+  state = open_study(layout, studies.grid_record(study, scale, seeds, chosen, skipped), runs)
+  os.makedirs(layout.root, exist_ok=True)
+  _write_state(layout, state)
+  return Prepared(study, layout, runs, skipped, state)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
   console = Console(highlight=False)
   try:
-    if not STUDY.value or not OUT_DIR.value:
-      raise StudyError('--study and --out_dir are required.')
-    study = studies.STUDIES.get(STUDY.value)
-    overrides = _parse_set(SET.value, study.settable())
-    options = StudyOptions(data_dir=DATA_DIR.value)
-    cells, skipped = plan(study, SCALE.value, options, CELLS.value, overrides)
-    seeds = SEEDS.value or study.seeds[SCALE.value]
-    layout = StudyLayout(OUT_DIR.value)
-    runs = [Run(f'{cell.name}/seed{seed}', cell, seed, layout.run_dir(cell.name, seed), layout.log(cell.name, seed))
-            for cell in cells for seed in range(seeds)]
-    grid = studies.grid_record(study, SCALE.value, seeds, cells, skipped)
-    state = open_study(layout, grid, runs)
-    os.makedirs(layout.root, exist_ok=True)
-    _write_state(layout, state)
-  except (StudyError, ValueError) as e:
+    prepared = prepare(STUDY.value, SCALE.value, OUT_DIR.value, SEEDS.value, CELLS.value, SET.value,
+                       GAMES.value or (), DATA_DIR.value)
+  except ValueError as e:
     raise app.UsageError(str(e))
+  study, layout, runs, skipped, state = (prepared.study, prepared.layout, prepared.runs, prepared.skipped,
+                                         prepared.state)
+  seeds = state['grid']['seeds']
+  cells = state['grid']['cells']
   console.print(f'Study {study.name} ({study.figure}) at scale {SCALE.value}: {len(cells)} cells x {seeds} seeds = '
                 f'{len(runs)} runs in {layout.root}, {MAX_PARALLEL.value} at once.')
   for name, reason in skipped.items():

@@ -120,3 +120,17 @@ def mean_curves(curves: Mapping[str, Sequence[Sequence[Row]]], x: str, keys: Seq
   axes[0, 0].set_title(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def improvement_bars(table: Sequence[Row]) -> plt.Figure:
+  """Figure 7: per game, layer norm's human-normalised improvement over the baseline, sorted."""
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * len(table) + 2), 3.6))
+  values = [row['improvement'] for row in table]
+  ax.bar(range(len(table)), values, color=['C2' if v > 0 else 'C3' for v in values])
+  ax.set_xticks(range(len(table)), [row['game'] for row in table], rotation=60, ha='right', fontsize=7)
+  ax.axhline(0.0, color='k', lw=0.5)
+  ax.set_yscale('symlog', linthresh=0.1)
+  ax.set_ylabel('human-normalised improvement')
+  ax.set_title('Layer norm over double DQN (figure 7)', fontsize=10)
+  fig.tight_layout()
+  return fig

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,22 @@ def test_heatmap_grid_places_each_cell_and_leaves_missing_ones_empty():
   np.testing.assert_allclose(stderrs, [[0.1, np.nan], [np.nan, np.nan]])
 
 
+def test_human_normalised_improvement_of_layer_norm_per_game_by_hand():
+  summary = aggregate.summarize([
+      {'game': 'breakout', 'variant': 'baseline', 'score': 8.0}, {'game': 'breakout', 'variant': 'baseline',
+                                                                   'score': 12.0},
+      {'game': 'breakout', 'variant': 'layernorm', 'score': 20.0},
+      {'game': 'pong', 'variant': 'baseline', 'score': 0.0}, {'game': 'pong', 'variant': 'layernorm', 'score': -10.0},
+      {'game': 'boxing', 'variant': 'baseline', 'score': 50.0}], ('game', 'variant'), ('score',))
+  table = {row['game']: row for row in studies.improvements(summary)}
+  assert set(table) == {'breakout', 'pong'}  # Boxing has no layer-norm run.
+  # Breakout: random 1.7, human 30.5; baseline mean 10: (20 - 10) / (max(30.5, 10) - 1.7) = 10 / 28.8.
+  assert table['breakout']['improvement'] == pytest.approx(10 / 28.8)
+  # Pong: random -20.7, human 14.6: (-10 - 0) / (14.6 + 20.7).
+  assert table['pong']['improvement'] == pytest.approx(-10 / 35.3)
+  assert [row['game'] for row in studies.improvements(summary)] == ['pong', 'breakout']  # Sorted, as figure 7.
+
+
 def test_tables_round_trip(tmp_path):
   rows = [{'cell': 'a', 'values': [1, 2]}, {'cell': 'b', 'extra': 3.5}]
   csv_path, jsonl_path = aggregate.write_table(rows, str(tmp_path / 'results'))
@@ -66,13 +83,15 @@ def test_tables_round_trip(tmp_path):
 def test_grids_of_every_study_and_scale_are_well_formed():
   for name in studies.STUDIES:
     definition = studies.STUDIES.get(name)
-    accepted = set(definition.settable())
+    accepted = definition.settable()
     for scale in studies.SCALES:
       cells, _ = definition.cells(scale, studies.StudyOptions())
       assert cells, (name, scale)
       assert len({c.name for c in cells}) == len(cells)
       for cell in cells:
-        assert set(cell.args) <= accepted, (name, scale, set(cell.args) - accepted)
+        assert set(cell.args) <= set(accepted), (name, scale, set(cell.args) - set(accepted))
+        assert all(isinstance(v, accepted[k]) or (accepted[k] is float and isinstance(v, int)) or
+                   (accepted[k] is tuple and isinstance(v, str)) for k, v in cell.args.items() if v is not None)
 
 
 def test_paper_scale_is_the_papers_settings():
@@ -113,37 +132,45 @@ def run_study(*args, timeout=120):
                         text=True, timeout=timeout)
 
 
+def _error(**kwargs) -> str:
+  with pytest.raises(ValueError) as raised:
+    study.prepare(**{'name': 'interventions', 'scale': 'smoke', **kwargs})
+  return str(raised.value)
+
+
 def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
-  out = tmp_path / 'study'
-  result = run_study('--study=plasticityz', f'--out_dir={out}')
-  assert result.returncode == 1 and "Unknown study 'plasticityz' (--study)" in result.stderr
-  assert 'interventions' in result.stderr and 'falsification' in result.stderr
-  result = run_study('--study=width', '--scale=huge', f'--out_dir={out}')
-  assert result.returncode == 1 and "Unknown scale 'huge' (--scale); accepted: smoke, cpu, paper" in result.stderr
-  result = run_study('--study=interventions', '--cells=mlp-none,mlp-bogus', f'--out_dir={out}')
-  assert result.returncode == 1 and 'Unknown cell(s) mlp-bogus (--cells)' in result.stderr
-  assert 'cnn-two_hot' in result.stderr
-  result = run_study('--study=interventions', '--set=max_learner_stepz=5', f'--out_dir={out}')
-  assert result.returncode == 1 and "unknown flag 'max_learner_stepz'" in result.stderr
-  assert 'max_learner_steps' in result.stderr
-  assert not out.exists()
-  # A study directory made by another grid is refused, naming the difference, and left as it was.
-  layout = StudyLayout(str(out))
-  out.mkdir()
-  definition = studies.STUDIES.get('interventions')
-  cells, _ = study.plan(definition, 'smoke', studies.StudyOptions(), ['mlp-none'], {})
-  state = {'grid': studies.grid_record(definition, 'smoke', 1, cells, {}), 'runs': {}}
-  study._write_state(layout, state)  # pylint: disable=protected-access
-  before = open(layout.state).read()
-  result = run_study('--study=interventions', '--cells=mlp-none', '--set=max_learner_steps=500', f'--out_dir={out}')
-  assert result.returncode == 1 and 'was made by a different grid' in result.stderr
-  assert '--max_learner_steps=300 there' in result.stderr
-  assert open(layout.state).read() == before and sorted(os.listdir(out)) == ['study.json']
+  out = str(tmp_path / 'study')
+  assert "Unknown study 'plasticityz' (--study); accepted: atari_layernorm, brownian" in _error(name='plasticityz',
+                                                                                                 out_dir=out)
+  assert "Unknown scale 'huge' (--scale); accepted: smoke, cpu, paper" in _error(scale='huge', out_dir=out)
+  message = _error(cells=['mlp-none', 'mlp-bogus'], out_dir=out)
+  assert 'Unknown cell(s) mlp-bogus (--cells)' in message and 'cnn-two_hot' in message
+  message = _error(sets=['max_learner_stepz=5'], out_dir=out)
+  assert "unknown flag 'max_learner_stepz'" in message and 'max_learner_steps' in message
+  assert 'expected FLAG=VALUE' in _error(sets=['max_learner_steps'], out_dir=out)
+  assert '--set=max_learner_steps=many: not a int' in _error(sets=['max_learner_steps=many'], out_dir=out)
+  assert study.prepare('interventions', 'smoke', out, cells=['mlp-none'], sets=['max_learner_steps=300'],
+                       ).state['grid'] == study.prepare('interventions', 'smoke', out, cells=['mlp-none']).state['grid']
+  shutil.rmtree(out)
+  message = _error(name='atari_layernorm', games=['pong', 'pongg'], out_dir=out)
+  assert 'Unknown game(s) pongg (--games)' in message and 'breakout' in message
+  assert '--games applies to atari_layernorm only' in _error(name='width', games=['pong'], out_dir=out)
+  assert not os.path.exists(out)
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('mine')
+  assert 'is a file' in _error(out_dir=str(a_file))
   not_a_study = tmp_path / 'other'
   not_a_study.mkdir()
   (not_a_study / 'notes.txt').write_text('mine')
-  result = run_study('--study=interventions', f'--out_dir={not_a_study}')
-  assert result.returncode == 1 and 'not a study directory' in result.stderr
+  assert 'not a study directory' in _error(out_dir=str(not_a_study))
+  # Through the command: a study directory made by another grid is refused, naming the difference, untouched.
+  layout = StudyLayout(out)
+  study.prepare('interventions', 'smoke', out, cells=['mlp-none'])
+  before = open(layout.state).read()
+  result = run_study('--study=interventions', '--cells=mlp-none', '--set=max_learner_steps=500', f'--out_dir={out}')
+  assert result.returncode == 1 and 'was made by a different grid' in result.stderr
+  assert 'cell mlp-none: --max_learner_steps=300 there, 500 now' in result.stderr
+  assert open(layout.state).read() == before and sorted(os.listdir(out)) == ['study.json']
 
 
 def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
