@@ -5,17 +5,20 @@ A run's actor 0 publishes the learner's Courier address and the replay's
 Reverb address in RUN_DIR/addresses.json; `connect` reads them with the run's
 config.json and checks that the learner answers. Every call to the learner
 goes through `guarded`, so a run that stops (its learner gone) is one
-exception, `LearnerGone`, never a hang: each call has a timeout.
+exception, `LearnerGone`, never a hang: each call has a timeout. Attached
+actors take ids no actor of the run has had (`claim_actor_ids`).
 """
 
 import json
 import os
-from typing import Callable, Tuple
+import socket
+import time
+from typing import Callable, List, Tuple
 
 from absl import logging
 import courier
 
-from probes.run_dir import ExperimentConfig, load_config
+from probes.run_dir import MAX_ACTORS, ExperimentConfig, RunLayout, load_config
 
 
 class LearnerGone(Exception):
@@ -52,3 +55,28 @@ def connect(run_dir: str, call_timeout_s: float) -> Tuple[ExperimentConfig, cour
   logging.info('Attached to the learner at %s (step %d), replay at %s.', addresses['learner'], step,
                addresses['replay'])
   return config, learner, addresses['replay']
+
+
+def claim_actor_ids(layout: RunLayout, num: int) -> List[int]:
+  """`num` actor ids no actor of the run has had, from MAX_ACTORS up.
+
+  Each id is claimed by creating its file exclusively (O_EXCL), so processes
+  attaching at once, on any host sharing the run directory, never take the
+  same one; a claim is never released, so an id (and its seed) is used once.
+  """
+  directory = os.path.dirname(layout.attached_actor(MAX_ACTORS))
+  os.makedirs(directory, exist_ok=True)
+  claimed = [int(name.split('.')[0]) for name in os.listdir(directory) if name.split('.')[0].isdigit()]
+  candidate = max(claimed, default=MAX_ACTORS - 1) + 1
+  ids = []
+  while len(ids) < num:
+    try:
+      fd = os.open(layout.attached_actor(candidate), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:  # Another process took it meanwhile.
+      candidate += 1
+      continue
+    with os.fdopen(fd, 'w') as f:
+      json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}, f)
+    ids.append(candidate)
+    candidate += 1
+  return ids

@@ -13,51 +13,22 @@ stopping them leaves the run untouched. The run directory must be reachable
 at the same path (a shared file system) and the run's addresses from here.
 """
 
-import json
-import os
-import socket
 import threading
 import time
-from typing import List
 
 from absl import app
 from absl import flags
 import reverb
 
 from launch import program as program_lib
-from launch.attach import LearnerGone, connect, guarded
-from probes.run_dir import MAX_ACTORS, RunLayout
+from launch.attach import LearnerGone, claim_actor_ids, connect, guarded
+from probes.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to add actors to.')
 NUM_ACTORS = flags.DEFINE_integer('num_actors', 1, 'Actors to run in this process, one thread each.', lower_bound=1)
 CALL_TIMEOUT_S = flags.DEFINE_float('call_timeout_s', 30.0, 'Timeout of each call to the learner.', lower_bound=0.1)
 POLL_S = 2.0  # How often the learner is asked whether it has finished.
 JOIN_S = 30.0  # How long stopping actors may take to hand over their last transitions.
-
-
-def claim_actor_ids(layout: RunLayout, num: int) -> List[int]:
-  """`num` actor ids no actor of the run has had, from MAX_ACTORS up.
-
-  Each id is claimed by creating its file exclusively (O_EXCL), so processes
-  attaching at once, on any host sharing the run directory, never take the
-  same one; a claim is never released, so an id (and its seed) is used once.
-  """
-  directory = os.path.dirname(layout.attached_actor(MAX_ACTORS))
-  os.makedirs(directory, exist_ok=True)
-  claimed = [int(name.split('.')[0]) for name in os.listdir(directory) if name.split('.')[0].isdigit()]
-  candidate = max(claimed, default=MAX_ACTORS - 1) + 1
-  ids = []
-  while len(ids) < num:
-    try:
-      fd = os.open(layout.attached_actor(candidate), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:  # Another process took it meanwhile.
-      candidate += 1
-      continue
-    with os.fdopen(fd, 'w') as f:
-      json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}, f)
-    ids.append(candidate)
-    candidate += 1
-  return ids
 
 
 def main(argv):

@@ -1,0 +1,83 @@
+"""Actors joining a live run from another process (`launch.attach_actors`), and their claimed ids."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from launch.attach import claim_actor_ids
+from probes.loggers import read_jsonl
+from probes.run_dir import MAX_ACTORS, RunLayout
+from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module
+
+
+def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  assert claim_actor_ids(layout, 2) == [MAX_ACTORS, MAX_ACTORS + 1]
+  assert claim_actor_ids(layout, 1) == [MAX_ACTORS + 2]
+  # A claim made meanwhile by another process (host) is skipped; released ids are not reused.
+  open(layout.attached_actor(MAX_ACTORS + 3), 'x').close()
+  os.remove(layout.attached_actor(MAX_ACTORS + 2))
+  assert claim_actor_ids(layout, 2) == [MAX_ACTORS + 4, MAX_ACTORS + 5]
+
+
+def _replay_items(address: str) -> int:
+  import reverb
+  return reverb.Client(address).server_info(timeout=30)['probe'].current_size
+
+
+def _read_json(path: str) -> dict:
+  import json
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_running(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
+  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
+                      '--max_learner_steps=100000', '--probe_every=0')
+  learner, actors = layout.records('learner'), layout.records('actors')
+  built_in, attach = [], None
+  try:
+    _wait_for(lambda: os.path.exists(layout.addresses) and read_jsonl(learner), 180, 'the run to learn')
+    replay = _read_json(layout.addresses)['replay']
+    # The program's actors pause: from now on only the attached ones can add to the replay.
+    built_in = _node_processes(run_dir, 'actor/0') + _node_processes(run_dir, 'actor/1')
+    assert len(built_in) == 2
+    for process in built_in:
+      process.suspend()
+    time.sleep(2.0)  # What they had in flight lands.
+    before = _replay_items(replay)
+    attach = python_module('launch.attach_actors', f'--run_dir={run_dir}', '--num_actors=2')
+    attached = lambda: [r for r in read_jsonl(actors) if r['actor_id'] >= MAX_ACTORS]
+    _wait_for(lambda: {r['actor_id'] for r in attached()} == {MAX_ACTORS, MAX_ACTORS + 1}, 180,
+              'an episode of each attached actor')
+    acted = sum(max(r['env_steps'] for r in attached() if r['actor_id'] == i) for i in (MAX_ACTORS, MAX_ACTORS + 1))
+    # An episode is logged once its steps are inserted, all but the writer's last 8 in flight.
+    assert _replay_items(replay) - before >= acted - 2 * 8 and acted >= 200
+    assert all(r['attempt'] == 1 and r['episode_length'] == 100 for r in attached())
+
+    attach.send_signal(signal.SIGINT)  # Ctrl-C: the attached actors stop, the run does not.
+    out, err = attach.communicate(timeout=60)
+    assert attach.returncode == 0, out + err[-3000:]
+    assert 'the run is untouched' in out
+    for process in built_in:
+      process.resume()
+    step = read_jsonl(learner)[-1]['learner_step']
+    _wait_for(lambda: read_jsonl(learner)[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
+    assert run.poll() is None and layout.attempts() == 1
+    assert not read_jsonl(layout.records('restarts'))
+  finally:
+    for process in built_in:
+      if process.is_running():
+        process.resume()
+    if attach is not None and attach.poll() is None:
+      attach.kill()
+  run.send_signal(signal.SIGINT)
+  out, err = run.communicate(timeout=120)
+  assert run.returncode == 130, out[-3000:] + err[-3000:]
+  _wait_for(lambda: not _node_processes(run_dir), 15, 'the nodes to end')
