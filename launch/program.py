@@ -5,8 +5,8 @@
     learner --(Reverb gRPC: sample batches)------> replay
     evaluator --(Courier: get_snapshot, get_step, is_finished)-> learner
     evaluator --(Reverb gRPC: sample the probe set, once)-> replay
-    attached evaluators (launch.attach_evaluator) -> learner, replay, as above,
-      at the addresses actor 0 publishes in the run directory
+    attached evaluators (launch.attach_evaluator) and actors (launch.attach_actors)
+      -> learner, replay, as above, at the addresses actor 0 publishes in the run directory
 
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment

@@ -142,7 +142,7 @@ class Launch(NamedTuple):
   """How one launch of the program ended."""
   code: ExitCode
   cause: str = ''  # What failed, for a node failure.
-  failed_nodes: Tuple[str, ...] = ()  # The node groups whose processes exited abnormally (local_mp).
+  failed_nodes: Tuple[str, ...] = ()  # The nodes whose processes exited abnormally (local_mp).
 
 
 _INTERRUPTED = threading.Event()  # Set by a user's SIGINT or SIGTERM, for every launch of this process.
@@ -239,9 +239,11 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
 def supervise(config: ExperimentConfig) -> ExitCode:
   """Launches the program, and relaunches it from the checkpoints when a node fails (`--max_restarts` times).
 
-  Launchpad's local launcher stops the whole program on any node's failure and
-  restarts nothing; the learner's and the replay's checkpoints make a relaunch
-  continue where they were. Each relaunch is a record in restarts.jsonl.
+  Under local_mp actors and the evaluator are restarted in place first
+  (`launch.supervisor`); any other failure makes Launchpad's local launcher
+  stop the whole program, and it restarts nothing: the learner's and the
+  replay's checkpoints make a relaunch continue where they were. Each
+  relaunch is a record in restarts.jsonl.
   """
   layout = config.layout
   if config.launch_type == 'local_mp':
