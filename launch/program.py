@@ -124,7 +124,8 @@ def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[int, int]:
   return (last['episode'], last['env_steps']) if last else (0, 0)
 
 
-def run_actor(config: ExperimentConfig, actor_id: int, attempt: int, params_source: Callable,
+def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
+              params_source: Callable[[], Optional[Tuple[int, Params]]],
               replay_client: reverb.Client, should_stop: Callable[[], bool], restart: int = 0) -> None:
   """Acts as actor `actor_id` of the run until `should_stop()` or `params_source()` returns None.
 

@@ -223,6 +223,7 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   in_place = read_jsonl(restarts)
   _wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in read_jsonl(actors)), 120,
             'an episode of the restarted actor')
+  assert layout.attempts() == 1 and {r['attempt'] for r in read_jsonl(learner)} == {1}  # No relaunch for those.
   # The learner's failure stops the launch: the run is relaunched from the checkpoints (no final one).
   assert read_jsonl(learner)[-1]['learner_step'] < 3000, 'the run ended before its learner could be killed'
   learner_process, = _node_processes(run_dir, 'learner/0')
