@@ -54,7 +54,7 @@ class _Command(NamedTuple):
   """What started a node's process, so that it can be started again the same way."""
   command: List[str]
   env: Dict[str, str]
-  log_path: str
+  log_path: Optional[str]  # Where its output goes (`terminal='output_to_files'`); None: the launcher's own.
 
 
 class SupervisedWorkerManager(worker_manager.WorkerManager):
@@ -77,7 +77,7 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
 
   def process_worker(self, name, command, env=None, **kwargs):
     super().process_worker(name, command, env=env, **kwargs)
-    self._commands[name] = _Command(list(command), dict(env or {}), kwargs['stdout'].name)
+    self._commands[name] = _Command(list(command), dict(env or {}), getattr(kwargs.get('stdout'), 'name', None))
     self.node_processes[name] = self._active_workers[name][-1]
 
   def _restartable(self, name: str, process) -> bool:
@@ -88,11 +88,14 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
   def _restart(self, name: str, failed: subprocess.Popen) -> subprocess.Popen:
     restart = self.restarts.get(name, 0) + 1
     command = self._commands[name]
-    with open(command.log_path, 'a') as log:  # The output of the process before stays above.
-      log.write(f'\n[{time.strftime("%H:%M:%S")}] {name} {exit_cause(failed.returncode)}; restart {restart}.\n')
-      log.flush()
-      process = subprocess.Popen(command.command, env={**command.env, RESTART_ENV: str(restart)}, stdout=log,
-                                 stderr=log)
+    env = {**command.env, RESTART_ENV: str(restart)}
+    if command.log_path is None:
+      process = subprocess.Popen(command.command, env=env)
+    else:
+      with open(command.log_path, 'a') as log:  # The output of the process before stays above.
+        log.write(f'\n[{time.strftime("%H:%M:%S")}] {name} {exit_cause(failed.returncode)}; restart {restart}.\n')
+        log.flush()
+        process = subprocess.Popen(command.command, env=env, stdout=log, stderr=log)
     self.restarts[name] = restart
     self.node_processes[name] = process
     self._on_restart(name, failed.returncode, restart)

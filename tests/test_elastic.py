@@ -1,7 +1,9 @@
 """Actors joining a live run from another process (`launch.attach_actors`), and their claimed ids."""
 
+import json
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -10,6 +12,50 @@ from launch.attach import claim_actor_ids
 from probes.loggers import read_jsonl
 from probes.run_dir import MAX_ACTORS, RunLayout
 from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module
+
+
+def _manager(monkeypatch, restarts, max_restarts=2):
+  from launchpad.launch import worker_manager
+  from launch.supervisor import SupervisedWorkerManager
+  monkeypatch.setattr(worker_manager, '_HAS_MAIN_MANAGER', True)  # No kill countdown in the test's process.
+  return SupervisedWorkerManager(max_restarts, lambda *restart: restarts.append(restart), kill_main_thread=False)
+
+
+def _start(manager, tmp_path, node: str, code: int) -> str:
+  """Starts a process of `node` that says which restart it is and exits with `code`; its log's path."""
+  log_path = str(tmp_path / node.replace('/', '_'))
+  script = f'import os, sys; print("run", os.environ.get("PLASTICITY_NODE_RESTART", "0")); sys.exit({code})'
+  with open(log_path, 'w') as log:
+    manager.process_worker(node, [sys.executable, '-c', script], env=dict(os.environ), stdout=log, stderr=log)
+  return log_path
+
+
+def test_the_supervisor_restarts_a_failed_actor_in_place_as_often_as_allowed_then_fails(tmp_path, monkeypatch):
+  restarts = []
+  manager = _manager(monkeypatch, restarts)
+  log_path = _start(manager, tmp_path, 'actor/0', 3)
+  with pytest.raises(RuntimeError, match='exited with code 3'):  # The third failure is Launchpad's again.
+    manager.wait()
+  assert restarts == [('actor/0', 3, 1), ('actor/0', 3, 2)]
+  with open(log_path) as f:
+    log = f.read()
+  assert [line for line in log.splitlines() if line.startswith('run')] == ['run 0', 'run 1', 'run 2']
+  assert 'actor/0 exited with code 3; restart 2.' in log  # Appended: the first process's output stays.
+  assert manager.node_processes['actor/0'].returncode == 3
+
+
+def test_the_supervisor_restarts_no_learner_and_no_clean_exit(tmp_path, monkeypatch):
+  from launch.supervisor import exit_cause
+  restarts = []
+  manager = _manager(monkeypatch, restarts)
+  _start(manager, tmp_path, 'actor/1', 0)
+  manager.wait()  # An actor that ends cleanly stays ended.
+  manager = _manager(monkeypatch, restarts)
+  _start(manager, tmp_path, 'learner/0', 5)
+  with pytest.raises(RuntimeError, match='exited with code 5'):
+    manager.wait()
+  assert restarts == []
+  assert exit_cause(-9) == 'killed by SIGKILL' and exit_cause(2) == 'exited with code 2'
 
 
 def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path):
@@ -42,7 +88,6 @@ def _replay_items(address: str) -> int:
 
 
 def _read_json(path: str) -> dict:
-  import json
   with open(path) as f:
     return json.load(f)
 
