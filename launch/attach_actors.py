@@ -44,7 +44,7 @@ def main(argv):
   actor_ids = claim_actor_ids(layout, NUM_ACTORS.value)
   attempt = max(layout.attempts(), 1)  # The live launch's: each record says which launch it was acted in.
   stop = threading.Event()
-  get_params = guarded(learner.get_params)
+  get_params, is_finished = guarded(learner.get_params), guarded(learner.is_finished)
   errors, why = [], []  # What failed; why the actors stopped (the first reason).
 
   def params_source():
@@ -55,13 +55,20 @@ def main(argv):
       stop.set()
       return None  # The actor stops.
 
+  def run_is_live() -> bool:
+    try:
+      return not is_finished()
+    except LearnerGone:
+      return False
+
   def act(actor_id: int) -> None:
     try:
       program_lib.run_actor(config, actor_id, attempt, params_source, reverb.Client(replay_address),
                             should_stop=stop.is_set)
     except Exception as e:  # pylint: disable=broad-except  Said, and the others stop too.
-      if not stop.is_set():
+      if not stop.is_set() and run_is_live():  # Not the replay going away with the run.
         errors.append(f'actor {actor_id}: {e!r}')
+      why.append(f'actor {actor_id} stopped ({e!r})')
       stop.set()
 
   threads = [threading.Thread(target=act, args=(actor_id,), name=f'actor-{actor_id}', daemon=True)
@@ -70,7 +77,6 @@ def main(argv):
     thread.start()
   print(f'Actors {", ".join(map(str, actor_ids))} attached to {config.run_dir} (launch {attempt}); their '
         f'episodes go to {layout.records(RunLayout.ACTORS)}. Ctrl-C stops them, not the run.', flush=True)
-  is_finished = guarded(learner.is_finished)
   try:
     while not stop.wait(POLL_S) and any(thread.is_alive() for thread in threads):
       if is_finished():
