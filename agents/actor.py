@@ -28,11 +28,12 @@ def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, f
   return jax.jit(policy)
 
 
-def actor_seed(run_seed: int, actor_id: int, attempt: int = 1) -> int:
-  """A 63-bit seed per (run, launch, actor), from numpy's SeedSequence: distinct for any number of actors (the
-  former `seed * 1000 + i` collided past 1,000), and new for each relaunch, so a restarted actor does not replay
-  its first trajectories."""
-  low, high = np.random.SeedSequence([run_seed, attempt, actor_id]).generate_state(2, np.uint32)
+def actor_seed(run_seed: int, actor_id: int, attempt: int = 1, restart: int = 0) -> int:
+  """A 63-bit seed per (run, launch, actor, in-place restart), from numpy's SeedSequence: distinct for any number
+  of actors (the former `seed * 1000 + i` collided past 1,000), and new for each relaunch and each restart of the
+  actor, so a restarted actor does not replay its first trajectories. (A trailing 0 leaves SeedSequence's state
+  as it was: restart 0 keeps the seeds of before restarts existed.)"""
+  low, high = np.random.SeedSequence([run_seed, attempt, actor_id, restart]).generate_state(2, np.uint32)
   return (int(high) << 31) ^ int(low)
 
 
@@ -41,7 +42,9 @@ class Actor:
 
   def __init__(self, agent: AgentParts, config: AgentConfig, environment: dm_env.Environment,
                params_source: Callable[[], Optional[Tuple[int, Params]]], add: Callable[[Transition], None],
-               seed: int = 0, params_update_period: int = 100, logger: Optional[Logger] = None):
+               seed: int = 0, params_update_period: int = 100, logger: Optional[Logger] = None,
+               episodes: int = 0, env_steps: int = 0):
+    """`episodes` and `env_steps` are where a restarted actor's counters go on from."""
     self._environment = environment
     self._epsilon = config.epsilon
     self._params_source = params_source
@@ -53,8 +56,8 @@ class Actor:
     self._rng = jax.random.PRNGKey(seed)
     # Read at the first step and every `params_update_period` steps; a source that returns None ends `run`.
     self._learner_step, self._params = 0, None
-    self._env_steps = 0
-    self._episodes = 0
+    self._env_steps = env_steps
+    self._episodes = episodes
 
   @property
   def env_steps(self) -> int:
@@ -71,7 +74,7 @@ class Actor:
     episode_return, episode_steps, episode_start = 0.0, 0, time.time()
     steps_done = 0
     while (num_steps is None or steps_done < num_steps) and not should_stop():
-      if self._env_steps % self._params_update_period == 0:
+      if self._params is None or self._env_steps % self._params_update_period == 0:
         update = self._params_source()
         if update is None:  # The source gave up waiting: a stop was requested.
           break

@@ -11,18 +11,16 @@ touching the built-in evaluator's files. Several can attach at once; stopping on
 untouched. It exits by itself once the learner has finished.
 """
 
-import json
 import os
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
-import courier
 
 from agents import config_flags
 from launch import program as program_lib
-from probes.run_dir import ExperimentConfig, RunLayout, load_config
+from launch.attach import LearnerGone, connect, guarded
+from probes.run_dir import ExperimentConfig, RunLayout
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
 NAME = flags.DEFINE_string('name', None, 'Name of this evaluator: it writes under RUN_DIR/evaluators/NAME/ '
@@ -34,42 +32,6 @@ OVERRIDES = config_flags.define(
           if f.path[0] in ('probe', 'diagnostics', 'probe_every', 'diagnostics_enabled')])
 SEED = flags.DEFINE_integer('seed', 1, 'Seed of this evaluator\'s probe targets.')
 CALL_TIMEOUT_S = flags.DEFINE_float('call_timeout_s', 30.0, 'Timeout of each call to the learner.', lower_bound=0.1)
-
-
-class LearnerGone(Exception):
-  """The live run's learner stopped answering (the run ended or was stopped)."""
-
-
-def _guarded(call):
-  """A learner call whose transport failures become `LearnerGone`."""
-
-  def guarded(*args):
-    try:
-      return call(*args)
-    except Exception as e:  # Courier raises pybind11_abseil's StatusNotOk, which has no importable home.
-      raise LearnerGone(str(e)) from e
-
-  return guarded
-
-
-def connect(run_dir: str, call_timeout_s: float):
-  """(run config, learner client, replay address), or a ValueError saying why the run is not attachable."""
-  config = load_config(run_dir)  # A ValueError if `run_dir` is not a run directory.
-  path = config.layout.addresses
-  if not os.path.exists(path):
-    raise ValueError(f'{run_dir} is a run directory but holds no {os.path.basename(path)}: its program is not '
-                     f'running (or has not started its actors yet). Start or resume it with launch.train.')
-  with open(path) as f:
-    addresses = json.load(f)
-  learner = courier.Client(addresses['learner'], call_timeout=call_timeout_s, wait_for_ready=False)
-  try:
-    step = _guarded(learner.get_step)()
-  except LearnerGone as e:
-    raise ValueError(f'The run in {run_dir} is not live: its learner at {addresses["learner"]} does not answer '
-                     f'({e}). Start or resume it with launch.train, then attach.') from e
-  logging.info('Attached to the learner at %s (step %d), replay at %s.', addresses['learner'], step,
-               addresses['replay'])
-  return config, learner, addresses['replay']
 
 
 def main(argv):
@@ -88,16 +50,16 @@ def main(argv):
     raise app.UsageError(f'--name={name}: {out_dir} already exists; choose another name.')
   config: ExperimentConfig = config_flags.apply_overrides(config, OVERRIDES)
   probe_every = config.probe_every or ExperimentConfig.probe_every  # A run without an evaluator: the default.
-  evaluator = program_lib.make_evaluator(config, out, _guarded(learner.get_snapshot), replay_address,
-                                         seed=SEED.value, initial_source=_guarded(learner.get_initial_snapshot),
+  evaluator = program_lib.make_evaluator(config, out, guarded(learner.get_snapshot), replay_address,
+                                         seed=SEED.value, initial_source=guarded(learner.get_initial_snapshot),
                                          reference_probes=config.layout.records(RunLayout.PROBES))
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
         f'({config.probe.steps} probe steps, diagnostics {"on" if config.diagnostics_enabled else "off"}); '
         f'writing {out_dir}.',
         flush=True)
   try:
-    evaluator.run(probe_every, learner_step=_guarded(learner.get_step),
-                  learner_finished=_guarded(learner.is_finished))
+    evaluator.run(probe_every, learner_step=guarded(learner.get_step),
+                  learner_finished=guarded(learner.is_finished))
   except KeyboardInterrupt:
     print(f'Stopped; the run is untouched. Results so far in {out_dir}.')
     return

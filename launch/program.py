@@ -7,8 +7,8 @@
     evaluator --(Reverb gRPC: sample the probe set, once)-> replay
     evaluator --(Courier: is_finished)-> evaluation
     evaluation --(Courier: get_params, get_step, is_finished)-> learner
-    attached evaluators (launch.attach_evaluator) -> learner, replay, as above,
-      at the addresses actor 0 publishes in the run directory
+    attached evaluators (launch.attach_evaluator) and actors (launch.attach_actors)
+      -> learner, replay, as above, at the addresses actor 0 publishes in the run directory
 
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment
@@ -38,7 +38,8 @@ from agents.types import Params, StopRequested
 from environments import atari_scores
 from launch import replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
-from probes.loggers import read_jsonl
+from probes.loggers import last_jsonl_record, read_jsonl
+from launch import supervisor
 from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import Evaluator, ParamsSource
 
@@ -136,6 +137,37 @@ class LearnerNode:
       lp.wait_for_stop()
 
 
+def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[int, int]:
+  """(episodes, env_steps) of an actor's last logged episode: where it goes on after a restart or relaunch."""
+  last = last_jsonl_record(layout.records(RunLayout.ACTORS), lambda record: record.get('actor_id') == actor_id)
+  return (last['episode'], last['env_steps']) if last else (0, 0)
+
+
+def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
+              params_source: Callable[[], Optional[Tuple[int, Params]]],
+              replay_client: reverb.Client, should_stop: Callable[[], bool], restart: int = 0) -> None:
+  """Acts as actor `actor_id` of the run until `should_stop()` or `params_source()` returns None.
+
+  Shared by the program's actors and attached ones (`launch.attach_actors`);
+  its seed is new for each launch and restart, its counters go on from the
+  actor's last logged episode.
+  """
+  seed = actor_seed(config.seed, actor_id, attempt, restart)
+  env = environments.make(config.env, seed=seed, **config.env_options())
+  episodes, env_steps = actor_progress(config.layout, actor_id)
+  logging.info('Actor %d on %s, data: %s; restart %d, going on from episode %d (%d env steps).', actor_id,
+               config.env, env.data_source, restart, episodes, env_steps)
+  agent = make_agent(config.agent, env.action_spec().num_values)
+  sink = replay.ReverbSink(replay_client, should_stop=should_stop)
+  logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': actor_id, 'attempt': attempt},
+                                tensorboard=actor_id == 0)
+  actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
+                params_update_period=config.actor_params_update_period, logger=logger, episodes=episodes,
+                env_steps=env_steps)
+  actor.run(should_stop=should_stop)
+  sink.close()  # Its last transitions reach the replay (and its final checkpoint).
+
+
 class ActorNode:
 
   def __init__(self, config: ExperimentConfig, attempt: int, actor_id: int, learner, replay_client: reverb.Client):
@@ -146,13 +178,8 @@ class ActorNode:
     self._replay_client = replay_client
 
   def run(self) -> None:
-    config = self._config
     if self._actor_id == 0:  # Actors hold handles to both the learner and the replay.
-      publish_addresses(config, self._learner.address, self._replay_client.server_address)
-    seed = actor_seed(config.seed, self._actor_id, self._attempt)
-    env = environments.make(config.env, seed=seed, **config.env_options())
-    logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, env.data_source)
-    agent = make_agent(config.agent, env.action_spec().num_values)
+      publish_addresses(self._config, self._learner.address, self._replay_client.server_address)
     get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
 
     def params_source():
@@ -161,13 +188,8 @@ class ActorNode:
       except StopRequested:
         return None  # The actor stops.
 
-    sink = replay.ReverbSink(self._replay_client, should_stop=_stop_requested)
-    logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id, 'attempt': self._attempt},
-                                  tensorboard=self._actor_id == 0)
-    actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
-                  params_update_period=config.actor_params_update_period, logger=logger)
-    actor.run(should_stop=_stop_requested)
-    sink.close()  # Its last transitions reach the replay (and its final checkpoint).
+    run_actor(self._config, self._actor_id, self._attempt, params_source, self._replay_client,
+              should_stop=_stop_requested, restart=supervisor.node_restart())
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,

@@ -30,6 +30,7 @@ from agents import checkpointing
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import program as program_lib
+from launch import supervisor
 from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
 from probes.loggers import JsonlLogger, read_jsonl
@@ -152,7 +153,7 @@ class Launch(NamedTuple):
   """How one launch of the program ended."""
   code: ExitCode
   cause: str = ''  # What failed, for a node failure.
-  failed_nodes: Tuple[str, ...] = ()  # The node groups whose processes exited abnormally (local_mp).
+  failed_nodes: Tuple[str, ...] = ()  # The nodes whose processes exited abnormally (local_mp).
 
 
 _INTERRUPTED = threading.Event()  # Set by a user's SIGINT or SIGTERM, for every launch of this process.
@@ -181,14 +182,12 @@ def _watch_signals(config: ExperimentConfig) -> None:
 
 
 def _abnormal_exits(manager) -> Tuple[str, ...]:
-  """Node groups with a process that exited other than cleanly or by the stop's SIGTERM (Launchpad keeps the
-  processes in a private table: read only for this message)."""
-  groups = set()
-  for group, processes in getattr(manager, '_node_processes', {}).items():
-    for process in processes:
-      if process.poll() not in (None, 0, -signal.SIGTERM, -signal.SIGALRM):  # Not the stop's own signals.
-        groups.add(f'{group} (exit {process.returncode})')
-  return tuple(sorted(groups))
+  """Nodes (local_mp) whose current process exited other than cleanly or by the stop's SIGTERM."""
+  nodes = set()
+  for node, process in getattr(manager, 'node_processes', {}).items():
+    if process.poll() not in (None, 0, -signal.SIGTERM, -signal.SIGALRM):  # Not the stop's own signals.
+      nodes.add(f'{node} (exit {process.returncode})')
+  return tuple(sorted(nodes))
 
 
 def launch_and_wait(config: ExperimentConfig) -> Launch:
@@ -208,10 +207,10 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
   if config.launch_type == 'local_mp':
     from launchpad.launch.run_locally import launch_local_output_to_files
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
-    manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
-                        local_resources=program_lib.local_resources(config))
-    manager._node_processes = {group: list(processes)  # pylint: disable=protected-access
-                               for group, processes in manager._active_workers.items()}  # pylint: disable=protected-access
+    # Actors and the evaluator are restarted in place; any other failure ends this launch.
+    with supervisor.supervised(config.max_restarts, supervisor.restart_recorder(config.layout, attempt)):
+      manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
+                          local_resources=program_lib.local_resources(config))
   else:
     manager = lp.launch(program, launch_type='local_mt', serialize_py_nodes=False)
   _watch_signals(config)
@@ -251,9 +250,11 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
 def supervise(config: ExperimentConfig) -> ExitCode:
   """Launches the program, and relaunches it from the checkpoints when a node fails (`--max_restarts` times).
 
-  Launchpad's local launcher stops the whole program on any node's failure and
-  restarts nothing; the learner's and the replay's checkpoints make a relaunch
-  continue where they were. Each relaunch is a record in restarts.jsonl.
+  Under local_mp actors and the evaluator are restarted in place first
+  (`launch.supervisor`); any other failure makes Launchpad's local launcher
+  stop the whole program, and it restarts nothing: the learner's and the
+  replay's checkpoints make a relaunch continue where they were. Each
+  relaunch is a record in restarts.jsonl.
   """
   layout = config.layout
   if config.launch_type == 'local_mp':

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,3 +96,28 @@ def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
         yield json.loads(line)
       except json.JSONDecodeError:
         continue
+
+
+def last_jsonl_record(path: str, matches: Callable[[Dict[str, Any]], bool],
+                      block_bytes: int = 1 << 20) -> Optional[Dict[str, Any]]:
+  """The last record of a JSONL file that `matches`, read from the end block by block (a run's actors.jsonl
+  grows to millions of lines; the record sought is near its end); None if there is none."""
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    end = f.seek(0, os.SEEK_END)
+    head = b''  # The start of the line the block before ended in.
+    while end > 0:
+      start = max(end - block_bytes, 0)
+      f.seek(start)
+      lines = (f.read(end - start) + head).split(b'\n')
+      head = lines.pop(0) if start > 0 else b''
+      for line in reversed(lines):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # An empty or truncated line.
+          continue
+        if matches(record):
+          return record
+      end = start
+  return None

@@ -21,6 +21,8 @@ from probes.loggers import JsonlLogger
 from probes.plasticity import ProbeConfig
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
+# The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
+MAX_ACTORS = 1000
 RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
                     'evaluation')
 
@@ -82,6 +84,10 @@ class RunLayout:
     """Where a live run's learner and replay answer (written by actor 0)."""
     return self.path('addresses.json')
 
+  def attached_actor(self, actor_id: int) -> str:
+    """An attached actor's claim on its id (`launch.attach_actors`): created once, never reused."""
+    return self.path('attached_actors', f'{actor_id}.json')
+
   @property
   def logs(self) -> str:
     """Each launch's node logs, `logs/<attempt>/<group>/<index>`: a relaunch keeps those of the launch before."""
@@ -132,7 +138,8 @@ class ExperimentConfig:
   sticky_action_probability: float = option(
       0.0, 'Probability that ALE repeats the previous action instead (0.25 is Machado et al. 2018\'s setting; 0 is '
       'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
-  num_actors: int = option(2, 'Number of actor nodes.', lower_bound=1)
+  num_actors: int = option(2, 'Number of actor nodes (ids 0 to num_actors - 1; attached actors take ids from '
+                           f'{MAX_ACTORS} up).', lower_bound=1, upper_bound=MAX_ACTORS)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
                             choices=lambda: ['local_mp', 'local_mt'])
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)

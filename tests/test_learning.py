@@ -201,6 +201,23 @@ def test_actor_takes_epsilon_and_reward_clip_from_the_agent_config(epsilon, rewa
     assert {action for _, action in acted} == {0, 1, 2}
 
 
+def test_a_restarted_actor_counts_on_from_its_last_episode_and_pulls_parameters_first():
+  config = AgentConfig(width_multiplier=1 / 32)
+  agent = make_agent(config, num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.uint8))
+  pulls, episodes = [], []
+
+  def params_source():
+    pulls.append(True)
+    return 0, params
+
+  # 13 steps before: not a multiple of the pull period, so only "no parameters yet" makes the first pull.
+  Actor(agent, config, ThreeStepEpisodes(), params_source=params_source, add=lambda t: None,
+        logger=episodes.append, params_update_period=100, episodes=4, env_steps=13).run(num_steps=6)
+  assert [(e['episode'], e['env_steps']) for e in episodes] == [(5, 16), (6, 19)]
+  assert len(pulls) == 1
+
+
 def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
   agent = make_agent(config, num_actions=3)
@@ -248,3 +265,7 @@ def test_actor_seeds_are_distinct_for_many_actors_and_new_at_each_launch():
   assert len(seeds) == 20_000 and all(0 <= s < 2**63 for s in seeds)
   assert actor_seed(0, 5) == actor_seed(0, 5) and actor_seed(0, 5) != actor_seed(0, 5, attempt=2)
   assert actor_seed(0, 1000) != actor_seed(1, 0)  # seed * 1000 + i made these equal.
+  # An actor restarted in place draws a new seed each time; restart 0 is the seed of its first start.
+  restarted = {actor_seed(0, 5, restart=r) for r in range(1, 4)}
+  assert len(restarted) == 3 and not restarted & seeds  # Nor any other actor's.
+  assert actor_seed(0, 5, restart=0) == actor_seed(0, 5)

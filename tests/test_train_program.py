@@ -198,44 +198,60 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert time.time() - killed < 15
 
 
-def _node_processes(run_dir: str, group: str):
-  """The live processes of one node group of a local_mp run (Launchpad names each log file after the node)."""
+def _node_processes(run_dir: str, node: str = ''):
+  """The live processes of one node (`actor/0`) of a local_mp run, or of all its nodes: each holds its log file,
+  named after the node, open (this finds no other run's processes, as a name in the command line would)."""
   logs = RunLayout(run_dir).logs
-  return processes(lambda info: any(f.path.startswith(logs) and f.path.endswith(f'/{group}')
+  return processes(lambda info: any(f.path.startswith(logs + os.sep) and f.path.endswith(f'/{node}' if node else '')
                                     for f in info['open_files'] or []), attributes=('pid', 'open_files'))
 
 
 @pytest.mark.slow
-def test_killed_nodes_are_survived_the_run_relaunches_from_its_checkpoints_and_finishes(tmp_path):
+def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches_the_run(tmp_path):
   run_dir = str(tmp_path / 'run')
   layout = RunLayout(run_dir)
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--checkpoint_every'))]
   start = time.time()
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
-                      '--max_learner_steps=1500', '--checkpoint_every=250')
-  learner = layout.records('learner')
-  _wait_for(lambda: os.path.exists(learner) and len(read_jsonl(learner)) >= 4, 180, 'the learner at step 200')
-  actor, = _node_processes(run_dir, 'actor/0') or [None]
-  assert actor is not None, 'no process of actor 0 found'
-  actor.kill()
-  # The relaunch trains again; then its learner is killed (no final checkpoint).
-  _wait_for(lambda: any(r.get('attempt') == 2 and r['learner_step'] >= 600 for r in read_jsonl(learner)), 240,
-            'the relaunched learner at step 600')
+                      '--max_learner_steps=3000', '--checkpoint_every=250')
+  learner, restarts, actors = layout.records('learner'), layout.records('restarts'), layout.records('actors')
+  _wait_for(lambda: len(read_jsonl(learner)) >= 4, 180, 'the learner at step 200')
+  for node in ('actor/0', 'evaluator/0'):  # Each is restarted in place, while the rest of the run goes on.
+    process, = _node_processes(run_dir, node)
+    process.kill()
+    _wait_for(lambda: any(r['node'] == node for r in read_jsonl(restarts)), 60, f'the restart of {node}')
+  in_place = read_jsonl(restarts)
+  _wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in read_jsonl(actors)), 120,
+            'an episode of the restarted actor')
+  assert layout.attempts() == 1 and {r['attempt'] for r in read_jsonl(learner)} == {1}  # No relaunch for those.
+  # The learner's failure stops the launch: the run is relaunched from the checkpoints (no final one).
+  assert read_jsonl(learner)[-1]['learner_step'] < 3000, 'the run ended before its learner could be killed'
   learner_process, = _node_processes(run_dir, 'learner/0')
   learner_process.kill()
   out, err = run.communicate(timeout=400)
   assert run.returncode == 0, out[-3000:] + err[-3000:]
-  assert 'Relaunching from the checkpoints (2/3)' in out and out.count('Replay restored') == 2
-  first, second = read_jsonl(layout.records('restarts'))
-  assert first['attempt'] == 1 and any(node.startswith('actor') for node in first['nodes'])
-  assert second['attempt'] == 2 and any(node.startswith('learner') for node in second['nodes'])
-  for restart in (first, second):
-    assert 0 <= restart['steps_lost'] <= 250  # At most one --checkpoint_every.
+  assert 'restarted it in place' in out and 'Relaunching from the checkpoints (1/3)' in out
+  assert out.count('Replay restored') == 1
+  actor_restart, evaluator_restart, relaunch = read_jsonl(restarts)
+  for record, node in ((actor_restart, 'actor/0'), (evaluator_restart, 'evaluator/0')):
+    assert record['node'] == node and record['attempt'] == 1 and record['restart'] == 1
+    assert record['exit_code'] == -9 and record['exit_signal'] == 'SIGKILL' and record['steps_lost'] == 0
+  assert relaunch['attempt'] == 1 and any(node.startswith('learner') for node in relaunch['nodes'])
+  assert not any(node.startswith(('actor', 'evaluator')) for node in relaunch['nodes'])  # Those were restarted.
+  assert 0 <= relaunch['steps_lost'] <= 250  # At most one --checkpoint_every.
   records = read_jsonl(learner)
-  assert records[-1]['learner_step'] == 1500 and records[-1]['attempt'] == 3
-  assert layout.attempts() == 3
+  assert records[-1]['learner_step'] == 3000 and records[-1]['attempt'] == 2
+  assert layout.attempts() == 2
+  # Actor 0's counters go on through its restart and the relaunch: episodes 1, 2, ... of 100 steps each.
+  actor_0 = [r for r in read_jsonl(actors) if r['actor_id'] == 0]
+  assert [r['episode'] for r in actor_0] == list(range(1, len(actor_0) + 1))
+  assert [r['env_steps'] for r in actor_0] == [100 * r['episode'] for r in actor_0]
+  assert {r['attempt'] for r in actor_0} == {1, 2}
+  # The restarted evaluator (and the relaunched one) went on from their last point: none probed twice.
+  steps = [r['learner_step'] for r in read_jsonl(layout.records('probes'))]
+  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 3000
   time.sleep(1.0)
-  assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
+  assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
 
 
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):

@@ -1,0 +1,142 @@
+"""Actors joining a live run from another process (`launch.attach_actors`), and their claimed ids."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from launch.attach import claim_actor_ids
+from probes.loggers import read_jsonl
+from probes.run_dir import MAX_ACTORS, RunLayout
+from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module
+
+
+def _manager(monkeypatch, restarts, max_restarts=2):
+  from launchpad.launch import worker_manager
+  from launch.supervisor import SupervisedWorkerManager
+  monkeypatch.setattr(worker_manager, '_HAS_MAIN_MANAGER', True)  # No kill countdown in the test's process.
+  return SupervisedWorkerManager(max_restarts, lambda *restart: restarts.append(restart), kill_main_thread=False)
+
+
+def _start(manager, tmp_path, node: str, code: int) -> str:
+  """Starts a process of `node` that says which restart it is and exits with `code`; its log's path."""
+  log_path = str(tmp_path / node.replace('/', '_'))
+  script = f'import os, sys; print("run", os.environ.get("PLASTICITY_NODE_RESTART", "0")); sys.exit({code})'
+  with open(log_path, 'w') as log:
+    manager.process_worker(node, [sys.executable, '-c', script], env=dict(os.environ), stdout=log, stderr=log)
+  return log_path
+
+
+def test_the_supervisor_restarts_a_failed_actor_in_place_as_often_as_allowed_then_fails(tmp_path, monkeypatch):
+  restarts = []
+  manager = _manager(monkeypatch, restarts)
+  log_path = _start(manager, tmp_path, 'actor/0', 3)
+  with pytest.raises(RuntimeError, match='exited with code 3'):  # The third failure is Launchpad's again.
+    manager.wait()
+  assert restarts == [('actor/0', 3, 1), ('actor/0', 3, 2)]
+  with open(log_path) as f:
+    log = f.read()
+  assert [line for line in log.splitlines() if line.startswith('run')] == ['run 0', 'run 1', 'run 2']
+  assert 'actor/0 exited with code 3; restart 2.' in log  # Appended: the first process's output stays.
+  assert manager.node_processes['actor/0'].returncode == 3
+
+
+def test_the_supervisor_restarts_no_learner_and_no_clean_exit(tmp_path, monkeypatch):
+  from launch.supervisor import exit_cause
+  restarts = []
+  manager = _manager(monkeypatch, restarts)
+  _start(manager, tmp_path, 'actor/1', 0)
+  manager.wait()  # An actor that ends cleanly stays ended.
+  manager = _manager(monkeypatch, restarts)
+  _start(manager, tmp_path, 'learner/0', 5)
+  with pytest.raises(RuntimeError, match='exited with code 5'):
+    manager.wait()
+  assert restarts == []
+  assert exit_cause(-9) == 'killed by SIGKILL' and exit_cause(2) == 'exited with code 2'
+
+
+def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  assert claim_actor_ids(layout, 2) == [MAX_ACTORS, MAX_ACTORS + 1]
+  assert claim_actor_ids(layout, 1) == [MAX_ACTORS + 2]
+  # A claim made meanwhile by another process (host) is skipped; released ids are not reused.
+  open(layout.attached_actor(MAX_ACTORS + 3), 'x').close()
+  os.remove(layout.attached_actor(MAX_ACTORS + 2))
+  assert claim_actor_ids(layout, 2) == [MAX_ACTORS + 4, MAX_ACTORS + 5]
+
+
+def test_an_actors_last_record_is_read_from_the_end_of_the_stream(tmp_path):
+  from probes.loggers import JsonlLogger, last_jsonl_record
+  path = str(tmp_path / 'actors.jsonl')
+  for actor_id, episode in [(0, 1), (1, 1), (0, 2), (2, 1), (1, 2), (0, 3), (2, 2)]:
+    JsonlLogger(path, extra={'actor_id': actor_id})({'episode': episode, 'env_steps': 100 * episode})
+  with open(path, 'a') as f:
+    f.write('{"actor_id": 0, "epis')  # A line cut short by a crash.
+  for block_bytes in (7, 64, 1 << 20):  # Lines split across blocks, and the whole file in one.
+    last = lambda actor_id: last_jsonl_record(path, lambda r: r['actor_id'] == actor_id, block_bytes=block_bytes)
+    assert [last(i)['episode'] for i in (0, 1, 2)] == [3, 2, 2]
+    assert last(3) is None
+  assert last_jsonl_record(str(tmp_path / 'none.jsonl'), lambda r: True) is None
+
+
+def _replay_items(address: str) -> int:
+  import reverb
+  return reverb.Client(address).server_info(timeout=30)['probe'].current_size
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_running(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
+  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
+                      '--max_learner_steps=100000', '--probe_every=0')
+  learner, actors = layout.records('learner'), layout.records('actors')
+  built_in, attach = [], None
+  try:
+    _wait_for(lambda: os.path.exists(layout.addresses) and read_jsonl(learner), 180, 'the run to learn')
+    replay = _read_json(layout.addresses)['replay']
+    # The program's actors pause: from now on only the attached ones can add to the replay.
+    built_in = _node_processes(run_dir, 'actor/0') + _node_processes(run_dir, 'actor/1')
+    assert len(built_in) == 2
+    for process in built_in:
+      process.suspend()
+    time.sleep(2.0)  # What they had in flight lands.
+    before = _replay_items(replay)
+    attach = python_module('launch.attach_actors', f'--run_dir={run_dir}', '--num_actors=2')
+    attached = lambda: [r for r in read_jsonl(actors) if r['actor_id'] >= MAX_ACTORS]
+    _wait_for(lambda: {r['actor_id'] for r in attached()} == {MAX_ACTORS, MAX_ACTORS + 1}, 180,
+              'an episode of each attached actor')
+    acted = sum(max(r['env_steps'] for r in attached() if r['actor_id'] == i) for i in (MAX_ACTORS, MAX_ACTORS + 1))
+    # An episode is logged once its steps are inserted, all but the writer's last 8 in flight.
+    assert _replay_items(replay) - before >= acted - 2 * 8 and acted >= 200
+    assert all(r['attempt'] == 1 and r['episode_length'] == 100 for r in attached())
+
+    attach.send_signal(signal.SIGINT)  # Ctrl-C: the attached actors stop, the run does not.
+    out, err = attach.communicate(timeout=60)
+    assert attach.returncode == 0, out + err[-3000:]
+    assert 'the run is untouched' in out
+    for process in built_in:
+      process.resume()
+    step = read_jsonl(learner)[-1]['learner_step']
+    _wait_for(lambda: read_jsonl(learner)[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
+    assert run.poll() is None and layout.attempts() == 1
+    assert not read_jsonl(layout.records('restarts'))
+  finally:
+    for process in built_in:
+      if process.is_running():
+        process.resume()
+    if attach is not None and attach.poll() is None:
+      attach.kill()
+  run.send_signal(signal.SIGINT)
+  out, err = run.communicate(timeout=120)
+  assert run.returncode == 130, out[-3000:] + err[-3000:]
+  _wait_for(lambda: not _node_processes(run_dir), 15, 'the nodes to end')
