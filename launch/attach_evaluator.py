@@ -20,9 +20,9 @@ from absl import flags
 from absl import logging
 import courier
 
-from agents import config_flags
+from agents import config_flags, storage
 from launch import program as program_lib
-from probes.run_dir import ExperimentConfig, RunLayout, load_config
+from probes.run_dir import ExperimentConfig, load_config
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
 NAME = flags.DEFINE_string('name', None, 'Name of this evaluator: it writes under RUN_DIR/evaluators/NAME/ '
@@ -56,11 +56,10 @@ def connect(run_dir: str, call_timeout_s: float):
   """(run config, learner client, replay address), or a ValueError saying why the run is not attachable."""
   config = load_config(run_dir)  # A ValueError if `run_dir` is not a run directory.
   path = config.layout.addresses
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise ValueError(f'{run_dir} is a run directory but holds no {os.path.basename(path)}: its program is not '
                      f'running (or has not started its actors yet). Start or resume it with launch.train.')
-  with open(path) as f:
-    addresses = json.load(f)
+  addresses = json.loads(storage.path(path).read_text())
   learner = courier.Client(addresses['learner'], call_timeout=call_timeout_s, wait_for_ready=False)
   try:
     step = _guarded(learner.get_step)()
@@ -84,13 +83,13 @@ def main(argv):
   name = NAME.value or f'attached-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
   out = config.layout.evaluator(name)
   out_dir = out.root
-  if os.path.exists(out_dir):
+  if storage.path(out_dir).exists():
     raise app.UsageError(f'--name={name}: {out_dir} already exists; choose another name.')
   config: ExperimentConfig = config_flags.apply_overrides(config, OVERRIDES)
   probe_every = config.probe_every or ExperimentConfig.probe_every  # A run without an evaluator: the default.
   evaluator = program_lib.make_evaluator(config, out, _guarded(learner.get_snapshot), replay_address,
                                          seed=SEED.value, initial_source=_guarded(learner.get_initial_snapshot),
-                                         reference_probes=config.layout.records(RunLayout.PROBES))
+                                         reference_probes=config.layout)
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
         f'({config.probe.steps} probe steps, diagnostics {"on" if config.diagnostics_enabled else "off"}); '
         f'writing {out_dir}.',

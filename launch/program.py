@@ -17,7 +17,6 @@ reached `max_learner_steps` and the final probe is written.
 
 from concurrent import futures
 import json
-import os
 import socket
 import time
 from typing import Callable, Optional, Tuple
@@ -28,13 +27,14 @@ import numpy as np
 import reverb
 
 import environments
+from agents import storage
 from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
 from launch import replay
 from probes.run_dir import ExperimentConfig, RunLayout
-from probes.evaluator import Evaluator, ParamsSource
+from probes.evaluator import WRITER as EVALUATOR_WRITER, Evaluator, ParamsSource
 
 # Nodes that must keep JAX off any accelerator: only the learner may use it.
 CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
@@ -84,7 +84,7 @@ class LearnerNode:
         agent, config.agent, iterator, np.zeros(observation_spec.shape, observation_spec.dtype),
         seed=config.seed, checkpoint_dir=config.layout.checkpoints,
         checkpoint_every=config.checkpoint_every,
-        logger=config.layout.logger(RunLayout.LEARNER, extra={'attempt': attempt}),
+        logger=config.layout.logger(RunLayout.LEARNER, 'learner', extra={'attempt': attempt}),
         log_every=config.log_every)
     self._finished = False
 
@@ -142,16 +142,18 @@ class ActorNode:
         return None  # The actor stops.
 
     sink = replay.ReverbSink(self._replay_client, should_stop=_stop_requested)
-    logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id, 'attempt': self._attempt},
+    logger = config.layout.logger(RunLayout.ACTORS, f'actor_{self._actor_id}',
+                                  extra={'actor_id': self._actor_id, 'attempt': self._attempt},
                                   tensorboard=self._actor_id == 0)
     actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
                   params_update_period=config.actor_params_update_period, logger=logger)
     actor.run(should_stop=_stop_requested)
     sink.close()  # Its last transitions reach the replay (and its final checkpoint).
+    logger.close()
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
-                   seed: int, reference_probes: Optional[str] = None,
+                   seed: int, reference_probes: Optional[RunLayout] = None,
                    initial_source: Optional[ParamsSource] = None, attempt: int = 1) -> Evaluator:
   """The evaluator of a run, writing the files of `out` (the built-in one: the run directory's).
 
@@ -164,18 +166,15 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
       probe_set_path=config.layout.probe_set,
       diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
       discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source,
-      probe_logger=out.logger(RunLayout.PROBES, extra={'attempt': attempt}),
-      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, extra={'attempt': attempt}))
+      probe_logger=out.logger(RunLayout.PROBES, EVALUATOR_WRITER, extra={'attempt': attempt}),
+      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, EVALUATOR_WRITER, extra={'attempt': attempt}))
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
   record = {'learner': learner_address, 'replay': replay_address, 'host': socket.gethostname(),
             'launch_type': config.launch_type, 'written_at': time.time()}
-  path = config.layout.addresses
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  storage.write_atomically(config.layout.addresses, json.dumps(record, indent=2).encode())
 
 
 class EvaluatorNode:

@@ -19,20 +19,20 @@ import signal
 import sys
 import threading
 import time
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
 
 import environments
 from environments import datasets
-from agents import checkpointing
+from agents import checkpointing, storage
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import program as program_lib
 from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
-from probes.loggers import JsonlLogger, read_jsonl
+from probes.loggers import Record
 from probes import plots
 from probes.run_dir import RunLayout
 
@@ -61,8 +61,7 @@ def validate(config: ExperimentConfig) -> str:
   return env.data_source
 
 
-def _last(path: str):
-  records = read_jsonl(path)
+def _last(records: List[Record]) -> Optional[Record]:
   return records[-1] if records else None
 
 
@@ -75,9 +74,8 @@ def _number(value, spec: str) -> str:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(storage.path(path).read_text()) if storage.path(path).exists() else {}
+  except (OSError, ValueError):  # Being replaced: the next read has it.
     return {}
 
 
@@ -264,19 +262,22 @@ def supervise(config: ExperimentConfig) -> ExitCode:
     record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
               'steps_lost': max(logged - resumed_at, 0)}
-    JsonlLogger(layout.records(RunLayout.RESTARTS), step_key='restart')(record)
+    logger = layout.logger(RunLayout.RESTARTS, 'launcher', tensorboard=False, step_key='restart')
+    logger(record)
+    logger.close()
     print(f'Relaunching from the checkpoints ({restarts}/{config.max_restarts}): the learner resumes at step '
           f'{resumed_at}.', flush=True)
 
 
 def _results(layout: RunLayout) -> str:
   """The result files and directories that hold something, for the final message."""
-  paths = [layout.records(name) for name in (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES,
-                                             RunLayout.DIAGNOSTICS)]
+  streams = (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS)
+  paths = [layout.stream(name) for name in streams] + [layout.legacy_records(name) for name in streams]
   paths += [layout.probe_set, layout.checkpoints, layout.tensorboard(), layout.plots]
-  present = [os.path.relpath(p, layout.root) + ('/' if os.path.isdir(p) else '') for p in paths if _holds_something(p)]
+  present = [os.path.relpath(p, layout.root) + ('/' if storage.path(p).is_dir() else '') for p in paths
+             if storage.holds_something(p)]
   text = ', '.join(present) or 'nothing yet'
-  if _holds_something(layout.tensorboard()):
+  if storage.holds_something(layout.tensorboard()):
     text += f' (tensorboard --logdir {layout.tensorboard()})'
   return text
 
@@ -313,12 +314,6 @@ def main(argv):
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
                    f'; see {layout.logs}.'))
-
-
-def _holds_something(path: str) -> bool:
-  if os.path.isdir(path):
-    return bool(os.listdir(path))
-  return os.path.exists(path) and os.path.getsize(path) > 0
 
 
 def _fail(code: ExitCode, message: str) -> int:
