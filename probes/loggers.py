@@ -108,14 +108,17 @@ class _SegmentSink:
       self._size += len(line)
       self._dirty = True
 
-  def _flush(self) -> None:
-    """Uploads the current segment whole; a failure is logged and retried at the next flush, nothing dropped."""
+  def _flush(self, last: bool = False) -> None:
+    """Uploads the current segment whole; a failure is logged and retried at the next flush (raised at the
+    `last`), nothing dropped."""
     if not self._dirty:
       return
     try:
       storage.write_atomically(self.segment(self._index), b''.join(self._lines))
       self._dirty = False
     except Exception as e:  # pylint: disable=broad-except  Any filesystem error: keep the records, try again.
+      if last:
+        raise
       logging.warning('Could not write %s (%r); retrying at the next flush.', self.segment(self._index), e)
 
   def _flush_every(self, seconds: float) -> None:
@@ -128,9 +131,9 @@ class _SegmentSink:
       return
     self._closed.set()
     self._flusher.join()
-    with self._lock:
-      self._flush()
     atexit.unregister(self.close)
+    with self._lock:
+      self._flush(last=True)
 
 
 class JsonlLogger:
