@@ -47,11 +47,8 @@ def write_atomically(location: PathLike, data: bytes) -> None:
   if not is_local(location):
     target.write_bytes(data)
     return
-  with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f'.{target.name}.', delete=False) as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f.name, target)
+  temporary = _synced_temporary(target, data)
+  os.replace(temporary, target)
 
 
 def write_if_absent(location: PathLike, data: bytes) -> bool:
@@ -63,17 +60,24 @@ def write_if_absent(location: PathLike, data: bytes) -> bool:
       return False
     target.write_bytes(data)
     return True
-  with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f'.{target.name}.', delete=False) as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
+  temporary = _synced_temporary(target, data)
   try:
-    os.link(f.name, target)
+    os.link(temporary, target)
     return True
   except FileExistsError:
     return False
   finally:
-    os.remove(f.name)
+    os.remove(temporary)
+
+
+def _synced_temporary(target: epath.Path, data: bytes) -> str:
+  """`data` in a new file next to `target`, on disk, readable by all like any file the run writes."""
+  with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f'.{target.name}.', delete=False) as f:
+    f.write(data)
+    f.flush()
+    os.fchmod(f.fileno(), 0o644)  # Not tempfile's 0o600.
+    os.fsync(f.fileno())
+  return f.name
 
 
 def holds_something(location: PathLike) -> bool:

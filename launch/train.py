@@ -189,7 +189,8 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
   worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
   attempt = config.layout.attempts() + 1
-  log_dir = config.layout.attempt_logs(attempt)
+  storage.path(config.layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)  # Counts the launch.
+  log_dir = config.layout.local_logs(attempt)
   os.makedirs(log_dir, exist_ok=True)
   program = program_lib.make_program(config, attempt)
   if config.launch_type == 'local_mp':
@@ -251,7 +252,7 @@ def supervise(config: ExperimentConfig) -> ExitCode:
     if launch.code != ExitCode.NODE_FAILED:
       return launch.code
     print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
-          f'logs in {layout.attempt_logs(layout.attempts())}.', file=sys.stderr, flush=True)
+          f'logs in {layout.local_logs(layout.attempts())}.', file=sys.stderr, flush=True)
     if program_completed(config) or restarts >= config.max_restarts:
       return ExitCode.FINISHED if program_completed(config) else ExitCode.NODE_FAILED
     restarts += 1

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import typing
 from typing import Any, Dict, List, Optional
 
@@ -111,6 +112,13 @@ class RunLayout:
 
   def attempt_logs(self, attempt: int) -> str:
     return os.path.join(self.logs, str(attempt))
+
+  def local_logs(self, attempt: int) -> str:
+    """Where this host's Launchpad writes a launch's node logs (local files only): `attempt_logs`, or for a run
+    directory on a bucket the same path under the local temporary directory."""
+    logs = self.attempt_logs(attempt)
+    return logs if storage.is_local(logs) else os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs',
+                                                           logs.replace('://', '/'))
 
   def attempts(self) -> int:
     """How many launches have left logs here."""

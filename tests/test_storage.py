@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 import time
 
 from etils.epath import backend as epath_backend
@@ -184,3 +185,9 @@ def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
   storage.write_atomically(layout.evaluator_status, b'{"state": "idle"}')
   storage.write_atomically(layout.evaluator_status, b'{"state": "finished"}')
   assert json.loads(storage.path(layout.evaluator_status).read_text()) == {'state': 'finished'}
+  # Launches are counted on the bucket; Launchpad's logs (local files) go to this host's temporary directory.
+  for attempt in (1, 2):
+    storage.path(layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)
+  assert layout.attempts() == 2
+  assert layout.local_logs(2) == os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs', 'gs/bucket/run/logs/2')
+  assert RunLayout('/runs/a').local_logs(2) == '/runs/a/logs/2'
