@@ -7,8 +7,9 @@ nothing needs two processes appending to one file, which a bucket cannot do:
   it comes (a crash loses nothing logged);
 - on a bucket (no append), numbered objects `<writer>.<n>.jsonl`, each
   rewritten whole with everything written to it so far, at most every
-  `FLUSH_SECONDS` (a bucket takes about one write a second per object) and at
-  `close` or exit; a new one is begun past `SEGMENT_BYTES`, and a writer that
+  `FLUSH_SECONDS` (a bucket takes about one write a second per object), once
+  more when it is full (past `SEGMENT_BYTES`: the next is begun) and at
+  `close` or exit (a failed upload is retried at the next); a writer that
   starts again (a relaunch) begins past the numbers already there, never
   overwriting them. Cost: each flush uploads its segment whole, at most
   `SEGMENT_BYTES` per `FLUSH_SECONDS` per writer; a killed writer loses the
