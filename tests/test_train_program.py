@@ -64,10 +64,12 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   assert not leftover_processes(start, run_dir)
 
   layout = RunLayout(run_dir)
-  streams = [(RunLayout.LEARNER, 'learner'), (RunLayout.ACTORS, 'actor_0'), (RunLayout.ACTORS, 'actor_1'),
-             (RunLayout.PROBES, 'evaluator'), (RunLayout.DIAGNOSTICS, 'evaluator')]
+  streams = [RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS]
+  writers = [(RunLayout.LEARNER, 'learner'), (RunLayout.ACTORS, 'actor_0'), (RunLayout.ACTORS, 'actor_1'),
+             (RunLayout.PROBES, 'evaluator'), (RunLayout.DIAGNOSTICS, 'evaluator')]  # A file each.
   for path in [layout.config, layout.addresses, layout.probe_set, layout.evaluator_status,
-               *(layout.records_file(stream, writer) for stream, writer in streams), layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
+               *(layout.records_file(*writer) for writer in writers),
+               layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
                *map(layout.plot, ['hessian_density', 'covariance', 'statistics', 'probe_curves', 'plasticity']),
                *(os.path.join(layout.attempt_logs(1), node)
                  for node in ['learner/0', 'actor/0', 'actor/1', 'replay/0', 'evaluator/0'])]:
