@@ -1,10 +1,12 @@
 """Atomic, self-describing checkpoints of pytrees (numpy leaves, pickled).
 
 Pickle of host numpy arrays keeps checkpoints loadable without the process
-that wrote them (the offline probe, a resumed run). Writes go to a temporary
-file first, are fsynced, then renamed, so a crash never leaves a half-written
-checkpoint; one that is damaged all the same (a full disk, a foreign file) is
-reported by name and skipped for the one before it (`latest_loadable`).
+that wrote them (the offline probe, a resumed run). Each is written all or
+nothing (`storage.write_atomically`: a fsynced temporary file renamed into
+place, or one object upload on a bucket), so a crash never leaves a
+half-written checkpoint; one that is damaged all the same (a full disk, a
+foreign file) is reported by name and skipped for the one before it
+(`latest_loadable`).
 """
 
 import os
@@ -16,6 +18,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from agents import storage
+
 _PATTERN = re.compile(r'^learner_(\d+)\.pkl$')
 
 
@@ -25,24 +29,19 @@ def path_for(directory: str, step: int) -> str:
 
 
 def save(directory: str, step: int, tree: Any, keep: int = 3) -> str:
-  os.makedirs(directory, exist_ok=True)
   path = path_for(directory, step)
-  tmp_path = path + '.tmp'
-  with open(tmp_path, 'wb') as f:
-    pickle.dump({'step': int(step), 'state': jax.tree_util.tree_map(np.asarray, jax.device_get(tree))}, f,
-                protocol=pickle.HIGHEST_PROTOCOL)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp_path, path)
+  state = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+  storage.write_atomically(path, pickle.dumps({'step': int(step), 'state': state}, protocol=pickle.HIGHEST_PROTOCOL))
   for old in sorted(_checkpoints(directory))[:-keep]:
-    os.remove(os.path.join(directory, old[1]))
+    storage.path(directory, old[1]).unlink()
   return path
 
 
 def _checkpoints(directory: str):
-  if not os.path.isdir(directory):
+  folder = storage.path(directory)
+  if not folder.is_dir():
     return []
-  return [(int(m.group(1)), name) for name in os.listdir(directory) if (m := _PATTERN.match(name))]
+  return [(int(m.group(1)), child.name) for child in folder.iterdir() if (m := _PATTERN.match(child.name))]
 
 
 def latest(directory: str) -> Optional[str]:
@@ -57,8 +56,7 @@ class CheckpointError(ValueError):
 def load(path: str) -> Tuple[int, Any]:
   """(step, state) of a checkpoint; a CheckpointError naming the file if it is damaged or foreign."""
   try:
-    with open(path, 'rb') as f:
-      payload = pickle.load(f)
+    payload = pickle.loads(storage.path(path).read_bytes())
     return int(payload['step']), payload['state']
   except Exception as e:  # pylint: disable=broad-except  Unpickling raises anything a damaged file makes it.
     raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}).') from e

@@ -18,6 +18,8 @@ from typing import Callable, List, Tuple
 from absl import logging
 import courier
 
+from agents import storage
+
 from probes.run_dir import MAX_ACTORS, ExperimentConfig, RunLayout, load_config
 
 
@@ -41,11 +43,10 @@ def connect(run_dir: str, call_timeout_s: float) -> Tuple[ExperimentConfig, cour
   """(run config, learner client, replay address), or a ValueError saying why the run is not attachable."""
   config = load_config(run_dir)  # A ValueError if `run_dir` is not a run directory.
   path = config.layout.addresses
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise ValueError(f'{run_dir} is a run directory but holds no {os.path.basename(path)}: its program is not '
                      f'running (or has not started its actors yet). Start or resume it with launch.train.')
-  with open(path) as f:
-    addresses = json.load(f)
+  addresses = json.loads(storage.path(path).read_text())
   learner = courier.Client(addresses['learner'], call_timeout=call_timeout_s, wait_for_ready=False)
   try:
     step = guarded(learner.get_step)()

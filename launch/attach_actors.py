@@ -7,7 +7,7 @@ learner (Courier) and insert into its replay (Reverb), at the addresses the
 run publishes in RUN_DIR/addresses.json, like the program's own actors. Each
 takes an actor id no actor of the run has had (from probes.run_dir.MAX_ACTORS
 up, claimed as a file under RUN_DIR/attached_actors/), so its seed is its own
-and its episodes go to RUN_DIR/actors.jsonl under that id. They run as threads
+and its episodes go to RUN_DIR/records/actors/actor_<id>.jsonl. They run as threads
 of this process until the learner finishes or stops answering, or Ctrl-C;
 stopping them leaves the run untouched. The run directory must be reachable
 at the same path (a shared file system) and the run's addresses from here.
@@ -76,7 +76,7 @@ def main(argv):
   for thread in threads:
     thread.start()
   print(f'Actors {", ".join(map(str, actor_ids))} attached to {config.run_dir} (launch {attempt}); their '
-        f'episodes go to {layout.records(RunLayout.ACTORS)}. Ctrl-C stops them, not the run.', flush=True)
+        f'episodes go to {layout.stream(RunLayout.ACTORS)}/. Ctrl-C stops them, not the run.', flush=True)
   try:
     while not stop.wait(POLL_S) and any(thread.is_alive() for thread in threads):
       if is_finished():

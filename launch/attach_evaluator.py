@@ -17,7 +17,7 @@ import time
 from absl import app
 from absl import flags
 
-from agents import config_flags
+from agents import config_flags, storage
 from launch import program as program_lib
 from launch.attach import LearnerGone, connect, guarded
 from probes.run_dir import ExperimentConfig, RunLayout
@@ -46,13 +46,13 @@ def main(argv):
   name = NAME.value or f'attached-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
   out = config.layout.evaluator(name)
   out_dir = out.root
-  if os.path.exists(out_dir):
+  if storage.path(out_dir).exists():
     raise app.UsageError(f'--name={name}: {out_dir} already exists; choose another name.')
   config: ExperimentConfig = config_flags.apply_overrides(config, OVERRIDES)
   probe_every = config.probe_every or ExperimentConfig.probe_every  # A run without an evaluator: the default.
   evaluator = program_lib.make_evaluator(config, out, guarded(learner.get_snapshot), replay_address,
                                          seed=SEED.value, initial_source=guarded(learner.get_initial_snapshot),
-                                         reference_probes=config.layout.records(RunLayout.PROBES))
+                                         reference_probes=config.layout)
   print(f'Evaluator {name} attached to {config.run_dir}: probing every {probe_every} learner steps '
         f'({config.probe.steps} probe steps, diagnostics {"on" if config.diagnostics_enabled else "off"}); '
         f'writing {out_dir}.',

@@ -20,7 +20,6 @@ final probe and evaluation are written.
 
 from concurrent import futures
 import json
-import os
 import socket
 import time
 from typing import Callable, Optional, Tuple
@@ -31,6 +30,7 @@ import numpy as np
 import reverb
 
 import environments
+from agents import storage
 from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
@@ -38,10 +38,9 @@ from agents.types import Params, StopRequested
 from environments import atari_scores
 from launch import replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
-from probes.loggers import last_jsonl_record, read_jsonl
 from launch import supervisor
 from probes.run_dir import ExperimentConfig, RunLayout
-from probes.evaluator import Evaluator, ParamsSource
+from probes.evaluator import WRITER as EVALUATOR_WRITER, Evaluator, ParamsSource
 
 # Nodes that must keep JAX off any accelerator: only the learner may use it.
 CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
@@ -104,7 +103,7 @@ class LearnerNode:
         agent, config.agent, iterator, np.zeros(observation_spec.shape, observation_spec.dtype),
         seed=config.seed, checkpoint_dir=config.layout.checkpoints,
         checkpoint_every=config.checkpoint_every,
-        logger=config.layout.logger(RunLayout.LEARNER, extra={'attempt': attempt}),
+        logger=config.layout.logger(RunLayout.LEARNER, 'learner', extra={'attempt': attempt}),
         log_every=config.log_every)
     self._finished = False
 
@@ -139,8 +138,13 @@ class LearnerNode:
 
 def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[int, int]:
   """(episodes, env_steps) of an actor's last logged episode: where it goes on after a restart or relaunch."""
-  last = last_jsonl_record(layout.records(RunLayout.ACTORS), lambda record: record.get('actor_id') == actor_id)
-  return (last['episode'], last['env_steps']) if last else (0, 0)
+  mine = [r for r in layout.records(RunLayout.ACTORS, writer=actor_writer(actor_id)) if r.get('actor_id') == actor_id]
+  return (mine[-1]['episode'], mine[-1]['env_steps']) if mine else (0, 0)
+
+
+def actor_writer(actor_id: int) -> str:
+  """The name of an actor's own record files."""
+  return f'actor_{actor_id}'
 
 
 def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
@@ -159,13 +163,14 @@ def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
                config.env, env.data_source, restart, episodes, env_steps)
   agent = make_agent(config.agent, env.action_spec().num_values)
   sink = replay.ReverbSink(replay_client, should_stop=should_stop)
-  logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': actor_id, 'attempt': attempt},
-                                tensorboard=actor_id == 0)
+  logger = config.layout.logger(RunLayout.ACTORS, actor_writer(actor_id),
+                                extra={'actor_id': actor_id, 'attempt': attempt}, tensorboard=actor_id == 0)
   actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
                 params_update_period=config.actor_params_update_period, logger=logger, episodes=episodes,
                 env_steps=env_steps)
   actor.run(should_stop=should_stop)
   sink.close()  # Its last transitions reach the replay (and its final checkpoint).
+  logger.close()
 
 
 class ActorNode:
@@ -193,7 +198,7 @@ class ActorNode:
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
-                   seed: int, reference_probes: Optional[str] = None,
+                   seed: int, reference_probes: Optional[RunLayout] = None,
                    initial_source: Optional[ParamsSource] = None, attempt: int = 1) -> Evaluator:
   """The evaluator of a run, writing the files of `out` (the built-in one: the run directory's).
 
@@ -206,18 +211,15 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
       probe_set_path=config.layout.probe_set,
       diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
       discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source,
-      probe_logger=out.logger(RunLayout.PROBES, extra={'attempt': attempt}),
-      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, extra={'attempt': attempt}))
+      probe_logger=out.logger(RunLayout.PROBES, EVALUATOR_WRITER, extra={'attempt': attempt}),
+      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, EVALUATOR_WRITER, extra={'attempt': attempt}))
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
   record = {'learner': learner_address, 'replay': replay_address, 'host': socket.gethostname(),
             'launch_type': config.launch_type, 'written_at': time.time()}
-  path = config.layout.addresses
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  storage.write_atomically(config.layout.addresses, json.dumps(record, indent=2).encode())
 
 
 class EvaluatorNode:
@@ -246,7 +248,7 @@ class EvaluatorNode:
 
 
 class EvaluationNode:
-  """Evaluation episodes every --eval_every_frames training frames (probes/evaluation.py) into evaluation.jsonl."""
+  """Evaluation episodes every --eval_every_frames training frames (probes/evaluation.py) into the evaluation stream."""
 
   def __init__(self, config: ExperimentConfig, attempt: int, learner):
     self._config = config
@@ -267,10 +269,10 @@ class EvaluationNode:
     schedule = FrameSchedule(config.evaluation.every_frames, config.replay, config.agent.batch_size,
                              action_repeat(env))
     # A relaunch goes on after the last evaluation written (the learner may repeat steps since its checkpoint).
-    last = max((r['learner_step'] for r in read_jsonl(layout.records(RunLayout.EVALUATION))), default=None)
+    last = max((r['learner_step'] for r in layout.records(RunLayout.EVALUATION)), default=None)
     evaluator = EpisodeEvaluator(
         make_agent(config.agent, env.action_spec().num_values), config.agent, env, config.evaluation, schedule,
-        logger=layout.logger(RunLayout.EVALUATION, extra={'attempt': self._attempt}), seed=seed,
+        logger=layout.logger(RunLayout.EVALUATION, 'evaluation', extra={'attempt': self._attempt}), seed=seed,
         game=atari_scores.game_of(config.env))
     self._finished = evaluator.run(learner['get_step'], learner['get_params'], learner['is_finished'],
                                    _stop_requested, last_evaluated=last)

@@ -24,6 +24,7 @@ import reverb
 import tensorflow as tf
 import tree
 
+from agents import storage
 from agents.config import ReplayConfig
 from agents.types import StopRequested, Transition
 from probes import probe_set
@@ -78,9 +79,7 @@ class ReplayNode(reverb_node.ReverbNode):
   def _status(self, **status) -> None:
     """Updates the status file: what was restored at the start stays in it."""
     self._state = {**self._state, **status, 'time': time.time()}
-    with open(self._status_path + '.tmp', 'w') as f:
-      json.dump(self._state, f)
-    os.replace(self._status_path + '.tmp', self._status_path)
+    storage.write_atomically(self._status_path, json.dumps(self._state).encode())
 
   def _server(self, port: int) -> reverb.Server:
     checkpointer = reverb.checkpointers.DefaultCheckpointer(path=self._root) if self._every_minutes else None
@@ -94,7 +93,7 @@ class ReplayNode(reverb_node.ReverbNode):
       return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=checkpointer)
 
   def run(self) -> None:
-    os.makedirs(self._root, exist_ok=True)
+    storage.path(self._root).mkdir(parents=True, exist_ok=True)
     restored_from = _latest_checkpoint(self._root)
     server = self._server(lp_address.get_port_from_address(self._address.resolve()))
     client = server.localhost_client()
@@ -121,7 +120,7 @@ def _sizes(client: reverb.Client) -> Dict[str, int]:
 
 def _latest_checkpoint(root: str) -> str:
   """The checkpoint Reverb restores: the last-sorting directory holding DONE ('' if none)."""
-  done = sorted(name for name in os.listdir(root) if os.path.exists(os.path.join(root, name, 'DONE')))
+  done = sorted(child.name for child in storage.path(root).iterdir() if (child / 'DONE').exists())
   return os.path.join(root, done[-1]) if done else ''
 
 

@@ -407,7 +407,7 @@ def atari_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str
 
 def atari_measure(cell: Cell, run_dir: str) -> Row:
   """The run's score: the mean return of its last evaluation."""
-  final = evaluation.final_evaluation(read_jsonl(RunLayout(run_dir).records(RunLayout.EVALUATION)))
+  final = evaluation.final_evaluation(RunLayout(run_dir).records(RunLayout.EVALUATION))
   return {'score': final['mean_return'], 'human_normalised': final.get('human_normalised'),
           'evaluated_frames': final['frames'], 'learner_step': final['learner_step']}
 

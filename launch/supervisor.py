@@ -8,7 +8,7 @@ remembers each node's command, environment and log file, and when a process of
 a restartable group exits abnormally (while no stop is under way) it starts the
 same command again, with `RESTART_ENV` set to that node's restart count (a
 restarted actor draws a new seed; the evaluator resumes from its files), and
-writes a record to restarts.jsonl. Past `max_restarts` restarts of one node,
+writes a record to the run's restarts stream. Past `max_restarts` restarts of one node,
 its next failure is Launchpad's again: the program stops, and the launcher
 relaunches it from the checkpoints (`launch.train.supervise`). A learner or
 replay failure always takes that path.
@@ -23,7 +23,6 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 from launchpad.launch import worker_manager
 
-from probes.loggers import JsonlLogger
 from probes.run_dir import RunLayout
 
 RESTART_ENV = 'PLASTICITY_NODE_RESTART'  # How many times this node was restarted in place (unset: never).
@@ -110,10 +109,10 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
 
 
 def restart_recorder(layout: RunLayout, attempt: int) -> Callable[[str, int, int], None]:
-  """Writes each in-place restart to restarts.jsonl and says it on the launcher's output."""
+  """Writes each in-place restart to the run's restarts stream and says it on the launcher's output."""
 
   def record(node: str, exit_code: int, restart: int) -> None:
-    logger = JsonlLogger(layout.records(RunLayout.RESTARTS), step_key='restart')
+    logger = layout.logger(RunLayout.RESTARTS, 'launcher', tensorboard=False, step_key='restart')
     logger({'node': node, 'restart': restart, 'attempt': attempt, 'cause': exit_cause(exit_code),
             'exit_code': exit_code, 'exit_signal': exit_signal(exit_code),
             'steps_lost': 0})

@@ -19,21 +19,21 @@ import signal
 import sys
 import threading
 import time
-from typing import NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
 
 import environments
 from environments import datasets
-from agents import checkpointing
+from agents import checkpointing, storage
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import program as program_lib
 from launch import supervisor
 from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
-from probes.loggers import JsonlLogger, read_jsonl
+from probes.loggers import Record
 from probes import plots
 from probes.run_dir import RunLayout
 
@@ -62,8 +62,7 @@ def validate(config: ExperimentConfig) -> str:
   return env.data_source
 
 
-def _last(path: str):
-  records = read_jsonl(path)
+def _last(records: List[Record]) -> Optional[Record]:
   return records[-1] if records else None
 
 
@@ -76,9 +75,8 @@ def _number(value, spec: str) -> str:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(storage.path(path).read_text()) if storage.path(path).exists() else {}
+  except (OSError, ValueError):  # Being replaced: the next read has it.
     return {}
 
 
@@ -201,7 +199,8 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
   worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
   attempt = config.layout.attempts() + 1
-  log_dir = config.layout.attempt_logs(attempt)
+  storage.path(config.layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)  # Counts the launch.
+  log_dir = config.layout.local_logs(attempt)
   os.makedirs(log_dir, exist_ok=True)
   program = program_lib.make_program(config, attempt)
   if config.launch_type == 'local_mp':
@@ -254,7 +253,7 @@ def supervise(config: ExperimentConfig) -> ExitCode:
   (`launch.supervisor`); any other failure makes Launchpad's local launcher
   stop the whole program, and it restarts nothing: the learner's and the
   replay's checkpoints make a relaunch continue where they were. Each
-  relaunch is a record in restarts.jsonl.
+  relaunch is a record in the restarts stream.
   """
   layout = config.layout
   if config.launch_type == 'local_mp':
@@ -265,7 +264,7 @@ def supervise(config: ExperimentConfig) -> ExitCode:
     if launch.code != ExitCode.NODE_FAILED:
       return launch.code
     print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
-          f'logs in {layout.attempt_logs(layout.attempts())}.', file=sys.stderr, flush=True)
+          f'logs in {layout.local_logs(layout.attempts())}.', file=sys.stderr, flush=True)
     if program_completed(config) or restarts >= config.max_restarts:
       return ExitCode.FINISHED if program_completed(config) else ExitCode.NODE_FAILED
     restarts += 1
@@ -276,19 +275,22 @@ def supervise(config: ExperimentConfig) -> ExitCode:
     record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
               'steps_lost': max(logged - resumed_at, 0)}
-    JsonlLogger(layout.records(RunLayout.RESTARTS), step_key='restart')(record)
+    logger = layout.logger(RunLayout.RESTARTS, 'launcher', tensorboard=False, step_key='restart')
+    logger(record)
+    logger.close()
     print(f'Relaunching from the checkpoints ({restarts}/{config.max_restarts}): the learner resumes at step '
           f'{resumed_at}.', flush=True)
 
 
 def _results(layout: RunLayout) -> str:
   """The result files and directories that hold something, for the final message."""
-  paths = [layout.records(name) for name in (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES,
-                                             RunLayout.DIAGNOSTICS, RunLayout.EVALUATION)]
+  streams = (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS, RunLayout.EVALUATION)
+  paths = [layout.stream(name) for name in streams] + [layout.legacy_records(name) for name in streams]
   paths += [layout.probe_set, layout.checkpoints, layout.tensorboard(), layout.plots]
-  present = [os.path.relpath(p, layout.root) + ('/' if os.path.isdir(p) else '') for p in paths if _holds_something(p)]
+  present = [os.path.relpath(p, layout.root) + ('/' if storage.path(p).is_dir() else '') for p in paths
+             if storage.holds_something(p)]
   text = ', '.join(present) or 'nothing yet'
-  if _holds_something(layout.tensorboard()):
+  if storage.holds_something(layout.tensorboard()):
     text += f' (tensorboard --logdir {layout.tensorboard()})'
   return text
 
@@ -325,12 +327,6 @@ def main(argv):
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
                    f'; see {layout.logs}.'))
-
-
-def _holds_something(path: str) -> bool:
-  if os.path.isdir(path):
-    return bool(os.listdir(path))
-  return os.path.exists(path) and os.path.getsize(path) > 0
 
 
 def _fail(code: ExitCode, message: str) -> int:

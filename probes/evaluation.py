@@ -40,7 +40,8 @@ from environments import atari_scores
 class EvaluationConfig:
   """Evaluation episodes; their flags are `--eval_<field>`."""
   every_frames: int = option(0, 'Training frames between evaluations of the learner\'s policy in evaluation '
-                             'episodes, written to evaluation.jsonl (0: none; DQN Zoo: 1,000,000).', lower_bound=0)
+                             'episodes, written to the evaluation stream (0: none; DQN Zoo: 1,000,000).',
+                             lower_bound=0)
   frames: int = option(500_000, 'Frames an evaluation plays at least: episodes start until this many frames are '
                        'played, each played to its end (DQN Zoo: 500,000).', lower_bound=1)
   epsilon: float = option(0.01, 'Epsilon of the evaluation episodes (DQN Zoo\'s eval_exploration_epsilon).',
@@ -59,7 +60,7 @@ def evaluation_seed(run_seed: int, attempt: int) -> int:
 
 
 def final_evaluation(records: List[Dict[str, object]]) -> Dict[str, object]:
-  """A run's evaluation.jsonl record at its last evaluated learner step (the last written, when a relaunch
+  """A run's evaluation record at its last evaluated learner step (the last written, when a relaunch
   evaluated that step again): its `mean_return` is the run's score."""
   if not records:
     raise ValueError('No evaluation records: was the run launched with --eval_every_frames > 0?')

@@ -10,8 +10,8 @@ points differ only in the parameters, and `plasticity_loss` = P(theta_0) -
 P(theta_t) compares like with like (positive when plasticity is lost).
 """
 
+import io
 import json
-import os
 import queue
 import threading
 import time
@@ -21,14 +21,15 @@ from absl import logging
 import jax
 import numpy as np
 
+from agents import storage
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
 from agents.types import Logger, Params, StopRequested
-from probes.loggers import read_jsonl
 from probes import diagnostics, plasticity, probe_set as probe_sets
 from probes.run_dir import RunLayout
 
 
+WRITER = 'evaluator'  # Its record files' name in each stream it writes.
 # (learner step, online parameters, target parameters): the learner's `get_snapshot`.
 ParamsSource = Callable[[], Tuple[int, Params, Params]]
 
@@ -52,8 +53,8 @@ class Evaluator:
   diagnostics streams); the C_k matrices and its status file to `out`, where
   it also reads what it measured before a restart. The fixed probe set is
   read from (or drawn into) `probe_set_path`; with None it is kept in memory.
-  `reference_probes` is another evaluator's probes.jsonl (the run's, for an
-  attached evaluator) whose first record serves as P(theta_0) when it probed
+  `reference_probes` is another evaluator's directory (the run's, for an
+  attached evaluator) whose first probe record serves as P(theta_0) when it probed
   the same set the same way; otherwise this evaluator's own first record does.
   `initial_source` gives the run's initial parameters: the first probe point
   of a run is then step 0 even if training began before the evaluator.
@@ -62,7 +63,7 @@ class Evaluator:
   def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, params_source: ParamsSource,
                replay_source: probe_sets.ReplaySource, out: RunLayout, probe_set_path: Optional[str] = None,
                diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0,
-               discount: float = 0.99, reference_probes: Optional[str] = None,
+               discount: float = 0.99, reference_probes: Optional[RunLayout] = None,
                probe_logger: Optional[Logger] = None, diagnostics_logger: Optional[Logger] = None,
                initial_source: Optional[ParamsSource] = None):
     self._probe_config = probe_config
@@ -80,15 +81,15 @@ class Evaluator:
     self._probe = plasticity.make_probe(
         apply_fn=lambda params, obs: network.apply(params, obs).outputs,
         init_fn=network.init, optimizer=agent.optimizer, config=probe_config)
-    self._probe_logger = probe_logger or out.logger(RunLayout.PROBES)
+    self._probe_logger = probe_logger or out.logger(RunLayout.PROBES, WRITER)
     self._diagnose = None
     if diagnostics_config is not None:
       self._diagnose = diagnostics.make_diagnostics(
           network, diagnostics_config, perturbation_key,
           make_transition_loss(network, agent.encoding, discount))
-      self._diagnostics_logger = diagnostics_logger or out.logger(RunLayout.DIAGNOSTICS)
+      self._diagnostics_logger = diagnostics_logger or out.logger(RunLayout.DIAGNOSTICS, WRITER)
     # Resuming: the steps already probed and P(theta_0) come from the records written before.
-    records = read_jsonl(out.records(RunLayout.PROBES))
+    records = out.records(RunLayout.PROBES)
     self.last_probed_step: Optional[int] = max((int(r['learner_step']) for r in records), default=None)
     first = _first_record(records)
     self._reference: Optional[Tuple[int, float]] = None
@@ -109,11 +110,7 @@ class Evaluator:
       if not force and now - self._status_written < 1.0:
         return
       self._status_written = now
-      path = self._out.evaluator_status
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + '.tmp', 'w') as f:
-        json.dump({**self._status, 'time': now}, f)
-      os.replace(path + '.tmp', path)
+      storage.write_atomically(self._out.evaluator_status, json.dumps({**self._status, 'time': now}).encode())
 
   # Snapshots and probe sets.
 
@@ -129,7 +126,7 @@ class Evaluator:
       return probe_sets.draw(self._replay_source, config.num_inputs, transitions, key, learner_step, give_up,
                              should_stop)
     if self._probe_set is None:
-      if self._probe_set_path and os.path.exists(self._probe_set_path):
+      if self._probe_set_path and storage.path(self._probe_set_path).exists():
         self._probe_set = probe_sets.load(self._probe_set_path)
         logging.info('Probe set of step %d read from %s (%d inputs).', self._probe_set.learner_step,
                      self._probe_set_path, self._probe_set.num_unique_inputs)
@@ -198,9 +195,9 @@ class Evaluator:
     if diagnosed is not None:
       for kind, matrix in (('covariance', diagnosed.covariance), ('td_covariance', diagnosed.td_covariance)):
         if matrix is not None:
-          path = self._out.covariance(kind, learner_step)
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          np.save(path, matrix)
+          buffer = io.BytesIO()
+          np.save(buffer, matrix)
+          storage.write_atomically(self._out.covariance(kind, learner_step), buffer.getvalue())
       self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
       logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
     self.last_probed_step = int(learner_step)
@@ -218,7 +215,7 @@ class Evaluator:
     """The reference evaluator's first point, if it probed this same probe set with the same probe."""
     if not self._reference_probes or self._probe_config.fresh_inputs:
       return None
-    first = _first_record(read_jsonl(self._reference_probes))
+    first = _first_record(self._reference_probes.records(RunLayout.PROBES))
     if first is None or first.get('plasticity') is None:
       return None
     same = all(first.get(key) == record[key] for key in ('probe_steps', 'num_targets', 'probe_set_step',

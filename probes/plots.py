@@ -22,6 +22,7 @@ minus first) against the run's loss of plasticity at its last probe point.
 A null (non-finite, a diverged run) value is drawn as a gap.
 """
 
+import io
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +32,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from probes.loggers import read_jsonl
+from agents import storage
 from probes.run_dir import RunLayout
 
 Record = Dict[str, object]
@@ -130,7 +131,7 @@ COVARIANCE_KINDS = {'covariance': 'probe loss', 'td_covariance': 'TD loss'}
 def plot_covariance(layout: RunLayout, records: Sequence[Record], title: str) -> Optional[plt.Figure]:
   """One row per kind of C_k saved (probe loss, TD loss), at up to 4 points of training."""
   chosen = _spread(records)
-  rows = [(kind, [r for r in chosen if os.path.exists(layout.covariance(kind, r['learner_step']))])
+  rows = [(kind, [r for r in chosen if storage.path(layout.covariance(kind, r['learner_step'])).exists()])
           for kind in COVARIANCE_KINDS]
   rows = [(kind, found) for kind, found in rows if found]
   if not rows:
@@ -141,7 +142,8 @@ def plot_covariance(layout: RunLayout, records: Sequence[Record], title: str) ->
     for ax in axes[row, len(found):]:
       ax.axis('off')
     for ax, record in zip(axes[row], found):
-      image = ax.imshow(np.load(layout.covariance(kind, record['learner_step'])), cmap='RdBu_r', vmin=-1, vmax=1)
+      matrix = np.load(io.BytesIO(storage.path(layout.covariance(kind, record['learner_step'])).read_bytes()))
+      image = ax.imshow(matrix, cmap='RdBu_r', vmin=-1, vmax=1)
       ax.set_title(f'{COVARIANCE_KINDS[kind]}, step {record["learner_step"]}\n'
                    f'mean off-diag {_number(record.get(f"{kind}_mean_offdiag"))}', fontsize=8)
       ax.set_xticks([])
@@ -206,16 +208,17 @@ def plot_statistics_vs_plasticity(runs: Dict[str, Tuple[List[Record], List[Recor
 
 
 def _save(fig: plt.Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
+  storage.write_atomically(path, buffer.getvalue())
   return path
 
 
 def read_stream(layout: RunLayout, name: str) -> List[Record]:
   """A stream's records by learner step; a step recorded by several launches (a relaunch repeats the steps
   after its checkpoint) counts once, as the last launch recorded it."""
-  records = read_jsonl(layout.records(name))
+  records = layout.records(name)
   latest = {r['learner_step']: r for r in sorted(records, key=lambda r: r.get('attempt', 1))}
   return [latest[step] for step in sorted(latest)]
 
@@ -223,13 +226,11 @@ def read_stream(layout: RunLayout, name: str) -> List[Record]:
 def write_report(run_dir: str) -> List[str]:
   """Writes the plots of one run directory; returns their paths."""
   layout = RunLayout(run_dir)
-  path = layout.records(RunLayout.PROBES)
-  if not os.path.exists(path):
-    raise ValueError(f'{run_dir} holds no {os.path.basename(path)}: is it a run directory with an evaluator '
-                     f'(--probe_every > 0)?')
   records = read_stream(layout, RunLayout.PROBES)
   if not records:
-    raise ValueError(f'{path} holds no probe record yet.')
+    raise ValueError(f'{run_dir} holds no probe record (in {layout.stream(RunLayout.PROBES)}/ or, written before '
+                     f'streams had a file per writer, {layout.legacy_records(RunLayout.PROBES)}): is it a run '
+                     f'directory with an evaluator (--probe_every > 0), past its first probe point?')
   title = os.path.basename(os.path.normpath(run_dir))
   written = [_save(plot_probe_curves(records, title), layout.plot('probe_curves')),
              _save(plot_plasticity(records, title), layout.plot('plasticity'))]

@@ -13,13 +13,13 @@ told to (a stop request, the learner's end): a set then holds what there was,
 and `num_unique_inputs` in each probe record says so.
 """
 
-import os
-import tempfile
+import io
 from typing import Callable, NamedTuple, Optional, Protocol
 
 import jax
 import numpy as np
 
+from agents import storage
 from agents.types import Transition
 
 
@@ -83,32 +83,25 @@ def draw(source: ReplaySource, num_inputs: int, num_transitions: int, key: np.nd
 def save(path: str, probe_set: ProbeSet) -> ProbeSet:
   """Publishes the set at `path` unless one is there already; returns the set that is there.
 
-  Written to a temporary file and linked into place, which fails if the path
-  exists: of two evaluators drawing at once, both end up using the first one's.
+  First writer wins (`storage.write_if_absent`): of two evaluators drawing at
+  once, both end up using the first one's (on a bucket, both use what is
+  there when they read it back; see agents/storage.py for the window).
   """
   arrays = {'inputs': probe_set.inputs, 'target_key': probe_set.target_key,
             'learner_step': np.asarray(probe_set.learner_step)}
   if probe_set.transitions is not None:
     arrays.update({f'transition_{name}': np.asarray(value) for name, value in probe_set.transitions._asdict().items()})
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, prefix='.probe_set.', suffix='.npz', delete=False) as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  try:
-    os.link(f.name, path)
-  except FileExistsError:
-    return load(path)
-  finally:
-    os.remove(f.name)
-  return probe_set
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  if storage.write_if_absent(path, buffer.getvalue()) and storage.is_local(path):
+    return probe_set
+  return load(path)
 
 
 def load(path: str) -> ProbeSet:
   """Reads a saved probe set; a ValueError naming the file if it is not one."""
   try:
-    with np.load(path) as saved:
+    with np.load(io.BytesIO(storage.path(path).read_bytes())) as saved:
       arrays = {name: saved[name] for name in saved.files}
   except (OSError, ValueError, EOFError) as e:
     raise ValueError(f'{path} is not a readable probe set ({e}); move it away to draw a new one.') from e

@@ -12,7 +12,7 @@ from absl import flags
 from probes import plots
 from probes.run_dir import RunLayout
 
-RUN_DIR = flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) holding probes.jsonl.')
+RUN_DIR = flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) with probe records.')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the cross-run plots go (default: FIRST_RUN/plots/comparison).')
 
 

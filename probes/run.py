@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import environments
-from agents import checkpointing
+from agents import checkpointing, storage
 from agents.actor import Actor
 from agents.builder import make_agent
 from agents import config_flags
@@ -53,17 +53,18 @@ def collect_transitions(config: ExperimentConfig, params, num: int, seed: int) -
 def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int = 0,
                       override: Callable[[ExperimentConfig], ExperimentConfig] = lambda config: config) -> dict:
   """Probes one checkpoint with the run's settings (`override` may change them); returns the record written
-  to OUT_DIR/probes.jsonl."""
-  if not os.path.isfile(checkpoint):
+  to OUT_DIR's probes stream."""
+  if not storage.path(checkpoint).is_file():
     raise ValueError(f'--checkpoint={checkpoint} is not a file.')
-  run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+  location = os.path.abspath(checkpoint) if storage.is_local(checkpoint) else checkpoint
+  run_dir = os.fspath(storage.path(location).parent.parent)
   config = override(load_config(run_dir))
   step, state = checkpointing.load(checkpoint)
   state = TrainingState(*state)
   params, target_params = jax.tree_util.tree_map(jax.numpy.asarray, (state.params, state.target_params))
   run = RunLayout(run_dir)
   out = RunLayout(out_dir) if out_dir else run.offline(checkpoint)
-  if os.path.exists(run.probe_set):
+  if storage.path(run.probe_set).exists():
     set_path, source = run.probe_set, None
   else:
     set_path = out.probe_set
@@ -75,7 +76,7 @@ def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int 
                         probe_set_path=set_path,
                         diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
                         discount=config.agent.discount,
-                        reference_probes=run.records(RunLayout.PROBES) if source is None else None)
+                        reference_probes=run if source is None else None)
   return evaluator.evaluate()
 
 

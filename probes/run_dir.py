@@ -9,16 +9,22 @@ path, so a new file is one method here (and one row in WORKSPACE.md).
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import typing
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import environments
 from agents import config_flags
+from agents import storage
 from agents.config import AgentConfig, ReplayConfig, option
 from probes.diagnostics import DiagnosticsConfig
+from probes import loggers
 from probes.evaluation import EvaluationConfig
-from probes.loggers import JsonlLogger
+from probes.loggers import Record
 from probes.plasticity import ProbeConfig
+
+_WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
@@ -32,7 +38,8 @@ class RunLayout:
   """The files of a run directory (or of an evaluator's directory inside one), by what they hold."""
   root: str
 
-  # Record streams: `<name>.jsonl`, mirrored to `tensorboard/<name>/`.
+  # Record streams: `records/<name>/<writer>.jsonl`, one file (or numbered segments) per writing process,
+  # mirrored to `tensorboard/<name>/`. A new stream is one name here.
   LEARNER = 'learner'
   ACTORS = 'actors'
   PROBES = 'probes'
@@ -43,15 +50,35 @@ class RunLayout:
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
 
-  def records(self, name: str) -> str:
+  def stream(self, name: str) -> str:
+    """The directory of a record stream's files, one per writer."""
+    return self.path('records', name)
+
+  def records_file(self, name: str, writer: str) -> str:
+    """One writer's file of a stream (on a bucket, the stem of its numbered segments)."""
+    if not _WRITER.match(writer):
+      raise ValueError(f'A record writer is named with letters, digits, _ and -, not {writer!r}.')
+    return os.path.join(self.stream(name), f'{writer}.jsonl')
+
+  def legacy_records(self, name: str) -> str:
+    """`<name>.jsonl`: where every writer appended before streams had a file per writer (still read)."""
     return self.path(f'{name}.jsonl')
+
+  def records(self, name: str, writer: Optional[str] = None) -> List[Record]:
+    """Every record of a stream, for every reader: the old single file's first, then each writer's file (only
+    `writer`'s, if given), interleaved by `time` with each writer's own order kept (`loggers.merge`)."""
+    files = [self.legacy_records(name)] + ([self.records_file(name, writer)] if writer
+                                           else loggers.writers(self.stream(name)))
+    return loggers.merge([loggers.read_jsonl(file) for file in files])
 
   def tensorboard(self, name: Optional[str] = None) -> str:
     return self.path('tensorboard', *([name] if name else []))
 
-  def logger(self, name: str, tensorboard: bool = True, **options: Any) -> JsonlLogger:
-    """The writer of one record stream."""
-    return JsonlLogger(self.records(name), self.tensorboard(name) if tensorboard else None, **options)
+  def logger(self, name: str, writer: str, tensorboard: bool = True, **options: Any) -> loggers.JsonlLogger:
+    """The writer `writer` (a node: `learner`, `actor_3`, `evaluator`, ...) of one record stream: a file of its
+    own, which one process at a time writes."""
+    return loggers.JsonlLogger(self.records_file(name, writer), self.tensorboard(name) if tensorboard else None,
+                               **options)
 
   @property
   def config(self) -> str:
@@ -96,11 +123,19 @@ class RunLayout:
   def attempt_logs(self, attempt: int) -> str:
     return os.path.join(self.logs, str(attempt))
 
+  def local_logs(self, attempt: int) -> str:
+    """Where this host's Launchpad writes a launch's node logs (local files only): `attempt_logs`, or for a run
+    directory on a bucket the same path under the local temporary directory."""
+    logs = self.attempt_logs(attempt)
+    return logs if storage.is_local(logs) else os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs',
+                                                           logs.replace('://', '/'))
+
   def attempts(self) -> int:
     """How many launches have left logs here."""
-    if not os.path.isdir(self.logs):
+    logs = storage.path(self.logs)
+    if not logs.is_dir():
       return 0
-    return max((int(name) for name in os.listdir(self.logs) if name.isdigit()), default=0)
+    return max((int(child.name) for child in logs.iterdir() if child.name.isdigit()), default=0)
 
   def covariance(self, kind: str, learner_step: int) -> str:
     """A saved C_k: kind `covariance` (probe loss) or `td_covariance` (TD loss)."""
@@ -181,17 +216,18 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
   directory is touched. config.json is replaced atomically.
   """
   run_dir = config.run_dir
-  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+  root = storage.path(run_dir)
+  if root.exists() and not root.is_dir():
     raise ValueError(f'--run_dir={run_dir} is a file, not a directory.')
   try:
-    os.makedirs(run_dir, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror}).') from e
-  if not os.access(run_dir, os.W_OK | os.X_OK):
+    raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror or e}).') from e
+  if storage.is_local(run_dir) and not os.access(run_dir, os.W_OK | os.X_OK):
     raise ValueError(f'--run_dir={run_dir} is not writable.')
   path = config.layout.config
   current = json.loads(json.dumps(config.to_dict()))
-  resumed = os.path.exists(path)
+  resumed = storage.path(path).exists()
   if resumed:
     # Read back through the dataclasses: a field added since the run began takes its default.
     saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
@@ -201,11 +237,7 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
           f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
           f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
           f'Use another --run_dir for a new run.')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(current, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.tmp', path)
+  storage.write_atomically(path, json.dumps(current, indent=2).encode())
   return resumed
 
 
@@ -245,11 +277,10 @@ def load_config(run_dir: str) -> ExperimentConfig:
   """Reads a run directory's config.json back into an ExperimentConfig; a ValueError naming the file if it
   is not one."""
   path = RunLayout(run_dir).config
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise ValueError(f'{run_dir} is not a run directory: {path} does not exist.')
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(storage.path(path).read_text())
     return _from_dict(ExperimentConfig, {**raw, 'run_dir': run_dir})
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(f'{path} is not a readable run configuration ({e!r}).') from e

@@ -68,18 +68,18 @@ def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path)
   assert claim_actor_ids(layout, 2) == [MAX_ACTORS + 4, MAX_ACTORS + 5]
 
 
-def test_an_actors_last_record_is_read_from_the_end_of_the_stream(tmp_path):
-  from probes.loggers import JsonlLogger, last_jsonl_record
-  path = str(tmp_path / 'actors.jsonl')
-  for actor_id, episode in [(0, 1), (1, 1), (0, 2), (2, 1), (1, 2), (0, 3), (2, 2)]:
-    JsonlLogger(path, extra={'actor_id': actor_id})({'episode': episode, 'env_steps': 100 * episode})
-  with open(path, 'a') as f:
-    f.write('{"actor_id": 0, "epis')  # A line cut short by a crash.
-  for block_bytes in (7, 64, 1 << 20):  # Lines split across blocks, and the whole file in one.
-    last = lambda actor_id: last_jsonl_record(path, lambda r: r['actor_id'] == actor_id, block_bytes=block_bytes)
-    assert [last(i)['episode'] for i in (0, 1, 2)] == [3, 2, 2]
-    assert last(3) is None
-  assert last_jsonl_record(str(tmp_path / 'none.jsonl'), lambda r: True) is None
+def test_an_actors_counters_go_on_from_its_own_last_record(tmp_path):
+  from launch.program import actor_progress, actor_writer
+  layout = RunLayout(str(tmp_path))
+  with open(layout.legacy_records(RunLayout.ACTORS), 'w') as f:  # A run written before a file per writer.
+    f.write('{"actor_id": 0, "episode": 1, "env_steps": 100, "time": 1}\n{"actor_id": 1, "episode": 1, '
+            '"env_steps": 100, "time": 2}\n')
+  for actor_id, episode in [(0, 2), (1, 2), (0, 3), (2, 1)]:
+    logger = layout.logger(RunLayout.ACTORS, actor_writer(actor_id), tensorboard=False,
+                           extra={'actor_id': actor_id})
+    logger({'episode': episode, 'env_steps': 100 * episode})
+    logger.close()
+  assert [actor_progress(layout, i) for i in (0, 1, 2, 3)] == [(3, 300), (2, 200), (1, 100), (0, 0)]
 
 
 def _replay_items(address: str) -> int:

@@ -17,7 +17,6 @@ from agents.types import Transition
 from probes import plasticity, plots, probe_set
 from probes.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
-from probes.loggers import read_jsonl
 from probes.run_dir import RunLayout
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
@@ -127,7 +126,7 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
                         replay_source=source(inputs), out=RunLayout(str(tmp_path)))
   clock['step'] = -40  # The first look sees step 0.
   evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.0)
-  steps = [r['learner_step'] for r in read_jsonl(RunLayout(str(tmp_path)).records('probes'))]
+  steps = [r['learner_step'] for r in RunLayout(str(tmp_path)).records('probes')]
   assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
 
 
@@ -161,7 +160,7 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
     evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.001,
                   max_pending=max_pending)
     # Every snapshot at its scheduled step; with one waiting, step 200 found it taken and was skipped.
-    assert [r['learner_step'] for r in read_jsonl(RunLayout(out_dir).records('probes'))] == expected
+    assert [r['learner_step'] for r in RunLayout(out_dir).records('probes')] == expected
 
 
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
@@ -169,8 +168,8 @@ def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params, params), replay_source=source(inputs),
                         out=RunLayout(str(tmp_path)), diagnostics_config=SMALL_DIAGNOSTICS)
   evaluator.evaluate()
-  probe, = read_jsonl(RunLayout(str(tmp_path)).records('probes'))
-  record, = read_jsonl(RunLayout(str(tmp_path)).records('diagnostics'))
+  probe, = RunLayout(str(tmp_path)).records('probes')
+  record, = RunLayout(str(tmp_path)).records('diagnostics')
   assert probe['learner_step'] == record['learner_step'] == 7
   assert np.isfinite(record['top_eigenvalue']) and record['hessian_batch_size'] == 128
   assert len(record['density']) == len(record['density_grid']) == 64
@@ -181,7 +180,7 @@ def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
 
 
 def test_report_writes_both_plots(tmp_path):
-  logger = RunLayout(str(tmp_path)).logger('probes', tensorboard=False)
+  logger = RunLayout(str(tmp_path)).logger('probes', 'evaluator', tensorboard=False)
   rng = np.random.default_rng(0)
   for step in (0, 5000, 10000):
     loss = 0.1 + step / 1e5
@@ -218,7 +217,7 @@ def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
 
 
 def test_report_on_a_directory_without_probes_is_a_clear_error(tmp_path):
-  with pytest.raises(ValueError, match='probes.jsonl'):
+  with pytest.raises(ValueError, match='holds no probe record'):
     plots.write_report(str(tmp_path))
 
 
@@ -245,7 +244,7 @@ def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   # A second evaluator (another seed, another replay) reads the saved set and borrows the run's P(theta_0).
   other = Evaluator(agent, CONFIG, params_source=lambda: (200, saturate(params), params),
                     replay_source=source(inputs[100:]), out=RunLayout(str(tmp_path / 'b')), probe_set_path=path, seed=7,
-                    reference_probes=RunLayout(str(tmp_path / 'a')).records('probes'))
+                    reference_probes=RunLayout(str(tmp_path / 'a')))
   record = other.evaluate()
   assert record['num_unique_inputs'] == 100 and record['plasticity_reference_step'] == 0
   # The saturated network fits nothing: its loss of plasticity is the fresh network's plasticity.
@@ -305,7 +304,7 @@ def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fill
   thread.start()
   thread.join(timeout=60)
   assert not thread.is_alive() and replay.waited
-  records = read_jsonl(RunLayout(str(tmp_path / 'a')).records('probes'))
+  records = RunLayout(str(tmp_path / 'a')).records('probes')
   assert records and all(r['num_unique_inputs'] == 50 for r in records)
   assert records[-1]['learner_step'] == 60
   with open(RunLayout(str(tmp_path / 'a')).evaluator_status) as f:
@@ -346,15 +345,15 @@ def test_figure_3_point_of_a_run_is_its_change_against_its_last_plasticity_loss(
 
 
 def test_report_draws_a_diverged_run_with_gaps(tmp_path):
-  probes = RunLayout(str(tmp_path)).logger('probes', tensorboard=False)
-  diagnostics = RunLayout(str(tmp_path)).logger('diagnostics', tensorboard=False)
+  probes = RunLayout(str(tmp_path)).logger('probes', 'evaluator', tensorboard=False)
+  diagnostics = RunLayout(str(tmp_path)).logger('diagnostics', 'evaluator', tensorboard=False)
   for step, value in ((0, 0.4), (100, float('nan'))):
     probes({'learner_step': step, 'probe_steps': 20, 'num_targets': 2, 'final_loss_mean': value,
             'final_loss_std': value, 'baseline': 0.5, 'plasticity': value, 'plasticity_loss': value,
             'curve': [[0, value], [10, value]]})
     diagnostics({'learner_step': step, 'density_grid': [0.0, 1.0, 2.0], 'density': [0.1, value, 0.2],
                  'top_eigenvalue': value, 'parameter_norm': value, 'weight_srank_mean': 3.0})
-  assert read_jsonl(RunLayout(str(tmp_path)).records('probes'))[1]['plasticity'] is None
+  assert RunLayout(str(tmp_path)).records('probes')[1]['plasticity'] is None
   paths = plots.write_report(str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == ['hessian_density.png', 'plasticity.png', 'probe_curves.png',
                                                         'statistics.png']
@@ -366,7 +365,7 @@ def test_an_evaluator_that_starts_late_still_measures_theta_0_first(setup, tmp_p
                         replay_source=source(inputs), out=RunLayout(str(tmp_path)),
                         initial_source=lambda: (0, params, params))
   evaluator.run(100, learner_step=lambda: 250, learner_finished=lambda: True, poll_seconds=0.0)
-  first, last = read_jsonl(RunLayout(str(tmp_path)).records('probes'))
+  first, last = RunLayout(str(tmp_path)).records('probes')
   assert (first['learner_step'], last['learner_step']) == (0, 250)
   assert first['plasticity_loss'] == 0.0 and last['plasticity_reference_step'] == 0
   assert last['plasticity_loss'] == pytest.approx(first['plasticity'] - last['plasticity']) and last['plasticity_loss'] > 0
@@ -375,7 +374,7 @@ def test_an_evaluator_that_starts_late_still_measures_theta_0_first(setup, tmp_p
 def test_a_step_recorded_by_two_launches_is_read_once_as_the_last_launch_recorded_it(tmp_path):
   layout = RunLayout(str(tmp_path))
   for attempt, steps in ((1, (0, 100, 200)), (2, (100, 300))):
-    logger = layout.logger('probes', tensorboard=False, extra={'attempt': attempt})
+    logger = layout.logger('probes', 'evaluator', tensorboard=False, extra={'attempt': attempt})
     for step in steps:
       logger({'learner_step': step, 'plasticity': float(attempt)})
   records = plots.read_stream(layout, 'probes')

@@ -13,7 +13,6 @@ import psutil
 import pytest
 
 from agents import checkpointing
-from probes.loggers import read_jsonl
 from probes.run_dir import RunLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +65,11 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
 
   layout = RunLayout(run_dir)
   streams = [RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS]
+  writers = [(RunLayout.LEARNER, 'learner'), (RunLayout.ACTORS, 'actor_0'), (RunLayout.ACTORS, 'actor_1'),
+             (RunLayout.PROBES, 'evaluator'), (RunLayout.DIAGNOSTICS, 'evaluator')]  # A file each.
   for path in [layout.config, layout.addresses, layout.probe_set, layout.evaluator_status,
-               *map(layout.records, streams), layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
+               *(layout.records_file(*writer) for writer in writers),
+               layout.covariance('covariance', 0), layout.covariance('td_covariance', 0),
                *map(layout.plot, ['hessian_density', 'covariance', 'statistics', 'probe_curves', 'plasticity']),
                *(os.path.join(layout.attempt_logs(1), node)
                  for node in ['learner/0', 'actor/0', 'actor/1', 'replay/0', 'evaluator/0'])]:
@@ -76,13 +78,13 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   for name in streams:
     assert os.listdir(layout.tensorboard(name)), name
 
-  learner = read_jsonl(RunLayout(run_dir).records('learner'))
+  learner = RunLayout(run_dir).records('learner')
   assert [r['learner_step'] for r in learner] == list(range(50, 301, 50))
   assert all(set(r) >= {'td_loss', 'mean_q', 'updates_per_s'} for r in learner)
-  actors = read_jsonl(RunLayout(run_dir).records('actors'))
+  actors = RunLayout(run_dir).records('actors')
   assert {r['actor_id'] for r in actors} == {0, 1}
   assert all(0 <= r['episode_return'] <= r['episode_length'] for r in actors)
-  probes = read_jsonl(RunLayout(run_dir).records('probes'))
+  probes = RunLayout(run_dir).records('probes')
   assert probes[0]['learner_step'] == 0 and probes[-1]['learner_step'] == 300
   for record in probes:
     assert record['num_targets'] == 10 and record['probe_steps'] == 40
@@ -90,7 +92,7 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
     assert record['num_unique_inputs'] == 256 and record['probe_set_step'] == 0  # One set for the run.
     assert record['plasticity_loss'] == pytest.approx(probes[0]['plasticity'] - record['plasticity'], abs=1e-6)
   assert probes[0]['plasticity_loss'] == 0.0
-  diagnostics = read_jsonl(RunLayout(run_dir).records('diagnostics'))
+  diagnostics = RunLayout(run_dir).records('diagnostics')
   assert [r['learner_step'] for r in diagnostics] == [r['learner_step'] for r in probes]
   assert all(r['lanczos_steps'] == 5 and r['covariance_samples'] == 32 for r in diagnostics)
   assert all(r['td_covariance_samples'] == 32 for r in diagnostics)
@@ -106,7 +108,7 @@ def test_local_mt_run_resumes_from_its_checkpoint(tmp_path):
   second = train(run_dir, *[f for f in flags if not f.startswith('--max_learner_steps')], '--max_learner_steps=200')
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert 'Resuming' in second.stdout
-  records = read_jsonl(RunLayout(run_dir).records('learner'))
+  records = RunLayout(run_dir).records('learner')
   assert [(r['learner_step'], r['attempt']) for r in records] == [(50, 1), (100, 1), (150, 2), (200, 2)]
   # The replay came back from its checkpoint at the first run's stop: at least what learning needed.
   restored = re.search(r'Replay restored: (\{.*\}) items from (\S+)\.', second.stdout)
@@ -124,10 +126,10 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
   result = train(run_dir, '--launch_type=local_mt', *flags, '--max_learner_steps=60', '--probe_every=30')
   ended = time.time()
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  learner = read_jsonl(RunLayout(run_dir).records('learner'))
+  learner = RunLayout(run_dir).records('learner')
   assert learner[-1]['learner_step'] == 60  # Logged although 60 is not a multiple of --log_every=50.
   assert ended - learner[-1]['time'] < 60  # The issue's bound: within a minute of the learner's last step.
-  probes = read_jsonl(RunLayout(run_dir).records('probes'))
+  probes = RunLayout(run_dir).records('probes')
   assert probes[-1]['learner_step'] == 60
   assert all(200 <= r['num_unique_inputs'] < 2048 for r in probes)  # What the replay held, said in the record.
   assert 'evaluator finished' in result.stdout
@@ -137,7 +139,7 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
                  '--learning_rate=1e6')
   assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'diverged at step' in result.stderr and '--learning_rate' in result.stderr
-  last = read_jsonl(RunLayout(run_dir).records('learner'))[-1]
+  last = RunLayout(run_dir).records('learner')[-1]
   assert last['diverged'] is True and last['td_loss'] is None and 'td_loss' in last['nonfinite']
   assert 'non-finite' in result.stdout  # The progress line shows it instead of crashing on a null.
 
@@ -148,8 +150,7 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_inputs'))]
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
                       '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
-  learner = RunLayout(run_dir).records('learner')
-  _wait_for(lambda: os.path.exists(learner) and os.path.getsize(learner), 180, 'the learner to train')
+  _wait_for(lambda: RunLayout(run_dir).records('learner'), 180, 'the learner to train')
   run.send_signal(signal.SIGTERM)
   sent = time.time()
   out, err = run.communicate(timeout=120)
@@ -183,7 +184,7 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert time.time() - sent < 30  # The evaluator dropped its probe instead of being killed at the notice.
   assert 'Interrupted' in out and 'resume' in err
   assert os.listdir(layout.checkpoints)  # The learner's final checkpoint.
-  assert not read_jsonl(layout.records('probes'))  # The point in progress is dropped whole, not half-written.
+  assert not layout.records('probes')  # The point in progress is dropped whole, not half-written.
   time.sleep(1.0)
   assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
 
@@ -214,41 +215,40 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   start = time.time()
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=3000', '--checkpoint_every=250')
-  learner, restarts, actors = layout.records('learner'), layout.records('restarts'), layout.records('actors')
-  _wait_for(lambda: len(read_jsonl(learner)) >= 4, 180, 'the learner at step 200')
+  _wait_for(lambda: len(layout.records('learner')) >= 4, 180, 'the learner at step 200')
   for node in ('actor/0', 'evaluator/0'):  # Each is restarted in place, while the rest of the run goes on.
     process, = _node_processes(run_dir, node)
     process.kill()
-    _wait_for(lambda: any(r['node'] == node for r in read_jsonl(restarts)), 60, f'the restart of {node}')
-  in_place = read_jsonl(restarts)
-  _wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in read_jsonl(actors)), 120,
+    _wait_for(lambda: any(r['node'] == node for r in layout.records('restarts')), 60, f'the restart of {node}')
+  in_place = layout.records('restarts')
+  _wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in layout.records('actors')), 120,
             'an episode of the restarted actor')
-  assert layout.attempts() == 1 and {r['attempt'] for r in read_jsonl(learner)} == {1}  # No relaunch for those.
+  assert layout.attempts() == 1 and {r['attempt'] for r in layout.records('learner')} == {1}  # No relaunch for those.
   # The learner's failure stops the launch: the run is relaunched from the checkpoints (no final one).
-  assert read_jsonl(learner)[-1]['learner_step'] < 3000, 'the run ended before its learner could be killed'
+  assert layout.records('learner')[-1]['learner_step'] < 3000, 'the run ended before its learner could be killed'
   learner_process, = _node_processes(run_dir, 'learner/0')
   learner_process.kill()
   out, err = run.communicate(timeout=400)
   assert run.returncode == 0, out[-3000:] + err[-3000:]
   assert 'restarted it in place' in out and 'Relaunching from the checkpoints (1/3)' in out
   assert out.count('Replay restored') == 1
-  actor_restart, evaluator_restart, relaunch = read_jsonl(restarts)
+  actor_restart, evaluator_restart, relaunch = layout.records('restarts')
   for record, node in ((actor_restart, 'actor/0'), (evaluator_restart, 'evaluator/0')):
     assert record['node'] == node and record['attempt'] == 1 and record['restart'] == 1
     assert record['exit_code'] == -9 and record['exit_signal'] == 'SIGKILL' and record['steps_lost'] == 0
   assert relaunch['attempt'] == 1 and any(node.startswith('learner') for node in relaunch['nodes'])
   assert not any(node.startswith(('actor', 'evaluator')) for node in relaunch['nodes'])  # Those were restarted.
   assert 0 <= relaunch['steps_lost'] <= 250  # At most one --checkpoint_every.
-  records = read_jsonl(learner)
+  records = layout.records('learner')
   assert records[-1]['learner_step'] == 3000 and records[-1]['attempt'] == 2
   assert layout.attempts() == 2
   # Actor 0's counters go on through its restart and the relaunch: episodes 1, 2, ... of 100 steps each.
-  actor_0 = [r for r in read_jsonl(actors) if r['actor_id'] == 0]
+  actor_0 = [r for r in layout.records('actors') if r['actor_id'] == 0]
   assert [r['episode'] for r in actor_0] == list(range(1, len(actor_0) + 1))
   assert [r['env_steps'] for r in actor_0] == [100 * r['episode'] for r in actor_0]
   assert {r['attempt'] for r in actor_0} == {1, 2}
   # The restarted evaluator (and the relaunched one) went on from their last point: none probed twice.
-  steps = [r['learner_step'] for r in read_jsonl(layout.records('probes'))]
+  steps = [r['learner_step'] for r in layout.records('probes')]
   assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 3000
   time.sleep(1.0)
   assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
@@ -303,11 +303,11 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   run_out, run_err = run.communicate(timeout=300)
   assert run.returncode == 0, run_out + run_err[-3000:]
 
-  records = read_jsonl(RunLayout(run_dir).evaluator('mine').records('probes'))
+  records = RunLayout(run_dir).evaluator('mine').records('probes')
   steps = [r['learner_step'] for r in records]
   assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] <= 3000
   assert all(r['probe_steps'] == 20 for r in records)
-  assert not os.path.exists(RunLayout(run_dir).records('probes'))  # The run's own files are untouched.
+  assert not RunLayout(run_dir).records('probes')  # The run's own files are untouched.
 
   # The run has stopped: attaching again is a clear error.
   again = python_module('launch.attach_evaluator', f'--run_dir={run_dir}')
@@ -321,5 +321,5 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   offline = python_module('probes.run', f'--checkpoint={checkpoint}', '--probe_steps=20')
   out, err = offline.communicate(timeout=300)
   assert offline.returncode == 0, err[-3000:]
-  record, = read_jsonl(RunLayout(run_dir).offline(checkpoint).records('probes'))
+  record, = RunLayout(run_dir).offline(checkpoint).records('probes')
   assert record['learner_step'] == 3000 and record['probe_steps'] == 20 and 'plasticity' in out

@@ -1,0 +1,193 @@
+"""The run directory's storage: a record file per writer, their merge, the old layout, and gs:// through epath."""
+
+import json
+import os
+import tempfile
+import time
+
+from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
+from fsspec.implementations.memory import MemoryFileSystem
+import numpy as np
+import pytest
+
+from agents import checkpointing, storage
+from probes import loggers, plots, probe_set as probe_sets
+from probes.run_dir import ExperimentConfig, RunLayout, load_config, write_or_check_config
+
+
+def _write_lines(path: str, records) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(record) + '\n' for record in records)
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
+  deadline = time.time() + timeout_s
+  while not condition():
+    assert time.time() < deadline, 'condition not met'
+    time.sleep(0.02)
+
+
+def test_records_merge_the_writers_files_by_time_keeping_each_writers_order(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  # actor_1's clock stepped back between its records 12 and 13: its own order is kept all the same.
+  _write_lines(layout.records_file('actors', 'actor_0'), [{'id': 'a', 'time': 10.0}, {'id': 'b', 'time': 20.0},
+                                                          {'id': 'c', 'time': 30.0}])
+  _write_lines(layout.records_file('actors', 'actor_1'), [{'id': 'x', 'time': 15.0}, {'id': 'y', 'time': 25.0},
+                                                          {'id': 'z', 'time': 5.0}])
+  # A segmented writer (numbered objects, as on a bucket), segment 1 holding its later records.
+  stem = layout.records_file('actors', 'actor_2')[:-len('.jsonl')]
+  _write_lines(f'{stem}.000001.jsonl', [{'id': 'q', 'time': 35.0}])
+  _write_lines(f'{stem}.000000.jsonl', [{'id': 'p', 'time': 20.0}])
+  # A truncated last line (a crash mid-write) is skipped; a foreign file is not a record file.
+  with open(layout.records_file('actors', 'actor_0'), 'a') as f:
+    f.write('{"id": "broken", "ti')
+  with open(os.path.join(layout.stream('actors'), 'notes.txt'), 'w') as f:
+    f.write('not records')
+  merged = layout.records('actors')
+  # Ties (b and p at 20) go to the writer whose name sorts first.
+  assert [r['id'] for r in merged] == ['a', 'x', 'b', 'p', 'y', 'z', 'c', 'q']
+  assert merged[0] == {'id': 'a', 'time': 10.0}
+  assert loggers.read_jsonl(layout.records_file('actors', 'actor_2')) == [{'id': 'p', 'time': 20.0},
+                                                                          {'id': 'q', 'time': 35.0}]
+  assert layout.records('learner') == []  # A stream nobody has written yet.
+
+
+def test_an_old_single_file_directory_is_read_and_resumes_into_the_new_layout(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  old = [{'learner_step': step, 'attempt': 1, 'plasticity': 0.5 - step / 1e4, 'probe_steps': 10, 'num_targets': 2,
+          'final_loss_mean': 0.1, 'final_loss_std': 0.0, 'baseline': 0.6, 'curve': [[0, 0.5], [5, 0.2]],
+          'time': 100.0 + step} for step in (0, 1000)]
+  _write_lines(os.path.join(str(tmp_path), 'probes.jsonl'), old)  # As written before a file per writer.
+  assert layout.legacy_records('probes') == os.path.join(str(tmp_path), 'probes.jsonl')
+  assert layout.records('probes') == old
+  assert [os.path.basename(p) for p in plots.write_report(str(tmp_path))] == ['probe_curves.png', 'plasticity.png']
+  # A resumed run writes the new layout; readers see the old records, then the new.
+  logger = layout.logger('probes', 'evaluator', tensorboard=False, extra={'attempt': 2})
+  logger({'learner_step': 2000, 'plasticity': 0.2})
+  logger.close()
+  assert os.path.exists(os.path.join(str(tmp_path), 'records', 'probes', 'evaluator.jsonl'))
+  assert [(r['learner_step'], r['attempt']) for r in layout.records('probes')] == [(0, 1), (1000, 1), (2000, 2)]
+
+
+def test_the_segment_writer_never_appends_rolls_over_and_a_relaunch_never_overwrites(tmp_path, monkeypatch):
+  path = RunLayout(str(tmp_path)).records_file('learner', 'learner')
+
+  real_os_open, real_open = os.open, open
+
+  def os_open(file, flags, *args, **kwargs):
+    assert not flags & os.O_APPEND, f'{file} opened to append'
+    return real_os_open(file, flags, *args, **kwargs)
+
+  def builtin_open(file, mode='r', *args, **kwargs):
+    assert 'a' not in mode, f'{file} opened to append'
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr(os, 'open', os_open)
+  monkeypatch.setattr('builtins.open', builtin_open)
+  logger = loggers.JsonlLogger(path, append=False, flush_seconds=3600.0, segment_bytes=120)
+  for step in range(5):
+    logger({'learner_step': step})  # ~45 bytes a line: two lines per 120-byte segment.
+  logger.close()
+  assert not os.path.exists(path)
+  stem = path[:-len('.jsonl')]
+  assert loggers.segments(path) == [0, 1, 2]
+  for index, steps in ((0, [0, 1]), (1, [2, 3]), (2, [4])):
+    assert [r['learner_step'] for r in loggers.read_jsonl(f'{stem}.{index:06d}.jsonl')] == steps
+  # The node relaunched: it writes segments past the ones there, and the stream holds both launches.
+  again = loggers.JsonlLogger(path, append=False, flush_seconds=3600.0, segment_bytes=120)
+  again({'learner_step': 5})
+  again.close()
+  assert loggers.segments(path) == [0, 1, 2, 3]
+  assert [r['learner_step'] for r in RunLayout(str(tmp_path)).records('learner')] == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_segment_writer_publishes_before_close_and_keeps_records_a_failed_write_missed(tmp_path, monkeypatch):
+  path = str(tmp_path / 'probes' / 'evaluator.jsonl')
+  real_write = storage.write_atomically
+  failures = []
+
+  def fails_once(location, data):
+    if not failures:
+      failures.append(location)
+      raise OSError('503 Service Unavailable')
+    real_write(location, data)
+
+  monkeypatch.setattr(storage, 'write_atomically', fails_once)
+  logger = loggers.JsonlLogger(path, append=False, flush_seconds=0.01)
+  logger({'learner_step': 0})
+  _wait_for(lambda: len(loggers.read_jsonl(path)) == 1)  # Written by the flusher, retried after the failure.
+  assert failures
+  logger({'learner_step': 100})
+  _wait_for(lambda: len(loggers.read_jsonl(path)) == 2)
+  logger.close()
+  assert [r['learner_step'] for r in loggers.read_jsonl(path)] == [0, 100]
+
+
+def test_bad_writer_names_and_appending_to_a_bucket_are_refused(tmp_path):
+  with pytest.raises(ValueError, match="letters, digits, _ and -, not 'actor.0'"):
+    RunLayout(str(tmp_path)).records_file('actors', 'actor.0')
+  with pytest.raises(ValueError, match='cannot be appended to'):
+    loggers.JsonlLogger('gs://bucket/run/records/learner/learner.jsonl', append=True)
+
+
+class _FakeBucket(MemoryFileSystem):
+  """gs:// in memory: objects are written whole; like a bucket, no append."""
+  protocol = ('gs', 'gcs')
+  root_marker = ''
+
+  def _open(self, path, mode='rb', **kwargs):
+    if 'a' in mode:
+      raise OSError(f'a bucket cannot append to {path}')
+    return super()._open(path, mode=mode, **kwargs)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+  """epath's gs:// backend on an in-memory filesystem: no network."""
+  monkeypatch.setattr(epath_gpath, '_is_tf_installed', lambda: False)  # fsspec, not tf.io.gfile, for gs://.
+  monkeypatch.setattr(_FakeBucket, 'store', {})
+  monkeypatch.setattr(_FakeBucket, 'pseudo_dirs', [''])
+  fs = _FakeBucket(skip_instance_cache=True)
+  monkeypatch.setattr(epath_backend.fsspec_backend, '_get_filesystem', lambda name: fs)
+  return fs
+
+
+def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
+  layout = RunLayout('gs://bucket/run')
+  assert not storage.is_local(layout.root) and storage.is_local('/tmp/run')
+  # Two nodes write their own objects (no append); every reader gets the merged stream.
+  for actor_id in (0, 1):
+    logger = layout.logger('actors', f'actor_{actor_id}', tensorboard=False, extra={'actor_id': actor_id},
+                           flush_seconds=3600.0)
+    logger({'episode': 0})
+    logger({'episode': 1})
+    logger.close()
+  assert sorted(key for key in bucket.store if '/records/' in key) == [
+      'gs://bucket/run/records/actors/actor_0.000000.jsonl', 'gs://bucket/run/records/actors/actor_1.000000.jsonl']
+  assert sorted((r['actor_id'], r['episode']) for r in layout.records('actors')) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  # config.json, checkpoints, the probe set (first writer wins), a covariance matrix.
+  config = ExperimentConfig(run_dir=layout.root, max_learner_steps=10)
+  assert write_or_check_config(config) is False and write_or_check_config(config) is True
+  assert load_config(layout.root).max_learner_steps == 10
+  for step in (100, 200, 300, 400):
+    checkpointing.save(layout.checkpoints, step, {'w': np.full(3, step, np.float32)})
+  path, (step, state), problems = checkpointing.latest_loadable(layout.checkpoints)
+  assert (path, step, problems) == (checkpointing.path_for(layout.checkpoints, 400), 400, [])
+  np.testing.assert_array_equal(state['w'], [400.0, 400.0, 400.0])
+  assert len(list(storage.path(layout.checkpoints).iterdir())) == 3  # The oldest removed.
+  first = probe_sets.ProbeSet(np.zeros((2, 3), np.float32), np.array([1, 2], np.uint32), None, 7)
+  second = probe_sets.ProbeSet(np.ones((2, 3), np.float32), np.array([3, 4], np.uint32), None, 9)
+  assert probe_sets.save(layout.probe_set, first).learner_step == 7
+  assert probe_sets.save(layout.probe_set, second).learner_step == 7  # The first writer's set stays.
+  assert storage.write_if_absent(layout.probe_set, b'x') is False
+  storage.write_atomically(layout.evaluator_status, b'{"state": "idle"}')
+  storage.write_atomically(layout.evaluator_status, b'{"state": "finished"}')
+  assert json.loads(storage.path(layout.evaluator_status).read_text()) == {'state': 'finished'}
+  # Launches are counted on the bucket; Launchpad's logs (local files) go to this host's temporary directory.
+  for attempt in (1, 2):
+    storage.path(layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)
+  assert layout.attempts() == 2
+  assert layout.local_logs(2) == os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs', 'gs/bucket/run/logs/2')
+  assert RunLayout('/runs/a').local_logs(2) == '/runs/a/logs/2'
