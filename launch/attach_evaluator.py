@@ -61,6 +61,10 @@ def connect(run_dir: str, call_timeout_s: float):
                      f'running (or has not started its actors yet). Start or resume it with launch.train.')
   with open(path) as f:
     addresses = json.load(f)
+  if 'stopped_at' in addresses:
+    stopped = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(addresses['stopped_at']))
+    raise ValueError(f'The run in {run_dir} is not live: it stopped at {stopped} ({path} is marked stale). Start or '
+                     f'resume it with launch.train, then attach.')
   learner = courier.Client(addresses['learner'], call_timeout=call_timeout_s, wait_for_ready=False)
   try:
     step = _guarded(learner.get_step)()

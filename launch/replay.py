@@ -26,6 +26,7 @@ import tree
 
 from agents.config import ReplayConfig
 from agents.types import StopRequested, Transition
+from launch import network
 from probes import probe_set
 
 REPLAY_TABLE = 'replay'
@@ -55,8 +56,9 @@ def make_tables(config: ReplayConfig, observation_spec: dm_env.specs.Array) -> L
   return [replay, probe]
 
 
-class ReplayNode(reverb_node.ReverbNode):
-  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`.
+class ReplayNode(network.OnHost, reverb_node.ReverbNode):
+  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`, its address on
+  the run's `--bind_host` (`.on_host(...)`).
 
   At its start the server restores the latest checkpoint there (data and the
   rate limiter's counters: sampling goes on where it stopped, each actor insert
