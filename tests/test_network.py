@@ -1,20 +1,19 @@
-"""Who can reach a run: the bind library, --bind_host's checks, the published addresses, a live run's sockets."""
+"""Who can reach a run: the bind library, --bind_host's checks, the published addresses.
+
+A live run's sockets: tests/test_train_program.py's attach test (it has a live local_mp run to read them from).
+"""
 
 import errno
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
 
-import psutil
 import pytest
 
 from launch import network
-from probes.run_dir import RunLayout
-from tests.test_train_program import ROOT, SMALL_RUN, _wait_for, python_module
+from tests.test_train_program import ROOT
 
 # Binds a listener of each kind to the wildcard address (and one to 127.0.0.2), printing where each is bound.
 BIND_EACH = textwrap.dedent('''
@@ -99,47 +98,3 @@ def test_bind_host_is_checked_and_addresses_are_published_for_other_hosts():
   assert network.connect_host('0.0.0.0') == 'localhost' and network.connect_host('::1') == '::1'
   assert [network.is_loopback(ip) for ip in ('127.0.0.1', '::1', '::ffff:127.0.0.1', '0.0.0.0', '::', '192.0.2.2',
                                              '::ffff:192.0.2.2')] == [True, True, True, False, False, False, False]
-
-
-def _listening(pids) -> set:
-  """(ip, port) of every TCP socket the processes listen on."""
-  found = set()
-  for pid in pids:
-    try:
-      found |= {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind='tcp')
-                if c.status == psutil.CONN_LISTEN}
-    except psutil.Error:
-      pass
-  return found
-
-
-def _run_pids(launcher: subprocess.Popen) -> list:
-  return [launcher.pid, *(child.pid for child in psutil.Process(launcher.pid).children(recursive=True))]
-
-
-@pytest.mark.slow
-def test_a_local_mp_run_listens_on_loopback_only_and_withdraws_its_addresses(tmp_path):
-  run_dir = str(tmp_path / 'run')
-  layout = RunLayout(run_dir)
-  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
-  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
-                      '--max_learner_steps=100000', '--probe_every=0')
-  try:
-    _wait_for(lambda: os.path.exists(layout.addresses), 180, 'the run to publish its addresses')
-    with open(layout.addresses) as f:
-      published = json.load(f)
-    ports = {int(published[node].rsplit(':', 1)[1]) for node in ('learner', 'replay')}
-    assert published['learner'].startswith('127.0.0.1:') and published['replay'].startswith('127.0.0.1:')
-    # Every node's server is up (the learner's and the replay's, and each actor's): 4 listeners at least.
-    _wait_for(lambda: ports <= {port for _, port in _listening(_run_pids(run))} and
-              len(_listening(_run_pids(run))) >= 4, 120, 'the servers to listen')
-    listening = _listening(_run_pids(run))
-    assert all(network.is_loopback(ip) for ip, _ in listening), listening
-    for port in ports:  # Reachable at the published address from another process of this machine.
-      socket.create_connection(('127.0.0.1', port), timeout=10).close()
-  finally:
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=120)
-  assert run.returncode == 130, out[-3000:] + err[-3000:]
-  with open(layout.addresses) as f:
-    assert json.load(f)['stopped_at'] >= published['written_at']  # Marked stale: attach_evaluator says not live.
