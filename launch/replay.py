@@ -98,8 +98,9 @@ class ReplayNode(network.OnHost, reverb_node.ReverbNode):
   def run(self) -> None:
     os.makedirs(self._root, exist_ok=True)
     restored_from = _latest_checkpoint(self._root)
-    server = self._server(lp_address.get_port_from_address(self._address.resolve()))
-    client = server.localhost_client()
+    address = self._address.resolve()
+    server = self._server(lp_address.get_port_from_address(address))
+    client = reverb.Client(address)  # Not `server.localhost_client()`: the server is on --bind_host only.
     sizes = _sizes(client)
     if restored_from and any(sizes.values()):
       logging.info('Replay restored %s from %s', sizes, restored_from)

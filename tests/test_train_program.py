@@ -163,10 +163,13 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
 def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   run_dir = str(tmp_path / 'run')
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_inputs'))]
+  # The evaluator waits on the replay. Another loopback address than the default: the nodes dial each other there.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
-                      '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
+                      '--max_learner_steps=100000', '--probe_inputs=100000', '--bind_host=127.0.0.2')
   learner = RunLayout(run_dir).records('learner')
   _wait_for(lambda: os.path.exists(learner) and os.path.getsize(learner), 180, 'the learner to train')
+  # The launcher re-executed itself under the bind library (same pid): every node's server is on --bind_host only.
+  assert len(listening(run)) >= 4 and {ip for ip, _ in listening(run)} <= {'127.0.0.2', '::ffff:127.0.0.2'}
   run.send_signal(signal.SIGTERM)
   sent = time.time()
   out, err = run.communicate(timeout=120)
@@ -266,6 +269,8 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert result.returncode != 0 and '--arch' in result.stderr and 'mlp' in result.stderr
   result = train(str(run_dir), '--interventions=layernorm,bogus', timeout=120)
   assert result.returncode != 0 and '--interventions' in result.stderr and 'reset_optimizer' in result.stderr
+  result = train(str(run_dir), '--bind_host=localhost', timeout=120)
+  assert result.returncode == 1 and '--bind_host=localhost is not an IP address' in result.stderr
   result = train(str(run_dir), '--env=mdp:mnist:hard', timeout=120)
   assert result.returncode != 0 and 'env' in result.stderr and "'mdp:mnist:easy' -> 'mdp:mnist:hard'" in result.stderr
   assert json.loads((run_dir / 'config.json').read_text()) == {'env': 'mdp:mnist:easy', 'agent': {'arch': 'mlp'}}
