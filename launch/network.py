@@ -12,6 +12,9 @@ local_mt, whose servers run in the launcher's own process, the launcher
 re-executes itself under it (same pid, same arguments). It is built with the
 system's C compiler at first use, into the user cache. `--bind_host=0.0.0.0`
 (or `::`) is every interface, as the servers do by themselves: no library.
+Not chosen: gRPC reads the listening address from neither an environment
+variable nor anything these servers pass on; a network namespace (unshare)
+would cut off attached evaluators and other hosts; a firewall rule needs root.
 
 The nodes dial each other at `--bind_host` (`localhost` when it is every
 interface); actor 0 publishes the learner's and the replay's addresses for
