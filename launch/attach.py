@@ -47,6 +47,10 @@ def connect(run_dir: str, call_timeout_s: float) -> Tuple[ExperimentConfig, cour
     raise ValueError(f'{run_dir} is a run directory but holds no {os.path.basename(path)}: its program is not '
                      f'running (or has not started its actors yet). Start or resume it with launch.train.')
   addresses = json.loads(storage.path(path).read_text())
+  if 'stopped_at' in addresses:
+    stopped = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(addresses['stopped_at']))
+    raise ValueError(f'The run in {run_dir} is not live: it stopped at {stopped} ({path} is marked stale). Start or '
+                     f'resume it with launch.train, then attach.')
   learner = courier.Client(addresses['learner'], call_timeout=call_timeout_s, wait_for_ready=False)
   try:
     step = guarded(learner.get_step)()

@@ -10,6 +10,9 @@
     attached evaluators (launch.attach_evaluator) and actors (launch.attach_actors)
       -> learner, replay, as above, at the addresses actor 0 publishes in the run directory
 
+Every server listens on `--bind_host` only, the nodes dialling each other
+there (`launch.network`).
+
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment
 config and connects it to its peers. The program stops itself: the evaluator
@@ -36,6 +39,7 @@ from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
 from environments import atari_scores
+from launch import network
 from launch import replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
 from launch import supervisor
@@ -88,6 +92,10 @@ def environment_specs(config: ExperimentConfig):
   """(observation spec, number of actions) of the experiment's environment."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   return env.observation_spec(), env.action_spec().num_values
+
+
+class CourierNode(network.OnHost, lp.CourierNode):
+  """Launchpad's Courier node, its address on the run's `--bind_host` (`.on_host(...)`)."""
 
 
 class LearnerNode:
@@ -217,9 +225,20 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
-  record = {'learner': learner_address, 'replay': replay_address, 'host': socket.gethostname(),
-            'launch_type': config.launch_type, 'written_at': time.time()}
+  address = lambda node: network.published(node, config.bind_host, config.publish_host)
+  record = {'learner': address(learner_address), 'replay': address(replay_address), 'host': socket.gethostname(),
+            'bind_host': config.bind_host, 'launch_type': config.launch_type, 'written_at': time.time()}
   storage.write_atomically(config.layout.addresses, json.dumps(record, indent=2).encode())
+
+
+def withdraw_addresses(config: ExperimentConfig) -> None:
+  """Marks `addresses.json` stale (`stopped_at`) once the launch's nodes have stopped: nothing answers there."""
+  try:
+    record = json.loads(storage.path(config.layout.addresses).read_text())
+  except (OSError, ValueError):
+    return  # None published (the actors never started), or unreadable: nothing to withdraw.
+  storage.write_atomically(config.layout.addresses, json.dumps({**record, 'stopped_at': time.time()},
+                                                               indent=2).encode())
 
 
 class EvaluatorNode:
@@ -289,19 +308,21 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
   with program.group('replay'):
     replay_handle = program.add_node(replay.ReplayNode(
         lambda: replay.make_tables(config.replay, observation_spec), config.layout.replay_checkpoint,
-        config.layout.replay_status, config.replay.checkpoint_every_minutes))
+        config.layout.replay_status, config.replay.checkpoint_every_minutes).on_host(config.bind_host))
   with program.group('learner'):
-    learner = program.add_node(lp.CourierNode(LearnerNode, config, attempt, replay_handle))
+    learner = program.add_node(CourierNode(LearnerNode, config, attempt, replay_handle).on_host(config.bind_host))
   with program.group('actor'):
     for actor_id in range(config.num_actors):
-      program.add_node(lp.CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle))
+      program.add_node(CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle)
+                       .on_host(config.bind_host))
   evaluation = None
   if config.evaluation.enabled:
     with program.group('evaluation'):
-      evaluation = program.add_node(lp.CourierNode(EvaluationNode, config, attempt, learner))
+      evaluation = program.add_node(CourierNode(EvaluationNode, config, attempt, learner).on_host(config.bind_host))
   if config.probe_every > 0:
     with program.group('evaluator'):
-      program.add_node(lp.CourierNode(EvaluatorNode, config, attempt, learner, replay_handle, evaluation))
+      program.add_node(CourierNode(EvaluatorNode, config, attempt, learner, replay_handle, evaluation)
+                       .on_host(config.bind_host))
   return program
 
 

@@ -27,6 +27,7 @@ import tree
 from agents import storage
 from agents.config import ReplayConfig
 from agents.types import StopRequested, Transition
+from launch import network
 from probes import probe_set
 
 REPLAY_TABLE = 'replay'
@@ -56,8 +57,9 @@ def make_tables(config: ReplayConfig, observation_spec: dm_env.specs.Array) -> L
   return [replay, probe]
 
 
-class ReplayNode(reverb_node.ReverbNode):
-  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`.
+class ReplayNode(network.OnHost, reverb_node.ReverbNode):
+  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`, its address on
+  the run's `--bind_host` (`.on_host(...)`).
 
   At its start the server restores the latest checkpoint there (data and the
   rate limiter's counters: sampling goes on where it stopped, each actor insert
@@ -95,8 +97,9 @@ class ReplayNode(reverb_node.ReverbNode):
   def run(self) -> None:
     storage.path(self._root).mkdir(parents=True, exist_ok=True)
     restored_from = _latest_checkpoint(self._root)
-    server = self._server(lp_address.get_port_from_address(self._address.resolve()))
-    client = server.localhost_client()
+    address = self._address.resolve()
+    server = self._server(lp_address.get_port_from_address(address))
+    client = reverb.Client(address)  # Not `server.localhost_client()`: the server is on --bind_host only.
     sizes = _sizes(client)
     if restored_from and any(sizes.values()):
       logging.info('Replay restored %s from %s', sizes, restored_from)

@@ -29,6 +29,7 @@ from environments import datasets
 from agents import checkpointing, storage
 from agents.builder import make_agent
 from launch import flags as run_flags
+from launch import network
 from launch import program as program_lib
 from launch import supervisor
 from launch import watchdog
@@ -238,6 +239,7 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     said_restored = say_restored()
     if waiter.is_alive():
       print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
+  program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
   if _INTERRUPTED.is_set():
     return Launch(ExitCode.INTERRUPTED)
@@ -295,11 +297,27 @@ def _results(layout: RunLayout) -> str:
   return text
 
 
+def restrict_servers(config: ExperimentConfig) -> None:
+  """The run's servers listen on `--bind_host` only (`launch.network`); a warning where that cannot be, or where
+  other hosts can reach them."""
+  try:
+    network.restrict_servers(config.bind_host, this_process=config.launch_type == 'local_mt')
+  except network.Unenforceable as e:
+    print(f'Warning: {e}', file=sys.stderr, flush=True)
+  if network.exposure(config.bind_host):
+    print(f'Warning: {network.exposure(config.bind_host)}', file=sys.stderr, flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
     config = run_flags.experiment_config()
+    network.check(config.bind_host, config.publish_host)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
+  try:
     data_source = validate(config)
     resumed = write_or_check_config(config)
   except ValueError as e:

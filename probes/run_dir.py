@@ -30,7 +30,7 @@ _WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
 MAX_ACTORS = 1000
 RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
-                    'evaluation')
+                    'evaluation', 'bind_host', 'publish_host')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +177,11 @@ class ExperimentConfig:
                            f'{MAX_ACTORS} up).', lower_bound=1, upper_bound=MAX_ACTORS)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
                             choices=lambda: ['local_mp', 'local_mt'])
+  bind_host: str = option('127.0.0.1', 'Where the run\'s Reverb and Courier servers listen: 127.0.0.1, this machine '
+                         'only; 0.0.0.0 or ::, every interface; or one interface\'s address, for multi-host runs. '
+                         'They have no authentication: keep such runs on a private network.')
+  publish_host: Optional[str] = option(None, 'Host name or address that addresses.json gives other hosts to reach '
+                                       'the run (default: --bind_host, or this machine\'s name with 0.0.0.0).')
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
   seed: int = option(0, 'Random seed.')
   agent: AgentConfig = AgentConfig()

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from agents import checkpointing
+from launch import network
 from probes.run_dir import RunLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,22 @@ def processes(matches, attributes=('pid', 'cmdline', 'create_time')):
 
 def leftover_processes(since: float, marker: str):
   return processes(lambda info: info['create_time'] >= since and any(marker in part for part in info['cmdline'] or []))
+
+
+def listening(launcher: subprocess.Popen) -> set:
+  """(ip, port) of every TCP socket a launcher and its descendants (a run's processes) listen on."""
+  found = set()
+  try:
+    run = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+  except psutil.Error:
+    return found
+  for process in run:
+    try:
+      found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind='tcp')
+                if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+      pass
+  return found
 
 
 def _wait_for(condition, timeout_s: float, what: str) -> None:
@@ -148,9 +165,12 @@ def test_a_run_shorter_than_the_replay_fill_ends_and_a_diverged_run_says_so(tmp_
 def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   run_dir = str(tmp_path / 'run')
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_inputs'))]
+  # The evaluator waits on the replay. Another loopback address than the default: the nodes dial each other there.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
-                      '--max_learner_steps=100000', '--probe_inputs=100000')  # The evaluator waits on the replay.
+                      '--max_learner_steps=100000', '--probe_inputs=100000', '--bind_host=127.0.0.2')
   _wait_for(lambda: RunLayout(run_dir).records('learner'), 180, 'the learner to train')
+  # The launcher re-executed itself under the bind library (same pid): every node's server is on --bind_host only.
+  assert len(listening(run)) >= 4 and {ip for ip, _ in listening(run)} <= {'127.0.0.2', '::ffff:127.0.0.2'}
   run.send_signal(signal.SIGTERM)
   sent = time.time()
   out, err = run.communicate(timeout=120)
@@ -265,6 +285,8 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert result.returncode != 0 and '--arch' in result.stderr and 'mlp' in result.stderr
   result = train(str(run_dir), '--interventions=layernorm,bogus', timeout=120)
   assert result.returncode != 0 and '--interventions' in result.stderr and 'reset_optimizer' in result.stderr
+  result = train(str(run_dir), '--bind_host=localhost', timeout=120)
+  assert result.returncode == 1 and '--bind_host=localhost is not an IP address' in result.stderr
   result = train(str(run_dir), '--env=mdp:mnist:hard', timeout=120)
   assert result.returncode != 0 and 'env' in result.stderr and "'mdp:mnist:easy' -> 'mdp:mnist:hard'" in result.stderr
   assert json.loads((run_dir / 'config.json').read_text()) == {'env': 'mdp:mnist:easy', 'agent': {'arch': 'mlp'}}
@@ -296,6 +318,14 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=3000', '--probe_every=0')
   _wait_for(lambda: os.path.exists(RunLayout(run_dir).addresses), 180, 'the run to publish its addresses')
+  with open(RunLayout(run_dir).addresses) as f:
+    published = json.load(f)
+  ports = {int(published[node].rsplit(':', 1)[1]) for node in ('learner', 'replay')}
+  assert published['learner'].startswith('127.0.0.1:') and published['replay'].startswith('127.0.0.1:')
+  # Every node's server listens (learner, replay, 2 actors), on loopback only: --bind_host's default.
+  _wait_for(lambda: ports <= {port for _, port in listening(run)} and len(listening(run)) >= 4, 120,
+            'the servers to listen')
+  assert all(network.is_loopback(ip) for ip, _ in listening(run)), listening(run)
   attach = python_module('launch.attach_evaluator', f'--run_dir={run_dir}', '--name=mine', '--probe_every=200',
                          '--probe_steps=20', '--nodiagnostics')
   out, err = attach.communicate(timeout=300)
@@ -309,7 +339,9 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   assert all(r['probe_steps'] == 20 for r in records)
   assert not RunLayout(run_dir).records('probes')  # The run's own files are untouched.
 
-  # The run has stopped: attaching again is a clear error.
+  # The run has stopped: addresses.json says so, and attaching again is a clear error.
+  with open(RunLayout(run_dir).addresses) as f:
+    assert json.load(f)['stopped_at'] >= published['written_at']
   again = python_module('launch.attach_evaluator', f'--run_dir={run_dir}')
   out, err = again.communicate(timeout=120)
   assert again.returncode != 0 and 'not live' in err

@@ -1,0 +1,100 @@
+"""Who can reach a run: the bind library, --bind_host's checks, the published addresses.
+
+A live run's sockets: tests/test_train_program.py's attach test (it has a live local_mp run to read them from).
+"""
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from launch import network
+from tests.test_train_program import ROOT
+
+# Binds a listener of each kind to the wildcard address (and one to 127.0.0.2), printing where each is bound.
+BIND_EACH = textwrap.dedent('''
+    import socket
+    def bound(family, host, v6only=None):
+      with socket.socket(family) as s:
+        if v6only is not None:
+          s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        try:
+          s.bind((host, 0))
+        except OSError as e:
+          return f'error:{e.errno}'
+        return s.getsockname()[0]
+    print(bound(socket.AF_INET, ''), bound(socket.AF_INET6, '', 0), bound(socket.AF_INET6, '', 1),
+          bound(socket.AF_INET, '127.0.0.2'))
+''')
+
+
+def _bound_addresses(environment) -> list:
+  result = subprocess.run([sys.executable, '-c', BIND_EACH], env={**os.environ, **environment},
+                          capture_output=True, text=True, timeout=60, check=True)
+  return result.stdout.split()
+
+
+def _has_ipv6_loopback() -> bool:
+  try:
+    with socket.socket(socket.AF_INET6) as s:
+      s.bind(('::1', 0))
+    return True
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason='needs IPv6 (::1) for the dual-stack cases')
+def test_the_bind_library_moves_wildcard_binds_to_the_chosen_address_and_leaves_others():
+  assert _bound_addresses({}) == ['0.0.0.0', '::', '::', '127.0.0.2']  # Without it: every interface.
+  loopback = network.server_environment('127.0.0.1')
+  assert loopback[network.BIND_ADDRESS_ENV] == '127.0.0.1'
+  # IPv4 socket: the address; dual-stack: the address IPv4-mapped; IPv6-only: IPv6's loopback; a chosen one: kept.
+  assert _bound_addresses(loopback) == ['127.0.0.1', '::ffff:127.0.0.1', '::1', '127.0.0.2']
+  assert _bound_addresses(network.server_environment('127.0.0.2')) == ['127.0.0.2', '::ffff:127.0.0.2', '::1',
+                                                                       '127.0.0.2']
+  not_here = f'error:{errno.EADDRNOTAVAIL}'  # An address no socket can take (TEST-NET-3): refused, none bound.
+  assert _bound_addresses(network.server_environment('203.0.113.7')) == [not_here] * 3 + ['127.0.0.2']
+  assert _bound_addresses(network.server_environment('::1')) == ['127.0.0.1', '::1', '::1', '127.0.0.2']
+  assert network.server_environment('0.0.0.0') == {}  # Every interface: what the servers do by themselves.
+
+
+def test_local_mt_reexecutes_itself_under_the_library_keeping_its_pid():
+  code = textwrap.dedent('''
+      import os, socket
+      from launch import network
+      print('pid', os.getpid(), flush=True)
+      network.restrict_servers('127.0.0.1', this_process=True)
+      with socket.socket() as s:
+        s.bind(('', 0))
+        print('bound', s.getsockname()[0])
+  ''')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-3000:]
+  pids = [line for line in result.stdout.splitlines() if line.startswith('pid')]
+  assert len(pids) == 2 and pids[0] == pids[1]  # Printed before and after the exec: one process.
+  assert result.stdout.splitlines()[-1] == 'bound 127.0.0.1'
+
+
+def test_bind_host_is_checked_and_addresses_are_published_for_other_hosts():
+  with pytest.raises(ValueError, match='--bind_host=localhost is not an IP address'):
+    network.check('localhost', None)
+  with pytest.raises(ValueError, match='--bind_host=203.0.113.7 is not an address of this machine'):
+    network.check('203.0.113.7', None)  # TEST-NET-3: nobody's.
+  with pytest.raises(ValueError, match='--publish_host=node7'):
+    network.check('127.0.0.1', 'node7')
+  network.check('0.0.0.0', 'node7')
+  network.check('127.0.0.2', None)
+  assert network.exposure('127.0.0.1') == ''
+  assert 'every interface' in network.exposure('0.0.0.0') and 'authentication' in network.exposure('::')
+  assert network.published('127.0.0.1:1234', '127.0.0.1', None) == '127.0.0.1:1234'
+  assert network.published('[::1]:5', '::1', None) == '[::1]:5'
+  assert network.published('localhost:9', '0.0.0.0', None) == f'{socket.gethostname()}:9'
+  assert network.published('localhost:9', '::', 'node7.cluster') == 'node7.cluster:9'
+  assert network.connect_host('0.0.0.0') == 'localhost' and network.connect_host('::1') == '::1'
+  assert [network.is_loopback(ip) for ip in ('127.0.0.1', '::1', '::ffff:127.0.0.1', '0.0.0.0', '::', '192.0.2.2',
+                                             '::ffff:192.0.2.2')] == [True, True, True, False, False, False, False]
