@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from absl import logging
 import dm_env
@@ -25,6 +25,7 @@ import tensorflow as tf
 import tree
 
 from agents.config import ReplayConfig
+from agents.prefetch import Prefetcher
 from agents.types import StopRequested, Transition
 from probes import probe_set
 
@@ -168,17 +169,32 @@ def _dataset(server_address: str, table: str, batch_size: int, timeout_ms: int =
       rate_limiter_timeout_ms=timeout_ms).batch(batch_size, drop_remainder=True)
 
 
-def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
-                   poll_ms: int = 1000) -> Iterator[Transition]:
-  """The learner's batches, as numpy `Transition`s; ends once `should_stop()`.
+class ReplayUnavailable(RuntimeError):
+  """The replay server no longer answers."""
 
-  A sample the rate limiter holds back for `poll_ms` ends the dataset; the
-  iterator then checks for a stop request and, if none, opens a new one.
+
+def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
+                   poll_seconds: float = 1.0, answer_timeout_s: int = 5) -> Prefetcher:
+  """The learner's batches, as `Transition`s of device arrays, two fetched ahead; ends once `should_stop()`.
+
+  One dataset for the whole run, waiting on the rate limiter as long as it
+  holds samples back (each timeout used to drop the samples in flight and
+  build a new dataset). While no batch comes, every `poll_seconds` a stop
+  request ends the iteration and a replay that does not answer `server_info`
+  within `answer_timeout_s` raises `agents.prefetch.SourceFailed` (a sampler
+  blocked on a dead server would wait for ever).
   """
-  while not should_stop():
-    dataset = _dataset(server_address, REPLAY_TABLE, batch_size, timeout_ms=poll_ms).prefetch(2)
-    for sample in dataset.as_numpy_iterator():
-      yield Transition(**sample.data)
+  client = reverb.Client(server_address)
+
+  def check_alive() -> None:
+    try:
+      client.server_info(timeout=answer_timeout_s)
+    except (reverb.errors.DeadlineExceededError, RuntimeError) as e:
+      raise ReplayUnavailable(f'the replay at {server_address} does not answer ({e})') from e
+
+  samples = (Transition(**sample.data)
+             for sample in _dataset(server_address, REPLAY_TABLE, batch_size).as_numpy_iterator())
+  return Prefetcher(samples, should_stop=should_stop, check_alive=check_alive, poll_seconds=poll_seconds)
 
 
 class ReverbSource:

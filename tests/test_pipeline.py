@@ -1,0 +1,143 @@
+"""The learner's input pipeline (prefetching, Reverb batches), versioned parameter pulls, node placement."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from dm_env import specs
+import jax
+import numpy as np
+import portpicker
+import pytest
+import reverb
+
+from agents.config import ReplayConfig
+from agents.prefetch import Prefetcher, SourceFailed
+from agents.types import Transition
+from launch import replay
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = specs.Array((3,), np.uint8)
+# A replay that serves nothing before 10 items, then up to 100 samples ahead of the 1-per-insert ratio.
+SMALL_REPLAY = ReplayConfig(capacity=100, min_size=10, samples_per_insert=1.0, samples_per_insert_tolerance=10.0)
+
+
+def numbered_batches(count: int, batch_size: int = 2):
+  for i in range(count):
+    column = np.arange(i * batch_size, (i + 1) * batch_size)
+    yield Transition(observation=column[:, None].astype(np.uint8), action=column.astype(np.int32),
+                     reward=column.astype(np.float32), discount=np.ones(batch_size, np.float32),
+                     next_observation=column[:, None].astype(np.uint8))
+
+
+def transition(i: int) -> Transition:
+  return Transition(observation=np.full(3, i, np.uint8), action=np.int32(i % 2), reward=np.float32(i),
+                    discount=np.float32(1.0), next_observation=np.full(3, i + 1, np.uint8))
+
+
+def next_in_thread(iterator, timeout_s: float = 60.0):
+  """`next(iterator)` in a thread, so that a pipeline that never answers fails the test instead of hanging it."""
+  result = {}
+
+  def take():
+    try:
+      result['value'] = next(iterator)
+    except BaseException as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=take, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  assert not thread.is_alive(), f'next() did not return within {timeout_s} s'
+  return result
+
+
+def test_prefetched_batches_are_the_source_batches_in_order_on_the_device():
+  prefetched = list(Prefetcher(numbered_batches(7), size=2))
+  plain = list(numbered_batches(7))
+  assert len(prefetched) == 7
+  for got, expected in zip(prefetched, plain):
+    assert isinstance(got.observation, jax.Array)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+  np.testing.assert_array_equal(prefetched[-1].action, [12, 13])
+
+
+def test_a_failing_source_is_raised_after_the_batches_before_it():
+  def source():
+    yield from numbered_batches(2)
+    raise OSError('disk gone')
+
+  prefetcher = Prefetcher(source(), poll_seconds=0.05)
+  assert len([next(prefetcher), next(prefetcher)]) == 2
+  with pytest.raises(SourceFailed, match='disk gone'):
+    next(prefetcher)
+
+
+def test_reverb_batches_wait_on_one_dataset_through_rate_limiter_timeouts(monkeypatch):
+  created = []
+  dataset = replay._dataset  # pylint: disable=protected-access
+  monkeypatch.setattr(replay, '_dataset', lambda *args, **kwargs: created.append(args) or dataset(*args, **kwargs))
+  server = reverb.Server(replay.make_tables(SMALL_REPLAY, SPEC))
+  client = reverb.Client(f'localhost:{server.port}')
+  sink = replay.ReverbSink(client)
+  for i in range(9):  # One short of min_size: the rate limiter holds every sample back.
+    sink(transition(i))
+  batches = replay.batch_iterator(f'localhost:{server.port}', 4, poll_seconds=0.1)
+  taken = {}
+  thread = threading.Thread(target=lambda: taken.update(next_in_thread(batches)), daemon=True)
+  thread.start()
+  thread.join(1.0)  # Ten polls of 0.1 s without a batch: the former iterator built ten datasets here.
+  assert thread.is_alive() and not taken
+  sink(transition(9))
+  thread.join(60)
+  batch = taken['value']
+  assert batch.observation.shape == (4, 3) and set(np.asarray(batch.action)) <= {0, 1}
+  assert all(0 <= r <= 9 for r in np.asarray(batch.reward))
+  for _ in range(5):
+    assert next_in_thread(batches)['value'].observation.shape == (4, 3)
+  assert len(created) == 1
+  batches.close()
+  sink.close()
+
+
+def test_reverb_batches_end_promptly_on_a_stop_request_while_the_replay_holds_samples_back():
+  server = reverb.Server(replay.make_tables(SMALL_REPLAY, SPEC))
+  stop = threading.Event()
+  batches = replay.batch_iterator(f'localhost:{server.port}', 4, should_stop=stop.is_set, poll_seconds=0.1)
+  threading.Timer(0.5, stop.set).start()
+  result = next_in_thread(batches, timeout_s=30)
+  assert isinstance(result['error'], StopIteration)
+  assert isinstance(next_in_thread(batches)['error'], StopIteration)  # It stays ended.
+
+
+SERVE = '''
+import sys, time
+import numpy as np
+from dm_env import specs
+import reverb
+from agents.config import ReplayConfig
+from launch import replay
+server = reverb.Server(replay.make_tables(ReplayConfig(capacity=100, min_size=10), specs.Array((3,), np.uint8)),
+                       port=int(sys.argv[1]))
+print('serving', flush=True)
+time.sleep(600)
+'''
+
+
+def test_a_killed_replay_is_a_clear_error_naming_it():
+  port = portpicker.pick_unused_port()
+  server = subprocess.Popen([sys.executable, '-c', SERVE, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env={**os.environ, 'PYTHONPATH': ROOT})
+  try:
+    assert server.stdout.readline().strip() == b'serving'
+    batches = replay.batch_iterator(f'localhost:{port}', 4, poll_seconds=0.1, answer_timeout_s=1)
+    server.kill()
+    server.wait()
+    error = next_in_thread(batches)['error']
+    assert isinstance(error, SourceFailed), error
+    assert f'the replay at localhost:{port} does not answer' in str(error)
+  finally:
+    server.kill()
+    server.wait()
