@@ -30,7 +30,7 @@ import reverb
 import environments
 from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
-from agents.learner import Diverged, Learner
+from agents.learner import Diverged, Learner, pull_when_newer
 from agents.types import Params, StopRequested
 from launch import replay
 from probes.run_dir import ExperimentConfig, RunLayout
@@ -88,8 +88,8 @@ class LearnerNode:
         log_every=config.log_every)
     self._finished = False
 
-  def get_params(self) -> Tuple[int, Params]:
-    return self._learner.get_params()
+  def get_params(self, held_step: Optional[int] = None) -> Optional[Tuple[int, Params]]:
+    return self._learner.get_params(held_step)
 
   def get_snapshot(self) -> Tuple[int, Params, Params]:
     return self._learner.get_snapshot()
@@ -133,11 +133,11 @@ class ActorNode:
     env = environments.make(config.env, seed=seed, **config.env_options())
     logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, env.data_source)
     agent = make_agent(config.agent, env.action_spec().num_values)
-    get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
+    pull = pull_when_newer(until_stopped(self._learner.futures.get_params, lp.stop_event().is_set))
 
     def params_source():
       try:
-        return get_params()
+        return pull()
       except StopRequested:
         return None  # The actor stops.
 

@@ -13,10 +13,14 @@ import portpicker
 import pytest
 import reverb
 
-from agents.config import ReplayConfig
+from agents.actor import Actor
+from agents.builder import make_agent
+from agents.config import AgentConfig, ReplayConfig
+from agents.learner import Learner, pull_when_newer
 from agents.prefetch import Prefetcher, SourceFailed
 from agents.types import Transition
 from launch import replay
+from tests.test_learning import ThreeStepEpisodes, random_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = specs.Array((3,), np.uint8)
@@ -119,6 +123,7 @@ from dm_env import specs
 import reverb
 from agents.config import ReplayConfig
 from launch import replay
+from tests.test_learning import ThreeStepEpisodes, random_batches
 server = reverb.Server(replay.make_tables(ReplayConfig(capacity=100, min_size=10), specs.Array((3,), np.uint8)),
                        port=int(sys.argv[1]))
 print('serving', flush=True)
@@ -141,3 +146,35 @@ def test_a_killed_replay_is_a_clear_error_naming_it():
   finally:
     server.kill()
     server.wait()
+
+
+def test_an_actor_pulls_parameters_only_after_the_learner_published_newer_ones():
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8, epsilon=0.0)
+  agent = make_agent(config, num_actions=3)
+  learner = Learner(agent, config, random_batches(8), np.zeros((4, 4, 1), np.uint8), log_every=5)
+  answers = []  # What each pull carried back: None when nothing crossed the wire.
+
+  def get_params(held_step):
+    answers.append(learner.get_params(held_step))
+    return answers[-1]
+
+  stored = []
+  actor = Actor(agent, config, ThreeStepEpisodes(), params_source=pull_when_newer(get_params), add=stored.append,
+                params_update_period=10)
+  actor.run(num_steps=50)
+  assert [a is None for a in answers] == [False, True, True, True, True]  # Pulls at steps 0, 10, ..., 40.
+  for _ in range(4):
+    learner.step()  # Not yet at a publication (every 5 steps).
+  actor.run(num_steps=10)  # Env steps 50..59: a pull at 50.
+  assert answers[-1] is None and len(answers) == 6
+  learner.step()  # Step 5: published.
+  actor.run(num_steps=10)
+  assert answers[-1][0] == 5 and len(answers) == 7
+  jax.tree_util.tree_map(np.testing.assert_array_equal, answers[-1][1], jax.device_get(learner.state.params))
+  actor.run(num_steps=10)
+  assert answers[-1] is None
+  # The actor acts with what it holds: greedy actions of the step-5 parameters.
+  observation = stored[-1].observation
+  greedy = int(np.argmax(agent.network.apply(answers[-2][1], observation[None]).outputs[0]))
+  assert int(stored[-1].action) == greedy
+  assert learner.get_params()[0] == 5  # Callers that hold nothing (evaluators, old clients) always get them.
