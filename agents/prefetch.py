@@ -67,6 +67,11 @@ class Prefetcher:
         pass
     return False
 
+  @property
+  def thread_id(self) -> int:
+    """The filling thread's id in the OS (for a profile of where the CPU goes)."""
+    return self._thread.native_id
+
   def __iter__(self) -> 'Prefetcher':
     return self
 

@@ -32,13 +32,9 @@ from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner, pull_when_newer
 from agents.types import Params, StopRequested
-from launch import replay
+from launch import placement, replay
 from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import Evaluator, ParamsSource
-
-# Nodes that must keep JAX off any accelerator: only the learner may use it.
-CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
-
 
 def _stop_requested() -> bool:
   return lp.stop_event().is_set()
@@ -220,9 +216,7 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
 
 
 def local_resources(config: ExperimentConfig) -> dict:
-  """Per-group process environments for local_mp: only the learner may see a GPU."""
+  """Per-group process environments for local_mp: replay and actors on the CPU, learner and evaluator placed by
+  `--learner_device` / `--evaluator_device` (launch/placement.py)."""
   from launchpad.nodes.python import local_multi_processing
-  groups = ['replay', 'actor', 'evaluator']
-  resources = {group: local_multi_processing.PythonProcess(env=dict(CPU_ONLY_ENV)) for group in groups}
-  resources['learner'] = local_multi_processing.PythonProcess(env={})
-  return resources
+  return {group: local_multi_processing.PythonProcess(env=env) for group, env in placement.run_envs(config).items()}

@@ -29,6 +29,7 @@ from environments import datasets
 from agents import checkpointing
 from agents.builder import make_agent
 from launch import flags as run_flags
+from launch import placement
 from launch import program as program_lib
 from launch import watchdog
 from probes.run_dir import ExperimentConfig, write_or_check_config
@@ -52,6 +53,7 @@ def validate(config: ExperimentConfig) -> str:
   """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   make_agent(config.agent, env.action_spec().num_values)
+  placement.run_envs(config)
   path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints)
   for problem in problems:
     print(f'Warning: {problem} {"Resuming from " + path if path else ""}', file=sys.stderr)

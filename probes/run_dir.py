@@ -20,7 +20,8 @@ from probes.loggers import JsonlLogger
 from probes.plasticity import ProbeConfig
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts')
+RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
+                    'learner_device', 'evaluator_device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,13 @@ class ExperimentConfig:
   num_actors: int = option(2, 'Number of actor nodes.', lower_bound=1)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
                             choices=lambda: ['local_mp', 'local_mt'])
+  # Where the learner's and the evaluator's JAX compute under local_mp (launch/placement.py translates them).
+  learner_device: str = option('auto', 'Device of the learner under local_mp: auto (the GPU when one is visible), '
+                               'cpu, or gpu (an error when none is).', choices=lambda: ['auto', 'cpu', 'gpu'])
+  evaluator_device: str = option('auto', 'Device of the evaluator under local_mp: auto (the GPU when one is '
+                                 'visible), cpu, or gpu (an error when none is); on one GPU it shares the '
+                                 'learner\'s, both without memory preallocation.',
+                                 choices=lambda: ['auto', 'cpu', 'gpu'])
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
   seed: int = option(0, 'Random seed.')
   agent: AgentConfig = AgentConfig()

@@ -19,7 +19,8 @@ from agents.config import AgentConfig, ReplayConfig
 from agents.learner import Learner, pull_when_newer
 from agents.prefetch import Prefetcher, SourceFailed
 from agents.types import Transition
-from launch import replay
+from launch import placement, replay
+from probes.run_dir import ExperimentConfig
 from tests.test_learning import ThreeStepEpisodes, random_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,3 +179,50 @@ def test_an_actor_pulls_parameters_only_after_the_learner_published_newer_ones()
   greedy = int(np.argmax(agent.network.apply(answers[-2][1], observation[None]).outputs[0]))
   assert int(stored[-1].action) == greedy
   assert learner.get_params()[0] == 5  # Callers that hold nothing (evaluators, old clients) always get them.
+
+
+CPU = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
+SHARED = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}
+
+
+@pytest.mark.parametrize('devices, gpus, learner, evaluator', [
+    ({'learner': 'cpu', 'evaluator': 'cpu'}, (), CPU, CPU),
+    ({'learner': 'gpu', 'evaluator': 'cpu'}, ('0',), {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '0'}, CPU),
+    ({'learner': 'cpu', 'evaluator': 'gpu'}, ('0',), CPU, {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '0'}),
+    ({'learner': 'gpu', 'evaluator': 'gpu'}, ('0',), {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '0', **SHARED},
+     {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '0', **SHARED}),
+    ({'learner': 'gpu', 'evaluator': 'gpu'}, ('3', '5'), {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '3'},
+     {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '5'}),
+    ({'learner': 'gpu'}, ('0',), {'JAX_PLATFORMS': 'cuda', 'CUDA_VISIBLE_DEVICES': '0'}, CPU),  # No evaluator.
+])
+def test_placement_gives_each_node_group_its_environment(devices, gpus, learner, evaluator):
+  envs = placement.node_envs(devices, gpus)
+  assert envs == {'replay': CPU, 'actor': CPU, 'learner': learner, 'evaluator': evaluator}
+
+
+@pytest.mark.parametrize('learner_device, evaluator_device, probe_every, gpus, expected', [
+    ('auto', 'auto', 100, (), {'learner': 'cpu', 'evaluator': 'cpu'}),
+    ('auto', 'auto', 100, ('0',), {'learner': 'gpu', 'evaluator': 'gpu'}),
+    ('cpu', 'auto', 100, ('0',), {'learner': 'cpu', 'evaluator': 'gpu'}),
+    ('auto', 'cpu', 0, ('0',), {'learner': 'gpu'}),
+])
+def test_auto_places_on_a_visible_gpu(learner_device, evaluator_device, probe_every, gpus, expected):
+  config = ExperimentConfig(learner_device=learner_device, evaluator_device=evaluator_device, probe_every=probe_every)
+  assert placement.resolve(config, gpus) == expected
+
+
+def test_a_gpu_asked_for_where_none_is_visible_or_under_local_mt_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')  # Here the real probe of the machine: no GPU.
+  placement.visible_gpus.cache_clear()
+  assert placement.visible_gpus() == ()
+  with pytest.raises(ValueError, match='--evaluator_device=gpu, but no GPU is visible'):
+    placement.run_envs(ExperimentConfig(evaluator_device='gpu'))
+  with pytest.raises(ValueError, match='--learner_device=cpu applies under --launch_type=local_mp only'):
+    placement.run_envs(ExperimentConfig(learner_device='cpu', launch_type='local_mt'))
+  assert placement.run_envs(ExperimentConfig(launch_type='local_mt')) == {}
+  run_dir = tmp_path / 'run'
+  result = subprocess.run([sys.executable, '-m', 'launch.train', f'--run_dir={run_dir}', '--learner_device=gpu'],
+                          cwd=ROOT, env={**os.environ, 'PLASTICITY_DOWNLOAD': '0'}, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 1 and '--learner_device=gpu, but no GPU is visible' in result.stderr
+  assert not run_dir.exists()  # Refused before anything was written.
