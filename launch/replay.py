@@ -174,23 +174,31 @@ class ReplayUnavailable(RuntimeError):
 
 
 def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
-                   poll_seconds: float = 1.0, answer_timeout_s: int = 5) -> Prefetcher:
+                   poll_seconds: float = 1.0, answer_timeout_s: int = 2, dead_after_s: float = 30.0) -> Prefetcher:
   """The learner's batches, as `Transition`s of device arrays, two fetched ahead; ends once `should_stop()`.
 
   One dataset for the whole run, waiting on the rate limiter as long as it
   holds samples back (each timeout used to drop the samples in flight and
   build a new dataset). While no batch comes, every `poll_seconds` a stop
-  request ends the iteration and a replay that does not answer `server_info`
-  within `answer_timeout_s` raises `agents.prefetch.SourceFailed` (a sampler
-  blocked on a dead server would wait for ever).
+  request ends the iteration, and the replay is asked for its `server_info`:
+  one that has not answered (within `answer_timeout_s`) for `dead_after_s`
+  raises `agents.prefetch.SourceFailed` naming it (a sampler blocked on a dead
+  server would wait for ever; a live one can take seconds to answer while it
+  writes a checkpoint).
   """
   client = reverb.Client(server_address)
+  silent_since = None  # When the replay stopped answering.
 
   def check_alive() -> None:
+    nonlocal silent_since
     try:
       client.server_info(timeout=answer_timeout_s)
+      silent_since = None
     except (reverb.errors.DeadlineExceededError, RuntimeError) as e:
-      raise ReplayUnavailable(f'the replay at {server_address} does not answer ({e})') from e
+      silent_since = silent_since or time.monotonic()
+      if time.monotonic() - silent_since >= dead_after_s:
+        raise ReplayUnavailable(f'the replay at {server_address} does not answer (for '
+                                f'{time.monotonic() - silent_since:.0f} s: {e})') from e
 
   samples = (Transition(**sample.data)
              for sample in _dataset(server_address, REPLAY_TABLE, batch_size).as_numpy_iterator())

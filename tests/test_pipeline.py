@@ -138,7 +138,8 @@ def test_a_killed_replay_is_a_clear_error_naming_it():
                             stderr=subprocess.DEVNULL, env={**os.environ, 'PYTHONPATH': ROOT})
   try:
     assert server.stdout.readline().strip() == b'serving'
-    batches = replay.batch_iterator(f'localhost:{port}', 4, poll_seconds=0.1, answer_timeout_s=1)
+    batches = replay.batch_iterator(f'localhost:{port}', 4, poll_seconds=0.1, answer_timeout_s=1,
+                                     dead_after_s=1.0)
     server.kill()
     server.wait()
     error = next_in_thread(batches)['error']
