@@ -36,6 +36,7 @@ from launch import placement, replay
 from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import Evaluator, ParamsSource
 
+
 def _stop_requested() -> bool:
   return lp.stop_event().is_set()
 
