@@ -198,14 +198,15 @@ class Learner:
 
 def pull_when_newer(get_params: Callable[[Optional[int]], Optional[tuple]]) -> Callable[[], tuple]:
   """An actor's `params_source` over a learner's `get_params(held_step)` (direct, or a Courier call): each call
-  returns (step, parameters), fetching them only when the learner has published newer ones."""
+  returns (step, parameters), fetching them only when the learner has published newer ones, and putting them on
+  the device once (not at every policy call)."""
   held = None
 
   def params_source() -> tuple:
     nonlocal held
     update = get_params(None if held is None else held[0])
     if update is not None:
-      held = update
+      held = (update[0], jax.device_put(update[1]))
     return held
 
   return params_source
