@@ -29,7 +29,6 @@ import collections
 import dataclasses
 import multiprocessing
 import os
-import re
 import tempfile
 import time
 
