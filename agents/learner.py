@@ -165,9 +165,16 @@ class Learner:
   def save(self) -> str:
     return checkpointing.save(self._checkpoint_dir, self.step_count, tuple(self._state))
 
-  def get_params(self) -> tuple:
-    """(learner step, parameters as numpy); published every `log_every` steps and at the end."""
+  def get_params(self, held_step: Optional[int] = None) -> Optional[tuple]:
+    """(learner step, parameters as numpy), published every `log_every` steps and at the end.
+
+    The step is the parameters' version: None when it is `held_step`, the step of the parameters the caller
+    holds (a CNN's are 52 MB a pull; unchanged ones need not cross the wire again). A learner resumed from a
+    checkpoint publishes that step's parameters, the very ones it published at that step before.
+    """
     with self._lock:
+      if held_step is not None and self._published[0] == held_step:
+        return None
       return self._published[:2]
 
   def get_snapshot(self) -> tuple:
@@ -187,3 +194,19 @@ class Learner:
   def get_step(self) -> int:
     with self._lock:
       return self._published[0]
+
+
+def pull_when_newer(get_params: Callable[[Optional[int]], Optional[tuple]]) -> Callable[[], tuple]:
+  """An actor's `params_source` over a learner's `get_params(held_step)` (direct, or a Courier call): each call
+  returns (step, parameters), fetching them only when the learner has published newer ones, and putting them on
+  the device once (not at every policy call)."""
+  held = None
+
+  def params_source() -> tuple:
+    nonlocal held
+    update = get_params(None if held is None else held[0])
+    if update is not None:
+      held = (update[0], jax.device_put(update[1]))
+    return held
+
+  return params_source

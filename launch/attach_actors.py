@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 import reverb
 
+from agents.learner import pull_when_newer
 from launch import program as program_lib
 from launch.attach import LearnerGone, claim_actor_ids, connect, guarded
 from probes.run_dir import RunLayout
@@ -44,7 +45,8 @@ def main(argv):
   actor_ids = claim_actor_ids(layout, NUM_ACTORS.value)
   attempt = max(layout.attempts(), 1)  # The live launch's: each record says which launch it was acted in.
   stop = threading.Event()
-  get_params, is_finished = guarded(learner.get_params), guarded(learner.is_finished)
+  # Parameters cross the wire only when the learner has published newer ones; the actor threads share them.
+  get_params, is_finished = pull_when_newer(guarded(learner.get_params)), guarded(learner.is_finished)
   errors, why = [], []  # What failed; why the actors stopped (the first reason).
 
   def params_source():

@@ -1,10 +1,19 @@
 r"""Throughput benchmark, measured side by side in one run.
 
   python -m launch.benchmark [--env=mdp:mnist:easy] [--seconds=15] [--probe_steps=2000]
+      [--sections=actors,learner,evaluator,rate_limiter,probe]
 
-Prints:
+Prints (each section when asked for; the first actor measurement always runs, filling the replay):
   * actor environment steps/s with 1 and with 2 actor processes (inserting
     into a local Reverb server, no rate limiting);
+  * `learner`: updates/s of the learner as the program runs it (Reverb
+    batches through the prefetching pipeline, logs, parameter publishing)
+    against the bare loop (the jitted update and its finiteness check, nothing
+    else) on the same batches held on the device, as `learner / bare = N.NN`;
+    and where the process's CPU time went meanwhile, by thread (XLA's pool,
+    tf.data's, gRPC's, the main thread), with the share of the time the
+    learner waited for a batch: near 0 with a ratio below 1, the input
+    threads slow the update by taking its cores rather than by starving it;
   * learner updates/s sampling from that server: alone, beside an evaluator
     process (probe + diagnostics on fetched snapshots, as an attached
     evaluator does), and beside a process that only burns the same CPU (pure
@@ -16,18 +25,26 @@ Prints:
     fits done target by target in a Python loop (compilation timed apart).
 """
 
+import collections
 import dataclasses
 import multiprocessing
+import os
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
+import psutil
 
 from agents import config_flags
 from probes.run_dir import ExperimentConfig
 
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
+SECTION_NAMES = ('actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
+SECTIONS = flags.DEFINE_list('sections', list(SECTION_NAMES), f'What to measure, of {", ".join(SECTION_NAMES)}.')
+HELD_BATCHES = flags.DEFINE_integer('held_batches', 500, 'Batches of the learner\'s measurement the bare loop '
+                                    'cycles through (held on the device).')
 # The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert).
 FIELDS = config_flags.define(ExperimentConfig, only=['env', 'samples_per_insert', 'probe_steps', 'probe_targets'])
 
@@ -101,6 +118,84 @@ def learner_updates_per_second(learner, seconds: float) -> float:
   return (learner.step_count - start_step) / (time.time() - start)
 
 
+def _thread_cpu_seconds(prefetch_thread: int) -> collections.Counter:
+  """CPU seconds of this process's threads: the main one (the learner: Python, XLA dispatch and much of XLA:CPU's
+  compute), the prefetching one (Reverb's Python side, conversions, the device transfer), and all others (XLA's
+  and tf.data's pools, Reverb's gRPC); a thread that has ended is left out."""
+  names = {os.getpid(): 'main', prefetch_thread: 'prefetch'}
+  totals = collections.Counter()
+  for thread in psutil.Process().threads():
+    totals[names.get(thread.id, 'others')] += thread.user_time + thread.system_time
+  return totals
+
+
+def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, seconds: float,
+                              rounds: int = 3) -> None:
+  """The learner as the program runs it (Reverb batches through `replay.batch_iterator`, logging, publishing)
+  against the bare loop (the jitted update and its finiteness check) on the same batches, held on the device.
+
+  The two alternate in `rounds` rounds, so that a change in the machine's load weighs on both.
+  """
+  import jax
+  from agents.learner import Learner
+  from agents.update import make_update
+  from launch import replay
+  from probes.loggers import JsonlLogger
+
+  batches = replay.batch_iterator(address, config.batch_size)
+  held = []
+
+  def recorded():
+    for batch in batches:
+      if len(held) < HELD_BATCHES.value:
+        held.append(batch)
+      yield batch
+
+  logs = tempfile.mkdtemp()
+  learner = Learner(agent, config, recorded(), dummy, log_every=100,
+                    logger=JsonlLogger(os.path.join(logs, 'learner.jsonl'), os.path.join(logs, 'tensorboard')))
+  update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms))
+  state = learner.state
+
+  def learner_loop(duration: float) -> int:
+    start_step, start = learner.step_count, time.time()
+    while time.time() - start < duration:
+      learner.step()
+    return learner.step_count - start_step
+
+  def bare_loop(duration: float) -> int:
+    nonlocal state
+    done, start = 0, time.time()
+    while time.time() - start < duration:
+      state, metrics = update(state, held[done % len(held)])
+      bool(metrics['finite'])  # The learner's one sync per update.
+      done += 1
+    return done
+
+  learner_loop(2.0)  # Compile and warm up both.
+  bare_loop(2.0)
+  totals = collections.Counter()
+  cpu = collections.Counter()
+  waited = 0.0
+  for _ in range(rounds):
+    cpu_before, waited_before = _thread_cpu_seconds(batches.thread_id), batches.wait_seconds
+    start = time.time()
+    totals['learner'] += learner_loop(seconds / rounds)
+    totals['learner_s'] += time.time() - start
+    cpu += _thread_cpu_seconds(batches.thread_id) - cpu_before
+    waited += batches.wait_seconds - waited_before
+    start = time.time()
+    totals['bare'] += bare_loop(seconds / rounds)
+    totals['bare_s'] += time.time() - start
+  batches.close()
+  rate, bare = totals['learner'] / totals['learner_s'], totals['bare'] / totals['bare_s']
+  shares = ', '.join(f'{name} {value / totals["learner_s"]:.2f}' for name, value in sorted(cpu.items()))
+  print(f'learner profile: cores busy {sum(cpu.values()) / totals["learner_s"]:.2f} of {multiprocessing.cpu_count()} '
+        f'({shares}); waiting for a batch {100 * waited / totals["learner_s"]:.0f}% of the time', flush=True)
+  print(f'learner: {rate:8.0f} updates/s in the program\'s pipeline, {bare:8.0f} on the bare loop ({len(held)} of the '
+        f'same batches on the device, {rounds} alternating rounds): learner / bare = {rate / bare:.2f}', flush=True)
+
+
 def main(argv):
   del argv
   import jax
@@ -112,6 +207,10 @@ def main(argv):
   from launch import replay
   from probes import plasticity
 
+  unknown = set(SECTIONS.value) - set(SECTION_NAMES)
+  if unknown:
+    raise app.UsageError(f'--sections: unknown {", ".join(sorted(unknown))}; accepted: {", ".join(SECTION_NAMES)}.')
+  sections = set(SECTIONS.value)
   run = config_flags.build(ExperimentConfig, FIELDS)
   env = environments.make(run.env)
   observation_spec = env.observation_spec()
@@ -123,32 +222,42 @@ def main(argv):
   print(f'Benchmark on {run.env}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
 
   for num_actors in (1, 2):
-    rates = actor_steps_per_second(run.env, num_actors, address, SECONDS.value)
+    rates = actor_steps_per_second(run.env, num_actors, address, SECONDS.value)  # Also fills the replay.
     print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, {np.mean(rates):8.0f} per actor '
           f'(inserting into Reverb, no rate limit)', flush=True)
+    if 'actors' not in sections:
+      break
 
   config = AgentConfig()
   agent = make_agent(config, env.action_spec().num_values)
-  learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
-  learner_updates_per_second(learner, 2.0)  # Compile and warm up.
-  alone = learner_updates_per_second(learner, SECONDS.value)
-  params = learner.get_params()[1]
-  side_by_side = {}
-  for name, target, args in (('an evaluator', _evaluator_process, (run.env, address, params)),
-                             ('a CPU burner', _cpu_burner_process, ())):
-    stop = multiprocessing.get_context('spawn').Event()
-    process = _spawn(target, *args, stop)
-    time.sleep(20.0)  # Let it compile and reach its steady state.
-    side_by_side[name] = learner_updates_per_second(learner, SECONDS.value)
-    stop.set()
-    process.join(timeout=300)
-  print(f'learner: {alone:8.0f} updates/s alone (batch {config.batch_size}, {config.arch}, sampling from Reverb)')
-  for name, rate in side_by_side.items():
-    print(f'learner: {rate:8.0f} updates/s beside {name} ({rate / alone:.2f} of alone)')
-  print(f'learner: beside an evaluator / beside a CPU burner = '
-        f'{side_by_side["an evaluator"] / side_by_side["a CPU burner"]:.2f} (1.00: the evaluator costs the learner '
-        f'only the cores it shares)', flush=True)
+  if 'learner' in sections:
+    learner_against_bare_loop(agent, config, address, dummy, SECONDS.value)
+
+  if 'evaluator' in sections:
+    batches = replay.batch_iterator(address, config.batch_size)
+    learner = Learner(agent, config, batches, dummy)
+    learner_updates_per_second(learner, 2.0)  # Compile and warm up.
+    alone = learner_updates_per_second(learner, SECONDS.value)
+    params = learner.get_params()[1]
+    side_by_side = {}
+    for name, target, args in (('an evaluator', _evaluator_process, (run.env, address, params)),
+                               ('a CPU burner', _cpu_burner_process, ())):
+      stop = multiprocessing.get_context('spawn').Event()
+      process = _spawn(target, *args, stop)
+      time.sleep(20.0)  # Let it compile and reach its steady state.
+      side_by_side[name] = learner_updates_per_second(learner, SECONDS.value)
+      stop.set()
+      process.join(timeout=300)
+    batches.close()
+    print(f'learner: {alone:8.0f} updates/s alone (batch {config.batch_size}, {config.arch}, sampling from Reverb)')
+    for name, rate in side_by_side.items():
+      print(f'learner: {rate:8.0f} updates/s beside {name} ({rate / alone:.2f} of alone)')
+    print(f'learner: beside an evaluator / beside a CPU burner = '
+          f'{side_by_side["an evaluator"] / side_by_side["a CPU burner"]:.2f} (1.00: the evaluator costs the learner '
+          f'only the cores it shares)', flush=True)
   del server
+  if not sections & {'rate_limiter', 'probe'}:
+    return
 
   limited = dataclasses.replace(unlimited, samples_per_insert=run.replay.samples_per_insert,
                                 samples_per_insert_tolerance=0.1)
@@ -156,7 +265,8 @@ def main(argv):
   address = f'localhost:{server.port}'
   queue = multiprocessing.get_context('spawn').Queue()
   actors = [_spawn(_actor_process, run.env, i, address, 3 * SECONDS.value, queue) for i in range(2)]
-  learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
+  batches = replay.batch_iterator(address, config.batch_size)
+  learner = Learner(agent, config, batches, dummy)
   client = reverb.Client(address)
 
   def counts():
@@ -169,10 +279,14 @@ def main(argv):
   (inserts_1, samples_1), steps_1 = counts(), learner.step_count
   for process in actors:
     process.terminate()
+  batches.close()
   inserts, samples = inserts_1 - inserts_0, samples_1 - samples_0
-  print(f'rate limiter: samples_per_insert set {run.replay.samples_per_insert}, held {samples / max(inserts, 1):.2f} '
-        f'({samples} samples / {inserts} inserts over {steps_1 - steps_0} learner steps with 2 actors, '
-        f'after the first {steps_0})', flush=True)
+  if 'rate_limiter' in sections:
+    print(f'rate limiter: samples_per_insert set {run.replay.samples_per_insert}, held '
+          f'{samples / max(inserts, 1):.2f} ({samples} samples / {inserts} inserts over {steps_1 - steps_0} learner '
+          f'steps with 2 actors, after the first {steps_0})', flush=True)
+  if 'probe' not in sections:
+    return
 
   probe_config = run.probe
   inputs = replay.ReverbSource(address).distinct_observations(probe_config.num_inputs, give_up=lambda: False)

@@ -36,18 +36,15 @@ import environments
 from agents import storage
 from agents.actor import Actor, actor_seed
 from agents.builder import make_agent
-from agents.learner import Diverged, Learner
+from agents.learner import Diverged, Learner, pull_when_newer
 from agents.types import Params, StopRequested
 from environments import atari_scores
 from launch import network
-from launch import replay
+from launch import placement, replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
 from launch import supervisor
 from probes.run_dir import ExperimentConfig, RunLayout
 from probes.evaluator import WRITER as EVALUATOR_WRITER, Evaluator, ParamsSource
-
-# Nodes that must keep JAX off any accelerator: only the learner may use it.
-CPU_ONLY_ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
 
 
 def _stop_requested() -> bool:
@@ -115,8 +112,8 @@ class LearnerNode:
         log_every=config.log_every)
     self._finished = False
 
-  def get_params(self) -> Tuple[int, Params]:
-    return self._learner.get_params()
+  def get_params(self, held_step: Optional[int] = None) -> Optional[Tuple[int, Params]]:
+    return self._learner.get_params(held_step)
 
   def get_snapshot(self) -> Tuple[int, Params, Params]:
     return self._learner.get_snapshot()
@@ -193,11 +190,11 @@ class ActorNode:
   def run(self) -> None:
     if self._actor_id == 0:  # Actors hold handles to both the learner and the replay.
       publish_addresses(self._config, self._learner.address, self._replay_client.server_address)
-    get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
+    pull = pull_when_newer(until_stopped(self._learner.futures.get_params, lp.stop_event().is_set))
 
     def params_source():
       try:
-        return get_params()
+        return pull()
       except StopRequested:
         return None  # The actor stops.
 
@@ -327,9 +324,7 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
 
 
 def local_resources(config: ExperimentConfig) -> dict:
-  """Per-group process environments for local_mp: only the learner may see a GPU."""
+  """Per-group process environments for local_mp: replay and actors on the CPU, learner and evaluator placed by
+  `--learner_device` / `--evaluator_device` (launch/placement.py)."""
   from launchpad.nodes.python import local_multi_processing
-  groups = ['replay', 'actor', 'evaluator', 'evaluation']
-  resources = {group: local_multi_processing.PythonProcess(env=dict(CPU_ONLY_ENV)) for group in groups}
-  resources['learner'] = local_multi_processing.PythonProcess(env={})
-  return resources
+  return {group: local_multi_processing.PythonProcess(env=env) for group, env in placement.run_envs(config).items()}

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from absl import logging
 import dm_env
@@ -26,6 +26,7 @@ import tree
 
 from agents import storage
 from agents.config import ReplayConfig
+from agents.prefetch import Prefetcher
 from agents.types import StopRequested, Transition
 from launch import network
 from probes import probe_set
@@ -170,17 +171,40 @@ def _dataset(server_address: str, table: str, batch_size: int, timeout_ms: int =
       rate_limiter_timeout_ms=timeout_ms).batch(batch_size, drop_remainder=True)
 
 
-def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
-                   poll_ms: int = 1000) -> Iterator[Transition]:
-  """The learner's batches, as numpy `Transition`s; ends once `should_stop()`.
+class ReplayUnavailable(RuntimeError):
+  """The replay server no longer answers."""
 
-  A sample the rate limiter holds back for `poll_ms` ends the dataset; the
-  iterator then checks for a stop request and, if none, opens a new one.
+
+def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
+                   poll_seconds: float = 1.0, answer_timeout_s: int = 2, dead_after_s: float = 30.0) -> Prefetcher:
+  """The learner's batches, as `Transition`s of device arrays, two fetched ahead; ends once `should_stop()`.
+
+  One dataset for the whole run, waiting on the rate limiter as long as it
+  holds samples back (each timeout used to drop the samples in flight and
+  build a new dataset). While no batch comes, every `poll_seconds` a stop
+  request ends the iteration, and the replay is asked for its `server_info`:
+  one that has not answered (within `answer_timeout_s`) for `dead_after_s`
+  raises `agents.prefetch.SourceFailed` naming it (a sampler blocked on a dead
+  server would wait for ever; a live one can take seconds to answer while it
+  writes a checkpoint).
   """
-  while not should_stop():
-    dataset = _dataset(server_address, REPLAY_TABLE, batch_size, timeout_ms=poll_ms).prefetch(2)
-    for sample in dataset.as_numpy_iterator():
-      yield Transition(**sample.data)
+  client = reverb.Client(server_address)
+  silent_since = None  # When the replay stopped answering.
+
+  def check_alive() -> None:
+    nonlocal silent_since
+    try:
+      client.server_info(timeout=answer_timeout_s)
+      silent_since = None
+    except (reverb.errors.DeadlineExceededError, RuntimeError) as e:
+      silent_since = silent_since or time.monotonic()
+      if time.monotonic() - silent_since >= dead_after_s:
+        raise ReplayUnavailable(f'the replay at {server_address} does not answer (for '
+                                f'{time.monotonic() - silent_since:.0f} s: {e})') from e
+
+  samples = (Transition(**sample.data)
+             for sample in _dataset(server_address, REPLAY_TABLE, batch_size).as_numpy_iterator())
+  return Prefetcher(samples, should_stop=should_stop, check_alive=check_alive, poll_seconds=poll_seconds)
 
 
 class ReverbSource:

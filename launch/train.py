@@ -30,6 +30,7 @@ from agents import checkpointing, storage
 from agents.builder import make_agent
 from launch import flags as run_flags
 from launch import network
+from launch import placement
 from launch import program as program_lib
 from launch import supervisor
 from launch import watchdog
@@ -54,6 +55,7 @@ def validate(config: ExperimentConfig) -> str:
   """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   make_agent(config.agent, env.action_spec().num_values)
+  placement.run_envs(config)
   path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints)
   for problem in problems:
     print(f'Warning: {problem} {"Resuming from " + path if path else ""}', file=sys.stderr)

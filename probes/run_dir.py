@@ -30,7 +30,7 @@ _WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
 MAX_ACTORS = 1000
 RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
-                    'evaluation', 'bind_host', 'publish_host')
+                    'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +182,13 @@ class ExperimentConfig:
                          'They have no authentication: keep such runs on a private network.')
   publish_host: Optional[str] = option(None, 'Host name or address that addresses.json gives other hosts to reach '
                                        'the run (default: --bind_host, or this machine\'s name with 0.0.0.0).')
+  # Where the learner's and the evaluator's JAX compute under local_mp (launch/placement.py translates them).
+  learner_device: str = option('auto', 'Device of the learner under local_mp: auto (the GPU when one is visible), '
+                               'cpu, or gpu (an error when none is).', choices=lambda: ['auto', 'cpu', 'gpu'])
+  evaluator_device: str = option('auto', 'Device of the evaluator under local_mp: auto (the GPU when one is '
+                                 'visible), cpu, or gpu (an error when none is); on one GPU it shares the '
+                                 'learner\'s, both without memory preallocation.',
+                                 choices=lambda: ['auto', 'cpu', 'gpu'])
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
   seed: int = option(0, 'Random seed.')
   agent: AgentConfig = AgentConfig()
