@@ -28,7 +28,7 @@ import numpy as np
 import reverb
 
 import environments
-from agents.actor import Actor, actor_seed
+from agents.actor import Actor, actor_seed, environment_seeds
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner
 from agents.types import Params, StopRequested
@@ -130,9 +130,10 @@ class ActorNode:
     if self._actor_id == 0:  # Actors hold handles to both the learner and the replay.
       publish_addresses(config, self._learner.address, self._replay_client.server_address)
     seed = actor_seed(config.seed, self._actor_id, self._attempt)
-    env = environments.make(config.env, seed=seed, **config.env_options())
-    logging.info('Actor %d on %s, data: %s', self._actor_id, config.env, env.data_source)
-    agent = make_agent(config.agent, env.action_spec().num_values)
+    envs = [environments.make(config.env, seed=env_seed, **config.env_options())
+            for env_seed in environment_seeds(seed, config.envs_per_actor)]
+    logging.info('Actor %d on %d x %s, data: %s', self._actor_id, len(envs), config.env, envs[0].data_source)
+    agent = make_agent(config.agent, envs[0].action_spec().num_values)
     get_params = until_stopped(self._learner.futures.get_params, lp.stop_event().is_set)
 
     def params_source():
@@ -144,7 +145,7 @@ class ActorNode:
     sink = replay.ReverbSink(self._replay_client, should_stop=_stop_requested)
     logger = config.layout.logger(RunLayout.ACTORS, extra={'actor_id': self._actor_id, 'attempt': self._attempt},
                                   tensorboard=self._actor_id == 0)
-    actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
+    actor = Actor(agent, config.agent, envs, params_source=params_source, add=sink, seed=seed,
                   params_update_period=config.actor_params_update_period, logger=logger)
     actor.run(should_stop=_stop_requested)
     sink.close()  # Its last transitions reach the replay (and its final checkpoint).

@@ -20,7 +20,8 @@ from probes.loggers import JsonlLogger
 from probes.plasticity import ProbeConfig
 
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts')
+RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'envs_per_actor', 'launch_type', 'run_dir', 'data_dir',
+                    'max_restarts')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,9 @@ class ExperimentConfig:
       0.0, 'Probability that ALE repeats the previous action instead (0.25 is Machado et al. 2018\'s setting; 0 is '
       'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
   num_actors: int = option(2, 'Number of actor nodes.', lower_bound=1)
+  # agents/actor.py says why a loop over environments rather than ale-py's vector environment.
+  envs_per_actor: int = option(1, 'Environments each actor steps in lock-step, with one batched policy call per '
+                               'step (more environments amortise the network call over more steps).', lower_bound=1)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
                             choices=lambda: ['local_mp', 'local_mt'])
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
