@@ -1,18 +1,26 @@
 r"""Throughput benchmark, measured side by side in one run.
 
   python -m launch.benchmark [--env=mdp:mnist:easy] [--seconds=15] [--probe_steps=2000]
+  python -m launch.benchmark --sections=batched_actors --env=atari:pong --arch=nature_dqn --envs_per_actor=1,4,16
 
-Prints:
-  * actor environment steps/s with 1 and with 2 actor processes (inserting
+Prints (`--sections`, default all of them):
+  * `batched_actors`: environment steps/s of one actor process on one pinned
+    core with each of `--envs_per_actor` environments (one batched policy
+    call per step: inference included, no replay insertion), and, for Atari,
+    raw ALE emulation of the same frames on the same core; the rounds of
+    each are interleaved so that machine noise hits all alike, medians
+    printed as ratios;
+  * `distributed`:
+    - actor environment steps/s with 1 and with 2 actor processes (inserting
     into a local Reverb server, no rate limiting);
-  * learner updates/s sampling from that server: alone, beside an evaluator
+    - learner updates/s sampling from that server: alone, beside an evaluator
     process (probe + diagnostics on fetched snapshots, as an attached
     evaluator does), and beside a process that only burns the same CPU (pure
     numpy). The evaluator's cost to the learner beyond sharing the cores is
     the difference between the last two;
-  * the samples-per-insert ratio the rate limiter actually held with 2 actors
+    - the samples-per-insert ratio the rate limiter actually held with 2 actors
     and the learner running together;
-  * the plasticity probe's wall time for 10 targets vmapped against the same
+    - the plasticity probe's wall time for 10 targets vmapped against the same
     fits done target by target in a Python loop (compilation timed apart).
 """
 
@@ -28,8 +36,19 @@ from agents import config_flags
 from probes.run_dir import ExperimentConfig
 
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
-# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert).
-FIELDS = config_flags.define(ExperimentConfig, only=['env', 'samples_per_insert', 'probe_steps', 'probe_targets'])
+SECTIONS = flags.DEFINE_multi_enum('sections', ['batched_actors', 'distributed'], ['batched_actors', 'distributed'],
+                                   'What to measure (see the module docstring).')
+ENVS_PER_ACTOR = flags.DEFINE_list('envs_per_actor', ['1', '4', '16'],
+                                   'batched_actors: environments per actor process, each measured.')
+# Not --steps, --rounds: environments.benchmark, imported by the measuring process, defines those.
+STEPS = flags.DEFINE_integer('actor_steps', 2000, 'batched_actors: environment steps per measurement round.',
+                             lower_bound=16)
+ROUNDS = flags.DEFINE_integer('actor_rounds', 3, 'batched_actors: interleaved rounds of each measurement.',
+                              lower_bound=1)
+# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert; the batched
+# actors act with --arch).
+FIELDS = config_flags.define(ExperimentConfig, only=['env', 'arch', 'samples_per_insert', 'probe_steps',
+                                                     'probe_targets'])
 
 
 def _spawn(target, *args) -> multiprocessing.Process:
@@ -56,6 +75,58 @@ def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, r
   start_steps, start = actor.env_steps, time.time()
   actor.run(should_stop=lambda: time.time() - start > seconds)
   result_queue.put((actor.env_steps - start_steps) / (time.time() - start))
+
+
+def _batched_actor_process(run: ExperimentConfig, counts: list, steps: int, rounds: int, result_queue) -> None:
+  """On core 0: median env steps/s of an actor of each count of environments (inference included, transitions
+  dropped) and, for Atari, of raw ALE emulation; the measurements interleaved round by round."""
+  import jax
+  import environments
+  from agents.actor import Actor, actor_seed, environment_seeds
+  from agents.builder import make_agent
+  from environments import benchmark as environments_benchmark
+
+  environments_benchmark.pin(0)
+  actors = {}
+  for count in counts:
+    envs = [environments.make(run.env, seed=seed, **run.env_options())
+            for seed in environment_seeds(actor_seed(run.seed, 0), count)]
+    agent = make_agent(run.agent, envs[0].action_spec().num_values)
+    params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *envs[0].observation_spec().shape), np.uint8))
+    actors[count] = Actor(agent, run.agent, envs, params_source=lambda params=params: (0, params),
+                          add=lambda transition: None, params_update_period=10**9)
+    actors[count].run(num_steps=4 * count)  # Compile and warm up.
+  family, _, game = run.env.partition(':')
+  game = game if family == 'atari' else None  # Raw emulation is ALE's alone.
+  rates = {count: [] for count in counts}
+  raw = []
+  for _ in range(rounds):
+    for count, actor in actors.items():
+      start_steps, start = actor.env_steps, time.perf_counter()
+      actor.run(num_steps=steps)
+      rates[count].append((actor.env_steps - start_steps) / (time.perf_counter() - start))
+    if game:  # Frames per second / 4 = env steps per second at action repeat 4.
+      raw.append(environments_benchmark.raw_frames_per_second(game, 4 * steps) / 4)
+  result_queue.put(({count: float(np.median(r)) for count, r in rates.items()},
+                    float(np.median(raw)) if raw else None))
+
+
+def batched_actors(run: ExperimentConfig) -> None:
+  counts = [int(count) for count in ENVS_PER_ACTOR.value]
+  if min(counts) < 1:
+    raise app.UsageError(f'--envs_per_actor={",".join(ENVS_PER_ACTOR.value)}: each count must be >= 1.')
+  queue = multiprocessing.get_context('spawn').Queue()
+  process = _spawn(_batched_actor_process, run, counts, STEPS.value, ROUNDS.value, queue)
+  rates, raw = queue.get()
+  process.join()
+  print(f'batched actors: {run.env}, --arch={run.agent.arch}, one actor process on one core, median of '
+        f'{ROUNDS.value} interleaved rounds of {STEPS.value} env steps (inference included, no replay insertion):')
+  for count, rate in rates.items():
+    against_raw = f', raw ALE / this = {raw / rate:5.2f}x' if raw else ''
+    print(f'  envs_per_actor={count:3d}: {rate:8.0f} env steps/s, {rate / rates[counts[0]]:5.2f}x '
+          f'envs_per_actor={counts[0]}{against_raw}')
+  if raw:
+    print(f'  raw ALE:            {raw:8.0f} env steps/s (= {4 * raw:.0f} frames/s, no preprocessing or inference)')
 
 
 def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
@@ -103,6 +174,14 @@ def learner_updates_per_second(learner, seconds: float) -> float:
 
 def main(argv):
   del argv
+  run = config_flags.build(ExperimentConfig, FIELDS)
+  if 'batched_actors' in SECTIONS.value:
+    batched_actors(run)
+  if 'distributed' in SECTIONS.value:
+    distributed(run)
+
+
+def distributed(run: ExperimentConfig) -> None:
   import jax
   import reverb
   import environments
@@ -112,7 +191,6 @@ def main(argv):
   from launch import replay
   from probes import plasticity
 
-  run = config_flags.build(ExperimentConfig, FIELDS)
   env = environments.make(run.env)
   observation_spec = env.observation_spec()
   dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
