@@ -189,7 +189,7 @@ def distributed(run: ExperimentConfig) -> None:
   from agents.config import AgentConfig
   from agents.learner import Learner
   from launch import replay
-  from probes import plasticity
+  from probes import timing
 
   env = environments.make(run.env)
   observation_spec = env.observation_spec()
@@ -255,17 +255,12 @@ def distributed(run: ExperimentConfig) -> None:
   probe_config = run.probe
   inputs = replay.ReverbSource(address).distinct_observations(probe_config.num_inputs, give_up=lambda: False)
   del server
-  apply_fn = lambda params, obs: agent.network.apply(params, obs).outputs
-  params = learner.get_params()[1]
-  timings = {}
-  for name, make in (('vmapped', plasticity.make_probe), ('python loop', plasticity.make_sequential_probe)):
-    probe = make(apply_fn=apply_fn, init_fn=agent.network.init, optimizer=agent.optimizer, config=probe_config)
-    result = probe(params, inputs, jax.random.PRNGKey(0))
-    timings[name] = result.wall_time_s
+  results = timing.vmapped_and_loop(agent, learner.get_params()[1], inputs, probe_config)
+  for name, result in results.items():
     print(f'probe ({name}): {result.wall_time_s:7.1f} s for {probe_config.num_targets} targets x '
           f'{probe_config.steps} steps (+{result.compile_time_s:.1f} s compiling), '
           f'plasticity {result.plasticity:.4f}', flush=True)
-  print(f'probe: python loop / vmapped = {timings["python loop"] / timings["vmapped"]:.2f}x')
+  print(f'probe: python loop / vmapped = {results["loop"].wall_time_s / results["vmapped"].wall_time_s:.2f}x')
 
 
 if __name__ == '__main__':
