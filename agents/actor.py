@@ -6,7 +6,7 @@ node, a list in a unit test), so acting knows nothing of replay.
 An actor steps `--envs_per_actor` environments in lock-step with one batched
 policy call per step: the environments are a Python loop over
 `environments.make(...)` instances, each with its own seed and episodes.
-ale-py's C++ vector environment (`ale_py.vector`) was not used: it imports
+ale-py's C++ vector environment (`ale_py.vector_env.AtariVectorEnv`) was not used: it imports
 gymnasium (not in the lock), and its defaults differ from DQN Zoo's
 preprocessing in `environments/atari.py` (fire on reset, reward clipping);
 the loop keeps one implementation of that preprocessing for one and for many

@@ -45,8 +45,8 @@ STEPS = flags.DEFINE_integer('actor_steps', 2000, 'batched_actors: environment s
                              lower_bound=16)
 ROUNDS = flags.DEFINE_integer('actor_rounds', 3, 'batched_actors: interleaved rounds of each measurement.',
                               lower_bound=1)
-# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert; the batched
-# actors act with --arch).
+# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert; every
+# network is --arch's).
 FIELDS = config_flags.define(ExperimentConfig, only=['env', 'arch', 'samples_per_insert', 'probe_steps',
                                                      'probe_targets'])
 
@@ -57,19 +57,18 @@ def _spawn(target, *args) -> multiprocessing.Process:
   return process
 
 
-def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, result_queue) -> None:
+def _actor_process(run: ExperimentConfig, actor_id: int, address: str, seconds: float, result_queue) -> None:
   import jax
   import reverb
   import environments
   from agents.actor import Actor
   from agents.builder import make_agent
-  from agents.config import AgentConfig
   from launch import replay
 
-  env = environments.make(env_spec, seed=actor_id)
-  agent = make_agent(AgentConfig(), env.action_spec().num_values)
+  env = environments.make(run.env, seed=actor_id)
+  agent = make_agent(run.agent, env.action_spec().num_values)
   params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *env.observation_spec().shape), np.uint8))
-  actor = Actor(agent, AgentConfig(epsilon=0.1), env, params_source=lambda: (0, params),
+  actor = Actor(agent, run.agent, env, params_source=lambda: (0, params),
                 add=replay.ReverbSink(reverb.Client(address)), seed=actor_id)
   actor.run(num_steps=200)  # Compile and warm up.
   start_steps, start = actor.env_steps, time.time()
@@ -129,20 +128,19 @@ def batched_actors(run: ExperimentConfig) -> None:
     print(f'  raw ALE:            {raw:8.0f} env steps/s (= {4 * raw:.0f} frames/s, no preprocessing or inference)')
 
 
-def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
+def _evaluator_process(run: ExperimentConfig, address: str, params, stop_event) -> None:
   """Probes and diagnoses the given snapshot over and over, as an attached evaluator would."""
   import tempfile
   import environments
   from agents.builder import make_agent
-  from agents.config import AgentConfig
   from launch import replay
   from probes.diagnostics import DiagnosticsConfig
   from probes.evaluator import Evaluator
   from probes.run_dir import RunLayout
   from probes.plasticity import ProbeConfig
 
-  env = environments.make(env_spec)
-  evaluator = Evaluator(make_agent(AgentConfig(), env.action_spec().num_values), ProbeConfig(steps=200),
+  env = environments.make(run.env)
+  evaluator = Evaluator(make_agent(run.agent, env.action_spec().num_values), ProbeConfig(steps=200),
                         params_source=lambda: (0, params, params), replay_source=replay.ReverbSource(address),
                         out=RunLayout(tempfile.mkdtemp()), diagnostics_config=DiagnosticsConfig())
   while not stop_event.is_set():
@@ -156,9 +154,9 @@ def _cpu_burner_process(stop_event) -> None:
     a = np.tanh(a @ a.T / 512)
 
 
-def actor_steps_per_second(env_spec: str, num_actors: int, address: str, seconds: float) -> list:
+def actor_steps_per_second(run: ExperimentConfig, num_actors: int, address: str, seconds: float) -> list:
   queue = multiprocessing.get_context('spawn').Queue()
-  processes = [_spawn(_actor_process, env_spec, i, address, seconds, queue) for i in range(num_actors)]
+  processes = [_spawn(_actor_process, run, i, address, seconds, queue) for i in range(num_actors)]
   rates = [queue.get() for _ in processes]
   for process in processes:
     process.join()
@@ -186,7 +184,6 @@ def distributed(run: ExperimentConfig) -> None:
   import reverb
   import environments
   from agents.builder import make_agent
-  from agents.config import AgentConfig
   from agents.learner import Learner
   from launch import replay
   from probes import timing
@@ -201,18 +198,18 @@ def distributed(run: ExperimentConfig) -> None:
   print(f'Benchmark on {run.env}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
 
   for num_actors in (1, 2):
-    rates = actor_steps_per_second(run.env, num_actors, address, SECONDS.value)
+    rates = actor_steps_per_second(run, num_actors, address, SECONDS.value)
     print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, {np.mean(rates):8.0f} per actor '
           f'(inserting into Reverb, no rate limit)', flush=True)
 
-  config = AgentConfig()
+  config = run.agent
   agent = make_agent(config, env.action_spec().num_values)
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
   learner_updates_per_second(learner, 2.0)  # Compile and warm up.
   alone = learner_updates_per_second(learner, SECONDS.value)
   params = learner.get_params()[1]
   side_by_side = {}
-  for name, target, args in (('an evaluator', _evaluator_process, (run.env, address, params)),
+  for name, target, args in (('an evaluator', _evaluator_process, (run, address, params)),
                              ('a CPU burner', _cpu_burner_process, ())):
     stop = multiprocessing.get_context('spawn').Event()
     process = _spawn(target, *args, stop)
@@ -233,7 +230,7 @@ def distributed(run: ExperimentConfig) -> None:
   server = reverb.Server(replay.make_tables(limited, observation_spec))
   address = f'localhost:{server.port}'
   queue = multiprocessing.get_context('spawn').Queue()
-  actors = [_spawn(_actor_process, run.env, i, address, 3 * SECONDS.value, queue) for i in range(2)]
+  actors = [_spawn(_actor_process, run, i, address, 3 * SECONDS.value, queue) for i in range(2)]
   learner = Learner(agent, config, replay.batch_iterator(address, config.batch_size), dummy)
   client = reverb.Client(address)
 

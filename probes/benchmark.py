@@ -20,7 +20,7 @@ Unregistered architectures are skipped with a note.
 
 import dataclasses
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
