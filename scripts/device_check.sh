@@ -9,9 +9,10 @@
 # The wheels: dm-haiku 0.0.17, rlax 0.1.6, distrax 0.1.9, chex, optax, dm-env and their dependencies for
 # CPython 3.12 on x86-64 Linux (about 9 MiB), without JAX, jaxlib, NumPy, SciPy, ml_dtypes and opt_einsum, which
 # come with the machine's JAX (the pinned dm-haiku 0.0.12 does not run on current JAX). They are installed, only
-# when the machine's Python cannot import that stack already, into build/device_site (pip --target: nothing of the
-# machine's own Python changes); the check then runs with it first on the path. Extra arguments go to the check
-# (e.g. --archs=cnn). It is cut at DEVICE_CHECK_TIMEOUT seconds (290), keeping the rows measured by then.
+# when the machine's Python cannot import that stack already, into build/device_site (pip --target, or unpacked
+# where pip fails: nothing of the machine's own Python changes); the check then runs with it first on the path.
+# Extra arguments go to the check (e.g. --archs=cnn). It is cut at DEVICE_CHECK_TIMEOUT seconds (290), keeping the
+# rows measured by then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -39,11 +40,13 @@ if ! "$PYTHON" -c 'import haiku, rlax, distrax, optax, chex, dm_env, absl' 2>/de
   if compgen -G "$WHEELS/*.whl" > /dev/null; then
     echo "Installing $(ls "$WHEELS" | wc -l) wheels from $WHEELS into $SITE" >&2
     rm -rf "$SITE"
-    if "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl; then
-      site_path="$SITE:"
-    else
-      echo "device_check: installing the wheels failed; trying with what $PYTHON has" >&2
+    if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl; then
+      # No pip: a wheel is a zip of what site-packages holds; unpacked, it imports the same.
+      echo "device_check: pip install failed; unpacking the wheels into $SITE instead" >&2
+      rm -rf "$SITE"
+      for wheel in "$WHEELS"/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$SITE"; done
     fi
+    site_path="$SITE:"
   else
     echo "device_check: $PYTHON lacks dm-haiku/rlax/distrax/optax/chex/dm-env and $WHEELS holds no wheels" \
          "(bash scripts/device_check.sh --prepare, with network); trying anyway" >&2
