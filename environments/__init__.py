@@ -9,6 +9,7 @@ of agent defaults it calls for, and, through every environment's
 `register_family` call, and every bad spec is an error listing the valid ones.
 """
 
+import importlib
 from typing import Any, Callable, List, NamedTuple, Tuple
 
 import dm_env
@@ -58,11 +59,19 @@ def make(spec: str, seed: int = 0, **options: Any) -> dm_env.Environment:
   return family(spec).make(spec, rest.split(':') if rest else [], seed=seed, **options)
 
 
+def _imported_when_called(module: str, name: str) -> Callable[..., Any]:
+  """`module.name`, imported at its first call: the packages above import this one where a family's libraries
+  are absent (ale-py and OpenCV on an accelerator machine running `probes.device_check`)."""
+  return lambda *args, **kwargs: getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
 def _register_builtin_families() -> None:
-  from environments import atari, classification_mdp
-  register_family('mdp', Family(make=classification_mdp.make_from_spec, valid_specs=classification_mdp.valid_specs,
-                                options=('data_dir',), preset='mdp'))
-  register_family('atari', Family(make=atari.make_from_spec, valid_specs=atari.valid_specs,
+  mdp, atari = 'environments.classification_mdp', 'environments.atari'
+  register_family('mdp', Family(make=_imported_when_called(mdp, 'make_from_spec'),
+                                valid_specs=_imported_when_called(mdp, 'valid_specs'), options=('data_dir',),
+                                preset='mdp'))
+  register_family('atari', Family(make=_imported_when_called(atari, 'make_from_spec'),
+                                  valid_specs=_imported_when_called(atari, 'valid_specs'),
                                   options=('sticky_action_probability',), preset='atari'))
 
 

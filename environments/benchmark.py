@@ -22,7 +22,8 @@ STEPS = flags.DEFINE_integer('steps', 5000, 'Environment steps per measurement r
 ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of each measurement.', lower_bound=1)
 
 
-def _pin(core: int) -> None:
+def pin(core: int) -> None:
+  """Runs this process on one core (where the OS allows), so that rates measured one after another share it."""
   if hasattr(os, 'sched_setaffinity'):
     os.sched_setaffinity(0, {core % os.cpu_count()})
 
@@ -57,7 +58,7 @@ def raw_frames_per_second(game: str, frames: int, seed: int = 0) -> float:
 
 
 def _actor(game: str, steps: int, core: int, queue) -> None:
-  _pin(core)
+  pin(core)
   queue.put(preprocessed_steps_per_second(game, steps, seed=core))
 
 
@@ -76,7 +77,7 @@ def per_actor(game: str, steps: int, processes: int) -> list:
 def main(argv):
   del argv
   import environments
-  _pin(0)
+  pin(0)
   env = environments.make(f'atari:{GAME.value}')
   preprocessed_steps_per_second(GAME.value, 200, env=env)  # Warm up.
   steps, frames = [], []

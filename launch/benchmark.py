@@ -1,11 +1,19 @@
 r"""Throughput benchmark, measured side by side in one run.
 
   python -m launch.benchmark [--env=mdp:mnist:easy] [--seconds=15] [--probe_steps=2000]
-      [--sections=actors,learner,evaluator,rate_limiter,probe]
+      [--sections=batched_actors,actors,learner,evaluator,rate_limiter,probe]
+  python -m launch.benchmark --sections=batched_actors --env=atari:pong --arch=nature_dqn --envs_per_actor=1,4,16
 
-Prints (each section when asked for; the first actor measurement always runs, filling the replay):
-  * actor environment steps/s with 1 and with 2 actor processes (inserting
-    into a local Reverb server, no rate limiting);
+Prints (`--sections`, default all of them; every network is `--arch`'s):
+  * `batched_actors`: environment steps/s of one actor process on one pinned
+    core with each of `--envs_per_actor` environments (one batched policy
+    call per step: inference included, no replay insertion), and, for Atari,
+    raw ALE emulation of the same frames on the same core; the rounds of
+    each are interleaved so that machine noise hits all alike, medians
+    printed as ratios;
+  * `actors` (the first measurement always runs, filling the replay): actor
+    environment steps/s with 1 and with 2 actor processes (inserting into a
+    local Reverb server, no rate limiting);
   * `learner`: updates/s of the learner as the program runs it (Reverb
     batches through the prefetching pipeline, logs, parameter publishing)
     against the bare loop (the jitted update and its finiteness check, nothing
@@ -14,14 +22,14 @@ Prints (each section when asked for; the first actor measurement always runs, fi
     tf.data's, gRPC's, the main thread), with the share of the time the
     learner waited for a batch: near 0 with a ratio below 1, the input
     threads slow the update by taking its cores rather than by starving it;
-  * learner updates/s sampling from that server: alone, beside an evaluator
+  * `evaluator`: learner updates/s sampling from that server: alone, beside an evaluator
     process (probe + diagnostics on fetched snapshots, as an attached
     evaluator does), and beside a process that only burns the same CPU (pure
     numpy). The evaluator's cost to the learner beyond sharing the cores is
     the difference between the last two;
-  * the samples-per-insert ratio the rate limiter actually held with 2 actors
+    - the samples-per-insert ratio the rate limiter actually held with 2 actors
     and the learner running together;
-  * the plasticity probe's wall time for 10 targets vmapped against the same
+    - the plasticity probe's wall time for 10 targets vmapped against the same
     fits done target by target in a Python loop (compilation timed apart).
 """
 
@@ -41,12 +49,21 @@ from agents import config_flags
 from probes.run_dir import ExperimentConfig
 
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
-SECTION_NAMES = ('actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
+SECTION_NAMES = ('batched_actors', 'actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
 SECTIONS = flags.DEFINE_list('sections', list(SECTION_NAMES), f'What to measure, of {", ".join(SECTION_NAMES)}.')
 HELD_BATCHES = flags.DEFINE_integer('held_batches', 500, 'Batches of the learner\'s measurement the bare loop '
                                     'cycles through (held on the device).')
-# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert).
-FIELDS = config_flags.define(ExperimentConfig, only=['env', 'samples_per_insert', 'probe_steps', 'probe_targets'])
+ENVS_PER_ACTOR = flags.DEFINE_list('envs_per_actor', ['1', '4', '16'],
+                                   'batched_actors: environments per actor process, each measured.')
+# Not --steps, --rounds: environments.benchmark, imported by the measuring process, defines those.
+STEPS = flags.DEFINE_integer('actor_steps', 2000, 'batched_actors: environment steps per measurement round.',
+                             lower_bound=16)
+ROUNDS = flags.DEFINE_integer('actor_rounds', 3, 'batched_actors: interleaved rounds of each measurement.',
+                              lower_bound=1)
+# The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert; every
+# network is --arch's).
+FIELDS = config_flags.define(ExperimentConfig, only=['env', 'arch', 'samples_per_insert', 'probe_steps',
+                                                     'probe_targets'])
 
 
 def _spawn(target, *args) -> multiprocessing.Process:
@@ -55,19 +72,18 @@ def _spawn(target, *args) -> multiprocessing.Process:
   return process
 
 
-def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, result_queue) -> None:
+def _actor_process(run: ExperimentConfig, actor_id: int, address: str, seconds: float, result_queue) -> None:
   import jax
   import reverb
   import environments
   from agents.actor import Actor
   from agents.builder import make_agent
-  from agents.config import AgentConfig
   from launch import replay
 
-  env = environments.make(env_spec, seed=actor_id)
-  agent = make_agent(AgentConfig(), env.action_spec().num_values)
+  env = environments.make(run.env, seed=actor_id)
+  agent = make_agent(run.agent, env.action_spec().num_values)
   params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *env.observation_spec().shape), np.uint8))
-  actor = Actor(agent, AgentConfig(epsilon=0.1), env, params_source=lambda: (0, params),
+  actor = Actor(agent, run.agent, env, params_source=lambda: (0, params),
                 add=replay.ReverbSink(reverb.Client(address)), seed=actor_id)
   actor.run(num_steps=200)  # Compile and warm up.
   start_steps, start = actor.env_steps, time.time()
@@ -75,20 +91,71 @@ def _actor_process(env_spec: str, actor_id: int, address: str, seconds: float, r
   result_queue.put((actor.env_steps - start_steps) / (time.time() - start))
 
 
-def _evaluator_process(env_spec: str, address: str, params, stop_event) -> None:
+def _batched_actor_process(run: ExperimentConfig, counts: list, steps: int, rounds: int, result_queue) -> None:
+  """On core 0: median env steps/s of an actor of each count of environments (inference included, transitions
+  dropped) and, for Atari, of raw ALE emulation; the measurements interleaved round by round."""
+  import jax
+  import environments
+  from agents.actor import Actor, actor_seed, environment_seeds
+  from agents.builder import make_agent
+  from environments import benchmark as environments_benchmark
+
+  environments_benchmark.pin(0)
+  actors = {}
+  for count in counts:
+    envs = [environments.make(run.env, seed=seed, **run.env_options())
+            for seed in environment_seeds(actor_seed(run.seed, 0), count)]
+    agent = make_agent(run.agent, envs[0].action_spec().num_values)
+    params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *envs[0].observation_spec().shape), np.uint8))
+    actors[count] = Actor(agent, run.agent, envs, params_source=lambda params=params: (0, params),
+                          add=lambda transition: None, params_update_period=10**9)
+    actors[count].run(num_steps=4 * count)  # Compile and warm up.
+  family, _, game = run.env.partition(':')
+  game = game if family == 'atari' else None  # Raw emulation is ALE's alone.
+  rates = {count: [] for count in counts}
+  raw = []
+  for _ in range(rounds):
+    for count, actor in actors.items():
+      start_steps, start = actor.env_steps, time.perf_counter()
+      actor.run(num_steps=steps)
+      rates[count].append((actor.env_steps - start_steps) / (time.perf_counter() - start))
+    if game:  # Frames per second / 4 = env steps per second at action repeat 4.
+      raw.append(environments_benchmark.raw_frames_per_second(game, 4 * steps) / 4)
+  result_queue.put(({count: float(np.median(r)) for count, r in rates.items()},
+                    float(np.median(raw)) if raw else None))
+
+
+def batched_actors(run: ExperimentConfig) -> None:
+  counts = [int(count) for count in ENVS_PER_ACTOR.value]
+  if min(counts) < 1:
+    raise app.UsageError(f'--envs_per_actor={",".join(ENVS_PER_ACTOR.value)}: each count must be >= 1.')
+  queue = multiprocessing.get_context('spawn').Queue()
+  process = _spawn(_batched_actor_process, run, counts, STEPS.value, ROUNDS.value, queue)
+  rates, raw = queue.get()
+  process.join()
+  print(f'batched actors: {run.env}, --arch={run.agent.arch}, one actor process on one core, median of '
+        f'{ROUNDS.value} interleaved rounds of {STEPS.value} env steps (inference included, no replay insertion):')
+  for count, rate in rates.items():
+    against_raw = f', raw ALE / this = {raw / rate:5.2f}x' if raw else ''
+    print(f'  envs_per_actor={count:3d}: {rate:8.0f} env steps/s, {rate / rates[counts[0]]:5.2f}x '
+          f'envs_per_actor={counts[0]}{against_raw}')
+  if raw:
+    print(f'  raw ALE:            {raw:8.0f} env steps/s (= {4 * raw:.0f} frames/s, no preprocessing or inference)')
+
+
+def _evaluator_process(run: ExperimentConfig, address: str, params, stop_event) -> None:
   """Probes and diagnoses the given snapshot over and over, as an attached evaluator would."""
   import tempfile
   import environments
   from agents.builder import make_agent
-  from agents.config import AgentConfig
   from launch import replay
   from probes.diagnostics import DiagnosticsConfig
   from probes.evaluator import Evaluator
   from probes.run_dir import RunLayout
   from probes.plasticity import ProbeConfig
 
-  env = environments.make(env_spec)
-  evaluator = Evaluator(make_agent(AgentConfig(), env.action_spec().num_values), ProbeConfig(steps=200),
+  env = environments.make(run.env)
+  evaluator = Evaluator(make_agent(run.agent, env.action_spec().num_values), ProbeConfig(steps=200),
                         params_source=lambda: (0, params, params), replay_source=replay.ReverbSource(address),
                         out=RunLayout(tempfile.mkdtemp()), diagnostics_config=DiagnosticsConfig())
   while not stop_event.is_set():
@@ -102,9 +169,9 @@ def _cpu_burner_process(stop_event) -> None:
     a = np.tanh(a @ a.T / 512)
 
 
-def actor_steps_per_second(env_spec: str, num_actors: int, address: str, seconds: float) -> list:
+def actor_steps_per_second(run: ExperimentConfig, num_actors: int, address: str, seconds: float) -> list:
   queue = multiprocessing.get_context('spawn').Queue()
-  processes = [_spawn(_actor_process, env_spec, i, address, seconds, queue) for i in range(num_actors)]
+  processes = [_spawn(_actor_process, run, i, address, seconds, queue) for i in range(num_actors)]
   rates = [queue.get() for _ in processes]
   for process in processes:
     process.join()
@@ -198,20 +265,26 @@ def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, se
 
 def main(argv):
   del argv
-  import jax
-  import reverb
-  import environments
-  from agents.builder import make_agent
-  from agents.config import AgentConfig
-  from agents.learner import Learner
-  from launch import replay
-  from probes import plasticity
-
   unknown = set(SECTIONS.value) - set(SECTION_NAMES)
   if unknown:
     raise app.UsageError(f'--sections: unknown {", ".join(sorted(unknown))}; accepted: {", ".join(SECTION_NAMES)}.')
   sections = set(SECTIONS.value)
   run = config_flags.build(ExperimentConfig, FIELDS)
+  if 'batched_actors' in sections:
+    batched_actors(run)
+  if sections - {'batched_actors'}:
+    distributed(run, sections)
+
+
+def distributed(run: ExperimentConfig, sections: set) -> None:
+  import jax
+  import reverb
+  import environments
+  from agents.builder import make_agent
+  from agents.learner import Learner
+  from launch import replay
+  from probes import timing
+
   env = environments.make(run.env)
   observation_spec = env.observation_spec()
   dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
@@ -222,13 +295,13 @@ def main(argv):
   print(f'Benchmark on {run.env}, {multiprocessing.cpu_count()} CPU cores, JAX devices {jax.devices()}', flush=True)
 
   for num_actors in (1, 2):
-    rates = actor_steps_per_second(run.env, num_actors, address, SECONDS.value)  # Also fills the replay.
+    rates = actor_steps_per_second(run, num_actors, address, SECONDS.value)
     print(f'actors={num_actors}: {sum(rates):8.0f} env steps/s in total, {np.mean(rates):8.0f} per actor '
           f'(inserting into Reverb, no rate limit)', flush=True)
     if 'actors' not in sections:
       break
 
-  config = AgentConfig()
+  config = run.agent
   agent = make_agent(config, env.action_spec().num_values)
   if 'learner' in sections:
     learner_against_bare_loop(agent, config, address, dummy, SECONDS.value)
@@ -240,7 +313,7 @@ def main(argv):
     alone = learner_updates_per_second(learner, SECONDS.value)
     params = learner.get_params()[1]
     side_by_side = {}
-    for name, target, args in (('an evaluator', _evaluator_process, (run.env, address, params)),
+    for name, target, args in (('an evaluator', _evaluator_process, (run, address, params)),
                                ('a CPU burner', _cpu_burner_process, ())):
       stop = multiprocessing.get_context('spawn').Event()
       process = _spawn(target, *args, stop)
@@ -264,7 +337,7 @@ def main(argv):
   server = reverb.Server(replay.make_tables(limited, observation_spec))
   address = f'localhost:{server.port}'
   queue = multiprocessing.get_context('spawn').Queue()
-  actors = [_spawn(_actor_process, run.env, i, address, 3 * SECONDS.value, queue) for i in range(2)]
+  actors = [_spawn(_actor_process, run, i, address, 3 * SECONDS.value, queue) for i in range(2)]
   batches = replay.batch_iterator(address, config.batch_size)
   learner = Learner(agent, config, batches, dummy)
   client = reverb.Client(address)
@@ -291,17 +364,12 @@ def main(argv):
   probe_config = run.probe
   inputs = replay.ReverbSource(address).distinct_observations(probe_config.num_inputs, give_up=lambda: False)
   del server
-  apply_fn = lambda params, obs: agent.network.apply(params, obs).outputs
-  params = learner.get_params()[1]
-  timings = {}
-  for name, make in (('vmapped', plasticity.make_probe), ('python loop', plasticity.make_sequential_probe)):
-    probe = make(apply_fn=apply_fn, init_fn=agent.network.init, optimizer=agent.optimizer, config=probe_config)
-    result = probe(params, inputs, jax.random.PRNGKey(0))
-    timings[name] = result.wall_time_s
+  results = timing.vmapped_and_loop(agent, learner.get_params()[1], inputs, probe_config)
+  for name, result in results.items():
     print(f'probe ({name}): {result.wall_time_s:7.1f} s for {probe_config.num_targets} targets x '
           f'{probe_config.steps} steps (+{result.compile_time_s:.1f} s compiling), '
           f'plasticity {result.plasticity:.4f}', flush=True)
-  print(f'probe: python loop / vmapped = {timings["python loop"] / timings["vmapped"]:.2f}x')
+  print(f'probe: python loop / vmapped = {results["loop"].wall_time_s / results["vmapped"].wall_time_s:.2f}x')
 
 
 if __name__ == '__main__':

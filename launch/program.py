@@ -25,7 +25,7 @@ from concurrent import futures
 import json
 import socket
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from absl import logging
 import launchpad as lp
@@ -34,7 +34,7 @@ import reverb
 
 import environments
 from agents import storage
-from agents.actor import Actor, actor_seed
+from agents.actor import Actor, actor_seed, environment_seeds
 from agents.builder import make_agent
 from agents.learner import Diverged, Learner, pull_when_newer
 from agents.types import Params, StopRequested
@@ -141,10 +141,14 @@ class LearnerNode:
       lp.wait_for_stop()
 
 
-def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[int, int]:
-  """(episodes, env_steps) of an actor's last logged episode: where it goes on after a restart or relaunch."""
+def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[List[int], int]:
+  """(episodes of each of its environments, env_steps) at an actor's last logged episodes: where it goes on after
+  a restart or relaunch."""
   mine = [r for r in layout.records(RunLayout.ACTORS, writer=actor_writer(actor_id)) if r.get('actor_id') == actor_id]
-  return (mine[-1]['episode'], mine[-1]['env_steps']) if mine else (0, 0)
+  if not mine:
+    return [], 0
+  last = {r.get('env_index', 0): r['episode'] for r in mine}
+  return [last.get(index, 0) for index in range(max(last) + 1)], mine[-1]['env_steps']
 
 
 def actor_writer(actor_id: int) -> str:
@@ -162,15 +166,16 @@ def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
   actor's last logged episode.
   """
   seed = actor_seed(config.seed, actor_id, attempt, restart)
-  env = environments.make(config.env, seed=seed, **config.env_options())
+  envs = [environments.make(config.env, seed=env_seed, **config.env_options())
+          for env_seed in environment_seeds(seed, config.envs_per_actor)]
   episodes, env_steps = actor_progress(config.layout, actor_id)
-  logging.info('Actor %d on %s, data: %s; restart %d, going on from episode %d (%d env steps).', actor_id,
-               config.env, env.data_source, restart, episodes, env_steps)
-  agent = make_agent(config.agent, env.action_spec().num_values)
+  logging.info('Actor %d on %d x %s, data: %s; restart %d, going on from episodes %s (%d env steps).', actor_id,
+               len(envs), config.env, envs[0].data_source, restart, episodes, env_steps)
+  agent = make_agent(config.agent, envs[0].action_spec().num_values)
   sink = replay.ReverbSink(replay_client, should_stop=should_stop)
   logger = config.layout.logger(RunLayout.ACTORS, actor_writer(actor_id),
                                 extra={'actor_id': actor_id, 'attempt': attempt}, tensorboard=actor_id == 0)
-  actor = Actor(agent, config.agent, env, params_source=params_source, add=sink, seed=seed,
+  actor = Actor(agent, config.agent, envs, params_source=params_source, add=sink, seed=seed,
                 params_update_period=config.actor_params_update_period, logger=logger, episodes=episodes,
                 env_steps=env_steps)
   actor.run(should_stop=should_stop)

@@ -20,7 +20,7 @@ Unregistered architectures are skipped with a note.
 
 import dataclasses
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -32,7 +32,8 @@ from agents.builder import make_agent
 from agents.config import AgentConfig
 from probes import curvature
 from probes import plasticity
-from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
+from probes import timing
+from probes.diagnostics import DiagnosticsConfig, covariance_block_size
 from probes.run_dir import ExperimentConfig
 
 ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn'], 'Architectures to benchmark.')
@@ -51,14 +52,6 @@ def _run() -> ExperimentConfig:
 
 def _config() -> DiagnosticsConfig:
   return _run().diagnostics
-
-
-def _time_diagnostics(network, params, inputs: np.ndarray) -> Tuple[Dict[str, float], Dict[str, float]]:
-  """(first call's extra seconds, second call's seconds) per diagnostic."""
-  diagnose = make_diagnostics(network, _config(), jax.random.PRNGKey(2))
-  first = diagnose(params, inputs, jax.random.PRNGKey(0)).wall_times
-  second = diagnose(params, inputs, jax.random.PRNGKey(1)).wall_times
-  return {name: max(first[name] - second[name], 0.0) for name in second}, second
 
 
 def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) -> Tuple[float, float]:
@@ -105,7 +98,7 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f'\narch={arch}: {num_params:,} parameters, inputs {inputs.shape}, {jax.device_count()} {jax.default_backend()} '
         f'device(s)')
-  compile_times, run_times = _time_diagnostics(agent.network, params, inputs)
+  compile_times, run_times = timing.time_diagnostics(agent.network, params, inputs, _config())
   del compile_times['total'], run_times['total']
   lanczos_scale = DiagnosticsConfig.lanczos_steps / _config().lanczos_steps
   probe_scale = plasticity.ProbeConfig.steps / _run().probe.steps

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import chex
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from scipy import integrate
 
 from agents.types import Params
 from probes import compiled_loops
@@ -192,7 +193,7 @@ def spectral_density(values: np.ndarray, weights: np.ndarray, grid: np.ndarray, 
   values, weights = np.atleast_2d(values), np.atleast_2d(weights)
   kernel = np.exp(-0.5 * np.square((grid[:, None, None] - values[None]) / sigma)) / (sigma * np.sqrt(2 * np.pi))
   density = np.sum(kernel * weights[None], axis=(1, 2)) / values.shape[0]
-  return density / np.trapz(density, grid)
+  return density / integrate.trapezoid(density, grid)  # np.trapz is gone from NumPy 2.
 
 
 def density_grid(values: np.ndarray, size: int, relative_sigma: float) -> Tuple[np.ndarray, float]:

@@ -29,8 +29,8 @@ _WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 # Fields that may differ when a run directory is resumed (they do not change what is learnt).
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
 MAX_ACTORS = 1000
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'launch_type', 'run_dir', 'data_dir', 'max_restarts',
-                    'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device')
+RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'envs_per_actor', 'launch_type', 'run_dir', 'data_dir',
+                    'max_restarts', 'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +175,9 @@ class ExperimentConfig:
       'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
   num_actors: int = option(2, 'Number of actor nodes (ids 0 to num_actors - 1; attached actors take ids from '
                            f'{MAX_ACTORS} up).', lower_bound=1, upper_bound=MAX_ACTORS)
+  # agents/actor.py says why a loop over environments rather than ale-py's vector environment.
+  envs_per_actor: int = option(1, 'Environments each actor steps in lock-step, with one batched policy call per '
+                               'step (more environments amortise the network call over more steps).', lower_bound=1)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
                             choices=lambda: ['local_mp', 'local_mt'])
   bind_host: str = option('127.0.0.1', 'Where the run\'s Reverb and Courier servers listen: 127.0.0.1, this machine '

@@ -79,7 +79,7 @@ def test_an_actors_counters_go_on_from_its_own_last_record(tmp_path):
                            extra={'actor_id': actor_id})
     logger({'episode': episode, 'env_steps': 100 * episode})
     logger.close()
-  assert [actor_progress(layout, i) for i in (0, 1, 2, 3)] == [(3, 300), (2, 200), (1, 100), (0, 0)]
+  assert [actor_progress(layout, i) for i in (0, 1, 2, 3)] == [([3], 300), ([2], 200), ([1], 100), ([], 0)]
 
 
 def _replay_items(address: str) -> int:

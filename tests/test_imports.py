@@ -1,4 +1,4 @@
-"""agents/ and probes/ run where TensorFlow, Reverb and Launchpad are absent (an accelerator box, a notebook)."""
+"""agents/ and probes/ run where TensorFlow, Reverb, Launchpad, ale-py and OpenCV are absent (an accelerator box)."""
 
 import os
 import pkgutil
@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ('tensorflow', 'reverb', 'launchpad', 'courier')
+# Nor ale-py and OpenCV: environments/ imports a family's module when it is used (scripts/device_check.sh).
+BLOCKED = ('tensorflow', 'reverb', 'launchpad', 'courier', 'ale_py', 'cv2')
 
 
 def _import_blocked(modules) -> subprocess.CompletedProcess:

@@ -213,9 +213,72 @@ def test_a_restarted_actor_counts_on_from_its_last_episode_and_pulls_parameters_
 
   # 13 steps before: not a multiple of the pull period, so only "no parameters yet" makes the first pull.
   Actor(agent, config, ThreeStepEpisodes(), params_source=params_source, add=lambda t: None,
-        logger=episodes.append, params_update_period=100, episodes=4, env_steps=13).run(num_steps=6)
+        logger=episodes.append, params_update_period=100, episodes=[4], env_steps=13).run(num_steps=6)
   assert [(e['episode'], e['env_steps']) for e in episodes] == [(5, 16), (6, 19)]
   assert len(pulls) == 1
+
+
+class SeededEpisodes(dm_env.Environment):
+  """Random 4x4x1 observations and episode lengths (2 to 6 steps) drawn from its seed: distinct per seed."""
+
+  def __init__(self, seed: int):
+    self._rng = np.random.default_rng(seed)
+    self._t, self._length = 0, 0
+
+  def _observation(self) -> np.ndarray:
+    return self._rng.integers(1, 256, (4, 4, 1)).astype(np.uint8)
+
+  def reset(self) -> dm_env.TimeStep:
+    self._t, self._length = 0, int(self._rng.integers(2, 7))
+    return dm_env.restart(self._observation())
+
+  def step(self, action) -> dm_env.TimeStep:
+    self._t += 1
+    reward = float(action) + 10 * self._t
+    if self._t == self._length:
+      return dm_env.termination(reward, self._observation())
+    return dm_env.transition(reward, self._observation())
+
+  def observation_spec(self):
+    return specs.Array((4, 4, 1), np.uint8)
+
+  def action_spec(self):
+    return specs.DiscreteArray(3)
+
+
+def test_an_actor_of_several_environments_steps_each_as_its_own_actor_would():
+  """One batched policy call for 3 environments: greedy, each environment's transitions are those of a one-
+  environment actor on the same seed, frame for frame; each logs its own episodes, numbered from 1."""
+  from agents.actor import environment_seeds
+  config = AgentConfig(width_multiplier=1 / 32, epsilon=0.0, reward_clip=None)
+  agent = make_agent(config, num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.uint8))
+  seeds = environment_seeds(7, 3)
+  stored, episodes = [], []
+  actor = Actor(agent, config, [SeededEpisodes(s) for s in seeds], params_source=lambda: (0, params),
+                add=stored.append, logger=episodes.append)
+  actor.run(num_steps=58)  # Rounded up to whole batches: 20 steps of each environment.
+  assert actor.env_steps == 60 and len(stored) == 60
+  for index, seed in enumerate(seeds):
+    alone, alone_episodes = [], []
+    Actor(agent, config, SeededEpisodes(seed), params_source=lambda: (0, params), add=alone.append,
+          logger=alone_episodes.append).run(num_steps=20)
+    mine = stored[index::3]
+    for field in Transition._fields:
+      np.testing.assert_array_equal(np.stack([getattr(t, field) for t in mine]),
+                                    np.stack([getattr(t, field) for t in alone]), err_msg=field)
+    logged = [e for e in episodes if e['env_index'] == index]
+    assert [e['episode'] for e in logged] == list(range(1, len(logged) + 1)) and len(logged) >= 3
+    assert [(e['episode_length'], e['episode_return']) for e in logged] == [
+        (e['episode_length'], e['episode_return']) for e in alone_episodes]
+  assert len({t.observation.tobytes() for t in stored[:3]}) == 3  # Three distinct seeds.
+
+
+def test_environment_seeds_are_distinct_within_and_across_actors():
+  from agents.actor import actor_seed, environment_seeds
+  seeds = [s for actor_id in range(50) for s in environment_seeds(actor_seed(0, actor_id), 16)]
+  assert len(set(seeds)) == 50 * 16 and all(0 <= s < 2**63 for s in seeds)
+  assert environment_seeds(3, 4) == environment_seeds(3, 4) and environment_seeds(3, 4)[:2] == environment_seeds(3, 2)
 
 
 def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_path):
