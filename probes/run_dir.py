@@ -130,8 +130,9 @@ class ExperimentConfig:
       0.0, 'Probability that ALE repeats the previous action instead (0.25 is Machado et al. 2018\'s setting; 0 is '
       'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
   num_actors: int = option(2, 'Number of actor nodes.', lower_bound=1)
-  launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
-                            choices=lambda: ['local_mp', 'local_mt'])
+  launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process; '
+                            'vertex_ai: a Vertex AI custom job (launch/cluster.py: the cluster extra, machine flags, '
+                            '--dry_run).', choices=lambda: ['local_mp', 'local_mt', 'vertex_ai'])
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
   seed: int = option(0, 'Random seed.')
   agent: AgentConfig = AgentConfig()
