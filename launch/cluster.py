@@ -76,6 +76,10 @@ def cluster_config(config: ExperimentConfig) -> ClusterConfig:
   if not config.run_dir.startswith(RUN_DIR_PREFIX):
     raise ValueError(f'--run_dir={config.run_dir}: with --launch_type={LAUNCH_TYPE} every node writes the run '
                      f'directory, so it must be on Cloud Storage as Vertex AI mounts it, {RUN_DIR_PREFIX}BUCKET/...')
+  if '_' in tempfile.gettempdir():  # Launchpad draws temporary directories until one has no '_': forever, here.
+    raise ValueError(f'--launch_type={LAUNCH_TYPE}: Launchpad stages each image in a temporary directory whose path '
+                     f'must have no "_" (Vertex AI rejects it), and {tempfile.gettempdir()} has one; set $TMPDIR '
+                     f'to a directory without.')
   requirements(cluster)  # Bad machines and accelerators fail now.
   return cluster
 
@@ -156,26 +160,40 @@ def _packages() -> List[str]:
 
 
 @contextlib.contextmanager
-def _docker_configs(cluster: ClusterConfig) -> Iterator[Tuple[Dict[str, object], Dict[str, str]]]:
-  """Each group's `lp.DockerConfig` ({role: config}, and {image kind: requirements text}), over a staged copy of
-  the packages (nothing else of the checkout: no venv, no runs), removed afterwards."""
+def _scratch() -> Iterator[str]:
+  """A directory every temporary file of the launch goes in (Launchpad's image contexts, xmanager's Dockerfiles:
+  both leave them behind), removed afterwards; its path has no '_', as Launchpad's staging needs."""
+  path = '_'
+  while '_' in path:
+    path = tempfile.mkdtemp(prefix='plasticity-cluster-')
+    if '_' in path:
+      os.rmdir(path)
+  try:
+    with mock.patch.object(tempfile, 'tempdir', path):
+      yield path
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _docker_configs(cluster: ClusterConfig, directory: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+  """Each group's `lp.DockerConfig` ({role: config}) and the images' requirements ({'cpu' or 'gpu': text}), staged
+  in `directory`: the packages (nothing else of the checkout: no venv, no runs) and the requirements files."""
   import launchpad as lp
   root = os.path.dirname(os.path.dirname(os.path.abspath(program_lib.__file__)))
-  with tempfile.TemporaryDirectory(prefix='plasticity-cluster-') as staging:
-    code = os.path.join(staging, 'code')
-    for package in _packages():
-      shutil.copytree(os.path.join(root, package), os.path.join(code, package),
-                      ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
-    texts, paths = {}, {}
-    for kind in ('cpu', 'gpu'):
-      texts[kind] = _image_requirements(root, gpu=kind == 'gpu')
-      paths[kind] = os.path.join(staging, f'requirements-{kind}.txt')
-      with open(paths[kind], 'w') as f:
-        f.write(texts[kind])
-    configs = {role: lp.DockerConfig(code_directory=code, hw_requirements=need,
-                                     docker_requirements=paths['gpu' if _has_gpu(need) else 'cpu'])
-               for role, need in requirements(cluster).items()}
-    yield configs, texts
+  code = os.path.join(directory, 'code')
+  for package in _packages():
+    shutil.copytree(os.path.join(root, package), os.path.join(code, package),
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+  texts, paths = {}, {}
+  for kind in ('cpu', 'gpu'):
+    texts[kind] = _image_requirements(root, gpu=kind == 'gpu')
+    paths[kind] = os.path.join(directory, f'requirements-{kind}.txt')
+    with open(paths[kind], 'w') as f:
+      f.write(texts[kind])
+  configs = {role: lp.DockerConfig(code_directory=code, hw_requirements=need,
+                                   docker_requirements=paths['gpu' if _has_gpu(need) else 'cpu'])
+             for role, need in requirements(cluster).items()}
+  return configs, texts
 
 
 def submit(config: ExperimentConfig, cluster: ClusterConfig) -> None:
@@ -183,7 +201,8 @@ def submit(config: ExperimentConfig, cluster: ClusterConfig) -> None:
   runs)."""
   import launchpad as lp
   program = program_lib.make_program(config, config.layout.attempts() + 1)
-  with _docker_configs(cluster) as (configs, _):
+  with _scratch() as scratch:
+    configs, _ = _docker_configs(cluster, scratch)
     lp.launch(program, launch_type=LAUNCH_TYPE, xm_resources=configs)
 
 
@@ -212,14 +231,14 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _offline(recorder: _Recorder) -> Iterator[None]:
-  """xmanager with its image build, its job submission, its credentials and its database replaced."""
+def _offline(recorder: _Recorder, directory: str) -> Iterator[None]:
+  """xmanager with its image build, its job submission, its credentials and its database (made in `directory`)
+  replaced."""
   from google.cloud import aiplatform
   from xmanager.cloud import auth, build_image, vertex
   from xmanager.xm_local.storage import database
+  scratch_db = database.Database(database.SqliteConnector, database.sqlite_settings(os.path.join(directory, 'xm.db')))
   with contextlib.ExitStack() as stack:
-    scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix='plasticity-xm-'))
-    scratch_db = database.Database(database.SqliteConnector, database.sqlite_settings(os.path.join(scratch, 'xm.db')))
     for target, name, value in [
         (auth, 'get_project_name', lambda: PLACEHOLDER), (auth, 'get_bucket', lambda: PLACEHOLDER),
         (auth, 'get_service_account', lambda: PLACEHOLDER),
@@ -239,7 +258,8 @@ def dry_run(config: ExperimentConfig, cluster: ClusterConfig) -> str:
   program = program_lib.make_program(config, config.layout.attempts() + 1)
   recorder = _Recorder()
   output = io.StringIO()
-  with _docker_configs(cluster) as (configs, texts), _offline(recorder), contextlib.redirect_stdout(output):
+  with _scratch() as scratch, _offline(recorder, scratch), contextlib.redirect_stdout(output):
+    configs, texts = _docker_configs(cluster, scratch)
     lp.launch(program, launch_type=LAUNCH_TYPE, xm_resources=configs)
   nodes = {}
   for line in re.sub(r'\x1b\[[0-9;]*m', '', output.getvalue()).splitlines():
@@ -269,7 +289,7 @@ def dry_run(config: ExperimentConfig, cluster: ClusterConfig) -> str:
                  f'({len(texts[kind].splitlines())} pins)')
   dockerfile, _, _ = next(iter(recorder.images.values()))
   lines += ['Dockerfile (each pool\'s image, with its own directory):',
-            *('  ' + line for line in dockerfile.strip().splitlines()),
+            *('  ' + line for line in dockerfile.splitlines() if line.strip()),
             f'A real submission (without --dry_run) needs: Google Cloud credentials (gcloud auth application-default '
             f'login) and a project (gcloud config set project PROJECT) with Vertex AI enabled, '
             f'$GOOGLE_CLOUD_BUCKET_NAME (the job\'s staging bucket), docker (else Cloud Build builds the images), '
