@@ -126,9 +126,9 @@ def requirements(cluster: ClusterConfig) -> Dict[str, 'xm.JobRequirements']:
   return out
 
 
-def _has_gpu(requirements_: 'xm.JobRequirements') -> bool:
+def _has_gpu(need: 'xm.JobRequirements') -> bool:
   xm, _ = _xmanager()
-  return any(resource in xm.GpuType for resource in requirements_.task_requirements)
+  return any(resource in xm.GpuType for resource in need.task_requirements)
 
 
 def _image_requirements(root: str, gpu: bool) -> str:
@@ -261,8 +261,14 @@ def dry_run(config: ExperimentConfig, cluster: ClusterConfig) -> str:
   with _scratch() as scratch, _offline(recorder, scratch), contextlib.redirect_stdout(output):
     configs, texts = _docker_configs(cluster, scratch)
     lp.launch(program, launch_type=LAUNCH_TYPE, xm_resources=configs)
+  return _plan(config, recorder, texts, output.getvalue())
+
+
+def _plan(config: ExperimentConfig, recorder: _Recorder, texts: Dict[str, str], launchpad_output: str) -> str:
+  """The recorded job as text: its worker pools (with Launchpad's node mapping), images and what a submission
+  needs."""
   nodes = {}
-  for line in re.sub(r'\x1b\[[0-9;]*m', '', output.getvalue()).splitlines():
+  for line in re.sub(r'\x1b\[[0-9;]*m', '', launchpad_output).splitlines():
     match = _MAPPING.match(line.strip())
     if match:
       nodes.setdefault(match[3], []).append(f'{match[1]}-{match[2]}')
