@@ -34,7 +34,7 @@ from launch import cluster as cluster_lib
 from launch import flags as run_flags
 from launch import program as program_lib
 from launch import watchdog
-from probes.run_dir import ExperimentConfig, write_or_check_config
+from probes.run_dir import ExperimentConfig, check_config, write_or_check_config
 from probes.loggers import JsonlLogger, read_jsonl
 from probes import plots
 from probes.run_dir import RunLayout
@@ -291,7 +291,8 @@ def main(argv):
     config = run_flags.experiment_config()
     cluster = cluster_lib.cluster_config(config)
     data_source = validate(config)
-    if cluster.dry_run:  # Before anything is written.
+    if cluster.dry_run:  # Nothing written: the run directory only read.
+      check_config(config)
       print(cluster_lib.dry_run(config, cluster))
       return
     resumed = write_or_check_config(config)

@@ -179,24 +179,31 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
     raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror}).') from e
   if not os.access(run_dir, os.W_OK | os.X_OK):
     raise ValueError(f'--run_dir={run_dir} is not writable.')
+  resumed = check_config(config)
   path = config.layout.config
-  current = json.loads(json.dumps(config.to_dict()))
-  resumed = os.path.exists(path)
-  if resumed:
-    # Read back through the dataclasses: a field added since the run began takes its default.
-    saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
-    differences = _differences(saved, current)
-    if differences:
-      raise ValueError(
-          f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
-          f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
-          f'Use another --run_dir for a new run.')
   with open(path + '.tmp', 'w') as f:
-    json.dump(current, f, indent=2)
+    json.dump(json.loads(json.dumps(config.to_dict())), f, indent=2)
     f.flush()
     os.fsync(f.fileno())
   os.replace(path + '.tmp', path)
   return resumed
+
+
+def check_config(config: ExperimentConfig) -> bool:
+  """Whether config.run_dir already holds a run; a ValueError naming each difference if its config.json does not
+  match. Reads only."""
+  run_dir = config.run_dir
+  if not os.path.exists(RunLayout(run_dir).config):
+    return False
+  # Read back through the dataclasses: a field added since the run began takes its default.
+  saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
+  differences = _differences(saved, json.loads(json.dumps(config.to_dict())))
+  if differences:
+    raise ValueError(
+        f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
+        f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
+        f'Use another --run_dir for a new run.')
+  return True
 
 
 def _differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = '') -> list:

@@ -1,5 +1,6 @@
 """The Vertex AI launch (launch/cluster.py): its dry run end to end, the machine flags, the cluster extra's pins."""
 
+import dataclasses
 import importlib.metadata
 import os
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 
 from launch import cluster
 from launch import flags as run_flags
+from probes.run_dir import ExperimentConfig, check_config, write_or_check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL = re.compile(r'^  (workerpool\d): replicas=(\d+) machine=(\S+) accelerator=(.+?) image=(\w+) .*nodes=(.+)$')
@@ -129,3 +131,14 @@ def test_a_temporary_directory_with_an_underscore_is_refused(monkeypatch, tmp_pa
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'has_underscore'))
   with pytest.raises(ValueError, match=re.escape(f'{tmp_path}/has_underscore has one; set $TMPDIR')):
     _cluster_config('--run_dir=/gcs/b/run', '--launch_type=vertex_ai')
+
+
+def test_the_dry_runs_check_of_an_existing_run_reads_only(tmp_path):
+  config = ExperimentConfig(run_dir=str(tmp_path / 'run'))
+  assert not check_config(config) and not os.path.exists(config.run_dir)
+  write_or_check_config(config)
+  before = {name: os.path.getmtime(os.path.join(config.run_dir, name)) for name in os.listdir(config.run_dir)}
+  assert check_config(dataclasses.replace(config, num_actors=300))  # A resumable difference.
+  with pytest.raises(ValueError, match=re.escape("seed: 0 -> 1")):
+    check_config(dataclasses.replace(config, seed=1))
+  assert {name: os.path.getmtime(os.path.join(config.run_dir, name)) for name in os.listdir(config.run_dir)} == before
