@@ -2,6 +2,8 @@ r"""Launches a training run: replay, actors, learner and evaluator.
 
   python -m launch.train --run_dir=runs/mnist_easy --env=mdp:mnist:easy
 
+With --launch_type=vertex_ai it submits the program as a Vertex AI custom job
+and exits (launch/cluster.py; --dry_run prints the worker pools instead).
 Relaunching with the same --run_dir and flags resumes from the last
 checkpoint (raise --max_learner_steps to extend a finished run). The run
 directory's files are described in WORKSPACE.md.
@@ -28,13 +30,14 @@ import environments
 from environments import datasets
 from agents import checkpointing, storage
 from agents.builder import make_agent
+from launch import cluster as cluster_lib
 from launch import flags as run_flags
 from launch import network
 from launch import placement
 from launch import program as program_lib
 from launch import supervisor
 from launch import watchdog
-from probes.run_dir import ExperimentConfig, write_or_check_config
+from probes.run_dir import ExperimentConfig, check_config, write_or_check_config
 from probes.loggers import Record
 from probes import plots
 from probes.run_dir import RunLayout
@@ -316,11 +319,17 @@ def main(argv):
   try:
     config = run_flags.experiment_config()
     network.check(config.bind_host, config.publish_host)
+    cluster = cluster_lib.cluster_config(config)
   except ValueError as e:
     raise app.UsageError(str(e))
-  restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
+  if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
+    restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
   try:
     data_source = validate(config)
+    if cluster.dry_run:  # Nothing written: the run directory only read.
+      check_config(config)
+      print(cluster_lib.dry_run(config, cluster))
+      return
     resumed = write_or_check_config(config)
   except ValueError as e:
     raise app.UsageError(str(e))
@@ -329,6 +338,10 @@ def main(argv):
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
         f'({data_source}), {config.num_actors} actors, {config.launch_type}, '
         f'{config.max_learner_steps} learner steps, probe every {config.probe_every}.', flush=True)
+  if config.launch_type == cluster_lib.LAUNCH_TYPE:
+    cluster_lib.submit(config, cluster)
+    print(f'Submitted: the nodes write {config.run_dir}; relaunch the same command to resume it.')
+    return
   code = supervise(config)
   layout = config.layout
   learner = _last(layout.records(RunLayout.LEARNER))

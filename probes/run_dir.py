@@ -178,8 +178,9 @@ class ExperimentConfig:
   # agents/actor.py says why a loop over environments rather than ale-py's vector environment.
   envs_per_actor: int = option(1, 'Environments each actor steps in lock-step, with one batched policy call per '
                                'step (more environments amortise the network call over more steps).', lower_bound=1)
-  launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process.',
-                            choices=lambda: ['local_mp', 'local_mt'])
+  launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process; '
+                            'vertex_ai: a Vertex AI custom job (launch/cluster.py: the cluster extra, machine flags, '
+                            '--dry_run).', choices=lambda: ['local_mp', 'local_mt', 'vertex_ai'])
   bind_host: str = option('127.0.0.1', 'Where the run\'s Reverb and Courier servers listen: 127.0.0.1, this machine '
                          'only; 0.0.0.0 or ::, every interface; or one interface\'s address, for multi-host runs. '
                          'They have no authentication: keep such runs on a private network.')
@@ -240,20 +241,27 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
     raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror or e}).') from e
   if storage.is_local(run_dir) and not os.access(run_dir, os.W_OK | os.X_OK):
     raise ValueError(f'--run_dir={run_dir} is not writable.')
+  resumed = check_config(config)
   path = config.layout.config
-  current = json.loads(json.dumps(config.to_dict()))
-  resumed = storage.path(path).exists()
-  if resumed:
-    # Read back through the dataclasses: a field added since the run began takes its default.
-    saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
-    differences = _differences(saved, current)
-    if differences:
-      raise ValueError(
-          f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
-          f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
-          f'Use another --run_dir for a new run.')
-  storage.write_atomically(path, json.dumps(current, indent=2).encode())
+  storage.write_atomically(path, json.dumps(json.loads(json.dumps(config.to_dict())), indent=2).encode())
   return resumed
+
+
+def check_config(config: ExperimentConfig) -> bool:
+  """Whether config.run_dir already holds a run; a ValueError naming each difference if its config.json does not
+  match. Reads only."""
+  run_dir = config.run_dir
+  if not storage.path(RunLayout(run_dir).config).exists():
+    return False
+  # Read back through the dataclasses: a field added since the run began takes its default.
+  saved = json.loads(json.dumps(load_config(run_dir).to_dict()))
+  differences = _differences(saved, json.loads(json.dumps(config.to_dict())))
+  if differences:
+    raise ValueError(
+        f'--run_dir={run_dir} holds a run with a different configuration; resuming it '
+        f'needs the same flags. Differences (flag: saved -> given): {"; ".join(differences)}. '
+        f'Use another --run_dir for a new run.')
+  return True
 
 
 def _differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = '') -> list:

@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.installed-lock"
-WANT="$(cat "$ROOT/requirements/lock.txt" "$ROOT/requirements/dev.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements/lock.txt" "$ROOT/requirements/dev.txt" "$ROOT/requirements/cluster.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 find_python310() {
   local candidate
@@ -38,8 +38,9 @@ MSG
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade "pip==24.2" "setuptools==75.1.0" wheel >&2
-  echo "[setup] installing the pinned stack (requirements/lock.txt); first time takes a few minutes" >&2
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/lock.txt" -r "$ROOT/requirements/dev.txt" >&2
+  echo "[setup] installing the pinned stack (requirements/lock.txt, dev.txt, cluster.txt); first time takes a few minutes" >&2
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/lock.txt" -r "$ROOT/requirements/dev.txt" \
+      -r "$ROOT/requirements/cluster.txt" >&2
   # compat mode: a .pth pointing at the repo, so packages added later import without reinstalling.
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat >&2
   echo "$WANT" > "$STAMP"
