@@ -77,7 +77,7 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   result = train(run_dir, '--launch_type=local_mp', *SMALL_RUN, '--samples_per_insert=1')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   time.sleep(1.0)
-  assert not leftover_processes(start, 'launchpad'), 'processes left behind'
+  assert not _node_processes(run_dir), 'processes left behind'
   assert not leftover_processes(start, run_dir)
 
   layout = RunLayout(run_dir)
@@ -206,7 +206,7 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert os.listdir(layout.checkpoints)  # The learner's final checkpoint.
   assert not layout.records('probes')  # The point in progress is dropped whole, not half-written.
   time.sleep(1.0)
-  assert not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir)
+  assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
 
   relaunch = python_module('launch.train', f'--run_dir={run_dir}', *flags)
   _wait_for(lambda: layout.attempts() == 2 and _evaluator_state(layout) == 'probing', 180, 'the relaunch')
@@ -214,7 +214,7 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   killed = time.time()
   relaunch.kill()  # kill -9 of the launcher: no stop reaches its nodes from it.
   relaunch.communicate(timeout=30)
-  _wait_for(lambda: not leftover_processes(start, 'launchpad') and not leftover_processes(start, run_dir), 15,
+  _wait_for(lambda: not _node_processes(run_dir) and not leftover_processes(start, run_dir), 15,
             'the nodes to end after their launcher')
   assert time.time() - killed < 15
 
