@@ -20,7 +20,7 @@ from absl import flags
 from agents import config_flags, storage
 from launch import program as program_lib
 from launch.attach import LearnerGone, connect, guarded
-from probes.run_dir import ExperimentConfig, RunLayout
+from probes.run_dir import ExperimentConfig
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
 NAME = flags.DEFINE_string('name', None, 'Name of this evaluator: it writes under RUN_DIR/evaluators/NAME/ '

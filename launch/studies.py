@@ -176,7 +176,7 @@ def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
                           {**base, **_arch_args(arch, scale), **_intervention_args(intervention), 'output': output,
                            'max_learner_steps': PAPER_LONG_STEPS}))
   skipped = {} if scale == 'paper' else _skipped(
-      [f'{a}-*' for a in PAPER_ARCHS if a not in archs], f'ResNet-18 and ViT run at --scale=paper only')
+      [f'{a}-*' for a in PAPER_ARCHS if a not in archs], 'ResNet-18 and ViT run at --scale=paper only')
   return cells, skipped
 
 

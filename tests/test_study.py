@@ -13,7 +13,7 @@ from rich.console import Console
 import numpy as np
 import pytest
 
-from launch import studies, study
+from launch import studies, study_runner
 from launch.studies import Cell, StudyLayout
 from probes import aggregate
 from tests.test_train_program import ROOT, leftover_processes, python_module
@@ -134,7 +134,7 @@ def run_study(*args, timeout=120):
 
 def _error(**kwargs) -> str:
   with pytest.raises(ValueError) as raised:
-    study.prepare(**{'name': 'interventions', 'scale': 'smoke', **kwargs})
+    study_runner.prepare(**{'name': 'interventions', 'scale': 'smoke', **kwargs})
   return str(raised.value)
 
 
@@ -149,8 +149,8 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   assert "unknown flag 'max_learner_stepz'" in message and 'max_learner_steps' in message
   assert 'expected FLAG=VALUE' in _error(sets=['max_learner_steps'], out_dir=out)
   assert '--set=max_learner_steps=many: not a int' in _error(sets=['max_learner_steps=many'], out_dir=out)
-  assert study.prepare('interventions', 'smoke', out, cells=['mlp-none'], sets=['max_learner_steps=300'],
-                       ).state['grid'] == study.prepare('interventions', 'smoke', out, cells=['mlp-none']).state['grid']
+  assert study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none'], sets=['max_learner_steps=300'],
+                       ).state['grid'] == study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none']).state['grid']
   shutil.rmtree(out)
   message = _error(name='atari_layernorm', games=['pong', 'pongg'], out_dir=out)
   assert 'Unknown game(s) pongg (--games)' in message and 'breakout' in message
@@ -165,7 +165,7 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   assert 'not a study directory' in _error(out_dir=str(not_a_study))
   # Through the command: a study directory made by another grid is refused, naming the difference, untouched.
   layout = StudyLayout(out)
-  study.prepare('interventions', 'smoke', out, cells=['mlp-none'])
+  study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none'])
   before = open(layout.state).read()
   result = run_study('--study=interventions', '--cells=mlp-none', '--set=max_learner_steps=500', f'--out_dir={out}')
   assert result.returncode == 1 and 'was made by a different grid' in result.stderr
@@ -178,18 +178,18 @@ def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
   definition = studies.STUDIES.get('optimizer_instability')
   good, _ = definition.cells('smoke', studies.StudyOptions())
   bad = Cell('bad', {'arch': 'mlp'}, {'env': 'mdp:mnist:bogus'})  # launch.train refuses it (exit 1).
-  runs = [study.Run(f'{c.name}/seed0', c, 0, layout.run_dir(c.name, 0), layout.log(c.name, 0))
+  runs = [study_runner.Run(f'{c.name}/seed0', c, 0, layout.run_dir(c.name, 0), layout.log(c.name, 0))
           for c in (bad, good[0])]
   state = {'grid': {'study': 'test'}, 'runs': {r.key: {'state': 'pending'} for r in runs}}
   console = Console(record=True, width=200)
-  assert study.execute(layout, state, runs, 2, None, console)
+  assert study_runner.execute(layout, state, runs, 2, None, console)
   assert state['runs']['bad/seed0']['state'] == 'failed' and state['runs']['bad/seed0']['exit_code'] == 1
   assert state['runs']['adam/seed0']['state'] == 'finished'
   assert json.load(open(layout.state))['runs'] == state['runs']
   text = console.export_text()
   assert 'failed bad/seed0 (exit 1)' in text and layout.log('bad', 0) in text
   assert 'mdp:mnist:bogus' in open(layout.log('bad', 0)).read()
-  rows = study.collect(definition, layout, state, runs, console)
+  rows = study_runner.collect(definition, layout, state, runs, console)
   assert [r['cell'] for r in rows] == ['adam'] and 0.0 <= rows[0]['final_accuracy'] <= 1.0
 
 
