@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Callable, List, Tuple
 
+from absl import app
 from absl import logging
 import courier
 
@@ -85,3 +86,16 @@ def claim_actor_ids(layout: RunLayout, num: int) -> List[int]:
     ids.append(candidate)
     candidate += 1
   return ids
+
+
+def attach_from_command_line(argv: List[str], run_dir: str, call_timeout_s: float
+                             ) -> Tuple[ExperimentConfig, courier.Client, str]:
+  """`connect` for a command's `main`: its arguments and a failure to connect as the command's usage errors."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not run_dir:
+    raise app.UsageError('--run_dir is required: the directory of a live run started by launch.train.')
+  try:
+    return connect(run_dir, call_timeout_s)
+  except ValueError as e:
+    raise app.UsageError(str(e))

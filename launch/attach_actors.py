@@ -22,7 +22,7 @@ import reverb
 
 from agents.learner import pull_when_newer
 from launch import program as program_lib
-from launch.attach import LearnerGone, claim_actor_ids, connect, guarded
+from launch.attach import LearnerGone, attach_from_command_line, claim_actor_ids, guarded
 from probes.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to add actors to.')
@@ -33,14 +33,7 @@ JOIN_S = 30.0  # How long stopping actors may take to hand over their last trans
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not RUN_DIR.value:
-    raise app.UsageError('--run_dir is required: the directory of a live run started by launch.train.')
-  try:
-    config, learner, replay_address = connect(RUN_DIR.value, CALL_TIMEOUT_S.value)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  config, learner, replay_address = attach_from_command_line(argv, RUN_DIR.value, CALL_TIMEOUT_S.value)
   layout = config.layout
   actor_ids = claim_actor_ids(layout, NUM_ACTORS.value)
   attempt = max(layout.attempts(), 1)  # The live launch's: each record says which launch it was acted in.

@@ -19,7 +19,7 @@ from absl import flags
 
 from agents import config_flags, storage
 from launch import program as program_lib
-from launch.attach import LearnerGone, connect, guarded
+from launch.attach import LearnerGone, attach_from_command_line, guarded
 from probes.run_dir import ExperimentConfig
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
@@ -35,14 +35,7 @@ CALL_TIMEOUT_S = flags.DEFINE_float('call_timeout_s', 30.0, 'Timeout of each cal
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not RUN_DIR.value:
-    raise app.UsageError('--run_dir is required: the directory of a live run started by launch.train.')
-  try:
-    config, learner, replay_address = connect(RUN_DIR.value, CALL_TIMEOUT_S.value)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  config, learner, replay_address = attach_from_command_line(argv, RUN_DIR.value, CALL_TIMEOUT_S.value)
   name = NAME.value or f'attached-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}'
   out = config.layout.evaluator(name)
   out_dir = out.root
