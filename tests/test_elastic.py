@@ -9,7 +9,6 @@ import time
 import pytest
 
 from launch.attach import claim_actor_ids
-from probes.loggers import read_jsonl
 from probes.run_dir import MAX_ACTORS, RunLayout
 from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module
 
@@ -99,10 +98,10 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=100000', '--probe_every=0')
-  learner, actors = layout.records('learner'), layout.records('actors')
+  learner, actors = lambda: layout.records('learner'), lambda: layout.records('actors')
   built_in, attach = [], None
   try:
-    _wait_for(lambda: os.path.exists(layout.addresses) and read_jsonl(learner), 180, 'the run to learn')
+    _wait_for(lambda: os.path.exists(layout.addresses) and learner(), 180, 'the run to learn')
     replay = _read_json(layout.addresses)['replay']
     # The program's actors pause: from now on only the attached ones can add to the replay.
     built_in = _node_processes(run_dir, 'actor/0') + _node_processes(run_dir, 'actor/1')
@@ -112,7 +111,7 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
     time.sleep(2.0)  # What they had in flight lands.
     before = _replay_items(replay)
     attach = python_module('launch.attach_actors', f'--run_dir={run_dir}', '--num_actors=2')
-    attached = lambda: [r for r in read_jsonl(actors) if r['actor_id'] >= MAX_ACTORS]
+    attached = lambda: [r for r in actors() if r['actor_id'] >= MAX_ACTORS]
     _wait_for(lambda: {r['actor_id'] for r in attached()} == {MAX_ACTORS, MAX_ACTORS + 1}, 180,
               'an episode of each attached actor')
     acted = sum(max(r['env_steps'] for r in attached() if r['actor_id'] == i) for i in (MAX_ACTORS, MAX_ACTORS + 1))
@@ -126,10 +125,10 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
     assert 'the run is untouched' in out
     for process in built_in:
       process.resume()
-    step = read_jsonl(learner)[-1]['learner_step']
-    _wait_for(lambda: read_jsonl(learner)[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
+    step = learner()[-1]['learner_step']
+    _wait_for(lambda: learner()[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
     assert run.poll() is None and layout.attempts() == 1
-    assert not read_jsonl(layout.records('restarts'))
+    assert not layout.records('restarts')
   finally:
     for process in built_in:
       if process.is_running():

@@ -15,7 +15,6 @@ from agents.config import AgentConfig, ReplayConfig
 from agents.types import StopRequested
 from environments import atari, atari_scores
 from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed, final_evaluation
-from probes.loggers import read_jsonl
 from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
 from tests.test_train_program import SMALL_RUN, train
 
@@ -205,7 +204,7 @@ def test_a_run_with_evaluation_episodes_writes_evaluation_jsonl(tmp_path):
                  '--eval_every_frames=300', '--eval_frames=200')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   layout = RunLayout(run_dir)
-  records = read_jsonl(layout.records(RunLayout.EVALUATION))
+  records = layout.records(RunLayout.EVALUATION)
   steps = [r['learner_step'] for r in records]
   assert steps[0] == 0 and steps[-1] == 100 and steps == sorted(set(steps)) and set(steps) <= {0, 50, 100}
   for record in records:
