@@ -241,9 +241,10 @@ class Evaluator:
     evaluator), and `learner_finished()` comes true only after its last.
 
     A snapshot that appears while `max_pending` wait is skipped (the probe is
-    slower than training): its file removed with a warning, its step in the
-    `skipped_probe_steps` of the next point probed; the end of training is
-    always probed. Every wait (for the replay, for the next step) ends on a
+    slower than training), with a warning: its step is in the
+    `skipped_probe_steps` of the next point probed, and its file is removed
+    only once that record is written (a restart before it probes the point:
+    no point is lost unrecorded); the end of training is always probed. Every wait (for the replay, for the next step) ends on a
     stop request or when the learner has finished; a stop mid-probe drops
     the point's records but keeps its file, for the next start.
     """
@@ -263,7 +264,7 @@ class Evaluator:
       thread.start()
     all_written = (lambda: not thread.is_alive()) if thread else learner_finished
     waiting: List[Tuple[int, str]] = []  # (step, file) of the points to probe, in order.
-    skipped: List[int] = []  # Steps skipped, until the record of the point after them is written.
+    skipped: List[Tuple[int, str]] = []  # (step, file) of points skipped, until the next point's record says so.
     admitted = self.last_probed_step  # The last step probed, waiting or skipped.
     start = True
     try:
@@ -274,8 +275,11 @@ class Evaluator:
         if waiting:
           step, path = waiting.pop(0)
           self._set_status(snapshots_waiting=len(waiting))
-          if self._probe_file(step, path, learner_finished, should_stop, [k for k in skipped if k < step]):
-            skipped = [k for k in skipped if k > step]
+          passed = [(k, file) for k, file in skipped if k < step]
+          if self._probe_file(step, path, learner_finished, should_stop, [k for k, _ in passed]):
+            for _, file in passed:  # Recorded as skipped: a restart need not probe them.
+              snapshots.remove(file)
+            skipped = [point for point in skipped if point not in passed]
         elif last_written:
           break
         else:
@@ -292,28 +296,33 @@ class Evaluator:
     if errors:
       raise errors[0]
 
-  def _admit(self, waiting: List[Tuple[int, str]], skipped: List[int], admitted: Optional[int], max_pending: int,
-             last_written: bool, start: bool) -> Optional[int]:
+  def _admit(self, waiting: List[Tuple[int, str]], skipped: List[Tuple[int, str]], admitted: Optional[int],
+             max_pending: int, last_written: bool, start: bool) -> Optional[int]:
     """Adds the snapshot files that appeared to `waiting` (all of them at the `start`), skipping those that find
-    `max_pending` waiting except the last of training; removes those at or before the last probe record.
+    `max_pending` waiting, but never the last of training; removes those at or before the last probe record.
     Returns the last step admitted or skipped."""
     found = snapshots.saved(self._out.probe_snapshots)
-    for index, (step, path) in enumerate(found):
-      if (step, path) in waiting:
+    before = len(waiting)
+    for step, path in found:
+      if (step, path) in waiting or (step, path) in skipped:
         continue
       if admitted is not None and step <= admitted:  # Probed, or skipped; a relaunched learner wrote it again.
         logging.info('Snapshot of learner step %d is already probed or skipped: removed.', step)
         snapshots.remove(path)
         continue
       admitted = step
-      if start or len(waiting) < max_pending or (last_written and index == len(found) - 1):
+      if start or len(waiting) < max_pending:
         waiting.append((step, path))
-        self._set_status(snapshots_waiting=len(waiting))
       else:
         logging.warning('Evaluator behind: %d snapshots wait, so the probe at learner step %d is skipped '
                         '(fewer probe steps, a larger probe_every or an accelerator keep up).', max_pending, step)
-        snapshots.remove(path)
-        skipped.append(step)
+        skipped.append((step, path))
+    if last_written and found and found[-1] in skipped:  # The end of training, maybe seen before it was the end.
+      logging.info('Learner step %d is the end of training: probed after all.', found[-1][0])
+      skipped.remove(found[-1])
+      waiting.append(found[-1])
+    if len(waiting) != before:
+      self._set_status(snapshots_waiting=len(waiting))
     return admitted
 
   def _probe_file(self, step: int, path: str, learner_finished: Callable[[], bool], should_stop: Callable[[], bool],

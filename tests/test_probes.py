@@ -448,27 +448,42 @@ def test_probe_points_outlive_a_killed_or_stopped_evaluator_and_none_is_probed_t
   assert records[1]['plasticity_loss'] > 0  # Step 100's saturated parameters, read from its file.
 
 
-def test_a_snapshot_that_finds_max_pending_waiting_is_skipped_and_the_next_record_says_so(setup, tmp_path):
+def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_probed_after_a_restart(setup, tmp_path):
   agent, _, params, inputs = setup
   layout = RunLayout(str(tmp_path))
+  probed = lambda: [r['learner_step'] for r in layout.records('probes')]
+
+  def evaluator_where_training_runs_on_during_the_first_probe(*steps, killed_at=None):
+    evaluator = Evaluator(agent, FAST, params_source=lambda: pytest.fail('no Courier snapshot'),
+                          replay_source=source(inputs), out=layout, probe_set_path=layout.probe_set)
+    probe, calls, finished = evaluator._probe, [], threading.Event()  # pylint: disable=protected-access
+
+    def probe_while_the_learner_writes(*args, **kwargs):
+      calls.append(kwargs)
+      if len(calls) == 1:
+        learner_writes(layout, params, *steps)
+        finished.set()
+      if len(calls) == killed_at:
+        raise Killed()
+      return probe(*args, **kwargs)
+
+    evaluator._probe = probe_while_the_learner_writes  # pylint: disable=protected-access
+    return evaluator, finished
+
   learner_writes(layout, params, 0)
-  finished = threading.Event()
-  evaluator = Evaluator(agent, FAST, params_source=lambda: pytest.fail('no Courier snapshot'),
-                        replay_source=source(inputs), out=layout)
-  probe = evaluator._probe  # pylint: disable=protected-access
-
-  def training_runs_to_its_end_during_the_first_probe(*args, **kwargs):
-    if not finished.is_set():
-      learner_writes(layout, params, 100, 200, 300, 400, 500)
-      finished.set()
-    return probe(*args, **kwargs)
-
-  evaluator._probe = training_runs_to_its_end_during_the_first_probe  # pylint: disable=protected-access
-  evaluator.run(100, lambda: 500, finished.is_set, poll_seconds=0.01, max_pending=2, take_snapshots=False)
+  evaluator, finished = evaluator_where_training_runs_on_during_the_first_probe(100, 200, 300, 400, 500, killed_at=4)
+  # 100 and 200 wait; 300 and 400 find 2 waiting and are skipped; 500, the end, is probed all the same, but the
+  # evaluator is killed in its probe: the skips were not recorded yet, so their files stay.
+  with pytest.raises(Killed):
+    evaluator.run(100, lambda: 500, finished.is_set, poll_seconds=0.01, max_pending=2, take_snapshots=False)
+  assert probed() == [0, 100, 200] and waiting_steps(layout) == [300, 400, 500]
+  # Restarted (the run relaunched to 800): what waits on disk at the start is probed; 600 and 700 come while
+  # 400 and 500 wait and are skipped, and the end's record says so.
+  evaluator, finished = evaluator_where_training_runs_on_during_the_first_probe(600, 700, 800)
+  evaluator.run(100, lambda: 800, finished.is_set, poll_seconds=0.01, max_pending=2, take_snapshots=False)
   records = layout.records('probes')
-  # 100 and 200 wait; 300 and 400 find 2 waiting and are skipped; 500, the end, is always probed.
-  assert [r['learner_step'] for r in records] == [0, 100, 200, 500]
-  assert [r.get('skipped_probe_steps') for r in records] == [None, None, None, [300, 400]]
+  assert probed() == [0, 100, 200, 300, 400, 500, 800]
+  assert [r.get('skipped_probe_steps') for r in records] == [None] * 6 + [[600, 700]]
   assert waiting_steps(layout) == []
 
 
