@@ -192,7 +192,6 @@ class Evaluator:
     logging.info('Probe at learner step %d: plasticity %.4f (loss of plasticity %.4f since step %d) in %.1fs',
                  learner_step, record['plasticity'], record['plasticity_loss'], record['plasticity_reference_step'],
                  time.time() - start)
-    self._probe_logger(record)
     if diagnosed is not None:
       for kind, matrix in (('covariance', diagnosed.covariance), ('td_covariance', diagnosed.td_covariance)):
         if matrix is not None:
@@ -201,6 +200,9 @@ class Evaluator:
           storage.write_atomically(self._out.covariance(kind, learner_step), buffer.getvalue())
       self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
       logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
+    # Last: the probe record says the point is done (a restart goes on after it; killed before it, the point is
+    # probed again and its diagnostics record repeated, which readers take once).
+    self._probe_logger(record)
     self.last_probed_step = int(learner_step)
     self._set_status(state='idle', last_probed_step=self.last_probed_step)
     return record
