@@ -4,6 +4,11 @@ Launchpad-free: it reads parameters and replay data through a callable and a
 `ReplaySource`, so the same class serves the built-in evaluator node, an
 evaluator attached to a live run, `probes.run` on a checkpoint, and unit tests.
 
+Probe points are parameter snapshot files (agents/snapshots.py) in the
+output's `probe_snapshots/`, removed once probed, so that they outlive an
+evaluator's process: the run's learner writes them; an evaluator attached to
+a live run takes its own over Courier.
+
 Every probe point measures on the run's probe set (probes/probe_set.py): the
 same distinct inputs, target key and transitions throughout, so that probe
 points differ only in the parameters, and `plasticity_loss` = P(theta_0) -
@@ -50,7 +55,8 @@ class Evaluator:
 
   Its records go to the loggers it is handed (by default `out`'s probes and
   diagnostics streams); the C_k matrices and its status file to `out`, where
-  it also reads what it measured before a restart. The fixed probe set is
+  it also reads what it measured before a restart and the snapshots still to
+  probe (`run`). The fixed probe set is
   read from (or drawn into) `probe_set_path`; with None it is kept in memory.
   `reference_probes` is another evaluator's directory (the run's, for an
   attached evaluator) whose first probe record serves as P(theta_0) when it probed
