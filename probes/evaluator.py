@@ -252,9 +252,10 @@ class Evaluator:
     slower than training), with a warning: its step is in the
     `skipped_probe_steps` of the next point probed, and its file is removed
     only once that record is written (a restart before it probes the point:
-    no point is lost unrecorded); the end of training is always probed. Every wait (for the replay, for the next step) ends on a
-    stop request or when the learner has finished; a stop mid-probe drops
-    the point's records but keeps its file, for the next start.
+    no point is lost unrecorded); the end of training is always probed.
+    Every wait (for the replay, for the next step) ends on a stop request or
+    when the learner has finished; a stop mid-probe drops the point's records
+    but keeps its file, for the next start.
     """
     stop = threading.Event()
     errors = []
@@ -356,8 +357,8 @@ class Evaluator:
                       stop: threading.Event, poll_seconds: float) -> None:
     """Writes the learner's parameters, fetched over `params_source`, as snapshot files on the schedule."""
     folder = self._out.probe_snapshots
-    known = [step for step, _ in snapshots.saved(folder)] + [self.last_probed_step] * (self.last_probed_step is not None)
-    last = max(known, default=None)
+    probed = [] if self.last_probed_step is None else [self.last_probed_step]
+    last = max([step for step, _ in snapshots.saved(folder)] + probed, default=None)
     next_step = 0 if last is None else (last // probe_every + 1) * probe_every
     if last is None and self._initial_source is not None and learner_step() > 0:
       snapshots.save(folder, *self._initial_source())  # Training began first: theta_0 all the same.
