@@ -257,7 +257,7 @@ class EvaluatorNode:
 
   def run(self) -> None:
     config = self._config
-    should_stop = lp.stop_event().is_set  # The event itself: the snapshot thread reads it too.
+    should_stop = lp.stop_event().is_set
     learner = {name: until_stopped(getattr(self._learner.futures, name), should_stop)
                for name in ('get_snapshot', 'get_step', 'is_finished')}
     evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
