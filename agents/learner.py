@@ -3,7 +3,10 @@
 The same class runs in a unit test (fed a Python iterator) and in a Launchpad
 node (fed a Reverb dataset); actors read its parameters through `get_params`
 and evaluators through `get_snapshot` (with the target parameters), each one
-quick call that never waits for an update.
+quick call that never waits for an update. At the steps its measurer asked
+for (`snapshot_every`: the evaluator's probe points) and at the end of
+training it also writes a snapshot file (`agents/snapshots.py`), which
+outlives the measurer: a restarted evaluator still finds its points.
 
 A non-finite loss or parameter ends training at once (`Diverged`): the state
 kept, published and checkpointed is the last finite one, and the learner's
@@ -18,7 +21,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from agents import checkpointing
+from agents import checkpointing, snapshots
 from agents.builder import AgentParts
 from agents.config import AgentConfig
 from agents.update import TrainingState, init_state, make_target_update, make_update
@@ -40,8 +43,12 @@ class Learner:
   def __init__(self, agent: AgentParts, config: AgentConfig, iterator: Iterator[Transition],
                dummy_observation: np.ndarray, seed: int = 0,
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 5000,
-               logger: Optional[Logger] = None, log_every: int = 100):
+               logger: Optional[Logger] = None, log_every: int = 100,
+               snapshot_dir: Optional[str] = None, snapshot_every: int = 0):
     self._config = config
+    self._snapshot_dir = snapshot_dir if snapshot_every > 0 else None
+    self._snapshot_every = snapshot_every
+    self._snapshot_step: Optional[int] = None  # The step of the last snapshot file written.
     self._iterator = iterator
     self._checkpoint_dir = checkpoint_dir
     self._checkpoint_every = checkpoint_every
@@ -72,6 +79,8 @@ class Learner:
       logging.info('Learner restored step %d from %s', self.step_count, path)
     self._lock = threading.Lock()
     self._publish()
+    if self.step_count == 0:
+      self._write_snapshot()  # theta_0: a resumed learner wrote it at its first start.
     self._last_log_step = self.step_count
     # (time, step) the next record's updates/s counts from: the end of the first update, so that neither the
     # replay's fill nor compilation weighs on it.
@@ -112,6 +121,8 @@ class Learner:
     if step % self._config.target_update_period == 0:
       self._state = self._target_update(self._state)
     self._last_metrics = metrics
+    if self._snapshot_dir and step % self._snapshot_every == 0:
+      self._write_snapshot()  # Before the checkpoint: a learner resumed from it has written the snapshot.
     if self._checkpoint_dir and step % self._checkpoint_every == 0:
       self.save()
     if step % self._log_every == 0:
@@ -138,6 +149,8 @@ class Learner:
 
     Whatever ends it, the last step is logged, published and checkpointed;
     on divergence the last finite step is, and `Diverged` is raised after.
+    When training is over (`max_steps` reached, or diverged; not on a stop)
+    the last step's snapshot file is written too: the end is always measured.
     """
     diverged = None
     try:
@@ -151,6 +164,8 @@ class Learner:
           break
     finally:
       self._publish()
+      if (self.step_count >= max_steps or diverged is not None) and self._snapshot_step != self.step_count:
+        self._write_snapshot()
       if self._checkpoint_dir:
         self.save()
       if diverged is not None:
@@ -161,6 +176,11 @@ class Learner:
         self._log(self.step_count, self._last_metrics)
     if diverged is not None:
       raise diverged
+
+  def _write_snapshot(self) -> None:
+    if self._snapshot_dir:
+      snapshots.save(self._snapshot_dir, self.step_count, self._state.params, self._state.target_params)
+      self._snapshot_step = self.step_count
 
   def save(self) -> str:
     return checkpointing.save(self._checkpoint_dir, self.step_count, tuple(self._state))

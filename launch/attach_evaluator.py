@@ -6,8 +6,9 @@ Runs as its own process against the run's learner (Courier) and replay
 (Reverb), at the addresses the run publishes in RUN_DIR/addresses.json. It
 snapshots the learner's parameters on its own schedule, runs the probe on the
 run's probe set (RUN_DIR/probe_set.npz, drawn from the replay by whichever
-evaluator needs it first), and writes under RUN_DIR/evaluators/NAME/, never
-touching the built-in evaluator's files. Several can attach at once; stopping one (Ctrl-C) leaves the run
+evaluator needs it first), and writes under RUN_DIR/evaluators/NAME/ (its
+snapshots wait in its own probe_snapshots/ there), never touching the built-in
+evaluator's files nor the run's probe snapshots. Several can attach at once; stopping one (Ctrl-C) leaves the run
 untouched. It exits by itself once the learner has finished.
 """
 

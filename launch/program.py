@@ -3,7 +3,7 @@
     actor_i --(Reverb gRPC: insert transitions)--> replay
     actor_i --(Courier: get_params)--------------> learner
     learner --(Reverb gRPC: sample batches)------> replay
-    evaluator --(Courier: get_snapshot, get_step, is_finished)-> learner
+    evaluator --(Courier: get_step, is_finished)-> learner; <--(probe_snapshots/ files)-- learner
     evaluator --(Reverb gRPC: sample the probe set, once)-> replay
     evaluator --(Courier: is_finished)-> evaluation
     evaluation --(Courier: get_params, get_step, is_finished)-> learner
@@ -109,7 +109,9 @@ class LearnerNode:
         seed=config.seed, checkpoint_dir=config.layout.checkpoints,
         checkpoint_every=config.checkpoint_every,
         logger=config.layout.logger(RunLayout.LEARNER, 'learner', extra={'attempt': attempt}),
-        log_every=config.log_every)
+        log_every=config.log_every,
+        # The evaluator's probe points as files, which outlive the evaluator's process (and a relaunch).
+        snapshot_dir=config.layout.probe_snapshots, snapshot_every=config.probe_every)
     self._finished = False
 
   def get_params(self, held_step: Optional[int] = None) -> Optional[Tuple[int, Params]]:
@@ -255,14 +257,14 @@ class EvaluatorNode:
 
   def run(self) -> None:
     config = self._config
-    should_stop = lp.stop_event().is_set  # The event itself: the snapshot thread reads it too.
+    should_stop = lp.stop_event().is_set
     learner = {name: until_stopped(getattr(self._learner.futures, name), should_stop)
-               for name in ('get_snapshot', 'get_initial_snapshot', 'get_step', 'is_finished')}
+               for name in ('get_snapshot', 'get_step', 'is_finished')}
     evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
-                               self._replay_client.server_address, seed=config.seed,
-                               initial_source=learner['get_initial_snapshot'], attempt=self._attempt)
+                               self._replay_client.server_address, seed=config.seed, attempt=self._attempt)
+    # The learner writes the probe points' snapshots (`snapshot_every`); they wait in the run directory.
     evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
-                  should_stop=should_stop)
+                  should_stop=should_stop, take_snapshots=False)
     done = self._evaluation is None or wait_until_finished(self._evaluation, should_stop)
     if done and not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
       lp.stop()

@@ -4,6 +4,11 @@ Launchpad-free: it reads parameters and replay data through a callable and a
 `ReplaySource`, so the same class serves the built-in evaluator node, an
 evaluator attached to a live run, `probes.run` on a checkpoint, and unit tests.
 
+Probe points are parameter snapshot files (agents/snapshots.py) in the
+output's `probe_snapshots/`, removed once probed, so that they outlive an
+evaluator's process: the run's learner writes them; an evaluator attached to
+a live run takes its own over Courier.
+
 Every probe point measures on the run's probe set (probes/probe_set.py): the
 same distinct inputs, target key and transitions throughout, so that probe
 points differ only in the parameters, and `plasticity_loss` = P(theta_0) -
@@ -12,16 +17,15 @@ P(theta_t) compares like with like (positive when plasticity is lost).
 
 import io
 import json
-import queue
 import threading
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
 import numpy as np
 
-from agents import storage
+from agents import snapshots, storage
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
 from agents.types import Logger, Params, StopRequested
@@ -51,7 +55,8 @@ class Evaluator:
 
   Its records go to the loggers it is handed (by default `out`'s probes and
   diagnostics streams); the C_k matrices and its status file to `out`, where
-  it also reads what it measured before a restart. The fixed probe set is
+  it also reads what it measured before a restart and the snapshots still to
+  probe (`run`). The fixed probe set is
   read from (or drawn into) `probe_set_path`; with None it is kept in memory.
   `reference_probes` is another evaluator's directory (the run's, for an
   attached evaluator) whose first probe record serves as P(theta_0) when it probed
@@ -140,14 +145,13 @@ class Evaluator:
     return self._probe_set
 
   def snapshot(self, give_up: Callable[[], bool] = lambda: False,
-               should_stop: Callable[[], bool] = lambda: False, initial: bool = False) -> Optional[Snapshot]:
-    """The learner's parameters now (one quick call: the learner never waits), or its initial ones, and the
-    probe set.
+               should_stop: Callable[[], bool] = lambda: False) -> Optional[Snapshot]:
+    """The learner's parameters now (one quick call: the learner never waits) and the probe set.
 
     None when no probe set could be had (the replay was still empty when `give_up()`, or a stop
     was requested before a set was drawn).
     """
-    learner_step, params, target_params = (self._initial_source if initial else self._params_source)()
+    learner_step, params, target_params = self._params_source()
     drawn = self.probe_set(int(learner_step), give_up, should_stop)
     if drawn is None:
       logging.warning('No probe at learner step %d: stopped before a probe set was drawn, or the replay was '
@@ -157,9 +161,10 @@ class Evaluator:
 
   # Measurements.
 
-  def evaluate(self, snapshot: Optional[Snapshot] = None,
-               should_stop: Callable[[], bool] = lambda: False) -> Dict[str, object]:
-    """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record.
+  def evaluate(self, snapshot: Optional[Snapshot] = None, should_stop: Callable[[], bool] = lambda: False,
+               skipped_steps: Sequence[int] = ()) -> Dict[str, object]:
+    """Probes (and diagnoses) a snapshot, by default of the learner now; returns the probe record (with
+    `skipped_probe_steps`, the points skipped between the previous record's and this one, if any).
 
     A stop request ends it between probe chunks or diagnostics (`StopRequested`), and nothing of the
     point is written: its records are written together, at the end.
@@ -188,10 +193,11 @@ class Evaluator:
       diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions,
                                  should_stop=should_stop)
     record.update(self._plasticity_loss(record))
+    if skipped_steps:
+      record['skipped_probe_steps'] = [int(step) for step in skipped_steps]
     logging.info('Probe at learner step %d: plasticity %.4f (loss of plasticity %.4f since step %d) in %.1fs',
                  learner_step, record['plasticity'], record['plasticity_loss'], record['plasticity_reference_step'],
                  time.time() - start)
-    self._probe_logger(record)
     if diagnosed is not None:
       for kind, matrix in (('covariance', diagnosed.covariance), ('td_covariance', diagnosed.td_covariance)):
         if matrix is not None:
@@ -200,6 +206,9 @@ class Evaluator:
           storage.write_atomically(self._out.covariance(kind, learner_step), buffer.getvalue())
       self._diagnostics_logger({'learner_step': int(learner_step), **diagnosed.as_record()})
       logging.info('Diagnostics at learner step %d in %.1fs', learner_step, diagnosed.wall_times['total'])
+    # Last: the probe record says the point is done (a restart goes on after it; killed before it, the point is
+    # probed again and its diagnostics record repeated, which readers take once).
+    self._probe_logger(record)
     self.last_probed_step = int(learner_step)
     self._set_status(state='idle', last_probed_step=self.last_probed_step)
     return record
@@ -225,80 +234,143 @@ class Evaluator:
   # The schedule.
 
   def run(self, probe_every: int, learner_step: Callable[[], int], learner_finished: Callable[[], bool],
-          should_stop: Callable[[], bool] = lambda: False, poll_seconds: float = 0.5, max_pending: int = 4) -> None:
-    """Probes snapshots taken at learner steps 0, probe_every, 2 * probe_every, ... and at the end.
+          should_stop: Callable[[], bool] = lambda: False, poll_seconds: float = 0.5, max_pending: int = 4,
+          take_snapshots: bool = True) -> None:
+    """Probes the snapshots of learner steps 0, probe_every, 2 * probe_every, ... and of the end, in order.
 
-    A thread takes each snapshot on time (at the first look at or past each
-    multiple of probe_every) while earlier snapshots are probed, so a probe
-    slower than the learner still measures the scheduled steps. At most
-    `max_pending` snapshots wait; a probe point that finds them all waiting is
-    skipped with a warning (the record's `learner_step` says which were kept);
-    the end of training is always probed. Every wait (for the replay, for
-    the next step) ends on a stop request or when the learner has finished.
+    Snapshots are files in `out`'s `probe_snapshots/` (agents/snapshots.py),
+    each removed only once its point's records are written: a point outlives
+    this process, and an evaluator (re)started on the same `out` first probes,
+    in order, every snapshot there past its last probe record (one at or
+    before it, a relaunched learner's repeat, is removed unprobed). With
+    `take_snapshots` a thread takes them over `params_source`, on time (at
+    the first look at or past each multiple of probe_every) while earlier
+    ones are probed; without, the learner writes them (the run's own
+    evaluator), and `learner_finished()` comes true only after its last.
+
+    A snapshot that appears while `max_pending` wait is skipped (the probe is
+    slower than training), with a warning: its step is in the
+    `skipped_probe_steps` of the next point probed, and its file is removed
+    only once that record is written (a restart before it probes the point:
+    no point is lost unrecorded); the end of training is always probed.
+    Every wait (for the replay, for the next step) ends on a stop request or
+    when the learner has finished; a stop mid-probe drops the point's records
+    but keeps its file, for the next start.
     """
-    pending: queue.Queue = queue.Queue()
     stop = threading.Event()
     errors = []
+    thread = None
+    if take_snapshots:
+      def take_snapshots_on_time() -> None:
+        try:  # `should_stop` is read in the caller's thread: Launchpad's stop event may answer only there.
+          self._take_snapshots(probe_every, learner_step, learner_finished, stop, poll_seconds)
+        except StopRequested:
+          pass
+        except BaseException as e:  # pylint: disable=broad-except  Re-raised in the caller's thread.
+          errors.append(e)
 
-    def take_snapshots() -> None:
-      try:  # `should_stop` is read in the caller's thread: Launchpad's stop event may answer only there.
-        self._take_snapshots(probe_every, learner_step, learner_finished, stop, poll_seconds, max_pending, pending)
-      except StopRequested:
-        pass
-      except BaseException as e:  # pylint: disable=broad-except  Re-raised in the caller's thread.
-        errors.append(e)
-      finally:
-        pending.put(None)
-
-    thread = threading.Thread(target=take_snapshots, name='evaluator-snapshots', daemon=True)
-    thread.start()
+      thread = threading.Thread(target=take_snapshots_on_time, name='evaluator-snapshots', daemon=True)
+      thread.start()
+    all_written = (lambda: not thread.is_alive()) if thread else learner_finished
+    waiting: List[Tuple[int, str]] = []  # (step, file) of the points to probe, in order.
+    skipped: List[Tuple[int, str]] = []  # (step, file) of points skipped, until the next point's record says so.
+    admitted = self.last_probed_step  # The last step probed, waiting or skipped.
+    start = True
     try:
       while not should_stop():
-        try:
-          snapshot = pending.get(timeout=max(poll_seconds, 0.01))
-        except queue.Empty:
-          continue
-        if snapshot is None:
+        last_written = all_written()  # Read before the files: once true, the last snapshot is among them.
+        admitted = self._admit(waiting, skipped, admitted, max_pending, last_written, start)
+        start = False
+        if waiting:
+          step, path = waiting.pop(0)
+          self._set_status(snapshots_waiting=len(waiting))
+          passed = [(k, file) for k, file in skipped if k < step]
+          if self._probe_file(step, path, learner_finished, should_stop, [k for k, _ in passed]):
+            for _, file in passed:  # Recorded as skipped: a restart need not probe them.
+              snapshots.remove(file)
+            skipped = [point for point in skipped if point not in passed]
+        elif last_written:
           break
-        self._set_status(snapshots_waiting=pending.qsize())
-        try:
-          self.evaluate(snapshot, should_stop)
-        except StopRequested as e:  # The point in progress is dropped whole; a relaunch probes it anew.
-          logging.info('Evaluator stopping: %s.', e)
-          break
+        else:
+          time.sleep(poll_seconds)
+    except StopRequested as e:  # The point in progress is dropped whole; its file stays for the next start.
+      logging.info('Evaluator stopping: %s.', e)
     finally:
       stop.set()
-    thread.join(timeout=max(20 * poll_seconds, 10.0))  # Its waits all see `stop`; a dead peer must not hold us.
-    if thread.is_alive():
-      logging.warning('The snapshot thread did not end within its grace period; leaving it behind.')
+    if thread is not None:
+      thread.join(timeout=max(20 * poll_seconds, 10.0))  # Its waits all see `stop`; a dead peer must not hold us.
+      if thread.is_alive():
+        logging.warning('The snapshot thread did not end within its grace period; leaving it behind.')
     self._set_status(state='finished', snapshots_waiting=0)
     if errors:
       raise errors[0]
 
+  def _admit(self, waiting: List[Tuple[int, str]], skipped: List[Tuple[int, str]], admitted: Optional[int],
+             max_pending: int, last_written: bool, start: bool) -> Optional[int]:
+    """Adds the snapshot files that appeared to `waiting` (all of them at the `start`), skipping those that find
+    `max_pending` waiting, but never the last of training; removes those at or before the last probe record.
+    Returns the last step admitted or skipped."""
+    found = snapshots.saved(self._out.probe_snapshots)
+    before = len(waiting)
+    for step, path in found:
+      if (step, path) in waiting or (step, path) in skipped:
+        continue
+      if admitted is not None and step <= admitted:  # Probed, or skipped; a relaunched learner wrote it again.
+        logging.info('Snapshot of learner step %d is already probed or skipped: removed.', step)
+        snapshots.remove(path)
+        continue
+      admitted = step
+      if start or len(waiting) < max_pending:
+        waiting.append((step, path))
+      else:
+        logging.warning('Evaluator behind: %d snapshots wait, so the probe at learner step %d is skipped '
+                        '(fewer probe steps, a larger probe_every or an accelerator keep up).', max_pending, step)
+        skipped.append((step, path))
+    if last_written and found and found[-1] in skipped:  # The end of training, maybe seen before it was the end.
+      logging.info('Learner step %d is the end of training: probed after all.', found[-1][0])
+      skipped.remove(found[-1])
+      waiting.append(found[-1])
+    if len(waiting) != before:
+      self._set_status(snapshots_waiting=len(waiting))
+    return admitted
+
+  def _probe_file(self, step: int, path: str, learner_finished: Callable[[], bool], should_stop: Callable[[], bool],
+                  skipped: List[int]) -> bool:
+    """Probes one snapshot file, then removes it; whether a record was written."""
+    try:
+      learner_step, params, target_params = snapshots.load(path)
+    except FileNotFoundError:
+      logging.warning('The snapshot of learner step %d is gone (%s): not probed.', step, path)
+      return False
+    drawn = self.probe_set(learner_step, lambda: should_stop() or learner_finished(), should_stop)
+    if drawn is None:
+      if should_stop():
+        raise StopRequested(f'stopped before the probe set of learner step {learner_step} was drawn')
+      logging.warning('No probe at learner step %d: the replay was empty when the learner finished.', learner_step)
+      snapshots.remove(path)
+      return False
+    self.evaluate(Snapshot(learner_step, params, target_params, drawn), should_stop, skipped)
+    snapshots.remove(path)  # Only now: the point's records are written.
+    return True
+
   def _take_snapshots(self, probe_every: int, learner_step: Callable[[], int], learner_finished: Callable[[], bool],
-                      stop: threading.Event, poll_seconds: float, max_pending: int, pending: queue.Queue) -> None:
-    last = self.last_probed_step
+                      stop: threading.Event, poll_seconds: float) -> None:
+    """Writes the learner's parameters, fetched over `params_source`, as snapshot files on the schedule."""
+    folder = self._out.probe_snapshots
+    probed = [] if self.last_probed_step is None else [self.last_probed_step]
+    last = max([step for step, _ in snapshots.saved(folder)] + probed, default=None)
     next_step = 0 if last is None else (last // probe_every + 1) * probe_every
-    give_up = lambda: stop.is_set() or learner_finished()
     if last is None and self._initial_source is not None and learner_step() > 0:
-      snapshot = self.snapshot(give_up, stop.is_set, initial=True)  # Training began first: theta_0 all the same.
-      if snapshot is not None:
-        pending.put(snapshot)
-        last, next_step = 0, probe_every
+      snapshots.save(folder, *self._initial_source())  # Training began first: theta_0 all the same.
+      last, next_step = 0, probe_every
     while not stop.is_set():
       finished = learner_finished()
       step = learner_step()
       if step >= next_step or (finished and step != last):
-        if finished or pending.qsize() < max_pending:
-          snapshot = self.snapshot(give_up, stop.is_set)
-          if snapshot is not None:
-            pending.put(snapshot)
-            last = snapshot.learner_step
-            self._set_status(snapshots_waiting=pending.qsize())
-        else:
-          logging.warning('Evaluator behind: %d snapshots wait, so the probe at learner step %d is skipped '
-                          '(fewer probe steps, a larger probe_every or an accelerator keep up).', max_pending, step)
-        next_step = (step // probe_every + 1) * probe_every
+        taken, params, target_params = self._params_source()
+        snapshots.save(folder, taken, params, target_params)
+        last = int(taken)
+        next_step = (last // probe_every + 1) * probe_every
         if finished:
           return
         continue

@@ -103,6 +103,12 @@ class RunLayout:
     return self.path('probe_set.npz')
 
   @property
+  def probe_snapshots(self) -> str:
+    """The parameter snapshots of probe points not yet probed (`agents/snapshots.py`): written by the learner (an
+    attached evaluator: by itself, in its own directory), removed by the evaluator once probed."""
+    return self.path('probe_snapshots')
+
+  @property
   def evaluator_status(self) -> str:
     return self.path('evaluator_status.json')
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import checkpointing
+from agents import checkpointing, snapshots
 from agents.actor import Actor
 from agents.builder import make_agent
 from agents.config import AgentConfig
@@ -105,6 +105,37 @@ def test_learner_trains_checkpoints_and_resumes(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   resumed.run(max_steps=35)
   assert resumed.step_count == 35
+
+
+def test_learner_writes_probe_snapshots_at_its_steps_and_at_the_end_again_after_a_relaunch(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 32, target_update_period=10, batch_size=8)
+  agent = make_agent(config, num_actions=3)
+  dummy, folder = np.zeros((4, 4, 1), np.uint8), str(tmp_path / 'probe_snapshots')
+  make = lambda seed: Learner(agent, config, random_batches(8, seed=seed), dummy, checkpoint_dir=str(tmp_path / 'ckpt'),
+                              checkpoint_every=10, snapshot_dir=folder, snapshot_every=15)
+  learner = make(0)
+  assert [step for step, _ in snapshots.saved(folder)] == [0]  # theta_0, before any update.
+  step, params, target_params = snapshots.load(snapshots.path_for(folder, 0))
+  for a, b, c in zip(*map(jax.tree_util.tree_leaves, (params, target_params, learner.state.initial_params))):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+  learner.run(max_steps=20, should_stop=lambda: learner.step_count >= 17)  # A stop is not the end: no snapshot.
+  assert [step for step, _ in snapshots.saved(folder)] == [0, 15]
+  step, params, _ = snapshots.load(snapshots.path_for(folder, 15))
+  assert step == 15
+  # What the evaluator probed is gone; a learner relaunched from step 10 writes 15 again, then the end, 38.
+  for step in (0, 15):
+    snapshots.remove(snapshots.path_for(folder, step))
+  with open(checkpointing.path_for(str(tmp_path / 'ckpt'), 17), 'wb'):
+    pass  # A checkpoint cut short (killed): the relaunch resumes from step 10.
+  relaunched = make(1)
+  assert relaunched.step_count == 10 and snapshots.saved(folder) == []
+  relaunched.run(max_steps=38)
+  assert [step for step, _ in snapshots.saved(folder)] == [15, 30, 38]
+  step, params, target_params = snapshots.load(snapshots.path_for(folder, 38))
+  for a, b in zip(jax.tree_util.tree_leaves((params, target_params)),
+                  jax.tree_util.tree_leaves((relaunched.state.params, relaunched.state.target_params))):
+    np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_learner_reduces_td_loss_on_a_fixed_batch():

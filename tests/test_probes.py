@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from agents import snapshots, storage
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.types import Transition
@@ -160,7 +161,11 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
     evaluator.run(100, learner_step=learner_step, learner_finished=finished, poll_seconds=0.001,
                   max_pending=max_pending)
     # Every snapshot at its scheduled step; with one waiting, step 200 found it taken and was skipped.
-    assert [r['learner_step'] for r in RunLayout(out_dir).records('probes')] == expected
+    records = RunLayout(out_dir).records('probes')
+    assert [r['learner_step'] for r in records] == expected
+    assert [r.get('skipped_probe_steps') for r in records] == [None] * (len(expected) - 1) + [sorted(
+        {0, 100, 200, 300} - set(expected)) or None]
+    assert snapshots.saved(RunLayout(out_dir).probe_snapshots) == []  # Each removed once probed (or skipped).
 
 
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
@@ -379,3 +384,119 @@ def test_a_step_recorded_by_two_launches_is_read_once_as_the_last_launch_recorde
       logger({'learner_step': step, 'plasticity': float(attempt)})
   records = plots.read_stream(layout, 'probes')
   assert [(r['learner_step'], r['attempt']) for r in records] == [(0, 1), (100, 2), (200, 1), (300, 2)]
+
+
+FAST = dataclasses.replace(CONFIG, steps=20, curve_every=10, progress_every=10)
+
+
+class Killed(BaseException):
+  """The evaluator's process dies here (kill -9): nothing of it runs after."""
+
+
+def learner_writes(layout, params, *steps):
+  """The learner's probe snapshot files (agents.Learner's `snapshot_every`): saturated after step 0."""
+  for step in steps:
+    snapshots.save(layout.probe_snapshots, step, saturate(params) if step else params, params)
+
+
+def waiting_steps(layout):
+  return [step for step, _ in snapshots.saved(layout.probe_snapshots)]
+
+
+def test_probe_points_outlive_a_killed_or_stopped_evaluator_and_none_is_probed_twice(setup, tmp_path):
+  agent, _, params, inputs = setup
+  layout = RunLayout(str(tmp_path))
+  no_courier = lambda: pytest.fail('the run\'s own evaluator takes its snapshots from the learner\'s files')
+  make = lambda: Evaluator(agent, FAST, params_source=no_courier, replay_source=source(inputs), out=layout,
+                           probe_set_path=layout.probe_set)
+  probed = lambda: [r['learner_step'] for r in layout.records('probes')]
+  learner_writes(layout, params, 0, 100, 200)
+  # Killed in its second point's probe: the first is recorded, the other two wait on disk.
+  first = make()
+  probe, calls = first._probe, []  # pylint: disable=protected-access
+
+  def dies_in_the_second(*args, **kwargs):
+    calls.append(kwargs)
+    if len(calls) == 2:
+      raise Killed()
+    return probe(*args, **kwargs)
+
+  first._probe = dies_in_the_second  # pylint: disable=protected-access
+  with pytest.raises(Killed):
+    first.run(100, lambda: 200, lambda: False, poll_seconds=0.01, take_snapshots=False)
+  assert probed() == [0] and waiting_steps(layout) == [100, 200]
+  # Restarted in place, then stopped (SIGINT) in its first probe: the point is dropped, its file kept.
+  stop = threading.Event()
+  second = make()
+  assert second.last_probed_step == 0
+  probe = second._probe  # pylint: disable=protected-access
+
+  def stopped_in_the_probe(*args, **kwargs):
+    stop.set()  # The probe's first progress report (after 10 of its 20 steps) sees it.
+    return probe(*args, **kwargs)
+
+  second._probe = stopped_in_the_probe  # pylint: disable=protected-access
+  second.run(100, lambda: 200, lambda: False, should_stop=stop.is_set, poll_seconds=0.01, take_snapshots=False)
+  assert probed() == [0] and waiting_steps(layout) == [100, 200]
+  # Relaunched: the learner, resumed from a checkpoint before step 0's end, writes 0 again (probed already:
+  # removed unprobed), then 300, the end. Every missing point is probed, in order, each once.
+  learner_writes(layout, params, 0, 300)
+  make().run(100, lambda: 300, lambda: True, poll_seconds=0.01, take_snapshots=False)
+  records = layout.records('probes')
+  assert probed() == [0, 100, 200, 300] and waiting_steps(layout) == []
+  assert all(r['plasticity_reference_step'] == 0 and 'skipped_probe_steps' not in r for r in records)
+  assert records[1]['plasticity_loss'] > 0  # Step 100's saturated parameters, read from its file.
+
+
+def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_probed_after_a_restart(setup, tmp_path):
+  agent, _, params, inputs = setup
+  layout = RunLayout(str(tmp_path))
+  probed = lambda: [r['learner_step'] for r in layout.records('probes')]
+
+  def evaluator_where_training_runs_on_during_the_first_probe(*steps, killed_at=None):
+    evaluator = Evaluator(agent, FAST, params_source=lambda: pytest.fail('no Courier snapshot'),
+                          replay_source=source(inputs), out=layout, probe_set_path=layout.probe_set)
+    probe, calls, finished = evaluator._probe, [], threading.Event()  # pylint: disable=protected-access
+
+    def probe_while_the_learner_writes(*args, **kwargs):
+      calls.append(kwargs)
+      if len(calls) == 1:
+        learner_writes(layout, params, *steps)
+        finished.set()
+      if len(calls) == killed_at:
+        raise Killed()
+      return probe(*args, **kwargs)
+
+    evaluator._probe = probe_while_the_learner_writes  # pylint: disable=protected-access
+    return evaluator, finished
+
+  learner_writes(layout, params, 0)
+  evaluator, finished = evaluator_where_training_runs_on_during_the_first_probe(100, 200, 300, 400, 500, killed_at=4)
+  # 100 and 200 wait; 300 and 400 find 2 waiting and are skipped; 500, the end, is probed all the same, but the
+  # evaluator is killed in its probe: the skips were not recorded yet, so their files stay.
+  with pytest.raises(Killed):
+    evaluator.run(100, lambda: 500, finished.is_set, poll_seconds=0.01, max_pending=2, take_snapshots=False)
+  assert probed() == [0, 100, 200] and waiting_steps(layout) == [300, 400, 500]
+  # Restarted (the run relaunched to 800): what waits on disk at the start is probed; 600 and 700 come while
+  # 400 and 500 wait and are skipped, and the end's record says so.
+  evaluator, finished = evaluator_where_training_runs_on_during_the_first_probe(600, 700, 800)
+  evaluator.run(100, lambda: 800, finished.is_set, poll_seconds=0.01, max_pending=2, take_snapshots=False)
+  records = layout.records('probes')
+  assert probed() == [0, 100, 200, 300, 400, 500, 800]
+  assert [r.get('skipped_probe_steps') for r in records] == [None] * 6 + [[600, 700]]
+  assert waiting_steps(layout) == []
+
+
+def test_an_attached_evaluator_leaves_the_runs_snapshot_files_alone(setup, tmp_path):
+  agent, _, params, inputs = setup
+  run = RunLayout(str(tmp_path))
+  learner_writes(run, params, 0, 100)
+  before = {path: storage.path(path).read_bytes() for _, path in snapshots.saved(run.probe_snapshots)}
+  attached = run.evaluator('attached')
+  evaluator = Evaluator(agent, FAST, params_source=lambda: (100, saturate(params), params),
+                        replay_source=source(inputs), out=attached, probe_set_path=run.probe_set,
+                        reference_probes=run, initial_source=lambda: (0, params, params))
+  evaluator.run(100, learner_step=lambda: 100, learner_finished=lambda: True, poll_seconds=0.01)
+  assert [r['learner_step'] for r in attached.records('probes')] == [0, 100]  # Its own Courier snapshots.
+  assert {path: storage.path(path).read_bytes() for _, path in snapshots.saved(run.probe_snapshots)} == before
+  assert run.records('probes') == [] and waiting_steps(attached) == []

@@ -11,7 +11,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import numpy as np
 import pytest
 
-from agents import checkpointing, storage
+from agents import checkpointing, snapshots, storage
 from probes import loggers, plots, probe_set as probe_sets
 from probes.run_dir import ExperimentConfig, RunLayout, load_config, write_or_check_config
 
@@ -177,6 +177,16 @@ def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
   assert (path, step, problems) == (checkpointing.path_for(layout.checkpoints, 400), 400, [])
   np.testing.assert_array_equal(state['w'], [400.0, 400.0, 400.0])
   assert len(list(storage.path(layout.checkpoints).iterdir())) == 3  # The oldest removed.
+  # The learner's probe snapshots: written whole, listed by step, read back, removed once probed.
+  for step in (150, 0):
+    snapshots.save(layout.probe_snapshots, step, {'w': np.full(2, step, np.float32)}, {'w': np.zeros(2, np.float32)})
+  assert snapshots.saved(layout.probe_snapshots) == [(0, snapshots.path_for(layout.probe_snapshots, 0)),
+                                                     (150, snapshots.path_for(layout.probe_snapshots, 150))]
+  step, params, target_params = snapshots.load(snapshots.path_for(layout.probe_snapshots, 150))
+  assert step == 150 and params['w'].tolist() == [150.0, 150.0] and target_params['w'].tolist() == [0.0, 0.0]
+  for _ in range(2):  # Removing one already gone is no error.
+    snapshots.remove(snapshots.path_for(layout.probe_snapshots, 0))
+  assert [step for step, _ in snapshots.saved(layout.probe_snapshots)] == [150]
   first = probe_sets.ProbeSet(np.zeros((2, 3), np.float32), np.array([1, 2], np.uint32), None, 7)
   second = probe_sets.ProbeSet(np.ones((2, 3), np.float32), np.array([3, 4], np.uint32), None, 9)
   assert probe_sets.save(layout.probe_set, first).learner_step == 7

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from agents import checkpointing
+from agents import checkpointing, snapshots
 from launch import network
 from probes.run_dir import RunLayout
 
@@ -102,7 +102,8 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   assert {r['actor_id'] for r in actors} == {0, 1}
   assert all(0 <= r['episode_return'] <= r['episode_length'] for r in actors)
   probes = RunLayout(run_dir).records('probes')
-  assert probes[0]['learner_step'] == 0 and probes[-1]['learner_step'] == 300
+  assert [r['learner_step'] for r in probes] == [0, 150, 300]  # The learner's probe snapshots, each probed.
+  assert not os.listdir(layout.probe_snapshots)
   for record in probes:
     assert record['num_targets'] == 10 and record['probe_steps'] == 40
     assert abs(record['plasticity'] - (record['baseline'] - record['final_loss_mean'])) < 1e-6
@@ -205,11 +206,14 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert 'Interrupted' in out and 'resume' in err
   assert os.listdir(layout.checkpoints)  # The learner's final checkpoint.
   assert not layout.records('probes')  # The point in progress is dropped whole, not half-written.
+  assert snapshots.saved(layout.probe_snapshots)[0][0] == 0  # Its snapshot stays, for the relaunch.
   time.sleep(1.0)
   assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
 
   relaunch = python_module('launch.train', f'--run_dir={run_dir}', *flags)
   _wait_for(lambda: layout.attempts() == 2 and _evaluator_state(layout) == 'probing', 180, 'the relaunch')
+  with open(layout.evaluator_status) as f:
+    assert json.load(f)['learner_step'] == 0  # The dropped point, from its snapshot file.
   assert os.path.isdir(os.path.join(layout.attempt_logs(1), 'learner'))  # The first launch's logs are kept.
   killed = time.time()
   relaunch.kill()  # kill -9 of the launcher: no stop reaches its nodes from it.
@@ -267,9 +271,14 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   assert [r['episode'] for r in actor_0] == list(range(1, len(actor_0) + 1))
   assert [r['env_steps'] for r in actor_0] == [100 * r['episode'] for r in actor_0]
   assert {r['attempt'] for r in actor_0} == {1, 2}
-  # The restarted evaluator (and the relaunched one) went on from their last point: none probed twice.
-  steps = [r['learner_step'] for r in layout.records('probes')]
-  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 3000
+  # The restarted evaluator (and the relaunched one) went on from their last point, probing the snapshot files the
+  # learner wrote meanwhile: every point of the schedule probed once, or recorded as skipped (the evaluator behind).
+  records = layout.records('probes')
+  steps = [r['learner_step'] for r in records]
+  skipped = [step for r in records for step in r.get('skipped_probe_steps', [])]
+  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 3000 and not set(steps) & set(skipped)
+  assert sorted(steps + skipped) == list(range(0, 3001, 150)), (steps, skipped)
+  assert not os.listdir(layout.probe_snapshots)  # Each removed once probed.
   time.sleep(1.0)
   assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
 
