@@ -134,6 +134,11 @@ def _datasets(options: StudyOptions) -> Tuple[List[str], Dict[str, str]]:
   return present, missing
 
 
+def _data_args(options: StudyOptions) -> Dict[str, Any]:
+  """`--data_dir` for the runs of a study over MNIST or CIFAR-10 observations, when the study was given one."""
+  return {'data_dir': options.data_dir} if options.data_dir else {}
+
+
 def _skipped(names: Sequence[str], reason: str) -> Dict[str, str]:
   return {name: reason for name in names}
 
@@ -158,7 +163,7 @@ def _intervention_args(intervention: str) -> Dict[str, Any]:
 
 
 def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
-  base = {**TRAIN_SCALES[scale], 'diagnostics': False}
+  base = {**TRAIN_SCALES[scale], 'diagnostics': False, **_data_args(options)}
   cells = []
   archs = PAPER_ARCHS if scale == 'paper' else CPU_ARCHS
   for arch in archs:
@@ -243,7 +248,7 @@ def falsification_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
             skipped[name] = missing[dataset]
             continue
           args = {**TRAIN_SCALES[scale], **_arch_args(arch, scale), 'env': env, 'optimizer': optimizer,
-                  **_intervention_args(intervention), **({'data_dir': options.data_dir} if options.data_dir else {})}
+                  **_intervention_args(intervention), **_data_args(options)}
           cells.append(Cell(name, {'setting': f'{dataset}:{difficulty}', 'arch': arch, 'optimizer': optimizer,
                                    'intervention': intervention}, args))
   return cells, skipped
@@ -287,7 +292,7 @@ def width_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str
             continue
           args = {**TRAIN_SCALES[scale], 'diagnostics': False, 'env': f'mdp:{dataset}:easy', 'arch': arch,
                   'width_multiplier': width_multiplier(arch, factor), 'target_update_period': period,
-                  **({'data_dir': options.data_dir} if options.data_dir else {})}
+                  **_data_args(options)}
           cells.append(Cell(name, {'arch': arch, 'dataset': dataset, 'target_update_period': period,
                                    'width_factor': factor}, args))
   return cells, skipped
@@ -311,7 +316,7 @@ INSTABILITY_SCALES = {
 
 
 def instability_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
-  data = {'data_dir': options.data_dir} if options.data_dir else {}
+  data = _data_args(options)
   return [Cell(name, {'optimizer': name}, {**INSTABILITY_SCALES[scale], 'optimizers': name, **data},
                command='launch.optimizer_instability', dir_flag='out_dir', resumable=False)
           for name in ('adam', 'adam_tuned')], {}
@@ -347,7 +352,7 @@ BROWNIAN_SCALES = {
 
 
 def brownian_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
-  data = {'data_dir': options.data_dir} if options.data_dir else {}
+  data = _data_args(options)
   return [Cell('brownian', {}, {**BROWNIAN_SCALES[scale], **data}, command='launch.brownian', resumable=False)], {}
 
 

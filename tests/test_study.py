@@ -94,6 +94,14 @@ def test_grids_of_every_study_and_scale_are_well_formed():
                    (accepted[k] is tuple and isinstance(v, str)) for k, v in cell.args.items() if v is not None)
 
 
+def test_a_studys_data_dir_reaches_every_run_over_dataset_observations(tmp_path, monkeypatch):
+  monkeypatch.setenv('PLASTICITY_DOWNLOAD', '0')
+  data_dir = str(tmp_path)  # Holds no CIFAR-10: those cells are skipped; MNIST's run with the directory given.
+  for name in ('interventions', 'falsification', 'width', 'optimizer_instability', 'brownian'):
+    cells, _ = studies.STUDIES.get(name).cells('smoke', studies.StudyOptions(data_dir=data_dir))
+    assert cells and all(cell.args.get('data_dir') == data_dir for cell in cells), name
+
+
 def test_paper_scale_is_the_papers_settings():
   cells, _ = studies.interventions_cells('paper', studies.StudyOptions())
   assert {c.axes['arch'] for c in cells} == {'mlp', 'cnn', 'resnet18', 'vit'}
