@@ -203,11 +203,12 @@ def _start(run: Run, state: Dict, launch_type: Optional[str]) -> None:
     os.replace(run.run_dir, f'{run.run_dir}.partial-{time.strftime("%Y%m%d-%H%M%S")}')
   os.makedirs(os.path.dirname(run.run_dir), exist_ok=True)
   os.makedirs(os.path.dirname(run.log), exist_ok=True)
+  argv = command(run.cell, run.run_dir, run.seed, launch_type)
   with open(run.log, 'a') as log:
-    log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(command(run.cell, run.run_dir, run.seed, launch_type))}\n')
+    log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(argv)}\n')
     log.flush()
-    run.process = subprocess.Popen(command(run.cell, run.run_dir, run.seed, launch_type), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    run.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=_die_with_parent)
   run.started = time.time()
   entry.update(state='running', pid=run.process.pid, attempts=entry.get('attempts', 0) + 1)
 
