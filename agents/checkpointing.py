@@ -20,32 +20,41 @@ import numpy as np
 
 from agents import storage
 
-_PATTERN = re.compile(r'^learner_(\d+)\.pkl$')
+PREFIX = 'learner_'  # A checkpoint's file name: learner_<step>.pkl.
 
 
-def path_for(directory: str, step: int) -> str:
-  """The checkpoint of learner step `step` in `directory`."""
-  return os.path.join(directory, f'learner_{step:09d}.pkl')
+def path_for(directory: str, step: int, prefix: str = PREFIX) -> str:
+  """The file of learner step `step` in `directory` (a checkpoint; other step-numbered files by their prefix)."""
+  return os.path.join(directory, f'{prefix}{int(step):09d}.pkl')
 
 
-def save(directory: str, step: int, tree: Any, keep: int = 3) -> str:
-  path = path_for(directory, step)
+def write(directory: str, step: int, tree: Any, prefix: str = PREFIX) -> str:
+  """`tree` at learner step `step` as host numpy arrays, written all or nothing; the path written."""
+  path = path_for(directory, step, prefix)
   state = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
   storage.write_atomically(path, pickle.dumps({'step': int(step), 'state': state}, protocol=pickle.HIGHEST_PROTOCOL))
-  for old in sorted(_checkpoints(directory))[:-keep]:
-    storage.path(directory, old[1]).unlink()
   return path
 
 
-def _checkpoints(directory: str):
+def save(directory: str, step: int, tree: Any, keep: int = 3) -> str:
+  """A checkpoint, the older ones past the last `keep` removed."""
+  path = write(directory, step, tree)
+  for _, old in numbered(directory)[:-keep]:
+    storage.path(directory, old).unlink()
+  return path
+
+
+def numbered(directory: str, prefix: str = PREFIX) -> List[Tuple[int, str]]:
+  """(step, file name) of the step-numbered files of `prefix` in `directory`, by step."""
   folder = storage.path(directory)
   if not folder.is_dir():
     return []
-  return [(int(m.group(1)), child.name) for child in folder.iterdir() if (m := _PATTERN.match(child.name))]
+  pattern = re.compile(rf'^{re.escape(prefix)}(\d+)\.pkl$')
+  return sorted((int(m.group(1)), child.name) for child in folder.iterdir() if (m := pattern.match(child.name)))
 
 
 def latest(directory: str) -> Optional[str]:
-  found = sorted(_checkpoints(directory))
+  found = numbered(directory)
   return os.path.join(directory, found[-1][1]) if found else None
 
 
@@ -65,7 +74,7 @@ def load(path: str) -> Tuple[int, Any]:
 def latest_loadable(directory: str) -> Tuple[Optional[str], Optional[Tuple[int, Any]], List[str]]:
   """(path, (step, state)) of the newest checkpoint that loads, and the messages of the newer ones that did not."""
   problems = []
-  for _, name in sorted(_checkpoints(directory), reverse=True):
+  for _, name in reversed(numbered(directory)):
     path = os.path.join(directory, name)
     try:
       return path, load(path), problems

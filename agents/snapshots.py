@@ -8,46 +8,33 @@ repeating a step replaces it whole) and removed by its reader once measured.
 """
 
 import os
-import pickle
-import re
 from typing import List, Tuple
 
-import jax
-import numpy as np
-
-from agents import storage
+from agents import checkpointing, storage
 from agents.types import Params
 
-_PATTERN = re.compile(r'^(\d+)\.pkl$')
+PREFIX = ''  # A snapshot's file name: <step>.pkl.
 
 
 def path_for(directory: str, step: int) -> str:
   """The snapshot of learner step `step` in `directory`."""
-  return os.path.join(directory, f'{int(step):09d}.pkl')
+  return checkpointing.path_for(directory, step, PREFIX)
 
 
 def save(directory: str, step: int, params: Params, target_params: Params) -> str:
-  """Writes (step, parameters, target parameters) as host numpy arrays; the path written."""
-  params, target_params = jax.tree_util.tree_map(np.asarray, jax.device_get((params, target_params)))
-  path = path_for(directory, step)
-  storage.write_atomically(path, pickle.dumps({'step': int(step), 'params': params, 'target_params': target_params},
-                                              protocol=pickle.HIGHEST_PROTOCOL))
-  return path
+  """Writes (step, parameters, target parameters) as host numpy arrays, as a checkpoint is; the path written."""
+  return checkpointing.write(directory, step, {'params': params, 'target_params': target_params}, PREFIX)
 
 
 def saved(directory: str) -> List[Tuple[int, str]]:
   """(step, path) of every snapshot in `directory`, by step."""
-  folder = storage.path(directory)
-  if not folder.is_dir():
-    return []
-  return sorted((int(m.group(1)), os.path.join(directory, child.name))
-                for child in folder.iterdir() if (m := _PATTERN.match(child.name)))
+  return [(step, os.path.join(directory, name)) for step, name in checkpointing.numbered(directory, PREFIX)]
 
 
 def load(path: str) -> Tuple[int, Params, Params]:
   """(step, parameters, target parameters) of a snapshot file."""
-  payload = pickle.loads(storage.path(path).read_bytes())
-  return int(payload['step']), payload['params'], payload['target_params']
+  step, state = checkpointing.load(path)
+  return step, state['params'], state['target_params']
 
 
 def remove(path: str) -> None:
