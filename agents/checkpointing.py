@@ -63,10 +63,13 @@ class CheckpointError(ValueError):
 
 
 def load(path: str) -> Tuple[int, Any]:
-  """(step, state) of a checkpoint; a CheckpointError naming the file if it is damaged or foreign."""
+  """(step, state) of a checkpoint; a CheckpointError naming the file if it is damaged or foreign (a file that is
+  gone is not: FileNotFoundError)."""
   try:
     payload = pickle.loads(storage.path(path).read_bytes())
     return int(payload['step']), payload['state']
+  except FileNotFoundError:
+    raise
   except Exception as e:  # pylint: disable=broad-except  Unpickling raises anything a damaged file makes it.
     raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}).') from e
 
@@ -78,7 +81,7 @@ def latest_loadable(directory: str) -> Tuple[Optional[str], Optional[Tuple[int, 
     path = os.path.join(directory, name)
     try:
       return path, load(path), problems
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:  # Damaged, or removed since it was listed.
       logging.warning('%s Using the checkpoint before it.', e)
       problems.append(str(e))
   return None, None, problems
