@@ -113,6 +113,13 @@ def test_paper_scale_is_the_papers_settings():
   assert {f: round(w * 512) for f, w in widths.items()} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
 
 
+def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_are_skipped():
+  cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
+  assert [c.axes['arch'] for c in cells] == ['mlp'] * len(studies.INTERVENTION_COLUMNS)
+  assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
+  assert {c.axes['arch'] for c in studies.falsification_cells('cpu', studies.StudyOptions())[0]} == {'mlp'}
+
+
 def test_cifar_cells_are_skipped_with_the_reason_when_its_data_is_absent(tmp_path, monkeypatch):
   monkeypatch.setenv('PLASTICITY_DOWNLOAD', '0')
   monkeypatch.setenv('PLASTICITY_CACHE_DIR', str(tmp_path))
