@@ -113,8 +113,8 @@ TRAIN_SCALES: Dict[str, Dict[str, Any]] = {
     # The paper's: 100 iterations of 1,000 steps, probes every 5,000 of 2,000 steps (the field defaults).
     'paper': dict(max_learner_steps=100_000),
 }
-# CNN widths per scale: the paper's 64 channels (and 256 units) cost hours per run on 2 CPU cores.
-CNN_WIDTH = {'smoke': 0.25, 'cpu': 0.25, 'paper': 1.0}
+# CNN widths per scale (no CNN at `cpu`: INTERVENTION_ARCHS).
+CNN_WIDTH = {'smoke': 0.25, 'paper': 1.0}
 MLP_WIDTH = {'smoke': 0.25, 'cpu': 1.0, 'paper': 1.0}
 
 
