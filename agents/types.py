@@ -1,6 +1,6 @@
 """Types shared by the agent, the probes and the launch program."""
 
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 
@@ -26,9 +26,15 @@ class Network(NamedTuple):
   `rng`, the dropout key: only the learner's online forward pass trains; acting,
   targets and probes evaluate. Training mode is asked for, never inferred from
   a key being passed.
+
+  `apply(params, obs)` is `apply_prepared(prepare(params), obs)`: `prepare` does
+  the work that depends on the parameters only (spectral normalisation's power
+  iteration), which an actor does once per parameter pull instead of per step.
   """
   init: Callable[[PRNGKey, jax.Array], Params]
   apply: Callable[..., NetworkOutput]
+  prepare: Optional[Callable[[Params], Params]] = None  # None: nothing to prepare.
+  apply_prepared: Optional[Callable[..., NetworkOutput]] = None  # None: `apply`.
 
 
 class Transition(NamedTuple):

@@ -151,23 +151,31 @@ def test_power_iteration_finds_the_top_singular_value(shape):
   assert float(networks.top_singular_value(matrix)) == pytest.approx(exact, rel=0.01)
 
 
-@pytest.mark.parametrize('arch', ['mlp', 'cnn'])
+@pytest.mark.parametrize('arch', sorted(networks.FIRST_LAYERS))
 def test_spectrally_normalised_first_layer_has_top_singular_value_one(arch):
   agent, _, obs = small_agent(arch, interventions=('spectral_norm',))
   params = agent.network.init(jax.random.PRNGKey(0), obs[:1])
-  first = 'linear_0' if arch == 'mlp' else 'conv_0'
+  first = networks.FIRST_LAYERS[arch]
   w = params[first]['w']
   w = w.reshape(-1, w.shape[-1])
   normalised = np.asarray(w) / float(networks.top_singular_value(w))
   assert np.linalg.norm(normalised, 2) == pytest.approx(1.0, rel=0.01)
-  # The forward pass uses the normalised weight: the first hidden layer (bias 0 at init) is relu(x @ w / sigma).
-  if arch == 'mlp':
+  # Prepared parameters hold the normalised weight, every other parameter as it was.
+  prepared = agent.network.prepare(params)
+  np.testing.assert_allclose(prepared[first]['w'].reshape(normalised.shape), normalised, rtol=1e-5)
+  assert all(np.array_equal(prepared[m][k], v) for m in params for k, v in params[m].items() if (m, k) != (first, 'w'))
+  # The forward pass uses the normalised weight, the same with the parameters prepared once.
+  np.testing.assert_allclose(agent.network.apply(params, obs).outputs,
+                             agent.network.apply_prepared(prepared, obs).outputs, rtol=1e-5, atol=1e-6)
+  if arch == 'mlp':  # The first hidden layer (bias 0 at init) is relu(x @ w / sigma).
     x = np.asarray(obs, np.float32).reshape(len(obs), -1) / 255.0
     hidden = agent.network.apply(params, obs).hidden[0]
     np.testing.assert_allclose(hidden, np.maximum(x @ normalised, 0.0), rtol=1e-4, atol=1e-5)
   # Only the first layer is normalised.
-  other = 'linear_1' if arch == 'mlp' else 'conv_1'
-  assert not any('spectral' in name for name in params) and other in params
+  plain, _, _ = small_agent(arch)
+  assert not any('spectral' in name for name in params) and plain.network.prepare(params) is params
+  assert np.abs(np.asarray(plain.network.apply(params, obs).outputs) -
+                np.asarray(agent.network.apply(params, obs).outputs)).max() > 1e-4
 
 
 @pytest.mark.parametrize('arch', ['mlp', 'cnn', 'nature_dqn', 'resnet18'])
