@@ -117,7 +117,9 @@ def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_a
   cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
   assert [c.axes['arch'] for c in cells] == ['mlp'] * len(studies.INTERVENTION_COLUMNS)
   assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
-  assert {c.axes['arch'] for c in studies.falsification_cells('cpu', studies.StudyOptions())[0]} == {'mlp'}
+  falsification, _ = studies.falsification_cells('cpu', studies.StudyOptions())
+  assert {c.axes['arch'] for c in falsification} == {'mlp'}
+  assert {(c.args['probe_every'], c.args['max_learner_steps']) for c in falsification} == {(10_000, 10_000)}
 
 
 def test_cifar_cells_are_skipped_with_the_reason_when_its_data_is_absent(tmp_path, monkeypatch):
