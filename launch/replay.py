@@ -165,6 +165,11 @@ class ReverbSink:
     self._writer.close()
 
 
+# Learner batches drawn from the replay in one sample: tf.data's Python side costs the same per sample whatever
+# its size, and holds the GIL the learner's thread needs.
+BATCHES_PER_SAMPLE = 4
+
+
 def _dataset(server_address: str, table: str, batch_size: int, timeout_ms: int = -1) -> tf.data.Dataset:
   return reverb.TrajectoryDataset.from_table_signature(
       server_address=server_address, table=table, max_in_flight_samples_per_worker=2 * batch_size,
@@ -202,9 +207,13 @@ def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[
         raise ReplayUnavailable(f'the replay at {server_address} does not answer (for '
                                 f'{time.monotonic() - silent_since:.0f} s: {e})') from e
 
-  samples = (Transition(**sample.data)
-             for sample in _dataset(server_address, REPLAY_TABLE, batch_size).as_numpy_iterator())
-  return Prefetcher(samples, should_stop=should_stop, check_alive=check_alive, poll_seconds=poll_seconds)
+  def samples():
+    for sample in _dataset(server_address, REPLAY_TABLE, batch_size * BATCHES_PER_SAMPLE).as_numpy_iterator():
+      whole = Transition(**sample.data)
+      for start in range(0, batch_size * BATCHES_PER_SAMPLE, batch_size):
+        yield Transition(*(field[start:start + batch_size] for field in whole))
+
+  return Prefetcher(samples(), should_stop=should_stop, check_alive=check_alive, poll_seconds=poll_seconds)
 
 
 class ReverbSource:
