@@ -139,10 +139,6 @@ def _data_args(options: StudyOptions) -> Dict[str, Any]:
   return {'data_dir': options.data_dir} if options.data_dir else {}
 
 
-def _skipped(names: Sequence[str], reason: str) -> Dict[str, str]:
-  return {name: reason for name in names}
-
-
 def train_measure(cell: Cell, run_dir: str) -> Row:
   return aggregate.run_measures(run_dir)
 
