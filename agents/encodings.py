@@ -6,7 +6,7 @@ an encoding (two-hot, HL-Gauss) changes nothing else.
 """
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import chex
 import jax
@@ -37,6 +37,8 @@ class Encoding(NamedTuple):
   q_values: Callable[[jax.Array], jax.Array]
   # (chosen action's outputs [B, outputs_per_action], target [B]) -> loss [B]
   loss: Callable[[jax.Array, jax.Array], jax.Array]
+  # (lowest, highest) value a categorical encoding can represent; None: any value (regression).
+  support: Optional[Tuple[float, float]] = None
 
 
 EncodingBuilder = Callable[[EncodingConfig], Encoding]
@@ -98,7 +100,8 @@ def _categorical(config: EncodingConfig, target_distribution: Callable[[jax.Arra
     target_probs = jax.lax.stop_gradient(target_distribution(target))
     return -jnp.sum(target_probs * jax.nn.log_softmax(action_outputs), axis=-1)
 
-  return Encoding(outputs_per_action=config.num_bins, q_values=q_values, loss=loss)
+  return Encoding(outputs_per_action=config.num_bins, q_values=q_values, loss=loss,
+                  support=(config.support_min, config.support_max))
 
 
 @register('two_hot')

@@ -8,6 +8,15 @@ for (`snapshot_every`: the evaluator's probe points) and at the end of
 training it also writes a snapshot file (`agents/snapshots.py`), which
 outlives the measurer: a restarted evaluator still finds its points.
 
+What a measurer gets (snapshot files and `get_snapshot`) is the state the
+training of the step produced, before that step's interventions act (the
+periodic actions and the target-update hooks: a reset last layer, a shrink
+and perturbation): a probe step is a multiple of the target period, so
+measuring after them would always measure a network just reset or perturbed.
+The target parameters measured are the ones the target update's copy makes
+of those parameters (at a target-update step) or the current ones.
+`measure_after_interventions` measures the state after them instead.
+
 A non-finite loss or parameter ends training at once (`Diverged`): the state
 kept, published and checkpointed is the last finite one, and the learner's
 last record says `diverged`.
@@ -44,8 +53,10 @@ class Learner:
                dummy_observation: np.ndarray, seed: int = 0,
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 5000,
                logger: Optional[Logger] = None, log_every: int = 100,
-               snapshot_dir: Optional[str] = None, snapshot_every: int = 0):
+               snapshot_dir: Optional[str] = None, snapshot_every: int = 0,
+               measure_after_interventions: bool = False):
     self._config = config
+    self._measure_after_interventions = measure_after_interventions
     self._snapshot_dir = snapshot_dir if snapshot_every > 0 else None
     self._snapshot_every = snapshot_every
     self._snapshot_step: Optional[int] = None  # The step of the last snapshot file written.
@@ -58,6 +69,7 @@ class Learner:
     self._update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount,
                                        agent.loss_terms))
     self._target_update = jax.jit(make_target_update(agent.network, agent.target_update_hooks, dummy))
+    self._has_hooks = bool(agent.target_update_hooks)
     self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
     self._state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(seed), dummy)
     self._restored_from = None
@@ -77,6 +89,9 @@ class Learner:
       self._state = jax.tree_util.tree_map(jax.numpy.asarray, restored)
       self._restored_from = path
       logging.info('Learner restored step %d from %s', self.step_count, path)
+    # (params, target params) of the latest step as measurers see them (module docstring) when interventions
+    # made them differ from the state's; None: the state's.
+    self._measured: Optional[Tuple[object, object]] = None
     self._lock = threading.Lock()
     self._publish()
     if self.step_count == 0:
@@ -112,14 +127,19 @@ class Learner:
       raise Diverged(int(state.step), {k: float(v) for k, v in metrics.items()})
     self._state = state
     step = self.step_count
+    target_update = step % self._config.target_update_period == 0
+    trained = (state.params, state.params if target_update else state.target_params)
     if self._rate_since is None:
       self._rate_since = (time.time(), step)
+    intervened = target_update and self._has_hooks
     for period, act in self._periodic_actions:
       if step % period == 0:
         self._state, action_metrics = act(self._state, batch)
         metrics = {**metrics, **action_metrics}
-    if step % self._config.target_update_period == 0:
+        intervened = True
+    if target_update:
       self._state = self._target_update(self._state)
+    self._measured = None if self._measure_after_interventions or not intervened else trained
     self._last_metrics = metrics
     if self._snapshot_dir and step % self._snapshot_every == 0:
       self._write_snapshot()  # Before the checkpoint: a learner resumed from it has written the snapshot.
@@ -132,8 +152,10 @@ class Learner:
 
   def _publish(self) -> None:
     params, target_params = jax.device_get((self._state.params, self._state.target_params))
+    measured = (params, target_params) if self._measured is None else jax.device_get(self._measured)
     with self._lock:
       self._published = (self.step_count, params, target_params)
+      self._published_measured = (self.step_count, *measured)
 
   def _log(self, step: int, metrics, **extra) -> None:
     if self._logger:
@@ -179,7 +201,8 @@ class Learner:
 
   def _write_snapshot(self) -> None:
     if self._snapshot_dir:
-      snapshots.save(self._snapshot_dir, self.step_count, self._state.params, self._state.target_params)
+      measured = self._measured or (self._state.params, self._state.target_params)
+      snapshots.save(self._snapshot_dir, self.step_count, *measured)
       self._snapshot_step = self.step_count
 
   def save(self) -> str:
@@ -198,9 +221,10 @@ class Learner:
       return self._published[:2]
 
   def get_snapshot(self) -> tuple:
-    """(learner step, parameters, target parameters) as numpy, published with `get_params`."""
+    """(learner step, parameters, target parameters) as numpy, published with `get_params`, as measurers see
+    them (before the step's interventions: module docstring)."""
     with self._lock:
-      return self._published
+      return self._published_measured
 
   def get_initial_snapshot(self) -> tuple:
     """(0, theta_0, theta_0): the run's initial parameters, which are its own target at step 0.

@@ -111,7 +111,8 @@ class LearnerNode:
         logger=config.layout.logger(RunLayout.LEARNER, 'learner', extra={'attempt': attempt}),
         log_every=config.log_every,
         # The evaluator's probe points as files, which outlive the evaluator's process (and a relaunch).
-        snapshot_dir=config.layout.probe_snapshots, snapshot_every=config.probe_every)
+        snapshot_dir=config.layout.probe_snapshots, snapshot_every=config.probe_every,
+        measure_after_interventions=config.probe.after_interventions)
     self._finished = False
 
   def get_params(self, held_step: Optional[int] = None) -> Optional[Tuple[int, Params]]:

@@ -59,9 +59,7 @@ def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) 
   steps = steps or _run().probe.steps
   config = dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
                                curve_every=min(20, steps))
-  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
-  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, config)
-  result = probe(params, inputs, jax.random.PRNGKey(0))
+  result = plasticity.agent_probe(agent, config)(params, inputs, jax.random.PRNGKey(0))
   return result.compile_time_s, result.wall_time_s
 
 

@@ -83,9 +83,7 @@ class Evaluator:
     self._rng = jax.random.PRNGKey(seed)
     self._rng, self._target_key, perturbation_key = jax.random.split(self._rng, 3)
     network = agent.network
-    self._probe = plasticity.make_probe(
-        apply_fn=lambda params, obs: network.apply(params, obs).outputs,
-        init_fn=network.init, optimizer=agent.optimizer, config=probe_config)
+    self._probe = plasticity.agent_probe(agent, probe_config)
     self._probe_logger = probe_logger or out.logger(RunLayout.PROBES, WRITER)
     self._diagnose = None
     if diagnostics_config is not None:

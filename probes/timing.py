@@ -23,9 +23,7 @@ def vmapped_and_loop(agent, params, inputs: np.ndarray,
                      config: plasticity.ProbeConfig) -> Dict[str, plasticity.ProbeResult]:
   """The plasticity probe's fits, all targets vmapped and target by target in a Python loop: each result's
   `wall_time_s` excludes its compilation (`compile_time_s`)."""
-  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
   results = {}
   for name, make in (('vmapped', plasticity.make_probe), ('loop', plasticity.make_sequential_probe)):
-    probe = make(apply_fn=apply_fn, init_fn=agent.network.init, optimizer=agent.optimizer, config=config)
-    results[name] = probe(params, inputs, jax.random.PRNGKey(0))
+    results[name] = plasticity.agent_probe(agent, config, make)(params, inputs, jax.random.PRNGKey(0))
   return results

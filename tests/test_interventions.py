@@ -1,13 +1,15 @@
 """Interventions: each effect does what its entry in agents/interventions.py says, on hand-checkable cases."""
 
 import dataclasses
+import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import checkpointing, interventions, networks
+from agents import checkpointing, interventions, networks, snapshots
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.learner import Learner
@@ -259,3 +261,42 @@ def test_the_learner_runs_redo_every_redo_every_steps():
       recycled[learner.step_count] = int(metrics['redo_recycled_units'])
   assert sorted(recycled) == [3, 6] and all(count > 0 for count in recycled.values())
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(learner.state.params))
+
+
+@pytest.mark.parametrize('intervention', ['reset_last_layer', 'shrink_and_perturb'])
+def test_probe_snapshots_hold_what_training_produced_before_the_steps_interventions(tmp_path, intervention):
+  """A probe step is a multiple of the target period: the snapshot (and `get_snapshot`) holds the parameters the
+  updates produced, the target a copy of them, not the reset or perturbed ones the learner goes on from; with
+  `measure_after_interventions`, the latter."""
+  config = AgentConfig(width_multiplier=0.05, batch_size=8, target_update_period=5, interventions=(intervention,))
+  agent = make_agent(config, 3)
+  folders = {after: str(tmp_path / f'after_{after}') for after in (False, True)}
+  learners = {after: Learner(agent, config, random_batches(8), np.zeros((8, 8, 1), np.uint8), log_every=5,
+                             snapshot_dir=folders[after], snapshot_every=5, measure_after_interventions=after)
+              for after in (False, True)}
+  trained = {}
+  for after, learner in learners.items():
+    for _ in range(4):
+      learner.step()
+    # Step 5's update alone, as the learner applies it: the state it gives before the interventions.
+    batch = next(itertools.islice(random_batches(8), 4, None))
+    trained[after] = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount))(
+        learner.state, batch)[0].params
+    learner.step()
+    assert learner.step_count == 5
+  before, after = learners[False], learners[True]
+  step, params, target_params = snapshots.load(snapshots.path_for(folders[False], 5))
+  assert step == 5
+  chex.assert_trees_all_close(params, jax.device_get(trained[False]), rtol=1e-6)
+  chex.assert_trees_all_close(target_params, params)
+  assert not np.allclose(params['head']['w'], np.asarray(before.state.params['head']['w']))  # The learner's moved on.
+  chex.assert_trees_all_close(before.get_snapshot()[1], params)
+  chex.assert_trees_all_close(before.get_params()[1], jax.device_get(before.state.params))
+  step, params, target_params = snapshots.load(snapshots.path_for(folders[True], 5))
+  chex.assert_trees_all_close(params, jax.device_get(after.state.params))
+  chex.assert_trees_all_close(target_params, jax.device_get(after.state.target_params))
+  # Between target updates nothing intervenes: the snapshot is the state.
+  before.run(max_steps=7)
+  step, params, target_params = snapshots.load(snapshots.path_for(folders[False], 7))
+  chex.assert_trees_all_close((params, target_params),
+                              jax.device_get((before.state.params, before.state.target_params)))

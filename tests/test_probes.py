@@ -6,9 +6,11 @@ import os
 import threading
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from agents import snapshots, storage
@@ -46,8 +48,8 @@ def setup():
 def test_vmapped_probe_equals_the_target_by_target_loop(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(3)
-  vmapped = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
-  looped = plasticity.make_sequential_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(
+  vmapped = plasticity.agent_probe(agent, CONFIG)(params, inputs, key)
+  looped = plasticity.agent_probe(agent, CONFIG, plasticity.make_sequential_probe)(
       params, inputs, key)
   np.testing.assert_allclose(vmapped.baselines, looped.baselines, rtol=1e-5)
   np.testing.assert_allclose(vmapped.step_losses, looped.step_losses, rtol=2e-3, atol=1e-5)
@@ -66,9 +68,9 @@ def test_steps_cut_into_calls_give_the_same_fits(setup):
   with_convolutions = dict(params, conv={'w': jnp.zeros((3, 3, 1, 4))})
   for steps in (1, CONFIG.steps):
     assert plasticity.steps_per_call(dataclasses.replace(CONFIG, steps=steps), with_convolutions) == 1
-  whole = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
+  whole = plasticity.agent_probe(agent, CONFIG)(params, inputs, key)
   for make in (plasticity.make_probe, plasticity.make_sequential_probe):
-    chunked = make(apply_fn, agent.network.init, agent.optimizer, chunked_config)(params, inputs, key)
+    chunked = plasticity.agent_probe(agent, chunked_config, make)(params, inputs, key)
     np.testing.assert_allclose(chunked.step_losses, whole.step_losses, rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(chunked.final_losses, whole.final_losses, rtol=2e-3)
 
@@ -76,7 +78,7 @@ def test_steps_cut_into_calls_give_the_same_fits(setup):
 def test_targets_offset_and_baseline_follow_equation_4(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(4)
-  result = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, CONFIG)(params, inputs, key)
+  result = plasticity.agent_probe(agent, CONFIG)(params, inputs, key)
   offset = np.asarray(apply_fn(params, inputs)).mean(axis=0)
   np.testing.assert_allclose(result.target_offset, offset, rtol=1e-5, atol=1e-6)
   # Rebuild target 0 by hand: the same key split the probe uses.
@@ -103,8 +105,8 @@ def saturate(params):
 
 def test_probe_fits_a_fresh_network_better_than_a_saturated_one(setup):
   agent, apply_fn, params, inputs = setup
-  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer,
-                                plasticity.ProbeConfig(num_targets=4, steps=400, batch_size=64, num_inputs=64))
+  probe = plasticity.agent_probe(agent, plasticity.ProbeConfig(num_targets=4, steps=400, batch_size=64,
+                                                                num_inputs=64))
   inputs = inputs[:64]  # Few inputs: a fresh width-32 network can memorise much of them.
   fresh = probe(params, inputs, jax.random.PRNGKey(5))
   dead = probe(saturate(params), inputs, jax.random.PRNGKey(5))
@@ -112,6 +114,113 @@ def test_probe_fits_a_fresh_network_better_than_a_saturated_one(setup):
   assert dead.plasticity == pytest.approx(0.0, abs=0.02 * dead.baseline)
   assert fresh.plasticity > 0.2 * fresh.baseline
   assert fresh.final_losses.mean() < dead.final_losses.mean()
+
+
+def test_regression_probe_is_the_one_before_output_encodings_were_probed_as_values():
+  """Known answer: numbers the probe gave on this fixed case before categorical networks were probed on values
+  (the commit before it), to float32 rounding: a regression run's records are unchanged."""
+  config = plasticity.ProbeConfig(num_targets=3, steps=60, batch_size=16, num_inputs=64, curve_every=20)
+  agent = make_agent(AgentConfig(width_multiplier=0.0625), num_actions=3)
+  inputs = np.random.default_rng(7).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+  params = agent.network.init(jax.random.PRNGKey(1), inputs[:1])
+  result = plasticity.agent_probe(agent, config)(params, inputs, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(result.final_losses, [0.43242043, 0.40587625, 0.41142035], rtol=1e-5)
+  np.testing.assert_allclose(result.baselines, [0.50466007, 0.49047923, 0.47840223], rtol=1e-5)
+  np.testing.assert_allclose(result.target_offset, [0.034672268, 0.013555826, 0.043628953], rtol=1e-5)
+  np.testing.assert_allclose(result.step_losses[:, ::20], [[0.5821445, 0.48367995, 0.40469122],
+                                                           [0.44995314, 0.39097893, 0.4050941],
+                                                           [0.52316296, 0.4673837, 0.3917454]], rtol=1e-5)
+  assert result.as_record()['probe_fit_loss'] == 'mse'
+
+
+CATEGORICAL = dict(width_multiplier=0.0625, num_bins=11, support_min=-10.0, support_max=10.0)
+
+
+@pytest.fixture(scope='module', params=['two_hot', 'hl_gauss'])
+def categorical(request, setup):
+  inputs = setup[3]
+  agent = make_agent(AgentConfig(output=request.param, **CATEGORICAL), num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
+  values = lambda p, x: agent.encoding.q_values(agent.network.apply(p, x).outputs)
+  return agent, values, params, inputs
+
+
+def test_categorical_probe_targets_are_equation_4_on_decoded_values(categorical):
+  """a is the mean decoded value per action and q the decoded value of a fresh initialisation: targets and
+  baseline on regression's footing, not on the 3 x 11 logits."""
+  agent, values, params, inputs = categorical
+  key = jax.random.PRNGKey(4)
+  result = plasticity.agent_probe(agent, CONFIG)(params, inputs, key)
+  offset = np.asarray(values(params, inputs)).mean(axis=0)
+  assert result.target_offset.shape == (3,)
+  np.testing.assert_allclose(result.target_offset, offset, rtol=1e-5, atol=1e-6)
+  init_key, _ = jax.random.split(jax.random.split(key, CONFIG.num_targets)[0])
+  targets = offset + np.sin(CONFIG.frequency * np.asarray(values(agent.network.init(init_key, inputs[:1]), inputs)))
+  np.testing.assert_allclose(result.baselines[0], targets.var(axis=0).mean(), rtol=2e-3)
+  assert 0.3 < result.baseline < 0.6  # A sine's variance, as for regression.
+  assert result.as_record()['probe_fit_loss'] == 'cross_entropy'
+
+
+def test_categorical_probe_steps_minimise_the_agents_cross_entropy_and_report_the_values_error(categorical):
+  """One SGD step of the fit is params - lr * grad(mean cross-entropy to the targets' encoding); the loss it
+  reports is the decoded values' squared error, which is 0 when the targets are the network's own values."""
+  agent, values, params, inputs = categorical
+  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
+  head = plasticity.head_for(agent.encoding)
+  sgd = optax.sgd(0.5)
+  config = dataclasses.replace(CONFIG, steps=1, batch_size=CONFIG.num_inputs)
+  fit = plasticity._make_fit(apply_fn, agent.network.init, sgd, config, head)  # pylint: disable=protected-access
+  inputs = jnp.asarray(inputs)
+  own = values(params, inputs)
+  opt_state, _, _, step_keys = fit.start(params, inputs, own.mean(axis=0), jax.random.PRNGKey(0))
+  fitted, _, losses = fit.run_steps(params, opt_state, inputs, own, step_keys)
+  assert float(losses[0]) == pytest.approx(0.0, abs=1e-10)  # The same values, up to float32 rounding.
+  assert float(fit.final_loss(params, inputs, own)) == pytest.approx(0.0, abs=1e-10)
+  # The same step by hand, on the batch the step drew.
+  index = jax.random.randint(step_keys[0], (config.batch_size,), 0, inputs.shape[0])
+
+  def cross_entropy(p):
+    logits = apply_fn(p, inputs[index]).reshape(-1, 11)
+    return jnp.mean(agent.encoding.loss(logits, own[index].reshape(-1)))
+
+  expected = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, jax.grad(cross_entropy)(params))
+  chex.assert_trees_all_close(fitted, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(fitted['head']['w'], params['head']['w'])  # Cross-entropy moves it: a real step.
+
+
+def test_categorical_head_that_can_only_learn_a_constant_keeps_no_plasticity(categorical):
+  """Every hidden unit dead: the decoded value can only be a constant, whose best error is the targets' variance
+  (the two-hot and HL-Gauss encodings of the targets average to a distribution whose mean is theirs)."""
+  agent, values, params, inputs = categorical
+  probe = plasticity.agent_probe(agent, plasticity.ProbeConfig(num_targets=4, steps=600, batch_size=64,
+                                                                num_inputs=64))
+  dead = probe(saturate(params), inputs[:64], jax.random.PRNGKey(5))
+  assert dead.plasticity == pytest.approx(0.0, abs=0.03 * dead.baseline)
+  fresh = probe(params, inputs[:64], jax.random.PRNGKey(5))
+  assert fresh.plasticity > 0.2 * fresh.baseline
+
+
+def test_categorical_probe_with_no_step_loses_exactly_the_offsets_error(categorical):
+  """Learning rate 0 and dead hidden units: the values stay the constant a, so the final loss is the mean of the
+  sines' squares and P = var(sine) - mean(sine^2) = -mean(sine)^2, averaged over actions."""
+  agent, values, params, inputs = categorical
+  frozen = agent._replace(optimizer=optax.sgd(0.0))
+  config = dataclasses.replace(CONFIG, num_targets=1, steps=3)
+  key = jax.random.PRNGKey(6)
+  dead = saturate(params)
+  result = plasticity.agent_probe(frozen, config)(dead, inputs, key)
+  init_key, _ = jax.random.split(jax.random.split(key, 1)[0])
+  sine = np.sin(CONFIG.frequency * np.asarray(values(agent.network.init(init_key, inputs[:1]), inputs),
+                                               np.float64))
+  assert result.plasticity == pytest.approx(-np.mean(sine.mean(axis=0)**2), abs=2e-3)
+
+
+def test_categorical_targets_beyond_the_support_are_an_error_naming_the_flags(categorical):
+  agent, values, params, inputs = categorical
+  top = dict(params, head={**params['head'], 'b': jnp.tile(jnp.arange(11.0) * 10.0, 3)})  # All mass on 10.
+  assert float(values(top, inputs[:4]).min()) > 9.99
+  with pytest.raises(plasticity.TargetsOutsideSupport, match='--support_max'):
+    plasticity.agent_probe(agent, CONFIG)(top, inputs, jax.random.PRNGKey(0))
 
 
 def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
@@ -330,8 +439,7 @@ def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fill
 def test_probe_progress_reports_every_chunk_and_changes_nothing(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(5)
-  probe = plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer,
-                                dataclasses.replace(CONFIG, progress_every=40))
+  probe = plasticity.agent_probe(agent, dataclasses.replace(CONFIG, progress_every=40))
   seen = []
   with_progress = probe(params, inputs, key, progress=seen.append)
   assert seen == [40, 80, 120, 150]
