@@ -39,6 +39,12 @@ def adam_tuned(config: OptimizerConfig) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate, b1=0.9, b2=0.9, eps=1e-9, eps_root=1e-3)
 
 
+@register('adam_rainbow')
+def adam_rainbow(config: OptimizerConfig) -> optax.GradientTransformation:
+  """Rainbow's Adam (Hessel et al. 2018, table 1): eps 1.5e-4; their learning rate, 6.25e-5, is --learning_rate."""
+  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1.5e-4, eps_root=0.0)
+
+
 @register('rmsprop')
 def rmsprop(config: OptimizerConfig) -> optax.GradientTransformation:
   """DQN Zoo's double-DQN optimizer (double_q/run_atari.py, lr 2.5e-4 there): centred RMSProp, no gradient clip."""

@@ -264,6 +264,54 @@ def falsification_aggregate(layout: StudyLayout, rows: List[Row], scale: str) ->
   return written
 
 
+# --- the optimizer regime of the MDP runs: dead units against plasticity loss (the abstract's claim) ---
+
+# The paper finds plasticity lost "in the absence of saturated units"; section 3.1 shows appendix A.1's Adam (the
+# MDP preset's) killing units. Each candidate optimizer with the learning rate of the work it comes from.
+REGIME_OPTIMIZERS = {
+    'adam': {'optimizer': 'adam', 'learning_rate': 1e-3},  # Appendix A.1's, the MDP preset's.
+    'adam_tuned': {'optimizer': 'adam_tuned', 'learning_rate': 1e-3},  # Section 3.1's robust Adam.
+    'adam_rainbow': {'optimizer': 'adam_rainbow', 'learning_rate': 6.25e-5},  # Hessel et al. 2018.
+    'rmsprop': {'optimizer': 'rmsprop', 'learning_rate': 2.5e-4},  # DQN Zoo's double DQN.
+}
+REGIME_DIFFICULTIES = ('easy', 'hard')
+# The paper's regime: units alive (a dead-unit fraction below this) with plasticity still lost.
+ALIVE_BELOW = 0.1
+REGIME_MEASURES = ('final_dead_unit_fraction', 'plasticity_loss', 'td_loss', 'initial_plasticity', 'plasticity')
+
+
+def regime_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
+  cells = []
+  for difficulty in REGIME_DIFFICULTIES:
+    for name, args in REGIME_OPTIMIZERS.items():
+      cells.append(Cell(f'{difficulty}-{name}', {'env': f'mnist:{difficulty}', 'optimizer': name},
+                        {**TRAIN_SCALES[scale], **FALSIFICATION_ARGS[scale], 'env': f'mdp:mnist:{difficulty}',
+                         **args, **_data_args(options)}))
+  return cells, {}
+
+
+def regime_table(summary: Sequence[Row]) -> List[Row]:
+  """Per cell: its means, and whether it is in the paper's regime: units alive (mean dead-unit fraction below
+  `ALIVE_BELOW`) and plasticity lost (mean loss more than two standard errors above 0)."""
+  table = []
+  for s in summary:
+    dead, loss, stderr = s['final_dead_unit_fraction_mean'], s['plasticity_loss_mean'], s['plasticity_loss_stderr']
+    alive = None if dead is None else dead < ALIVE_BELOW
+    lost = None if loss is None or stderr is None else loss - 2 * stderr > 0
+    table.append({'env': s['env'], 'optimizer': s['optimizer'], 'runs': s['runs'],
+                  **{key: s[key] for key in s if key.endswith(('_mean', '_stderr'))},
+                  'units_alive': alive, 'plasticity_lost': lost,
+                  'papers_regime': None if alive is None or lost is None else alive and lost})
+  return table
+
+
+def regime_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
+  table = regime_table(aggregate.summarize(rows, ('env', 'optimizer'), REGIME_MEASURES))
+  written = aggregate.write_table(table, layout.table('summary'))
+  written.append(study_plots.save(study_plots.regime(rows, ALIVE_BELOW), layout.figure('optimizer_regime')))
+  return written
+
+
 # --- width (figure 5) ---
 
 WIDTH_FACTORS = (1, 2, 4, 8, 12, 16)  # Appendix A.2: a base width of 16 times these.
@@ -457,6 +505,9 @@ STUDIES.add('optimizer_instability', Study('optimizer_instability', 'figure 1', 
                                            {'smoke': 1, 'cpu': 3, 'paper': 3},
                                            lambda: _flag_types(instability_study.InstabilityConfig), instability_measure,
                                            instability_aggregate))
+STUDIES.add('optimizer_regime', Study('optimizer_regime', 'the abstract: plasticity lost with units alive (section 3.1)',
+                                      regime_cells, {'smoke': 1, 'cpu': 2, 'paper': 3}, _train_flags, train_measure,
+                                      regime_aggregate))
 STUDIES.add('atari_layernorm', Study('atari_layernorm', 'figure 7', atari_cells, {'smoke': 1, 'cpu': 1, 'paper': 3},
                                      _train_flags, atari_measure, atari_aggregate, takes_games=True))
 STUDIES.add('brownian', Study('brownian', 'figure 2', brownian_cells, {'smoke': 1, 'cpu': 2, 'paper': 3},

@@ -11,11 +11,12 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 from scipy import stats
 
 from probes import plots
-from probes.run_dir import RunLayout
+from probes.run_dir import RunLayout, load_config
 
 Row = Dict[str, Any]
 
@@ -102,24 +103,55 @@ def _at_step(records: Sequence[Row], step: Optional[int]) -> Optional[Row]:
   return next((r for r in records if r['learner_step'] == step), None)
 
 
+# The TD loss of a run is the mean of its learner records over the last tenth of its steps (one record is one
+# batch of 32: too noisy alone).
+TD_LOSS_WINDOW = 0.1
+
+
 def run_measures(run_dir: str, at_step: Optional[int] = None) -> Row:
   """A training run's measures: `plasticity_loss` and `plasticity` at its last probe point (or at `at_step`),
-  `initial_plasticity`, `probe_step` (where measured), and `change_<statistic>` (last diagnosed point minus first)
-  for figure 3's statistics. Missing measures are absent."""
+  `initial_plasticity`, `probe_step` (where measured), `probe_fit_loss` (what the probe minimised: None in records
+  written before the probe said so), `td_loss` (mean over the last tenth of the steps), and for figure 3's
+  statistics `final_<statistic>` (at the last diagnosed point) and `change_<statistic>` (last diagnosed point minus
+  first). Missing measures are absent."""
   layout = RunLayout(run_dir)
   probes = plots.read_stream(layout, RunLayout.PROBES)
   diagnostics = plots.read_stream(layout, RunLayout.DIAGNOSTICS)
+  learner = plots.read_stream(layout, RunLayout.LEARNER)
   if at_step is not None:
-    probes = [r for r in probes if r['learner_step'] <= at_step]
-    diagnostics = [r for r in diagnostics if r['learner_step'] <= at_step]
+    probes, diagnostics, learner = ([r for r in records if r['learner_step'] <= at_step]
+                                    for records in (probes, diagnostics, learner))
   measures: Row = {}
   point = _at_step(probes, at_step)
   if point is not None:
     measures.update(probe_step=point['learner_step'], plasticity=point.get('plasticity'),
-                    plasticity_loss=point.get('plasticity_loss'), initial_plasticity=probes[0].get('plasticity'))
+                    plasticity_loss=point.get('plasticity_loss'), initial_plasticity=probes[0].get('plasticity'),
+                    probe_fit_loss=point.get('probe_fit_loss'))
+    _warn_if_logit_probe(run_dir, point)
+  if learner:
+    last = learner[-1]['learner_step']
+    window = [r.get('td_loss') for r in learner if r['learner_step'] >= (1 - TD_LOSS_WINDOW) * last]
+    measures['td_loss'] = mean_and_stderr(window)[0]
+  if diagnostics:
+    measures.update({f'final_{key}': diagnostics[-1][key] for key in plots.STATISTICS
+                     if diagnostics[-1].get(key) is not None})
   changes = plots.run_changes(probes, diagnostics)
   measures.update({f'change_{key}': value for key, value in changes.items() if key in plots.STATISTICS})
   return measures
+
+
+def _warn_if_logit_probe(run_dir: str, point: Row) -> None:
+  """A categorical run whose probe records predate `probe_fit_loss` was probed on its logits: say so."""
+  if 'probe_fit_loss' in point:
+    return
+  try:
+    output = load_config(run_dir).agent.output
+  except ValueError:
+    return
+  if output != 'regress':
+    logging.warning('%s: its probe records were written before categorical networks were probed on their values '
+                    '(they lack probe_fit_loss): its plasticity fits its %s logits, not comparable with the '
+                    'values of regression runs or of newer runs.', run_dir, output)
 
 
 def _cell(value: Any) -> Any:

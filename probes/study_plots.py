@@ -75,6 +75,30 @@ def falsification(rows: Sequence[Row], setting: str) -> plt.Figure:
   return fig
 
 
+def regime(rows: Sequence[Row], alive_below: float) -> plt.Figure:
+  """Each run's dead-unit fraction against its plasticity loss, one marker per optimizer, one colour per env: the
+  paper's regime (units alive, plasticity lost) is the shaded corner."""
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  envs = list(dict.fromkeys(row['env'] for row in rows))
+  optimizers = list(dict.fromkeys(row['optimizer'] for row in rows))
+  for row in rows:
+    if row.get('final_dead_unit_fraction') is None or row.get('plasticity_loss') is None:
+      continue
+    ax.scatter(row['final_dead_unit_fraction'], row['plasticity_loss'], color=f'C{envs.index(row["env"])}',
+               marker='osD^vP*X'[optimizers.index(row['optimizer']) % 8], s=36)
+  ax.axvspan(0.0, alive_below, ymin=0.0, ymax=1.0, color='0.9', zorder=-1)
+  ax.axhline(0.0, color='k', lw=0.5)
+  handles = ([plt.Line2D([], [], color=f'C{i}', marker='o', ls='', label=env) for i, env in enumerate(envs)] +
+             [plt.Line2D([], [], color='k', marker='osD^vP*X'[i % 8], ls='', label=name)
+              for i, name in enumerate(optimizers)])
+  ax.legend(handles=handles, fontsize=7)
+  ax.set_xlabel('dead unit fraction at the end')
+  ax.set_ylabel('loss of plasticity at the end')
+  ax.set_title(f'Optimizer regime: units alive (shaded, dead < {alive_below}) with plasticity lost?', fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
 def width(summaries: Sequence[Row]) -> plt.Figure:
   """Figure 5: plasticity loss against the width factor, one panel per target-update period, one line per
   architecture and dataset (mean and standard error over seeds)."""

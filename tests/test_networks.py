@@ -125,7 +125,7 @@ def test_unknown_interventions_architectures_and_outputs_say_why():
     make_agent(AgentConfig(arch='lstm'), 3)
   with pytest.raises(ValueError, match='--output'):
     make_agent(AgentConfig(output='quantile'), 3)
-  with pytest.raises(ValueError, match='--optimizer.*accepted: adam, adam_tuned'):
+  with pytest.raises(ValueError, match='--optimizer.*accepted: adam, adam_rainbow, adam_tuned'):
     make_agent(AgentConfig(optimizer='lion'), 3)
 
 
@@ -239,7 +239,8 @@ def test_categorical_loss_is_smallest_at_the_target_distribution(output):
 def test_optimizer_presets():
   grads = {'w': jnp.array([0.3, -0.2])}
   params = {'w': jnp.zeros(2)}
-  for name, learning_rate in itertools.product(['adam', 'adam_tuned', 'rmsprop', 'rmsprop_clipped', 'sgd'], [1e-3]):
+  for name, learning_rate in itertools.product(['adam', 'adam_tuned', 'adam_rainbow', 'rmsprop', 'rmsprop_clipped',
+                                                'sgd'], [1e-3]):
     optimizer = make_agent(AgentConfig(optimizer=name, learning_rate=learning_rate), 3).optimizer
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     assert np.all(np.sign(updates['w']) == -np.sign(grads['w'])), name
@@ -249,6 +250,10 @@ def test_optimizer_presets():
   np.testing.assert_allclose(adam.update(grads, adam.init(params), params)[0]['w'], [-1e-3, 1e-3], rtol=1e-5)
   tuned_step = tuned.update(grads, tuned.init(params), params)[0]['w']
   np.testing.assert_allclose(tuned_step, -1e-3 * grads['w'] / np.sqrt(grads['w'] ** 2 + 1e-3), rtol=1e-4)
+  # Rainbow's eps 1.5e-4 beside |g|: a first step of lr * g / (|g| + 1.5e-4).
+  rainbow = make_agent(AgentConfig(optimizer='adam_rainbow', learning_rate=6.25e-5), 3).optimizer
+  np.testing.assert_allclose(rainbow.update(grads, rainbow.init(params), params)[0]['w'],
+                             -6.25e-5 * grads['w'] / (np.abs(grads['w']) + 1.5e-4), rtol=1e-5)
 
 
 def test_rmsprop_is_dqn_zoos_double_dqn_optimizer_without_a_norm_clip():
