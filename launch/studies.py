@@ -147,44 +147,80 @@ def train_measure(cell: Cell, run_dir: str) -> Row:
 
 INTERVENTION_COLUMNS = ('none', 'layernorm', 'spectral_norm', 'weight_decay', 'shrink_and_perturb', 'reset_last_layer',
                         'reset_optimizer', 'two_hot')
+# The interventions that act at the target update, which a probe step always is: probed as training left the network
+# (the default, agents/learner.py) and, in columns of their own, just after they acted (--probe_after_interventions),
+# so the table shows whether the moment matters.
+PROBED_AFTER = ('shrink_and_perturb', 'reset_last_layer')
+PROBED_AFTER_SUFFIX = '_probed_after'
 PAPER_ARCHS = ('mlp', 'cnn', 'resnet18', 'vit')
 # Below paper scale the MLP only at `cpu`: one probe of the CNN (width 0.25: 10 targets x 1,000 steps of 128
 # digits) takes 19 minutes on 2 CPU cores, 31 times the MLP's, so a CNN run there takes over 1.5 hours.
 INTERVENTION_ARCHS = {'smoke': ('mlp', 'cnn'), 'cpu': ('mlp',), 'paper': PAPER_ARCHS}
 SKIPPED_ARCH_REASONS = {'cnn': 'the CNN runs at --scale=smoke and --scale=paper: its probes take hours on CPU',
                         'resnet18': 'ResNet-18 runs at --scale=paper only', 'vit': 'ViT runs at --scale=paper only'}
+# Rows of the grid under another optimizer than the MDP preset's (`adam`), each with its own flags: where units stay
+# alive (the optimizer_regime study), whether the interventions' effects depend on unit death.
+INTERVENTION_OPTIMIZERS: Dict[str, Dict[str, Dict[str, Any]]] = {'smoke': {}, 'cpu': {}, 'paper': {}}
 # Figure 6 is read after 100 iterations of 1,000 steps; figures 8 and 9 after 1 million steps (appendix B.1).
 FIGURE6_STEP = 100_000
 PAPER_LONG_STEPS = 1_000_000
+# A million steps take the easy MDP's values near 1 / (1 - 0.99) = 100, the edge of the default categorical support
+# [-100, 100], where the probe's targets (the mean value +- 1) would leave it (plasticity.TargetsOutsideSupport):
+# the categorical cells there get bins of the same width on a support 10 wider each side.
+PAPER_CATEGORICAL_SUPPORT = {'support_min': -110.0, 'support_max': 110.0, 'num_bins': 111}
 
 
 def _intervention_args(intervention: str) -> Dict[str, Any]:
   return {} if intervention == 'none' else {'interventions': intervention}
 
 
+def _intervention_cell(name: str, arch: str, intervention: str, output: str, probed: str, optimizer: str,
+                       args: Dict[str, Any]) -> Cell:
+  after = {'probe_after_interventions': True} if probed == 'after' else {}
+  return Cell(name, {'arch': arch, 'intervention': intervention, 'output': output, 'probed': probed,
+                     'optimizer': optimizer},
+              {**args, **_intervention_args(intervention), 'output': output, **after})
+
+
 def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
   base = {**TRAIN_SCALES[scale], 'diagnostics': False, **_data_args(options)}
   cells = []
   archs = INTERVENTION_ARCHS[scale]
+  optimizers = {'adam': {}, **INTERVENTION_OPTIMIZERS[scale]}
   for arch in archs:
-    if scale != 'paper':
-      for column in INTERVENTION_COLUMNS:
-        output = 'two_hot' if column == 'two_hot' else 'regress'
-        intervention = 'none' if column == 'two_hot' else column
-        cells.append(Cell(f'{arch}-{column}', {'arch': arch, 'intervention': intervention, 'output': output},
-                          {**base, **_arch_args(arch, scale), **_intervention_args(intervention), 'output': output}))
-      continue
-    for intervention in INTERVENTION_COLUMNS[:-1]:  # Every intervention crossed with both encodings.
-      for output in ('regress', 'two_hot'):
-        cells.append(Cell(f'{arch}-{intervention}-{output}', {'arch': arch, 'intervention': intervention,
-                                                               'output': output},
-                          {**base, **_arch_args(arch, scale), **_intervention_args(intervention), 'output': output,
-                           'max_learner_steps': PAPER_LONG_STEPS}))
+    for optimizer, optimizer_args in optimizers.items():
+      prefix = arch if optimizer == 'adam' else f'{arch}-{optimizer}'
+      args = {**base, **_arch_args(arch, scale), **optimizer_args}
+      if scale != 'paper':
+        for column in INTERVENTION_COLUMNS:
+          output = 'two_hot' if column == 'two_hot' else 'regress'
+          intervention = 'none' if column == 'two_hot' else column
+          cells.append(_intervention_cell(f'{prefix}-{column}', arch, intervention, output, 'before', optimizer, args))
+        for intervention in PROBED_AFTER:
+          cells.append(_intervention_cell(f'{prefix}-{intervention}{PROBED_AFTER_SUFFIX}', arch, intervention,
+                                          'regress', 'after', optimizer, args))
+        continue
+      long_args = {**args, 'max_learner_steps': PAPER_LONG_STEPS}
+      for output in ('regress', 'two_hot'):  # Every intervention crossed with both encodings.
+        output_args = {**long_args, **(PAPER_CATEGORICAL_SUPPORT if output == 'two_hot' else {})}
+        for intervention in INTERVENTION_COLUMNS[:-1]:
+          cells.append(_intervention_cell(f'{prefix}-{intervention}-{output}', arch, intervention, output, 'before',
+                                          optimizer, output_args))
+        for intervention in PROBED_AFTER:
+          cells.append(_intervention_cell(f'{prefix}-{intervention}{PROBED_AFTER_SUFFIX}-{output}', arch,
+                                          intervention, output, 'after', optimizer, output_args))
   return cells, {f'{a}-*': SKIPPED_ARCH_REASONS[a] for a in PAPER_ARCHS if a not in archs}
 
 
 def _column(row: Row) -> str:
+  if row.get('probed') == 'after':
+    return f'{row["intervention"]}{PROBED_AFTER_SUFFIX}'
   return 'two_hot' if row['output'] == 'two_hot' and row['intervention'] == 'none' else row['intervention']
+
+
+def _row_label(row: Row) -> str:
+  optimizer = row.get('optimizer', 'adam')
+  return row['arch'] if optimizer == 'adam' else f'{row["arch"]} ({optimizer})'
 
 
 def interventions_measure(cell: Cell, run_dir: str) -> Row:
@@ -197,25 +233,29 @@ def interventions_measure(cell: Cell, run_dir: str) -> Row:
 
 def interventions_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
   for row in rows:
-    row['column'] = _column(row)
-  measures = ('plasticity_loss', 'plasticity') + (('plasticity_loss_at_100k',) if scale == 'paper' else ())
-  summary = aggregate.summarize(rows, ('arch', 'intervention', 'output', 'column'), measures)
+    row['column'], row['row'] = _column(row), _row_label(row)
+  measures = ('plasticity_loss', 'plasticity', 'initial_plasticity') + (
+      ('plasticity_loss_at_100k',) if scale == 'paper' else ())
+  summary = aggregate.summarize(rows, ('row', 'arch', 'optimizer', 'intervention', 'output', 'probed', 'column'),
+                                measures)
   written = aggregate.write_table(summary, layout.table('summary'))
-  archs = [a for a in PAPER_ARCHS if any(s['arch'] == a for s in summary)]
+  labels = list(dict.fromkeys(s['row'] for s in sorted(summary, key=lambda s: PAPER_ARCHS.index(s['arch']))))
+  after_columns = tuple(f'{name}{PROBED_AFTER_SUFFIX}' for name in PROBED_AFTER)
   panels = []
   if scale == 'paper':  # Figure 6 (after 100,000 steps, regression and the two-hot column), then 8 and 9.
-    figure6 = [s for s in summary if s['output'] == 'regress' or s['column'] == 'two_hot']
+    figure6 = [s for s in summary if s['probed'] == 'before' and (s['output'] == 'regress' or s['column'] == 'two_hot')]
     panels.append(('plasticity loss after 100 iterations of 1,000 steps (figure 6)',
-                   aggregate.grid(figure6, 'arch', 'column', 'plasticity_loss_at_100k', archs, INTERVENTION_COLUMNS)))
+                   aggregate.grid(figure6, 'row', 'column', 'plasticity_loss_at_100k', labels, INTERVENTION_COLUMNS)))
     for output in ('regress', 'two_hot'):
       mine = [s for s in summary if s['output'] == output]
       panels.append((f'{output} output, after {PAPER_LONG_STEPS:,} steps (figures 8 and 9)',
-                     aggregate.grid(mine, 'arch', 'intervention', 'plasticity_loss', archs,
-                                    INTERVENTION_COLUMNS[:-1])))
+                     aggregate.grid(mine, 'row', 'column', 'plasticity_loss', labels,
+                                    INTERVENTION_COLUMNS[:-1] + after_columns)))
   else:
     steps = rows[0].get('probe_step') if rows else None
     panels.append((f'plasticity loss at the last probe point (step {steps})',
-                   aggregate.grid(summary, 'arch', 'column', 'plasticity_loss', archs, INTERVENTION_COLUMNS)))
+                   aggregate.grid(summary, 'row', 'column', 'plasticity_loss', labels,
+                                  INTERVENTION_COLUMNS + after_columns)))
   written.append(study_plots.save(study_plots.heatmaps(panels, 'Effect of interventions on plasticity loss'),
                                   layout.figure('interventions')))
   return written
@@ -224,43 +264,91 @@ def interventions_aggregate(layout: StudyLayout, rows: List[Row], scale: str) ->
 # --- falsification (figure 3) ---
 
 DIFFICULTIES = ('easy', 'hard', 'sparse')
-# Each setting's runs: architectures x (optimizer, intervention) variants.
-FALSIFICATION_VARIANTS = {
-    'smoke': (('mlp',), (('adam', 'none'), ('adam', 'layernorm'))),
-    'cpu': (INTERVENTION_ARCHS['cpu'], (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none'))),
-    'paper': (PAPER_ARCHS, (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none'), ('rmsprop', 'layernorm'))),
+# Each set's runs, per setting (observation dataset x task): architectures x (optimizer, intervention) variants.
+# At `paper` scale the paper's grid (section 4.2: "128 DQN agents under a range of tasks, observation spaces,
+# optimizers, and seeds"): 2 architectures x 2 optimizers x 3 tasks x 2 observation spaces x 5 seeds = 120 runs, our
+# nearest full grid; layer norm, ResNet-18 and ViT are a separate set, as the issue of the study asks, correlated
+# apart. Below paper scale the MLP only, its three variants one set.
+FALSIFICATION_SETS = {
+    'smoke': {'main': (('mlp',), (('adam', 'none'), ('adam', 'layernorm')))},
+    'cpu': {'main': (INTERVENTION_ARCHS['cpu'], (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none')))},
+    'paper': {'main': (('mlp', 'cnn'), (('adam', 'none'), ('rmsprop', 'none'))),
+              'extra': ((('mlp', 'cnn'), (('adam', 'layernorm'),)), (('resnet18', 'vit'), (('adam', 'none'),)))},
 }
-
-
-# Figure 3 uses a run's first and last probe points only (each statistic's change, the last `plasticity_loss`):
-# at `cpu` scale none in between, which halves a run's probing.
+# Figure 3 uses a run's last probe point only (each statistic's value and `plasticity_loss` there), and the first as
+# P(theta_0)'s reference: at `cpu` scale none in between, which halves a run's probing.
 FALSIFICATION_ARGS = {'smoke': {}, 'cpu': {'probe_every': TRAIN_SCALES['cpu']['max_learner_steps']}, 'paper': {}}
+# The factors a run varies in, each an axis of its cell; figure 3 pairs each statistic with the factor across whose
+# values the paper finds its correlation's sign flip (section 4.2, figure 3).
+FALSIFICATION_FACTORS = ('dataset', 'arch', 'difficulty', 'variant')
+FIGURE3_PAIRS = (('parameter_norm', 'dataset'), ('weight_srank_mean', 'dataset'), ('dead_unit_fraction', 'arch'),
+                 ('feature_rank', 'difficulty'))
+
+
+def _set_members(definition) -> List[Tuple[str, str, str]]:
+  """(arch, optimizer, intervention) of a set: one (archs, variants) pair, or several."""
+  pairs = definition if isinstance(definition[0][0], tuple) else (definition,)
+  return [(arch, optimizer, intervention) for archs, variants in pairs for arch in archs
+          for optimizer, intervention in variants]
 
 
 def falsification_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
   present, missing = _datasets(options)
-  archs, variants = FALSIFICATION_VARIANTS[scale]
   cells, skipped = [], {}
-  for dataset in ('mnist', 'cifar10'):
-    for difficulty in DIFFICULTIES:
-      env = f'mdp:{dataset}:{difficulty}'
-      for arch in archs:
-        for optimizer, intervention in variants:
-          name = f'{dataset}-{difficulty}-{arch}-{optimizer}-{intervention}'
+  for set_name, definition in FALSIFICATION_SETS[scale].items():
+    prefix = '' if set_name == 'main' else f'{set_name}-'
+    for dataset in ('mnist', 'cifar10'):
+      for difficulty in DIFFICULTIES:
+        env = f'mdp:{dataset}:{difficulty}'
+        for arch, optimizer, intervention in _set_members(definition):
+          name = f'{prefix}{dataset}-{difficulty}-{arch}-{optimizer}-{intervention}'
           if dataset not in present:
             skipped[name] = missing[dataset]
             continue
           args = {**TRAIN_SCALES[scale], **FALSIFICATION_ARGS[scale], **_arch_args(arch, scale), 'env': env,
                   'optimizer': optimizer, **_intervention_args(intervention), **_data_args(options)}
-          cells.append(Cell(name, {'setting': f'{dataset}:{difficulty}', 'arch': arch, 'optimizer': optimizer,
-                                   'intervention': intervention}, args))
+          variant = optimizer if intervention == 'none' else f'{optimizer}+{intervention}'
+          cells.append(Cell(name, {'set': set_name, 'setting': f'{dataset}:{difficulty}', 'dataset': dataset,
+                                   'difficulty': difficulty, 'arch': arch, 'optimizer': optimizer,
+                                   'intervention': intervention, 'variant': variant}, args))
   return cells, skipped
 
 
+def falsification_tables(rows: Sequence[Row]) -> Dict[str, List[Row]]:
+  """Figure 3's numbers per set: `correlations` (each statistic's value at the end against plasticity loss, within
+  each value of each factor; `papers_pairing` marks the paper's four), `sign_flips` (per statistic and factor:
+  whether the signs differ across its values: the paper's claim) and `correlations_change` (each statistic's change
+  over training, within each setting: the version before the paper's)."""
+  tables: Dict[str, List[Row]] = {'correlations': [], 'sign_flips': [], 'correlations_change': []}
+  statistics = list(study_plots.STATISTICS)
+  for set_name in dict.fromkeys(row.get('set', 'main') for row in rows):
+    members = [row for row in rows if row.get('set', 'main') == set_name]
+    for statistic in statistics:
+      for factor in FALSIFICATION_FACTORS:
+        entries = aggregate.correlations(members, factor, [f'final_{statistic}'])
+        for entry in entries:
+          tables['correlations'].append({'set': set_name, 'statistic': statistic, 'factor': factor,
+                                         'value': entry[factor], 'runs': entry['runs'],
+                                         'correlation': entry['correlation'], 'sign': entry['sign'],
+                                         'papers_pairing': (statistic, factor) in FIGURE3_PAIRS})
+        signs = [entry['sign'] for entry in entries if entry['sign'] in ('+', '-')]
+        tables['sign_flips'].append({'set': set_name, 'statistic': statistic, 'factor': factor,
+                                     'values': len(entries), 'signs': ''.join(signs),
+                                     'flips': None if len(signs) < 2 else len(set(signs)) > 1,
+                                     'papers_pairing': (statistic, factor) in FIGURE3_PAIRS})
+    for entry in aggregate.correlations(members, 'setting', [f'change_{key}' for key in statistics]):
+      tables['correlations_change'].append({'set': set_name, **entry})
+  return tables
+
+
 def falsification_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[str]:
-  changes = [f'change_{key}' for key in study_plots.STATISTICS]
-  written = aggregate.write_table(aggregate.correlations(rows, 'setting', changes), layout.table('correlations'))
-  written.append(study_plots.save(study_plots.falsification(rows, 'setting'), layout.figure('falsification')))
+  written = []
+  for name, table in falsification_tables(rows).items():
+    written += aggregate.write_table(table, layout.table(name))
+  main = [row for row in rows if row.get('set', 'main') == 'main']
+  written.append(study_plots.save(study_plots.falsification(main, FIGURE3_PAIRS), layout.figure('falsification')))
+  written.append(study_plots.save(study_plots.falsification_change(main, 'setting'),
+                                  layout.figure('falsification_change')))
   return written
 
 
@@ -316,18 +404,23 @@ def regime_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[s
 
 WIDTH_FACTORS = (1, 2, 4, 8, 12, 16)  # Appendix A.2: a base width of 16 times these.
 TARGET_PERIODS = (1, 100, 1000)  # Figure 5's panels.
+# Section 5.1 scales the CNN up from the paper's (64 channels, 256 units) "to the limit of a single GPU's memory":
+# x4 (207M parameters) is the largest whose evaluator, a vmapped probe of 10 targets each with its own copy,
+# gradient and Adam moments (about 40 copies of the parameters, 33 GB), fits beside the learner in the 45% of an
+# 80 GB A100 each of them gets (launch/placement.py); x8 (829M) would need 133 GB.
+CNN_SCALE_UP = (1, 2, 4)
 WIDTH_GRIDS = {  # arch -> factors per scale.
     'smoke': {'mlp': (1, 16)},
     'cpu': {'mlp': WIDTH_FACTORS},  # The CNN's probes take hours on CPU (INTERVENTION_ARCHS).
-    'paper': {'mlp': WIDTH_FACTORS, 'cnn': WIDTH_FACTORS},
+    'paper': {'mlp': WIDTH_FACTORS, 'cnn': CNN_SCALE_UP},
 }
 WIDTH_PERIODS = {'smoke': (100,), 'cpu': TARGET_PERIODS, 'paper': TARGET_PERIODS}
 
 
 def width_multiplier(arch: str, factor: int) -> float:
-  """The MLP's hidden layers are 16 x factor units (its default 512 = factor 32); the CNN's channels and units
-  scale alike, factor 16 being the paper's CNN (64 channels, 256 units)."""
-  return 16 * factor / 512 if arch == 'mlp' else factor / 16
+  """The MLP's hidden layers are 16 x factor units (appendix A.2; its default 512 = factor 32); the CNN's channels
+  and units are factor times the paper's CNN's (64 channels, 256 units), scaled up as section 5.1 does."""
+  return 16 * factor / 512 if arch == 'mlp' else float(factor)
 
 
 def width_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
@@ -398,7 +491,8 @@ BROWNIAN_SCALES = {
     'smoke': dict(steps=200, measure_every=100, num_transitions=2000, lanczos_steps=10, hessian_batch_size=256,
                   covariance_samples=64, td_covariance_samples=64),
     'cpu': dict(steps=2000, measure_every=1000),
-    'paper': dict(steps=20_000, measure_every=5000),
+    # Figure 2 measures "after 5 target updates" of 5,000 steps (appendix A.1): 25,000 steps.
+    'paper': dict(steps=25_000, measure_every=5000),
 }
 
 
@@ -497,7 +591,7 @@ def atari_aggregate(layout: StudyLayout, rows: List[Row], scale: str) -> List[st
 STUDIES.add('interventions', Study('interventions', 'figure 6 (figures 8 and 9 at --scale=paper)', interventions_cells,
                                    {'smoke': 1, 'cpu': 2, 'paper': 3}, _train_flags, interventions_measure,
                                    interventions_aggregate))
-STUDIES.add('falsification', Study('falsification', 'figure 3', falsification_cells, {'smoke': 1, 'cpu': 1, 'paper': 3},
+STUDIES.add('falsification', Study('falsification', 'figure 3', falsification_cells, {'smoke': 1, 'cpu': 2, 'paper': 5},
                                    _train_flags, train_measure, falsification_aggregate))
 STUDIES.add('width', Study('width', 'figure 5', width_cells, {'smoke': 1, 'cpu': 1, 'paper': 3}, _train_flags,
                            train_measure, width_aggregate))

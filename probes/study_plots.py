@@ -46,9 +46,34 @@ def heatmaps(panels: Sequence[Panel], title: str) -> plt.Figure:
   return fig
 
 
-def falsification(rows: Sequence[Row], setting: str) -> plt.Figure:
-  """Figure 3: per statistic, each run's change over training against its plasticity loss, coloured by setting,
-  with each setting's correlation in the legend."""
+def falsification(rows: Sequence[Row], pairs: Sequence[Tuple[str, str]]) -> plt.Figure:
+  """Figure 3 as the paper draws it: per (statistic, factor) pair a panel of each run's value of the statistic at
+  the end of training against its plasticity loss, coloured by the factor's value, each value's correlation in the
+  legend."""
+  fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.3), squeeze=False)
+  for ax, (statistic, factor) in zip(axes[0], pairs):
+    key = f'final_{statistic}'
+    table = {entry[factor]: entry['correlation'] for entry in aggregate.correlations(rows, factor, [key])}
+    for index, value in enumerate(table):
+      points = aggregate.finite_pairs([row for row in rows if row.get(factor) == value], key, 'plasticity_loss')
+      r = table[value]
+      ax.scatter(points[:, 0], points[:, 1], s=16, color=f'C{index}',
+                 label=f'{value} (r={r:+.2f})' if r is not None else f'{value}')
+    ax.axhline(0.0, color='k', lw=0.5)
+    ax.set_xlabel(STATISTICS[statistic], fontsize=8)
+    ax.set_ylabel('loss of plasticity', fontsize=8)
+    ax.set_title(f'varying {factor}', fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+  fig.suptitle('Falsification of explanations of plasticity: value at the end against loss of plasticity, one point '
+               'per run (figure 3)', fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def falsification_change(rows: Sequence[Row], setting: str) -> plt.Figure:
+  """Per statistic, each run's change over training against its plasticity loss, coloured by setting, with each
+  setting's correlation in the legend (the companion of figure 3 on changes instead of values)."""
   keys = [key for key in STATISTICS if any(row.get(f'change_{key}') is not None for row in rows)] or list(STATISTICS)
   table = aggregate.correlations(rows, setting, [f'change_{key}' for key in keys])
   r_of = {(entry[setting], entry['statistic']): entry['correlation'] for entry in table}
@@ -70,7 +95,7 @@ def falsification(rows: Sequence[Row], setting: str) -> plt.Figure:
     ax.legend(fontsize=5)
   for ax in list(axes.flat)[len(keys):]:
     ax.axis('off')
-  fig.suptitle('Change in each statistic against loss of plasticity, one point per run (figure 3)', fontsize=10)
+  fig.suptitle('Change in each statistic against loss of plasticity, one point per run', fontsize=10)
   fig.tight_layout()
   return fig
 
@@ -112,11 +137,12 @@ def width(summaries: Sequence[Row]) -> plt.Figure:
       if points:
         x, y, err = zip(*points)
         ax.errorbar(x, y, yerr=[e or 0.0 for e in err], marker='o', color=f'C{index}', label=f'{line[0]} on {line[1]}')
+    ax.set_yscale('symlog', linthresh=1e-2)  # The paper's log scale; losses at or below 0 stay on the axis.
     ax.axhline(0.0, color='k', lw=0.5)
     ax.set_title(f'target update period: {period}', fontsize=9)
-    ax.set_xlabel('width factor (x16 units)')
+    ax.set_xlabel('width factor (MLP: x16 units; CNN: x the paper\'s)')
     ax.legend(fontsize=7)
-  axes[0, 0].set_ylabel('loss of plasticity')
+  axes[0, 0].set_ylabel('loss of plasticity (log scale)')
   fig.suptitle('Effect of network width on plasticity loss (figure 5)', fontsize=10)
   fig.tight_layout()
   return fig

@@ -105,21 +105,95 @@ def test_a_studys_data_dir_reaches_every_run_over_dataset_observations(tmp_path,
 def test_paper_scale_is_the_papers_settings():
   cells, _ = studies.interventions_cells('paper', studies.StudyOptions())
   assert {c.axes['arch'] for c in cells} == {'mlp', 'cnn', 'resnet18', 'vit'}
-  assert len(cells) == 4 * 7 * 2  # Every intervention crossed with both encodings (figures 8, 9).
+  # Every intervention crossed with both encodings (figures 8, 9), and the two target-update interventions probed
+  # after they act, with both encodings too.
+  assert len(cells) == 4 * (7 + 2) * 2
   assert {c.args['max_learner_steps'] for c in cells} == {1_000_000}
+  for cell in cells:  # A million steps take the values near 100: the categorical support holds the probe's +-1.
+    assert (cell.args.get('support_max'), cell.args.get('support_min')) == (
+        (110.0, -110.0) if cell.axes['output'] == 'two_hot' else (None, None))
   assert studies.TRAIN_SCALES['paper'] == {'max_learner_steps': 100_000}  # Probes: the defaults, 2,000 steps / 5,000.
-  widths = {c.axes['width_factor']: c.args['width_multiplier']
-            for c in studies.width_cells('paper', studies.StudyOptions())[0] if c.axes['arch'] == 'mlp'}
-  assert {f: round(w * 512) for f, w in widths.items()} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
+  widths = {(c.axes['arch'], c.axes['width_factor']): c.args['width_multiplier']
+            for c in studies.width_cells('paper', studies.StudyOptions())[0]}
+  assert {f: round(w * 512) for (a, f), w in widths.items() if a == 'mlp'} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
+  assert {f: w for (a, f), w in widths.items() if a == 'cnn'} == {1: 1.0, 2: 2.0, 4: 4.0}  # Scaled up (section 5.1).
+  brownian, _ = studies.brownian_cells('paper', studies.StudyOptions())
+  assert brownian[0].args['steps'] >= 25_000  # Figure 2: after 5 target updates of 5,000 steps.
+  falsification, _ = studies.falsification_cells('paper', studies.StudyOptions(data_dir=None))
+  main = [c for c in falsification if c.axes['set'] == 'main']
+  assert {(c.axes['arch'], c.axes['variant']) for c in main} == {(a, o) for a in ('mlp', 'cnn')
+                                                                 for o in ('adam', 'rmsprop')}
+  extra = {(c.axes['arch'], c.axes['variant']) for c in falsification if c.axes['set'] == 'extra'}
+  assert extra == {('mlp', 'adam+layernorm'), ('cnn', 'adam+layernorm'), ('resnet18', 'adam'), ('vit', 'adam')}
 
 
 def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_are_skipped():
   cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
-  assert [c.axes['arch'] for c in cells] == ['mlp'] * len(studies.INTERVENTION_COLUMNS)
+  assert [c.axes['arch'] for c in cells] == ['mlp'] * (len(studies.INTERVENTION_COLUMNS) + 2)
+  after = {c.name: c for c in cells if c.axes['probed'] == 'after'}
+  assert sorted(after) == ['mlp-reset_last_layer_probed_after', 'mlp-shrink_and_perturb_probed_after']
+  assert all(c.args['probe_after_interventions'] is True for c in after.values())
+  assert not any('probe_after_interventions' in c.args for c in cells if c.axes['probed'] == 'before')
   assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
   falsification, _ = studies.falsification_cells('cpu', studies.StudyOptions())
   assert {c.axes['arch'] for c in falsification} == {'mlp'}
   assert {(c.args['probe_every'], c.args['max_learner_steps']) for c in falsification} == {(10_000, 10_000)}
+
+
+def test_interventions_table_puts_the_probed_after_cells_in_columns_of_their_own(tmp_path):
+  rows = [{'arch': 'mlp', 'intervention': i, 'output': o, 'probed': p, 'optimizer': opt, 'plasticity_loss': loss,
+           'probe_step': 100}
+          for i, o, p, opt, loss in (('none', 'regress', 'before', 'adam', 0.2), ('none', 'two_hot', 'before', 'adam', 0.1),
+                                     ('reset_last_layer', 'regress', 'before', 'adam', 0.05),
+                                     ('reset_last_layer', 'regress', 'after', 'adam', 0.3),
+                                     ('none', 'regress', 'before', 'adam_tuned', 0.0))]
+  studies.interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
+  summary = {(s['row'], s['column']): s['plasticity_loss_mean'] for s in aggregate.read_table(
+      str(tmp_path / 'summary.jsonl'))}
+  assert summary == {('mlp', 'none'): 0.2, ('mlp', 'two_hot'): 0.1, ('mlp', 'reset_last_layer'): 0.05,
+                     ('mlp', 'reset_last_layer_probed_after'): 0.3, ('mlp (adam_tuned)', 'none'): 0.0}
+  assert os.path.exists(tmp_path / 'interventions.png')
+
+
+def _falsification_row(dataset, difficulty, norm, loss, rank=10.0):
+  return {'set': 'main', 'setting': f'{dataset}:{difficulty}', 'dataset': dataset, 'difficulty': difficulty,
+          'arch': 'mlp', 'variant': 'adam', 'final_parameter_norm': norm, 'final_feature_rank': rank,
+          'change_parameter_norm': norm, 'plasticity_loss': loss}
+
+
+def test_figure_3_correlates_values_at_the_end_within_each_value_of_a_factor():
+  """Built so that weight norm goes with loss on MNIST and against it on CIFAR-10 (the paper's figure 3): the sign
+  flips across the observation space; across tasks (both tasks hold both signs) each correlation is weaker."""
+  rows = ([_falsification_row('mnist', d, x, 0.1 * x) for d, x in (('easy', 1.0), ('easy', 2.0), ('hard', 3.0))] +
+          [_falsification_row('cifar10', d, x, -0.1 * x) for d, x in (('easy', 1.0), ('hard', 2.0), ('hard', 4.0))])
+  tables = studies.falsification_tables(rows)
+  by_value = {(e['statistic'], e['factor'], e['value']): e for e in tables['correlations']}
+  assert by_value[('parameter_norm', 'dataset', 'mnist')]['correlation'] == pytest.approx(1.0)
+  assert by_value[('parameter_norm', 'dataset', 'cifar10')]['correlation'] == pytest.approx(-1.0)
+  assert by_value[('parameter_norm', 'dataset', 'mnist')]['papers_pairing'] is True
+  assert by_value[('parameter_norm', 'arch', 'mlp')]['papers_pairing'] is False
+  assert by_value[('feature_rank', 'dataset', 'mnist')]['correlation'] is None  # A constant statistic.
+  flips = {(e['statistic'], e['factor']): e for e in tables['sign_flips']}
+  assert flips[('parameter_norm', 'dataset')]['flips'] is True and flips[('parameter_norm', 'dataset')]['signs'] == '+-'
+  assert flips[('parameter_norm', 'arch')]['flips'] is None  # One architecture: no flip can be seen.
+  assert flips[('feature_rank', 'difficulty')]['flips'] is None
+  # The change version per setting, kept beside: mnist:easy has 2 runs (no correlation), the others 1.
+  assert {e['setting'] for e in tables['correlations_change']} == {'mnist:easy', 'mnist:hard', 'cifar10:easy',
+                                                                    'cifar10:hard'}
+
+
+def test_the_optimizer_regime_table_says_where_units_live_and_plasticity_is_lost():
+  summary = aggregate.summarize(
+      [{'env': 'e', 'optimizer': o, 'final_dead_unit_fraction': d, 'plasticity_loss': l}
+       for o, d, l in (('adam', 0.4, 0.20), ('adam', 0.5, 0.22), ('tuned', 0.01, 0.10), ('tuned', 0.0, 0.12),
+                       ('rms', 0.0, 0.01), ('rms', 0.0, -0.01))], ('env', 'optimizer'), studies.REGIME_MEASURES)
+  table = {row['optimizer']: row for row in studies.regime_table(summary)}
+  assert (table['adam']['units_alive'], table['adam']['plasticity_lost'], table['adam']['papers_regime']) == (
+      False, True, False)
+  # tuned: loss 0.11 +- 0.01, more than two standard errors above 0; alive.
+  assert (table['tuned']['units_alive'], table['tuned']['plasticity_lost'], table['tuned']['papers_regime']) == (
+      True, True, True)
+  assert table['rms']['plasticity_lost'] is False
 
 
 def test_cifar_cells_are_skipped_with_the_reason_when_its_data_is_absent(tmp_path, monkeypatch):
@@ -246,3 +320,25 @@ def test_a_killed_study_leaves_no_run_behind_and_resumes_without_redoing_finishe
   assert {s['column']: s['plasticity_loss_n'] for s in summary} == {'none': 1, 'layernorm': 1}
   assert os.path.getsize(layout.figure('interventions')) > 10_000
   assert json.load(open(layout.state))['runs']['mlp-layernorm/seed0']['attempts'] == 2
+
+
+def test_run_measures_of_a_run_written_before_the_new_fields_report_and_say_so(tmp_path, caplog):
+  """An old categorical run: probe records without `probe_fit_loss` (probed on its logits), diagnostics without
+  some statistics, no learner records: measured, the missing measures absent, with a warning naming the run."""
+  from agents.config import AgentConfig
+  from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+  run_dir = str(tmp_path / 'old')
+  write_or_check_config(ExperimentConfig(run_dir=run_dir, agent=AgentConfig(output='two_hot')))
+  layout = RunLayout(run_dir)
+  probes = layout.logger(RunLayout.PROBES, 'evaluator', tensorboard=False)
+  for step, plasticity in ((0, 0.2), (100, 0.05)):
+    probes({'learner_step': step, 'plasticity': plasticity, 'plasticity_loss': 0.2 - plasticity})
+  diagnostics = layout.logger(RunLayout.DIAGNOSTICS, 'evaluator', tensorboard=False)
+  for step, norm in ((0, 10.0), (100, 12.5)):
+    diagnostics({'learner_step': step, 'parameter_norm': norm})
+  with caplog.at_level('WARNING'):
+    measures = aggregate.run_measures(run_dir)
+  assert measures['plasticity_loss'] == pytest.approx(0.15) and measures['probe_fit_loss'] is None
+  assert measures['final_parameter_norm'] == 12.5 and measures['change_parameter_norm'] == pytest.approx(2.5)
+  assert 'td_loss' not in measures and 'final_feature_rank' not in measures
+  assert run_dir in caplog.text and 'logits' in caplog.text
