@@ -360,6 +360,9 @@ REGIME_OPTIMIZERS = {
     'adam': {'optimizer': 'adam', 'learning_rate': 1e-3},  # Appendix A.1's, the MDP preset's.
     'adam_tuned': {'optimizer': 'adam_tuned', 'learning_rate': 1e-3},  # Section 3.1's robust Adam.
     'adam_rainbow': {'optimizer': 'adam_rainbow', 'learning_rate': 6.25e-5},  # Hessel et al. 2018.
+    # Rainbow's epsilon alone, at the paper's learning rate: whether a larger eps keeps units alive while the probe
+    # (which uses the agent's optimizer, section 2.2) still fits as fast as appendix A.1's Adam.
+    'adam_rainbow_eps': {'optimizer': 'adam_rainbow', 'learning_rate': 1e-3},
     'rmsprop': {'optimizer': 'rmsprop', 'learning_rate': 2.5e-4},  # DQN Zoo's double DQN.
 }
 REGIME_DIFFICULTIES = ('easy', 'hard')
