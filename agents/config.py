@@ -55,7 +55,8 @@ class AgentConfig:
   redo_every: int = option(1000, 'Learner steps between the recyclings of --interventions=redo.', lower_bound=1)
   redo_threshold: float = option(0.025, 'Dormancy score tau at or below which --interventions=redo recycles a unit.',
                                  lower_bound=0.0)
-  # Optimizer preset (registry in agents/optimizers.py); appendix A.1's Adam by default.
+  # Optimizer preset (registry in agents/optimizers.py); appendix A.1's Adam by default, DQN Zoo's RMSProp in the mdp
+  # run preset (launch/presets.py says why).
   optimizer: str = option('adam', 'Optimizer preset.', choices=registered('agents.optimizers', 'OPTIMIZERS'))
   learning_rate: float = option(1e-3, 'Learning rate.', lower_bound=0.0)
   td_error_clip: Optional[float] = option(None, 'Clip the TD error gradient to +-this (None: no clip).')

@@ -1,9 +1,8 @@
 """The command line of a training run: `ExperimentConfig`'s fields as flags, and the presets.
 
 Every flag is generated from its field's declaration (agents/config_flags.py),
-so a new knob is one field. Defaults are the paper's settings for the
-classification MDPs (see agents/config.py for the sources); `--preset` swaps in
-another set of values for every flag not given on the command line.
+so a new knob is one field; `--preset` (launch/presets.py) sets the values of
+every flag not given on the command line.
 """
 
 from typing import Any, Dict
@@ -12,29 +11,14 @@ from absl import flags
 
 from agents import config_flags
 import environments
+from launch.presets import PRESETS
 from probes.run_dir import ExperimentConfig
 
-# Whole-experiment presets: flag name -> value, used where the flag is not given.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # The field defaults: the paper's classification-MDP settings (sections 4.1, 5.2, appendix A.1/A.2).
-    'mdp': {},
-    # DQN Zoo's double DQN (Quan & Ostrovski 2020) as the paper's section 5.3 and
-    # appendix A.3 run it: centred RMSProp at 2.5e-4 (no gradient-norm clip, as in
-    # DQN Zoo's double_q), TD-error gradient clipped to 1/32, a replay of
-    # 100,000 transitions (the paper's; DQN Zoo starts learning at 5% of its 1M,
-    # i.e. 50,000), epsilon 0.1, one update of 32 per 4 environment steps
-    # (32 / 4 = 8 samples per insert), the target network every 1.2e5 frames =
-    # 30,000 agent steps = 7,500 updates. Add --interventions=layernorm for the
-    # paper's modification.
-    'atari': {
-        'arch': 'nature_dqn', 'optimizer': 'rmsprop', 'learning_rate': 2.5e-4, 'td_error_clip': 1 / 32,
-        'batch_size': 32, 'discount': 0.99, 'epsilon': 0.1, 'target_update_period': 7_500,
-        'replay_capacity': 100_000, 'min_replay_size': 50_000, 'samples_per_insert': 8.0,
-    },
-}
 PRESET = flags.DEFINE_enum('preset', 'auto', ['auto', *PRESETS],
-                           'Values of the flags not given: atari (DQN Zoo double DQN, appendix A.3) or mdp (the '
-                           'paper\'s classification-MDP settings); auto picks the one --env\'s family asks for.')
+                           'Values of the flags not given: atari (DQN Zoo double DQN, appendix A.3), mdp (the '
+                           'paper\'s classification-MDP settings, DQN Zoo\'s RMSProp) or mdp_adam (the same with '
+                           'appendix A.1\'s Adam, which kills units: section 3.1); auto picks the one --env\'s family '
+                           'asks for.')
 FIELDS = config_flags.define(ExperimentConfig, presets=PRESETS)
 
 

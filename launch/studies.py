@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from agents import config_flags
 from agents.registry import Registry
 from environments import atari, atari_scores, datasets
-from launch import brownian_study, instability_study
+from launch import brownian_study, instability_study, presets
 from probes import aggregate, evaluation, study_plots
 from probes.loggers import read_jsonl
 from probes.diagnostics import DiagnosticsConfig
@@ -143,6 +143,21 @@ def train_measure(cell: Cell, run_dir: str) -> Row:
   return aggregate.run_measures(run_dir)
 
 
+# Optimizers as the works they come from run them: name -> flags (the preset and its learning rate). The paper finds
+# plasticity lost "in the absence of saturated units"; section 3.1 shows appendix A.1's Adam killing units.
+OPTIMIZER_ARGS = {
+    'adam': {'optimizer': 'adam', 'learning_rate': 1e-3},  # Appendix A.1's (the mdp_adam preset's).
+    'adam_tuned': {'optimizer': 'adam_tuned', 'learning_rate': 1e-3},  # Section 3.1's robust Adam.
+    'adam_rainbow': {'optimizer': 'adam_rainbow', 'learning_rate': 6.25e-5},  # Hessel et al. 2018.
+    # Rainbow's epsilon alone, at the paper's learning rate: whether a larger eps keeps units alive while the probe
+    # (which uses the agent's optimizer, section 2.2) still fits as fast as appendix A.1's Adam.
+    'adam_rainbow_eps': {'optimizer': 'adam_rainbow', 'learning_rate': 1e-3},
+    'rmsprop': {'optimizer': 'rmsprop', 'learning_rate': 2.5e-4},  # DQN Zoo's double DQN (the mdp preset's).
+}
+DEFAULT_OPTIMIZER = presets.MDP_OPTIMIZER['optimizer']
+assert OPTIMIZER_ARGS[DEFAULT_OPTIMIZER] == presets.MDP_OPTIMIZER
+
+
 # --- interventions (figure 6; with both output encodings, figures 8 and 9) ---
 
 INTERVENTION_COLUMNS = ('none', 'layernorm', 'spectral_norm', 'weight_decay', 'shrink_and_perturb', 'reset_last_layer',
@@ -158,9 +173,9 @@ PAPER_ARCHS = ('mlp', 'cnn', 'resnet18', 'vit')
 INTERVENTION_ARCHS = {'smoke': ('mlp', 'cnn'), 'cpu': ('mlp',), 'paper': PAPER_ARCHS}
 SKIPPED_ARCH_REASONS = {'cnn': 'the CNN runs at --scale=smoke and --scale=paper: its probes take hours on CPU',
                         'resnet18': 'ResNet-18 runs at --scale=paper only', 'vit': 'ViT runs at --scale=paper only'}
-# Rows of the grid under another optimizer than the MDP preset's (`adam`), each with its own flags: where units stay
-# alive (the optimizer_regime study), whether the interventions' effects depend on unit death.
-INTERVENTION_OPTIMIZERS: Dict[str, Dict[str, Dict[str, Any]]] = {'smoke': {}, 'cpu': {}, 'paper': {}}
+# Rows of the grid under another optimizer than the MDP preset's: under appendix A.1's Adam, which kills units
+# (the optimizer_regime study), whether the interventions' effects depend on unit death.
+INTERVENTION_OPTIMIZERS = {'smoke': (), 'cpu': ('adam',), 'paper': ()}
 # Figure 6 is read after 100 iterations of 1,000 steps; figures 8 and 9 after 1 million steps (appendix B.1).
 FIGURE6_STEP = 100_000
 PAPER_LONG_STEPS = 1_000_000
@@ -186,11 +201,10 @@ def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
   base = {**TRAIN_SCALES[scale], 'diagnostics': False, **_data_args(options)}
   cells = []
   archs = INTERVENTION_ARCHS[scale]
-  optimizers = {'adam': {}, **INTERVENTION_OPTIMIZERS[scale]}
   for arch in archs:
-    for optimizer, optimizer_args in optimizers.items():
-      prefix = arch if optimizer == 'adam' else f'{arch}-{optimizer}'
-      args = {**base, **_arch_args(arch, scale), **optimizer_args}
+    for optimizer in (DEFAULT_OPTIMIZER, *INTERVENTION_OPTIMIZERS[scale]):
+      prefix = arch if optimizer == DEFAULT_OPTIMIZER else f'{arch}-{optimizer}'
+      args = {**base, **_arch_args(arch, scale), **OPTIMIZER_ARGS[optimizer]}
       if scale != 'paper':
         for column in INTERVENTION_COLUMNS:
           output = 'two_hot' if column == 'two_hot' else 'regress'
@@ -219,8 +233,8 @@ def _column(row: Row) -> str:
 
 
 def _row_label(row: Row) -> str:
-  optimizer = row.get('optimizer', 'adam')
-  return row['arch'] if optimizer == 'adam' else f'{row["arch"]} ({optimizer})'
+  optimizer = row.get('optimizer', DEFAULT_OPTIMIZER)
+  return row['arch'] if optimizer == DEFAULT_OPTIMIZER else f'{row["arch"]} ({optimizer})'
 
 
 def interventions_measure(cell: Cell, run_dir: str) -> Row:
@@ -269,11 +283,12 @@ DIFFICULTIES = ('easy', 'hard', 'sparse')
 # optimizers, and seeds"): 2 architectures x 2 optimizers x 3 tasks x 2 observation spaces x 5 seeds = 120 runs, our
 # nearest full grid; layer norm, ResNet-18 and ViT are a separate set, as the issue of the study asks, correlated
 # apart. Below paper scale the MLP only, its three variants one set.
+# Optimizers are OPTIMIZER_ARGS's (each with its own learning rate).
 FALSIFICATION_SETS = {
-    'smoke': {'main': (('mlp',), (('adam', 'none'), ('adam', 'layernorm')))},
-    'cpu': {'main': (INTERVENTION_ARCHS['cpu'], (('adam', 'none'), ('adam', 'layernorm'), ('rmsprop', 'none')))},
-    'paper': {'main': (('mlp', 'cnn'), (('adam', 'none'), ('rmsprop', 'none'))),
-              'extra': ((('mlp', 'cnn'), (('adam', 'layernorm'),)), (('resnet18', 'vit'), (('adam', 'none'),)))},
+    'smoke': {'main': (('mlp',), (('rmsprop', 'none'), ('adam', 'none')))},
+    'cpu': {'main': (INTERVENTION_ARCHS['cpu'], (('rmsprop', 'none'), ('rmsprop', 'layernorm'), ('adam', 'none')))},
+    'paper': {'main': (('mlp', 'cnn'), (('rmsprop', 'none'), ('adam', 'none'))),
+              'extra': ((('mlp', 'cnn'), (('rmsprop', 'layernorm'),)), (('resnet18', 'vit'), (('rmsprop', 'none'),)))},
 }
 # Figure 3 uses a run's last probe point only (each statistic's value and `plasticity_loss` there), and the first as
 # P(theta_0)'s reference: at `cpu` scale none in between, which halves a run's probing.
@@ -306,7 +321,7 @@ def falsification_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
             skipped[name] = missing[dataset]
             continue
           args = {**TRAIN_SCALES[scale], **FALSIFICATION_ARGS[scale], **_arch_args(arch, scale), 'env': env,
-                  'optimizer': optimizer, **_intervention_args(intervention), **_data_args(options)}
+                  **OPTIMIZER_ARGS[optimizer], **_intervention_args(intervention), **_data_args(options)}
           variant = optimizer if intervention == 'none' else f'{optimizer}+{intervention}'
           cells.append(Cell(name, {'set': set_name, 'setting': f'{dataset}:{difficulty}', 'dataset': dataset,
                                    'difficulty': difficulty, 'arch': arch, 'optimizer': optimizer,
@@ -354,17 +369,6 @@ def falsification_aggregate(layout: StudyLayout, rows: List[Row], scale: str) ->
 
 # --- the optimizer regime of the MDP runs: dead units against plasticity loss (the abstract's claim) ---
 
-# The paper finds plasticity lost "in the absence of saturated units"; section 3.1 shows appendix A.1's Adam (the
-# MDP preset's) killing units. Each candidate optimizer with the learning rate of the work it comes from.
-REGIME_OPTIMIZERS = {
-    'adam': {'optimizer': 'adam', 'learning_rate': 1e-3},  # Appendix A.1's, the MDP preset's.
-    'adam_tuned': {'optimizer': 'adam_tuned', 'learning_rate': 1e-3},  # Section 3.1's robust Adam.
-    'adam_rainbow': {'optimizer': 'adam_rainbow', 'learning_rate': 6.25e-5},  # Hessel et al. 2018.
-    # Rainbow's epsilon alone, at the paper's learning rate: whether a larger eps keeps units alive while the probe
-    # (which uses the agent's optimizer, section 2.2) still fits as fast as appendix A.1's Adam.
-    'adam_rainbow_eps': {'optimizer': 'adam_rainbow', 'learning_rate': 1e-3},
-    'rmsprop': {'optimizer': 'rmsprop', 'learning_rate': 2.5e-4},  # DQN Zoo's double DQN.
-}
 REGIME_DIFFICULTIES = ('easy', 'hard')
 # The paper's regime: units alive (a dead-unit fraction below this) with plasticity still lost.
 ALIVE_BELOW = 0.1
@@ -374,7 +378,7 @@ REGIME_MEASURES = ('final_dead_unit_fraction', 'plasticity_loss', 'td_loss', 'in
 def regime_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
   cells = []
   for difficulty in REGIME_DIFFICULTIES:
-    for name, args in REGIME_OPTIMIZERS.items():
+    for name, args in OPTIMIZER_ARGS.items():
       cells.append(Cell(f'{difficulty}-{name}', {'env': f'mnist:{difficulty}', 'optimizer': name},
                         {**TRAIN_SCALES[scale], **FALSIFICATION_ARGS[scale], 'env': f'mdp:mnist:{difficulty}',
                          **args, **_data_args(options)}))

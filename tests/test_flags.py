@@ -22,7 +22,10 @@ def experiment_config(*argv: str):
 
 def test_mdp_envs_get_the_paper_classification_defaults():
   config = experiment_config('--env=mdp:mnist:hard')
-  assert (config.agent.arch, config.agent.optimizer, config.agent.learning_rate) == ('mlp', 'adam', 1e-3)
+  # Appendix A.2: the Atari agent's optimizer; appendix A.1's Adam is the mdp_adam preset.
+  assert (config.agent.arch, config.agent.optimizer, config.agent.learning_rate) == ('mlp', 'rmsprop', 2.5e-4)
+  adam = experiment_config('--env=mdp:mnist:hard', '--preset=mdp_adam').agent
+  assert (adam.optimizer, adam.learning_rate, adam.arch) == ('adam', 1e-3, 'mlp')
   assert config.agent.target_update_period == 1000
   assert config.replay.samples_per_insert == ReplayConfig().samples_per_insert
 
@@ -37,7 +40,7 @@ def test_atari_envs_get_dqn_zoo_double_dqn_unless_a_flag_says_otherwise():
   assert (replay.capacity, replay.min_size, replay.samples_per_insert) == (100_000, 50_000, 32 / 4)
   given = experiment_config('--env=atari:pong', '--learning_rate=1e-4', '--min_replay_size=1000')
   assert (given.agent.learning_rate, given.replay.min_size, given.agent.optimizer) == (1e-4, 1000, 'rmsprop')
-  assert experiment_config('--env=atari:pong', '--preset=mdp').agent.optimizer == 'adam'
+  assert experiment_config('--env=atari:pong', '--preset=mdp').agent.arch == 'mlp'
   assert experiment_config('--env=mdp:mnist:easy', '--preset=atari').agent.arch == 'nature_dqn'
 
 

@@ -124,14 +124,22 @@ def test_paper_scale_is_the_papers_settings():
   assert {(c.axes['arch'], c.axes['variant']) for c in main} == {(a, o) for a in ('mlp', 'cnn')
                                                                  for o in ('adam', 'rmsprop')}
   extra = {(c.axes['arch'], c.axes['variant']) for c in falsification if c.axes['set'] == 'extra'}
-  assert extra == {('mlp', 'adam+layernorm'), ('cnn', 'adam+layernorm'), ('resnet18', 'adam'), ('vit', 'adam')}
+  assert extra == {('mlp', 'rmsprop+layernorm'), ('cnn', 'rmsprop+layernorm'), ('resnet18', 'rmsprop'),
+                   ('vit', 'rmsprop')}
+  # Each optimizer with its own learning rate, whatever the preset's.
+  assert {(c.args['optimizer'], c.args['learning_rate']) for c in falsification} == {('adam', 1e-3),
+                                                                                   ('rmsprop', 2.5e-4)}
 
 
 def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_are_skipped():
   cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
-  assert [c.axes['arch'] for c in cells] == ['mlp'] * (len(studies.INTERVENTION_COLUMNS) + 2)
+  # Each column and the two probed after their hooks, under the mdp preset's RMSProp and under Adam (units die).
+  assert [c.axes['arch'] for c in cells] == ['mlp'] * 2 * (len(studies.INTERVENTION_COLUMNS) + 2)
+  assert {(c.axes['optimizer'], c.args['optimizer'], c.args['learning_rate']) for c in cells} == {
+      ('rmsprop', 'rmsprop', 2.5e-4), ('adam', 'adam', 1e-3)}
   after = {c.name: c for c in cells if c.axes['probed'] == 'after'}
-  assert sorted(after) == ['mlp-reset_last_layer_probed_after', 'mlp-shrink_and_perturb_probed_after']
+  assert sorted(after) == ['mlp-adam-reset_last_layer_probed_after', 'mlp-adam-shrink_and_perturb_probed_after',
+                           'mlp-reset_last_layer_probed_after', 'mlp-shrink_and_perturb_probed_after']
   assert all(c.args['probe_after_interventions'] is True for c in after.values())
   assert not any('probe_after_interventions' in c.args for c in cells if c.axes['probed'] == 'before')
   assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
@@ -143,15 +151,16 @@ def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_a
 def test_interventions_table_puts_the_probed_after_cells_in_columns_of_their_own(tmp_path):
   rows = [{'arch': 'mlp', 'intervention': i, 'output': o, 'probed': p, 'optimizer': opt, 'plasticity_loss': loss,
            'probe_step': 100}
-          for i, o, p, opt, loss in (('none', 'regress', 'before', 'adam', 0.2), ('none', 'two_hot', 'before', 'adam', 0.1),
-                                     ('reset_last_layer', 'regress', 'before', 'adam', 0.05),
-                                     ('reset_last_layer', 'regress', 'after', 'adam', 0.3),
-                                     ('none', 'regress', 'before', 'adam_tuned', 0.0))]
+          for i, o, p, opt, loss in (('none', 'regress', 'before', 'rmsprop', 0.2),
+                                     ('none', 'two_hot', 'before', 'rmsprop', 0.1),
+                                     ('reset_last_layer', 'regress', 'before', 'rmsprop', 0.05),
+                                     ('reset_last_layer', 'regress', 'after', 'rmsprop', 0.3),
+                                     ('none', 'regress', 'before', 'adam', 0.0))]
   studies.interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
   summary = {(s['row'], s['column']): s['plasticity_loss_mean'] for s in aggregate.read_table(
       str(tmp_path / 'summary.jsonl'))}
   assert summary == {('mlp', 'none'): 0.2, ('mlp', 'two_hot'): 0.1, ('mlp', 'reset_last_layer'): 0.05,
-                     ('mlp', 'reset_last_layer_probed_after'): 0.3, ('mlp (adam_tuned)', 'none'): 0.0}
+                     ('mlp', 'reset_last_layer_probed_after'): 0.3, ('mlp (adam)', 'none'): 0.0}
   assert os.path.exists(tmp_path / 'interventions.png')
 
 
