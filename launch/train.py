@@ -264,7 +264,7 @@ def supervise(config: ExperimentConfig) -> ExitCode:
   """
   layout = config.layout
   if config.launch_type == 'local_mp':
-    watchdog.start()  # Its nodes end with the launcher, even a killed one.
+    watchdog.start(TERMINATION_NOTICE_S + 10)  # Its nodes end with the launcher, even a killed one.
   restarts = 0
   while True:
     launch = launch_and_wait(config)

@@ -113,6 +113,11 @@ class RunLayout:
     return self.path('evaluator_status.json')
 
   @property
+  def lock(self) -> str:
+    """The launcher's claim on the run directory (`launch/run_lock.py`): one launch of the run at a time."""
+    return self.path('launcher.lock')
+
+  @property
   def addresses(self) -> str:
     """Where a live run's learner and replay answer (written by actor 0)."""
     return self.path('addresses.json')
