@@ -98,3 +98,54 @@ def test_bind_host_is_checked_and_addresses_are_published_for_other_hosts():
   assert network.connect_host('0.0.0.0') == 'localhost' and network.connect_host('::1') == '::1'
   assert [network.is_loopback(ip) for ip in ('127.0.0.1', '::1', '::ffff:127.0.0.1', '0.0.0.0', '::', '192.0.2.2',
                                              '::ffff:192.0.2.2')] == [True, True, True, False, False, False, False]
+
+
+def test_the_cached_bind_library_is_used_only_once_verified(tmp_path, monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  library = network.shim_library()
+  folder = os.path.dirname(library)
+  assert os.stat(folder).st_mode & 0o777 == 0o700 and os.stat(library).st_mode & 0o022 == 0
+  with open(library, 'rb') as f:
+    built = f.read()
+  # Another library in its place (its hash differs from the one recorded at the build): rebuilt, not loaded.
+  with open(library, 'wb') as f:
+    f.write(b'\x7fELF planted')
+  assert network.shim_library() == library
+  with open(library, 'rb') as f:
+    assert f.read() == built
+  # Writable by others, or in a directory writable by others: rebuilt, the directory made private again.
+  os.chmod(library, 0o666)
+  os.chmod(folder, 0o777)
+  network.shim_library()
+  assert os.stat(library).st_mode & 0o777 == 0o755 and os.stat(folder).st_mode & 0o777 == 0o700
+  if os.geteuid() == 0:  # Only root can give a file away: another user's library is rebuilt as this user's.
+    os.chown(library, 12345, 12345)
+    network.shim_library()
+    assert os.stat(library).st_uid == 0
+  assert _bound_addresses(network.server_environment('127.0.0.1'))[0] == '127.0.0.1'
+
+
+_LISTEN = 'import socket, time\ns = socket.socket({family})\ns.bind(({host!r}, 0))\ns.listen()\nprint(s.getsockname()[1], ' \
+          'flush=True)\ntime.sleep(600)'
+
+
+def test_listeners_beyond_bind_host_are_found_in_a_processs_sockets():
+  listeners = {}
+  try:
+    for host, family in (('0.0.0.0', 'socket.AF_INET'), ('127.0.0.1', 'socket.AF_INET'), ('127.0.0.2', 'socket.AF_INET'),
+                         *((('::', 'socket.AF_INET6'), ('::1', 'socket.AF_INET6')) if _has_ipv6_loopback() else ())):
+      process = subprocess.Popen([sys.executable, '-c', _LISTEN.format(family=family, host=host)],
+                                 stdout=subprocess.PIPE, text=True)
+      listeners[host] = (process, int(process.stdout.readline()))
+    pids = [process.pid for process, _ in listeners.values()]
+    beyond = network.exposed_listeners(pids, '127.0.0.1')
+    expected = {f'pid {listeners[host][0].pid} listens on {network.host_port(host, listeners[host][1])}'
+                for host in ('0.0.0.0', '::') if host in listeners}
+    assert set(beyond) == expected  # Loopback addresses stay on this machine; every interface does not.
+    assert network.exposed_listeners(pids, '0.0.0.0') == []  # Asked for.
+    assert all(network.beyond(ip, '10.0.0.5') for ip in ('0.0.0.0', '::', '10.0.0.6', '::ffff:10.0.0.6'))
+    assert not any(network.beyond(ip, '10.0.0.5') for ip in ('10.0.0.5', '::ffff:10.0.0.5', '127.0.0.1', '::1'))
+  finally:
+    for process, _ in listeners.values():
+      process.kill()
+      process.wait()
