@@ -125,6 +125,19 @@ def test_the_cached_bind_library_is_used_only_once_verified(tmp_path, monkeypatc
   assert _bound_addresses(network.server_environment('127.0.0.1'))[0] == '127.0.0.1'
 
 
+def test_without_a_compiler_a_run_refuses_to_start_unless_every_interface_is_asked_for(tmp_path, monkeypatch):
+  from tests.test_train_program import train
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # No library built before.
+  monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
+  with pytest.raises(network.Unenforceable, match='could not build'):
+    network.server_environment('127.0.0.1')
+  assert network.server_environment('0.0.0.0') == {}  # Every interface, asked for: nothing to enforce.
+  result = train(str(tmp_path / 'run'), '--launch_type=local_mp', timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert '--bind_host=127.0.0.1 cannot be enforced' in result.stderr and 'Refusing to start' in result.stderr
+  assert '--bind_host=0.0.0.0' in result.stderr and not os.path.exists(tmp_path / 'run')
+
+
 _LISTEN = 'import socket, time\ns = socket.socket({family})\ns.bind(({host!r}, 0))\ns.listen()\nprint(s.getsockname()[1], ' \
           'flush=True)\ntime.sleep(600)'
 
@@ -149,3 +162,27 @@ def test_listeners_beyond_bind_host_are_found_in_a_processs_sockets():
     for process, _ in listeners.values():
       process.kill()
       process.wait()
+
+
+# A C compiler that builds a library with no bind() in it, whatever it is asked: the nodes listen where they like.
+_IGNORING_CC = '''#!/bin/sh
+while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out="$2"; fi; shift; done
+echo 'int unused;' | cc -shared -fPIC -x c -o "$out" -
+'''
+
+
+@pytest.mark.slow
+def test_a_run_whose_nodes_listen_beyond_bind_host_is_stopped(tmp_path, monkeypatch):
+  from tests.test_train_program import SMALL_RUN, _node_processes, train
+  compiler = tmp_path / 'cc'
+  compiler.write_text(_IGNORING_CC)
+  compiler.chmod(0o755)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.setenv('CC', str(compiler))
+  run_dir = str(tmp_path / 'run')
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
+  result = train(run_dir, '--launch_type=local_mp', *flags, '--max_learner_steps=100000', '--probe_every=0')
+  assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "The run's servers listen beyond --bind_host=127.0.0.1: pid " in result.stderr
+  assert 'listens on [::]:' in result.stderr or 'listens on 0.0.0.0:' in result.stderr
+  assert not _node_processes(run_dir)
