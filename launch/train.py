@@ -497,7 +497,8 @@ def _lock(config: ExperimentConfig) -> run_lock.RunLock:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  signal.signal(signal.SIGHUP, _hang_up)
+  if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # Under nohup a hang-up stays ignored: the run goes on.
+    signal.signal(signal.SIGHUP, _hang_up)
   try:
     config = run_flags.experiment_config()
     network.check(config.bind_host, config.publish_host)
