@@ -10,8 +10,15 @@ both launch types: the dynamic loader reads LD_PRELOAD when a process starts,
 so local_mp's node processes get it from the launcher's environment, and under
 local_mt, whose servers run in the launcher's own process, the launcher
 re-executes itself under it (same pid, same arguments). It is built with the
-system's C compiler at first use, into the user cache. `--bind_host=0.0.0.0`
-(or `::`) is every interface, as the servers do by themselves: no library.
+system's C compiler at first use, into the user cache (a 0700 directory),
+and a cached one is used only once verified: this user's own, not writable by
+others, its hash the one recorded at its build; else it is rebuilt.
+`--bind_host=0.0.0.0` (or `::`) is every interface, as the servers do by
+themselves: no library. Where the library cannot be had the run refuses to
+start (launch.train, exit 1) rather than listen on every interface; and as
+the library could still fail to take in a node, the launcher reads each node
+process's listening sockets (`exposed_listeners`) and stops a run with one
+beyond `--bind_host`.
 Not chosen: gRPC reads the listening address from neither an environment
 variable nor anything these servers pass on; a network namespace (unshare)
 would cut off attached evaluators and other hosts; a firewall rule needs root.
@@ -30,12 +37,14 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional
 
 from launchpad import address as lp_address
 import portpicker
+import psutil
 
 from environments import datasets
 
@@ -127,27 +136,79 @@ class OnHost:
       address.bind(_AddressBuilder(self._host))
 
 
+def _owned_privately(path: str, directory: bool) -> Optional[str]:
+  """Why `path` is not this user's own (a regular file or a directory, not writable by group or others); None if
+  it is."""
+  status = os.lstat(path)
+  kind = stat.S_ISDIR(status.st_mode) if directory else stat.S_ISREG(status.st_mode)
+  if not kind:
+    return f'{path} is not a {"directory" if directory else "regular file"}'
+  if status.st_uid != os.geteuid():
+    return f'{path} belongs to user {status.st_uid}, not to this one ({os.geteuid()})'
+  if status.st_mode & 0o022:
+    return f'{path} is writable by others (mode {stat.S_IMODE(status.st_mode):o})'
+  return None
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _unverified(path: str) -> Optional[str]:
+  """Why the cached library at `path` may not be used (None: it may): it and its recorded hash
+  (`<path>.sha256`, written when it was built) are this user's own, and the hash is the library's."""
+  if not os.path.lexists(path):
+    return 'not built yet'
+  for part in (path, f'{path}.sha256'):
+    if not os.path.lexists(part):
+      return f'{part} is missing'
+    problem = _owned_privately(part, directory=False)
+    if problem:
+      return problem
+  with open(f'{path}.sha256') as f:
+    if f.read().strip() != _sha256(path):
+      return f'{path} is not the library that was built there (its hash differs from {path}.sha256)'
+  return None
+
+
 def shim_library() -> str:
-  """`bind_shim.c` built for this machine, once, into the user cache; `Unenforceable` saying why it cannot be."""
+  """`bind_shim.c` built for this machine into the user cache, or the one built there before once it is verified
+  (this user's own, not writable by others, its hash the one recorded at its build; else rebuilt, with a
+  warning); `Unenforceable` saying why it cannot be had."""
   if not sys.platform.startswith('linux'):
     raise Unenforceable(f'{SHIM_SOURCE} is a Linux LD_PRELOAD library, and this is {sys.platform}')
   with open(SHIM_SOURCE, 'rb') as f:
     digest = hashlib.sha256(f.read() + platform.machine().encode()).hexdigest()[:16]
-  path = os.path.join(datasets.cache_dir(), 'bind_shim', f'bind_shim-{digest}.so')
-  if os.path.exists(path):
+  folder = os.path.join(datasets.cache_dir(), 'bind_shim')
+  path = os.path.join(folder, f'bind_shim-{digest}.so')
+  os.makedirs(folder, mode=0o700, exist_ok=True)
+  if os.lstat(folder).st_uid == os.geteuid() and not os.path.islink(folder):
+    os.chmod(folder, 0o700)
+  problem = _owned_privately(folder, directory=True)
+  if problem:
+    raise Unenforceable(f'the bind library\'s cache cannot be trusted: {problem}')
+  problem = _unverified(path)
+  if problem is None:
     return path
+  if problem != 'not built yet':
+    print(f'Warning: the cached bind library failed its check ({problem}): rebuilding it.', file=sys.stderr,
+          flush=True)
   compiler = shlex.split(os.environ.get('CC', '')) or [shutil.which('cc') or shutil.which('gcc') or '']
   if not compiler[0]:
     raise Unenforceable(f'no C compiler (cc, gcc, or $CC) to build {SHIM_SOURCE}')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = f'{path}.{os.getpid()}.tmp'
   try:
     result = subprocess.run([*compiler, '-shared', '-fPIC', '-O2', '-o', partial, SHIM_SOURCE, '-ldl'],
                             capture_output=True, text=True, timeout=120)
   except (OSError, subprocess.TimeoutExpired) as e:
     raise Unenforceable(f'{compiler[0]} could not build {SHIM_SOURCE} ({e})') from e
-  if result.returncode:
+  if result.returncode or not os.path.exists(partial):
     raise Unenforceable(f'{compiler[0]} could not build {SHIM_SOURCE}: {result.stderr.strip()[-500:]}')
+  os.chmod(partial, 0o755)
+  with open(f'{partial}.sha256', 'w') as f:
+    f.write(_sha256(partial))
+  os.replace(f'{partial}.sha256', f'{path}.sha256')
   os.replace(partial, path)
   return path
 
@@ -192,3 +253,27 @@ def restrict_servers(bind_host: str, this_process: bool) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def beyond(ip: str, bind_host: str) -> bool:
+  """Whether a listening address (as psutil shows it) reaches further than `bind_host` allows: anything but
+  `bind_host` itself (IPv4-mapped or not) and this machine's loopback, unless that is every interface."""
+  if is_every_interface(bind_host):
+    return False
+  address = ipaddress.ip_address(ip.split('%')[0])
+  address = getattr(address, 'ipv4_mapped', None) or address
+  return not address.is_loopback and address != ipaddress.ip_address(bind_host)
+
+
+def exposed_listeners(pids: Iterable[int], bind_host: str) -> List[str]:
+  """Each TCP listener of these processes (a run's nodes) beyond `bind_host`, as `pid P listens on IP:PORT` (read
+  from /proc: the sockets of each process's file descriptors); a process that has exited has none."""
+  exposed = []
+  for pid in pids:
+    try:
+      connections = psutil.Process(pid).net_connections(kind='tcp')
+    except psutil.Error:
+      continue
+    exposed += [f'pid {pid} listens on {host_port(c.laddr.ip, c.laddr.port)}' for c in connections
+                if c.status == psutil.CONN_LISTEN and beyond(c.laddr.ip, bind_host)]
+  return exposed

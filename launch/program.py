@@ -18,7 +18,9 @@ Each node class below is a thin shell: it builds the Launchpad-free piece
 config and connects it to its peers. The program stops itself: the evaluator
 (or, with no evaluator, the evaluation node, or with neither, the learner)
 calls `lp.stop()` once the learner has reached `max_learner_steps` and the
-final probe and evaluation are written.
+final probe and evaluation are written. Whether the run finished is the
+launcher's to say, from the records, once the launch has ended
+(`launch.train.program_completed`).
 """
 
 from concurrent import futures

@@ -12,13 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from launch import run_lock
 from launch import studies
 from launch.studies import Cell, Study, StudyLayout, StudyOptions
+from probes.run_dir import RunLayout
 
 PR_SET_PDEATHSIG = 1
 DEATH_SIGNAL = signal.SIGTERM  # What a run gets when the study process dies, however it died.
@@ -169,6 +171,7 @@ def execute(layout: StudyLayout, state: Dict, runs: List[Run], max_parallel: int
   if done:
     console.print(f'{done} of {len(runs)} runs already finished; running {len(todo)}.')
   active: List[Run] = []
+  waiting: Set[str] = set()
   columns = (TextColumn('[bold]{task.description}'), BarColumn(), MofNCompleteColumn(), TextColumn('runs'),
              TimeElapsedColumn(), TextColumn('remaining'), TimeRemainingColumn())
   try:
@@ -176,7 +179,10 @@ def execute(layout: StudyLayout, state: Dict, runs: List[Run], max_parallel: int
       task = progress.add_task(state['grid']['study'], total=len(runs), completed=done)
       while (todo and not interrupted) or active:
         while todo and len(active) < max_parallel and not interrupted:
-          run = todo.pop(0)
+          run = _next_free(todo, waiting, progress.console)
+          if run is None:
+            break
+          todo.remove(run)
           _start(run, state, launch_type)
           active.append(run)
           _write_state(layout, state)
@@ -194,6 +200,20 @@ def execute(layout: StudyLayout, state: Dict, runs: List[Run], max_parallel: int
     for signum, handler in previous.items():
       signal.signal(signum, handler)
   return not interrupted
+
+
+def _next_free(todo: List[Run], waiting: Set[str], console: Console) -> Optional[Run]:
+  """The first run to do whose directory no live launch holds (a launch of the study's process before, killed,
+  may still be stopping: its runs take up to their termination notice); says once which wait, and on whom."""
+  for run in todo:
+    holder = run_lock.live_holder(RunLayout(run.run_dir))
+    if holder is None:
+      return run
+    if run.key not in waiting:
+      waiting.add(run.key)
+      console.print(f'{run.key}: its run directory is in use ({holder.describe()}); starting it once that has '
+                    f'stopped.')
+  return None
 
 
 def _start(run: Run, state: Dict, launch_type: Optional[str]) -> None:

@@ -9,8 +9,11 @@ checkpoint (raise --max_learner_steps to extend a finished run). The run
 directory's files are described in WORKSPACE.md.
 
 Exit codes (every command of this project uses them): 0 finished; 1 bad input
-or usage; 2 a node failed; 3 the learner diverged; 130 interrupted (SIGINT or
-SIGTERM).
+or usage (a run directory in use by another launch, servers that would listen
+beyond --bind_host included); 2 a node failed; 3 the learner diverged; 4
+training finished without some probe points (the evaluator failed past its
+restarts and was disabled; a relaunch probes them); 130 interrupted (SIGINT,
+SIGTERM or SIGHUP).
 """
 
 import enum
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -25,6 +29,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
+import psutil
 
 import environments
 from environments import datasets
@@ -35,15 +40,21 @@ from launch import flags as run_flags
 from launch import network
 from launch import placement
 from launch import program as program_lib
+from launch import run_lock
 from launch import supervisor
 from launch import watchdog
-from probes.run_dir import ExperimentConfig, check_config, write_or_check_config
+from probes.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
+from probes import loggers
 from probes.loggers import Record
 from probes import plots
 from probes.run_dir import RunLayout
 
 
 TERMINATION_NOTICE_S = 40  # A cap: nodes stop in seconds, the replay after its final checkpoint.
+WATCHDOG_MARGIN_S = 10  # The watchdog's grace beyond the termination notice.
+POLL_S = 1.0  # How often the launcher looks at a live launch (lock, watchdog, listening sockets, the run's end).
+PROGRESS_EVERY_S = 10.0  # How often it prints the progress line.
+LOOK_EVERY_S = 5.0  # How often it reads the nodes' listening sockets.
 
 
 class ExitCode(enum.IntEnum):
@@ -51,6 +62,7 @@ class ExitCode(enum.IntEnum):
   USAGE = 1  # What absl's app.UsageError exits with.
   NODE_FAILED = 2
   DIVERGED = 3
+  PROBES_MISSING = 4  # Training finished; the evaluator was disabled with probe points left (a relaunch probes them).
   INTERRUPTED = 130
 
 
@@ -90,21 +102,51 @@ def _read_status(config: ExperimentConfig) -> dict:
   return _read_json(config.layout.evaluator_status)
 
 
-def program_completed(config: ExperimentConfig) -> bool:
-  """Whether the run's work is done: the learner finished (or diverged), and the evaluator and the evaluation
-  episodes, if any, too.
+def scheduled_probe_points(probe_every: int, last_step: int) -> List[int]:
+  """The learner steps a run probes: 0, probe_every, 2 * probe_every, ... and its last step."""
+  return sorted(set(range(0, last_step + 1, probe_every)) | {last_step}) if probe_every > 0 else []
 
-  Under local_mp a node's `lp.stop()` reaches the launcher as a SIGTERM: one that
-  arrives when the work is done is the program stopping itself, not a user.
-  """
+
+def training_end(config: ExperimentConfig) -> Optional[int]:
+  """The learner's last step if training is over (it reached --max_learner_steps or diverged), else None."""
   learner = _last(config.layout.records(RunLayout.LEARNER))
   if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
-    return False
+    return None
+  return learner['learner_step']
+
+
+def unprobed_points(config: ExperimentConfig, last_step: int) -> List[int]:
+  """The scheduled probe points up to `last_step` that no probe record measured and none lists as skipped."""
+  accounted = set()
+  for record in config.layout.records(RunLayout.PROBES):
+    accounted.add(record['learner_step'])
+    accounted.update(record.get('skipped_probe_steps') or ())
+  return [step for step in scheduled_probe_points(config.probe_every, last_step) if step not in accounted]
+
+
+def work_left(config: ExperimentConfig, evaluator: bool = True) -> bool:
+  """Whether the run has work left, from the records its nodes wrote: training until --max_learner_steps (or
+  divergence), the evaluation of the last step (with --eval_every_frames), and, with `evaluator`, every
+  scheduled probe point probed or listed as skipped."""
+  end = training_end(config)
+  if end is None:
+    return True
+  learner = _last(config.layout.records(RunLayout.LEARNER))
   if config.evaluation.enabled and not learner.get('diverged'):  # Else its last finite step is the one evaluated.
     evaluation = _last(config.layout.records(RunLayout.EVALUATION))
-    if not evaluation or evaluation['learner_step'] < learner['learner_step']:
-      return False
-  return config.probe_every <= 0 or _read_status(config).get('state') == 'finished'
+    if not evaluation or evaluation['learner_step'] < end:
+      return True
+  return evaluator and bool(unprobed_points(config, end))
+
+
+def program_completed(config: ExperimentConfig) -> bool:
+  """Whether the run is finished: the one definition of it (exit 0), read from the records once a launch has
+  ended, whatever ended it (the program's own stop, a node's failure, a signal).
+
+  Nodes stop the program themselves when their part is done (the evaluator after its last probe point, ...);
+  a stop, a failure or a disabled evaluator can end a launch with work left, which this tells.
+  """
+  return not work_left(config)
 
 
 def _evaluator_status(config: ExperimentConfig) -> str:
@@ -155,17 +197,21 @@ def progress_line(config: ExperimentConfig) -> str:
 
 class Launch(NamedTuple):
   """How one launch of the program ended."""
-  code: ExitCode
+  failed: bool = False  # A node failed (Launchpad stopped the program).
   cause: str = ''  # What failed, for a node failure.
   failed_nodes: Tuple[str, ...] = ()  # The nodes whose processes exited abnormally (local_mp).
+  evaluator_disabled: bool = False  # The evaluator failed past its restarts; training went on without it.
+  refused: str = ''  # Why the launcher stopped the launch itself: a server beyond --bind_host, the lock lost.
 
 
-_INTERRUPTED = threading.Event()  # Set by a user's SIGINT or SIGTERM, for every launch of this process.
+_STOP_SIGNAL = threading.Event()  # A SIGINT, SIGTERM or SIGHUP came (a user's, or a node's lp.stop()).
 _WATCHING = []
 
 
-def _watch_signals(config: ExperimentConfig) -> None:
-  """Marks a user's SIGINT or SIGTERM (not the program's own stop); Launchpad's handlers still run.
+def _watch_signals() -> None:
+  """Notes each SIGINT and SIGTERM (a user's stop, or the program's own: a node's `lp.stop()` reaches the launcher
+  as a SIGTERM); Launchpad's handlers still run. Whether a stop interrupted the run is read from the records once
+  the launch has ended (`program_completed`).
 
   Installed once, over the dispatcher Launchpad installs at its first launch.
   """
@@ -175,14 +221,28 @@ def _watch_signals(config: ExperimentConfig) -> None:
 
   def on_signal(previous):
     def handler(signum, frame):
-      if not program_completed(config):
-        _INTERRUPTED.set()
+      _STOP_SIGNAL.set()
       if callable(previous):
         previous(signum, frame)
     return handler
 
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, on_signal(signal.getsignal(signum)))
+
+
+def _hang_up(signum, frame) -> None:
+  """SIGHUP (a dropped SSH session, a closed terminal) is a stop like SIGTERM. The terminal is gone: output that
+  went to it goes nowhere from now on (a write to a hung-up terminal fails)."""
+  del signum, frame
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  for fd in (1, 2):
+    try:
+      if stat.S_ISCHR(os.fstat(fd).st_mode):  # A terminal (files and pipes stay).
+        os.dup2(devnull, fd)
+    except OSError:
+      pass
+  os.close(devnull)
+  os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _abnormal_exits(manager) -> Tuple[str, ...]:
@@ -194,15 +254,77 @@ def _abnormal_exits(manager) -> Tuple[str, ...]:
   return tuple(sorted(nodes))
 
 
-def launch_and_wait(config: ExperimentConfig) -> Launch:
-  """Runs the program once until it stops; how it ended."""
+def _stop_program(manager) -> None:
+  """Stops the launch's nodes as Launchpad does at a node's `lp.stop()` (the launcher's main thread only)."""
+  manager._sigterm()  # pylint: disable=protected-access
+
+
+def _notice_s() -> int:
+  return flags.FLAGS.lp_termination_notice_secs
+
+
+class Supervision:
+  """What the launcher keeps while a local run lives, beside Launchpad's manager: the run directory's lock (with
+  the launch's processes in it), the watchdog (started again if it dies), and a look at where the nodes listen."""
+
+  def __init__(self, config: ExperimentConfig, lock: Optional[run_lock.RunLock]):
+    self._config = config
+    self._lock = lock
+    self._watchdog = watchdog.start(_notice_s() + WATCHDOG_MARGIN_S) if config.launch_type == 'local_mp' else None
+    self._looked = 0.0
+
+  def tick(self, manager=None) -> str:
+    """Looks after the run once (every POLL_S); a reason to stop the launch, or ''."""
+    if self._watchdog is not None and self._watchdog.poll() is not None:
+      print(f'Warning: the watchdog (pid {self._watchdog.pid}) {supervisor.exit_cause(self._watchdog.returncode)}; '
+            f'started another.', file=sys.stderr, flush=True)
+      self._watchdog = watchdog.start(_notice_s() + WATCHDOG_MARGIN_S)
+    nodes = supervisor.live_processes(manager)
+    if self._lock is not None:
+      ours = []
+      for process in nodes + ([self._watchdog] if self._watchdog is not None else []):
+        try:
+          ours.append((process.pid, psutil.Process(process.pid).create_time()))
+        except psutil.Error:  # Just exited.
+          pass
+      self._lock.update(ours)
+      if self._lock.lost:
+        return f'Another launcher took this run directory\'s lock ({self._lock.lost}): stopping this launch.'
+    if time.monotonic() - self._looked < LOOK_EVERY_S:
+      return ''
+    self._looked = time.monotonic()
+    pids = [process.pid for process in nodes] or ([os.getpid()] if self._config.launch_type == 'local_mt' else [])
+    exposed = network.exposed_listeners(pids, self._config.bind_host)
+    if exposed:
+      return (f'The run\'s servers listen beyond --bind_host={self._config.bind_host}: {"; ".join(exposed)} '
+              f'(the bind library did not take: README, "Who can reach a run"). Stopping the run; '
+              f'--bind_host=0.0.0.0 runs it on every interface knowingly.')
+    return ''
+
+  def wait(self, seconds: float) -> bool:
+    """Waits between launches, looking after the run; True if a stop signal came meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+      if _STOP_SIGNAL.wait(min(POLL_S, max(deadline - time.monotonic(), 0))):
+        return True
+      self.tick()
+    return _STOP_SIGNAL.is_set()
+
+
+def _end_launch(manager, waiter: threading.Thread) -> None:
+  """Returns once every process of the launch has exited, the launch's signal handlers and countdown off: the
+  next launch starts alone (`supervisor.end_launch`)."""
+  if waiter.is_alive():  # The launcher's own loop failed: the program still runs.
+    _stop_program(manager)
+    waiter.join(timeout=_notice_s() + WATCHDOG_MARGIN_S)
+  supervisor.end_launch(manager, _notice_s())
+
+
+def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
+  """Runs the program once until it stops; how it ended. Every process of the launch has exited when it returns."""
   import launchpad as lp
   from launchpad.launch import worker_manager
   launched = time.time()
-  if not flags.FLAGS['lp_termination_notice_secs'].present:
-    # Time for every node to stop by itself (the evaluator drops its point in progress, the learner saves)
-    # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
-    flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
   worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
   attempt = config.layout.attempts() + 1
   storage.path(config.layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)  # Counts the launch.
@@ -213,12 +335,12 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     from launchpad.launch.run_locally import launch_local_output_to_files
     launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
     # Actors and the evaluator are restarted in place; any other failure ends this launch.
-    with supervisor.supervised(config.max_restarts, supervisor.restart_recorder(config.layout, attempt)):
+    with supervisor.supervised(config.max_restarts, supervisor.RestartRecords(config.layout, attempt)):
       manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
                           local_resources=program_lib.local_resources(config))
   else:
     manager = lp.launch(program, launch_type='local_mt', serialize_py_nodes=False)
-  _watch_signals(config)
+  _watch_signals()
   failure = []
 
   def wait():
@@ -239,22 +361,54 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     print(f'Replay restored: {status["restored_items"]} items from {status["restored_from"]}.', flush=True)
     return True
 
-  while waiter.is_alive():
-    waiter.join(timeout=10.0)
-    said_restored = say_restored()
-    if waiter.is_alive():
-      print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
+  refused, stopped = '', False
+  printed = time.monotonic()
+  try:
+    while waiter.is_alive():
+      waiter.join(timeout=POLL_S)
+      said_restored = say_restored()
+      if not waiter.is_alive():
+        break
+      reason = guard.tick(manager)
+      if reason and not refused:
+        refused, stopped = reason, True
+        print(reason, file=sys.stderr, flush=True)
+        _stop_program(manager)
+      elif (getattr(manager, 'disabled', None) and not stopped and not _STOP_SIGNAL.is_set()
+            and not work_left(config, evaluator=False)):
+        print('Training is over and the evaluator is disabled: stopping the program.', flush=True)
+        stopped = True
+        _stop_program(manager)  # No node will: the evaluator ends a run that has one.
+      if time.monotonic() - printed >= PROGRESS_EVERY_S:
+        printed = time.monotonic()
+        print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
+  finally:
+    _end_launch(manager, waiter)
   program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
-  if _INTERRUPTED.is_set():
-    return Launch(ExitCode.INTERRUPTED)
-  if failure:
-    return Launch(ExitCode.NODE_FAILED, str(failure[0]), _abnormal_exits(manager))
-  return Launch(ExitCode.FINISHED)
+  if config.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
+    time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.loggers`).
+  return Launch(bool(failure), str(failure[0]) if failure else '', _abnormal_exits(manager),
+                bool(getattr(manager, 'disabled', None)), refused)
 
 
-def supervise(config: ExperimentConfig) -> ExitCode:
-  """Launches the program, and relaunches it from the checkpoints when a node fails (`--max_restarts` times).
+def _verdict(config: ExperimentConfig, launch: Launch) -> Optional[ExitCode]:
+  """How the run ends after this launch; None: relaunch it (a node failed, with work left)."""
+  if launch.refused:
+    return ExitCode.USAGE
+  if program_completed(config):
+    return ExitCode.FINISHED
+  if launch.failed and not _STOP_SIGNAL.is_set():
+    return None
+  if launch.evaluator_disabled and not _STOP_SIGNAL.is_set():
+    return ExitCode.PROBES_MISSING  # Stopped by the launcher once training was over.
+  return ExitCode.INTERRUPTED  # Stopped with work left: a user's signal.
+
+
+def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None) -> ExitCode:
+  """Launches the program, and relaunches it from the checkpoints while a node fails with work left
+  (`--max_restarts` times in a row, after `supervisor.RELAUNCH_BACKOFF`; a launch that ran `supervisor.HEALTHY_S`
+  resets the count).
 
   Under local_mp actors and the evaluator are restarted in place first
   (`launch.supervisor`); any other failure makes Launchpad's local launcher
@@ -263,30 +417,43 @@ def supervise(config: ExperimentConfig) -> ExitCode:
   relaunch is a record in the restarts stream.
   """
   layout = config.layout
-  if config.launch_type == 'local_mp':
-    watchdog.start()  # Its nodes end with the launcher, even a killed one.
-  restarts = 0
+  if not flags.FLAGS['lp_termination_notice_secs'].present:
+    # Time for every node to stop by itself (the evaluator drops its point in progress, the learner saves)
+    # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
+    flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
+  guard = Supervision(config, lock)  # Under local_mp its watchdog ends the nodes with the launcher, even a killed one.
+  relaunches, in_a_row = 0, 0
   while True:
-    launch = launch_and_wait(config)
-    if launch.code != ExitCode.NODE_FAILED:
-      return launch.code
+    started = time.monotonic()
+    launch = launch_and_wait(config, guard)
+    verdict = _verdict(config, launch)
+    if verdict is not None:
+      return verdict
     print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
           f'logs in {layout.local_logs(layout.attempts())}.', file=sys.stderr, flush=True)
-    if program_completed(config) or restarts >= config.max_restarts:
-      return ExitCode.FINISHED if program_completed(config) else ExitCode.NODE_FAILED
-    restarts += 1
+    if time.monotonic() - started >= supervisor.HEALTHY_S:
+      in_a_row = 0
+    if in_a_row >= config.max_restarts:
+      return ExitCode.NODE_FAILED
+    relaunches, in_a_row = relaunches + 1, in_a_row + 1
     learner = _last(layout.records(RunLayout.LEARNER))
     logged = learner['learner_step'] if learner else 0
     _, loaded, _ = checkpointing.latest_loadable(layout.checkpoints)
     resumed_at = loaded[0] if loaded else 0
-    record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
+    record = {'restart': relaunches, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
               'steps_lost': max(logged - resumed_at, 0)}
-    logger = layout.logger(RunLayout.RESTARTS, 'launcher', tensorboard=False, step_key='restart')
-    logger(record)
-    logger.close()
-    print(f'Relaunching from the checkpoints ({restarts}/{config.max_restarts}): the learner resumes at step '
-          f'{resumed_at}.', flush=True)
+    try:
+      logger = layout.logger(RunLayout.RESTARTS, 'launcher', tensorboard=False, step_key='restart')
+      logger(record)
+      logger.close()
+    except OSError as e:
+      print(f'Warning: the relaunch record could not be written ({e!r}).', file=sys.stderr, flush=True)
+    delay = supervisor.RELAUNCH_BACKOFF.delay(in_a_row)
+    print(f'Relaunching from the checkpoints ({in_a_row}/{config.max_restarts}) in {delay:.0f} s: the learner '
+          f'resumes at step {resumed_at}.', flush=True)
+    if guard.wait(delay):
+      return ExitCode.INTERRUPTED
 
 
 def _results(layout: RunLayout) -> str:
@@ -303,36 +470,60 @@ def _results(layout: RunLayout) -> str:
 
 
 def restrict_servers(config: ExperimentConfig) -> None:
-  """The run's servers listen on `--bind_host` only (`launch.network`); a warning where that cannot be, or where
-  other hosts can reach them."""
+  """The run's servers listen on `--bind_host` only (`launch.network`): a `ValueError` where that cannot be (a run
+  on every interface is asked for with --bind_host=0.0.0.0), a warning where other hosts can reach them."""
   try:
     network.restrict_servers(config.bind_host, this_process=config.launch_type == 'local_mt')
   except network.Unenforceable as e:
-    print(f'Warning: {e}', file=sys.stderr, flush=True)
+    raise ValueError(f'{e} Refusing to start: --bind_host=0.0.0.0 runs it on every interface knowingly.') from e
   if network.exposure(config.bind_host):
     print(f'Warning: {network.exposure(config.bind_host)}', file=sys.stderr, flush=True)
+
+
+def _lock(config: ExperimentConfig) -> run_lock.RunLock:
+  """The run directory's lock, taken (a stale one taken over with a warning); a ValueError naming a live holder."""
+  lock = run_lock.RunLock(config.layout)
+  try:
+    stale = lock.acquire()
+  except run_lock.Held as e:
+    raise ValueError(str(e)) from e
+  except OSError as e:
+    raise ValueError(f'--run_dir={config.run_dir}: its lock {lock.path} cannot be written ({e!r}).') from e
+  if stale:
+    print(f'Warning: took over the lock of a launch that is gone ({stale}).', file=sys.stderr, flush=True)
+  return lock
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # Under nohup a hang-up stays ignored: the run goes on.
+    signal.signal(signal.SIGHUP, _hang_up)
   try:
     config = run_flags.experiment_config()
     network.check(config.bind_host, config.publish_host)
     cluster = cluster_lib.cluster_config(config)
-  except ValueError as e:
-    raise app.UsageError(str(e))
-  if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
-    restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
-  try:
+    if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
+      restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
     data_source = validate(config)
     if cluster.dry_run:  # Nothing written: the run directory only read.
       check_config(config)
       print(cluster_lib.dry_run(config, cluster))
       return
-    resumed = write_or_check_config(config)
+    resumed = prepare_run_dir(config)
+    lock = _lock(config) if config.launch_type != cluster_lib.LAUNCH_TYPE else None
   except ValueError as e:
     raise app.UsageError(str(e))
+  try:
+    write_config(config)
+    run(config, cluster, resumed, data_source, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, lock: Optional[run_lock.RunLock]):
+  """Submits the run (vertex_ai), or runs it here to its end and exits with its code."""
   # The data is now resolved (and cached, if a download worked): nodes must not each retry a failed download.
   os.environ[datasets.DOWNLOAD_ENV] = '0'
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
@@ -342,7 +533,7 @@ def main(argv):
     cluster_lib.submit(config, cluster)
     print(f'Submitted: the nodes write {config.run_dir}; relaunch the same command to resume it.')
     return
-  code = supervise(config)
+  code = supervise(config, lock)
   layout = config.layout
   learner = _last(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
@@ -354,6 +545,13 @@ def main(argv):
     sys.exit(_fail(ExitCode.DIVERGED, f'The learner diverged at step {learner["learner_step"]} (a non-finite loss or '
                    f'parameter); its last finite state is the latest checkpoint in {layout.checkpoints}. '
                    f'Try a smaller --learning_rate.'))
+  if code == ExitCode.PROBES_MISSING:
+    missing = unprobed_points(config, training_end(config))
+    sys.exit(_fail(code, f'Training finished, but the probe points at learner steps '
+                   f'{", ".join(map(str, missing))} were not probed: the evaluator failed past --max_restarts='
+                   f'{config.max_restarts} restarts in place and was disabled ({layout.stream(RunLayout.RESTARTS)}; '
+                   f'its log in {layout.logs}). Their snapshot files wait in {layout.probe_snapshots}: relaunch '
+                   f'the same command to probe them.'))
   if code != ExitCode.FINISHED:
     sys.exit(_fail(code, 'Interrupted: relaunch the same command to resume.' if code == ExitCode.INTERRUPTED
                    else f'See {layout.logs}.'))

@@ -3,14 +3,18 @@
 Launchpad's local launcher starts one process per node and stops them when it
 stops; a launcher killed outright leaves them running for ever. So the
 launcher starts this watchdog first (`start`): a process of its own session
-(a Ctrl-C meant for the launcher does not reach it) that holds the read end of
-a pipe only the launcher writes to. While the launcher lives the watchdog
-notes its descendants every second; when the pipe closes (the launcher has
-exited or died) it sends each descendant still alive SIGTERM, then SIGKILL to
-any left after `--grace_s`, and exits. After a clean exit there is no one left
-to stop.
+(a Ctrl-C or a terminal's hang-up meant for the launcher does not reach it)
+that holds the read end of a pipe only the launcher writes to. While the
+launcher lives the watchdog notes its descendants every second; when the pipe
+closes (the launcher has exited or died) it sends each descendant still alive
+SIGTERM, then SIGKILL to any left after `grace_s` (at least the launch's
+termination notice: the time a node may take to save), and exits. After a
+clean exit there is no one left to stop. The launcher is known by its pid and
+its start time, so a pid the system has given to another process is never
+taken for it; and the launcher starts a new watchdog if this one dies
+(`launch.train`).
 
-  python -m launch.watchdog LAUNCHER_PID PIPE_FD [GRACE_S]   (run by `start`, not by hand)
+  python -m launch.watchdog LAUNCHER_PID LAUNCHER_START_TIME PIPE_FD GRACE_S   (run by `start`, not by hand)
 """
 
 import os
@@ -26,20 +30,34 @@ import psutil
 POLL_S = 1.0
 
 
-def start(grace_s: float = 10.0) -> subprocess.Popen:
+def start(grace_s: float) -> subprocess.Popen:
   """Starts the watchdog of the calling process; keep the returned handle for as long as the run lives."""
   read_end, _ = os.pipe()  # The write end stays open, never inherited, until this process ends.
-  watchdog = subprocess.Popen([sys.executable, '-m', 'launch.watchdog', str(os.getpid()), str(read_end),
-                               str(grace_s)], pass_fds=(read_end,), start_new_session=True)
+  launcher = psutil.Process()
+  watchdog = subprocess.Popen([sys.executable, '-m', 'launch.watchdog', str(launcher.pid),
+                               repr(launcher.create_time()), str(read_end), str(grace_s)],
+                              pass_fds=(read_end,), start_new_session=True)
   os.close(read_end)
   return watchdog
 
 
-def _descendants(pid: int) -> Dict[int, float]:
-  """{pid: creation time} of a process's descendants (the time tells a reused pid apart)."""
+def same_process(pid: int, created: float) -> bool:
+  """Whether `pid` is still the process that started at `created` (psutil's create_time), not a reuse of it."""
   try:
-    return {child.pid: child.create_time() for child in psutil.Process(pid).children(recursive=True)
-            if child.pid != os.getpid()}
+    return abs(psutil.Process(pid).create_time() - created) < 1e-3
+  except psutil.Error:
+    return False
+
+
+def _descendants(pid: int, created: float) -> Dict[int, float]:
+  """{pid: creation time} of a process's descendants (the time tells a reused pid apart); {} if `pid` is not the
+  process that started at `created` any more."""
+  try:
+    process = psutil.Process(pid)
+    children = process.children(recursive=True)
+    if abs(process.create_time() - created) >= 1e-3:
+      return {}
+    return {child.pid: child.create_time() for child in children if child.pid != os.getpid()}
   except psutil.Error:
     return {}
 
@@ -56,10 +74,10 @@ def _alive(known: Dict[int, float]) -> Dict[int, psutil.Process]:
   return alive
 
 
-def watch(launcher_pid: int, pipe_fd: int, grace_s: float) -> None:
+def watch(launcher_pid: int, launcher_created: float, pipe_fd: int, grace_s: float) -> None:
   known: Dict[int, float] = {}
   while True:
-    known.update(_descendants(launcher_pid))
+    known.update(_descendants(launcher_pid, launcher_created))
     readable, _, _ = select.select([pipe_fd], [], [], POLL_S)
     if readable and not os.read(pipe_fd, 1):
       break  # The launcher's end closed: it is gone.
@@ -81,5 +99,6 @@ def watch(launcher_pid: int, pipe_fd: int, grace_s: float) -> None:
 
 
 if __name__ == '__main__':
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  watch(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 10.0)
+  for ignored in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(ignored, signal.SIG_IGN)
+  watch(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))

@@ -113,6 +113,11 @@ class RunLayout:
     return self.path('evaluator_status.json')
 
   @property
+  def lock(self) -> str:
+    """The launcher's claim on the run directory (`launch/run_lock.py`): one launch of the run at a time."""
+    return self.path('launcher.lock')
+
+  @property
   def addresses(self) -> str:
     """Where a live run's learner and replay answer (written by actor 0)."""
     return self.path('addresses.json')
@@ -237,6 +242,20 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
   unreadable config.json raises ValueError naming it, before anything in the
   directory is touched. config.json is replaced atomically.
   """
+  resumed = prepare_run_dir(config)
+  write_config(config)
+  return resumed
+
+
+def write_config(config: ExperimentConfig) -> None:
+  """config.json, replaced atomically."""
+  text = json.dumps(json.loads(json.dumps(config.to_dict())), indent=2)
+  storage.write_atomically(config.layout.config, text.encode())
+
+
+def prepare_run_dir(config: ExperimentConfig) -> bool:
+  """`write_or_check_config` but the write: creates the run directory, checks it and its config.json, touching
+  nothing in it; whether it already held a run."""
   run_dir = config.run_dir
   root = storage.path(run_dir)
   if root.exists() and not root.is_dir():
@@ -247,10 +266,7 @@ def write_or_check_config(config: ExperimentConfig) -> bool:
     raise ValueError(f'--run_dir={run_dir} cannot be created ({e.strerror or e}).') from e
   if storage.is_local(run_dir) and not os.access(run_dir, os.W_OK | os.X_OK):
     raise ValueError(f'--run_dir={run_dir} is not writable.')
-  resumed = check_config(config)
-  path = config.layout.config
-  storage.write_atomically(path, json.dumps(json.loads(json.dumps(config.to_dict())), indent=2).encode())
-  return resumed
+  return check_config(config)
 
 
 def check_config(config: ExperimentConfig) -> bool:

@@ -3,21 +3,24 @@
 import json
 import os
 import signal
+import socket
 import sys
 import time
 
 import pytest
 
+from agents import checkpointing
 from launch.attach import claim_actor_ids
 from probes.run_dir import MAX_ACTORS, RunLayout
-from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module
+from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module, train
 
 
 def _manager(monkeypatch, restarts, max_restarts=2):
   from launchpad.launch import worker_manager
-  from launch.supervisor import SupervisedWorkerManager
+  from launch.supervisor import Backoff, SupervisedWorkerManager
   monkeypatch.setattr(worker_manager, '_HAS_MAIN_MANAGER', True)  # No kill countdown in the test's process.
-  return SupervisedWorkerManager(max_restarts, lambda *restart: restarts.append(restart), kill_main_thread=False)
+  return SupervisedWorkerManager(max_restarts, lambda *restart: restarts.append(restart), kill_main_thread=False,
+                                 backoff=Backoff(first_s=0.1, max_s=0.1))
 
 
 def _start(manager, tmp_path, node: str, code: int) -> str:
@@ -96,12 +99,19 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
   run_dir = str(tmp_path / 'run')
   layout = RunLayout(run_dir)
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
+  # In a process group of its own, as a terminal's foreground job is: its hang-up goes to the whole group.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
-                      '--max_learner_steps=100000', '--probe_every=0')
+                      '--max_learner_steps=100000', '--probe_every=0', start_new_session=True)
   learner, actors = lambda: layout.records('learner'), lambda: layout.records('actors')
   built_in, attach = [], None
   try:
     _wait_for(lambda: os.path.exists(layout.addresses) and learner(), 180, 'the run to learn')
+    # The same command again, on the live run directory: refused, naming the launcher that holds it.
+    second = train(run_dir, '--launch_type=local_mp', *flags, '--max_learner_steps=100000', '--probe_every=0',
+                   timeout=180)
+    assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f'is in use by another launch of the run: pid {run.pid} on {socket.gethostname()}, since ' in second.stderr
+    assert layout.attempts() == 1 and 'Starting' not in second.stdout
     replay = _read_json(layout.addresses)['replay']
     # The program's actors pause: from now on only the attached ones can add to the replay.
     built_in = _node_processes(run_dir, 'actor/0') + _node_processes(run_dir, 'actor/1')
@@ -135,7 +145,17 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
         process.resume()
     if attach is not None and attach.poll() is None:
       attach.kill()
-  run.send_signal(signal.SIGINT)
+  nodes = _node_processes(run_dir)
+  hung_up = time.time()
+  os.killpg(run.pid, signal.SIGHUP)  # The terminal hangs up (a dropped SSH session): a stop, as SIGTERM is.
   out, err = run.communicate(timeout=120)
   assert run.returncode == 130, out[-3000:] + err[-3000:]
+  assert 'Interrupted' in out and 'resume' in err
   _wait_for(lambda: not _node_processes(run_dir), 15, 'the nodes to end')
+  # The nodes outlived the hang-up and stopped when the launcher stopped them: each saved its final checkpoint.
+  assert len(nodes) == 4 and all(node.pid != run.pid for node in nodes)
+  last = learner()[-1]['learner_step']
+  assert checkpointing.latest_loadable(layout.checkpoints)[1][0] == last
+  replay = _read_json(layout.replay_status)
+  assert replay['state'] == 'replay checkpoint written' and replay['time'] > hung_up
+  assert not os.path.exists(layout.lock)  # Released: the run directory is free for the next launch.

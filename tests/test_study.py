@@ -7,15 +7,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from rich.console import Console
 import numpy as np
 import pytest
 
-from launch import studies, study_runner
+from launch import run_lock, studies, study_runner
 from launch.studies import Cell, StudyLayout
 from probes import aggregate
+from probes.run_dir import RunLayout
 from tests.test_train_program import ROOT, leftover_processes, python_module
 
 
@@ -291,6 +293,31 @@ def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
   assert 'mdp:mnist:bogus' in open(layout.log('bad', 0)).read()
   rows = study_runner.collect(definition, layout, state, runs, console)
   assert [r['cell'] for r in rows] == ['adam'] and 0.0 <= rows[0]['final_accuracy'] <= 1.0
+
+
+def test_a_run_whose_directory_a_live_launch_holds_starts_once_that_launch_is_gone(tmp_path):
+  """A study rerun right after its process was killed: the killed one's runs still stop (up to their notice)."""
+  layout = StudyLayout(str(tmp_path))
+  cell = Cell('quick', {}, {}, command='json.tool')  # Any quick command: what matters is when it starts.
+  run = study_runner.Run('quick/seed0', cell, 0, layout.run_dir('quick', 0), layout.log('quick', 0))
+  state = {'grid': {'study': 'test'}, 'runs': {run.key: {'state': 'pending'}}}
+  lock = run_lock.RunLock(RunLayout(run.run_dir))
+  lock.acquire()  # As the run's launcher, started by the killed study process, holds it while it stops.
+  released = []
+
+  def release():
+    released.append(time.time())
+    lock.release()
+
+  timer = threading.Timer(2.0, release)
+  timer.start()
+  console = Console(record=True, width=200)
+  try:
+    study_runner.execute(layout, state, [run], 1, None, console)
+  finally:
+    timer.join()
+  assert run.started >= released[0]
+  assert f'quick/seed0: its run directory is in use (pid {os.getpid()} on ' in console.export_text()
 
 
 @pytest.mark.slow

@@ -215,12 +215,33 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   with open(layout.evaluator_status) as f:
     assert json.load(f)['learner_step'] == 0  # The dropped point, from its snapshot file.
   assert os.path.isdir(os.path.join(layout.attempt_logs(1), 'learner'))  # The first launch's logs are kept.
+  # Its watchdog dies: the launcher starts another, which ends the nodes when the launcher is killed below.
+  watchdog, = _watchdogs(relaunch)
+  watchdog.kill()
+  _wait_for(lambda: [w.pid for w in _watchdogs(relaunch)] not in ([], [watchdog.pid]), 30, 'a new watchdog')
   killed = time.time()
   relaunch.kill()  # kill -9 of the launcher: no stop reaches its nodes from it.
   relaunch.communicate(timeout=30)
-  _wait_for(lambda: not _node_processes(run_dir) and not leftover_processes(start, run_dir), 15,
+  # SIGTERM at once: they stop as at a Ctrl-C; SIGKILL only for one still there after the notice and 10 s.
+  _wait_for(lambda: not _node_processes(run_dir) and not leftover_processes(start, run_dir), 50,
             'the nodes to end after their launcher')
-  assert time.time() - killed < 15
+  assert time.time() - killed < 50
+
+
+def _watchdogs(launcher: subprocess.Popen):
+  """The live watchdog processes a launcher started."""
+  try:
+    children = psutil.Process(launcher.pid).children()
+  except psutil.Error:
+    return []
+  found = []
+  for child in children:
+    try:
+      if 'launch.watchdog' in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+        found.append(child)
+    except psutil.Error:
+      pass
+  return found
 
 
 def _node_processes(run_dir: str, node: str = ''):
@@ -235,10 +256,11 @@ def _node_processes(run_dir: str, node: str = ''):
 def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches_the_run(tmp_path):
   run_dir = str(tmp_path / 'run')
   layout = RunLayout(run_dir)
-  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--checkpoint_every'))]
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--checkpoint_every', '--probe_every'))]
   start = time.time()
+  # Long enough for the restarted actor to start (half a minute on a loaded machine) before the learner's end.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
-                      '--max_learner_steps=3000', '--checkpoint_every=250')
+                      '--max_learner_steps=6000', '--checkpoint_every=250', '--probe_every=300')
   _wait_for(lambda: len(layout.records('learner')) >= 4, 180, 'the learner at step 200')
   for node in ('actor/0', 'evaluator/0'):  # Each is restarted in place, while the rest of the run goes on.
     process, = _node_processes(run_dir, node)
@@ -249,7 +271,7 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
             'an episode of the restarted actor')
   assert layout.attempts() == 1 and {r['attempt'] for r in layout.records('learner')} == {1}  # No relaunch for those.
   # The learner's failure stops the launch: the run is relaunched from the checkpoints (no final one).
-  assert layout.records('learner')[-1]['learner_step'] < 3000, 'the run ended before its learner could be killed'
+  assert layout.records('learner')[-1]['learner_step'] < 6000, 'the run ended before its learner could be killed'
   learner_process, = _node_processes(run_dir, 'learner/0')
   learner_process.kill()
   out, err = run.communicate(timeout=400)
@@ -264,7 +286,7 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   assert not any(node.startswith(('actor', 'evaluator')) for node in relaunch['nodes'])  # Those were restarted.
   assert 0 <= relaunch['steps_lost'] <= 250  # At most one --checkpoint_every.
   records = layout.records('learner')
-  assert records[-1]['learner_step'] == 3000 and records[-1]['attempt'] == 2
+  assert records[-1]['learner_step'] == 6000 and records[-1]['attempt'] == 2
   assert layout.attempts() == 2
   # Actor 0's counters go on through its restart and the relaunch: episodes 1, 2, ... of 100 steps each.
   actor_0 = [r for r in layout.records('actors') if r['actor_id'] == 0]
@@ -276,11 +298,45 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   records = layout.records('probes')
   steps = [r['learner_step'] for r in records]
   skipped = [step for r in records for step in r.get('skipped_probe_steps', [])]
-  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 3000 and not set(steps) & set(skipped)
-  assert sorted(steps + skipped) == list(range(0, 3001, 150)), (steps, skipped)
+  assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 6000 and not set(steps) & set(skipped)
+  assert sorted(steps + skipped) == list(range(0, 6001, 300)), (steps, skipped)
   assert not os.listdir(layout.probe_snapshots)  # Each removed once probed.
   time.sleep(1.0)
   assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
+
+
+@pytest.mark.slow
+def test_an_evaluator_failing_past_its_restarts_is_disabled_training_goes_on_and_a_relaunch_probes_the_rest(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every', '--checkpoint_every'))]
+  flags += ['--launch_type=local_mp', '--max_learner_steps=3000', '--probe_every=500', '--checkpoint_every=500',
+            '--max_restarts=1', '--nodiagnostics']
+  run = python_module('launch.train', f'--run_dir={run_dir}', *flags)
+  _wait_for(lambda: layout.records('learner'), 180, 'the learner to train')
+  for kills in (1, 2):  # Restarted in place once (--max_restarts=1); its next failure disables it.
+    _wait_for(lambda: _node_processes(run_dir, 'evaluator/0'), 120, 'the evaluator')
+    process, = _node_processes(run_dir, 'evaluator/0')
+    process.kill()
+    _wait_for(lambda: len(layout.records('restarts')) == kills, 60, f'restart record {kills}')
+  restart, disabled = layout.records('restarts')
+  assert 'disabled' not in restart and disabled['disabled'] is True and disabled['node'] == 'evaluator/0'
+  assert layout.records('learner')[-1]['learner_step'] < 3000, 'the run ended before its evaluator was disabled'
+  out, err = run.communicate(timeout=400)
+  assert run.returncode == 4, out[-3000:] + err[-3000:]
+  assert 'disabled, training goes on' in out
+  learner = layout.records('learner')
+  assert learner[-1]['learner_step'] == 3000 and {r['attempt'] for r in learner} == {1}  # Went on, no relaunch.
+  probed = [r['learner_step'] for r in layout.records('probes')]
+  missing = [step for step in range(0, 3001, 500) if step not in probed]
+  assert missing and f'the probe points at learner steps {", ".join(map(str, missing))} were not probed' in err
+  assert [step for step, _ in snapshots.saved(layout.probe_snapshots)] == missing  # They wait, for a relaunch.
+  assert not _node_processes(run_dir)
+
+  relaunch = train(run_dir, *flags, timeout=400)
+  assert relaunch.returncode == 0, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
+  assert sorted(r['learner_step'] for r in layout.records('probes')) == list(range(0, 3001, 500))
+  assert not os.listdir(layout.probe_snapshots)
 
 
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
@@ -314,10 +370,10 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert (broken / 'config.json').read_text() == '{"env": ' and sorted(os.listdir(broken)) == ['config.json']
 
 
-def python_module(module, *args):
+def python_module(module, *args, **popen):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
   return subprocess.Popen([sys.executable, '-m', module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, **popen)
 
 
 @pytest.mark.slow
