@@ -20,8 +20,8 @@ disk.
     delay is `launch.link_delay`, a relay in the switch's namespace between
     the host's switch port and a second veth pair into the bridge.
 
-Every name starts with `PREFIX` and the harness's pid (`plcsim-<pid>-h0`,
-`plcsim-<pid>-sw`): `close()` removes what this cluster made (processes,
+Every name starts with `PREFIX`, the harness's pid and the cluster's count
+(`plcsim-<pid>-0-h0`, `plcsim-<pid>-0-sw`): `close()` removes what this cluster made (processes,
 namespaces and with them their links) on exit, Ctrl-C or error; processes are
 started with a parent-death signal, so a harness killed with kill -9 takes
 its processes with it at once, and `cleanup()` (`python -m launch.cluster_sim
@@ -29,9 +29,10 @@ its processes with it at once, and `cleanup()` (`python -m launch.cluster_sim
 the namespaces left by name.
 """
 
-import dataclasses
 import ctypes
+import dataclasses
 import ipaddress
+import itertools
 import os
 import shutil
 import signal
@@ -128,12 +129,14 @@ class Host:
 class Cluster:
   """`num_hosts` hosts on one switch; a context manager that removes everything it made."""
 
-  def __init__(self, num_hosts: int, tag: str = ''):
+  _made = itertools.count()  # Clusters made by this process: each its own names (a reaper may outlive one).
+
+  def __init__(self, num_hosts: int):
     check_available()
     if not 1 <= num_hosts < SUBNET.num_addresses - 2:
       raise ValueError(f'{num_hosts} hosts: between 1 and {SUBNET.num_addresses - 3} fit in {SUBNET}.')
     cleanup(only_dead_owners=True)  # What harnesses killed before left.
-    self.name = f'{PREFIX}{os.getpid()}{tag}'
+    self.name = f'{PREFIX}{os.getpid()}-{next(Cluster._made)}'
     self.switch = f'{self.name}-sw'
     hosts = list(SUBNET.hosts())
     self.hosts = [Host(i, f'{self.name}-h{i}', str(hosts[i]), f'p{i}') for i in range(num_hosts)]

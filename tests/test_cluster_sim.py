@@ -96,6 +96,16 @@ def test_a_harness_killed_with_kill_9_leaves_no_namespace_or_process_and_cleanup
   assert leftover not in netns.namespaces()
 
 
+@needs_namespaces
+def test_a_second_cluster_of_one_harness_outlives_the_first_ones_reaper():
+  with netns.Cluster(1) as first:
+    pass
+  with netns.Cluster(1) as second:
+    assert second.name != first.name
+    time.sleep(3.0)  # The first cluster's reaper, woken when it closed, has removed what it had to by now.
+    assert len(netns.namespaces(second.name + '-')) == 2
+
+
 class _FakeLearner:
   """A Courier client of a learner that answers once `answering` holds its address."""
   answering = set()
