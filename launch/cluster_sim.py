@@ -45,7 +45,6 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from absl import app
-from absl import flags
 
 from agents import checkpointing, config_flags, storage
 from agents.config import option

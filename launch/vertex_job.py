@@ -51,7 +51,6 @@ class Task:
   cwd: str
   env: Dict[str, str]
   log_path: str
-  address: str = ''  # A Vertex AI replica's host:port (CLUSTER_SPEC's).
   process: Optional[subprocess.Popen] = None
   starts: int = 0
   died_at: Optional[float] = None  # When its process died, until it is restarted.
@@ -172,7 +171,7 @@ def vertex_tasks(pools: Sequence[cluster_lib.Pool], placement: Callable[[str], n
     task_spec = json.dumps({**spec, 'task': {'type': pool.name, 'index': index, 'trial': ''}})
     tasks.append(Task(pool.nodes[index], host, ('bash', os.path.join(pool.context, 'entrypoint.sh'), *pool.args),
                       pool.workdir, {**base, **pool.env, 'CLUSTER_SPEC': task_spec, 'TF_CONFIG': task_spec},
-                      os.path.join(directory, 'logs', f'{pool.nodes[index]}.log'), f'{host.address}:{port}'))
+                      os.path.join(directory, 'logs', f'{pool.nodes[index]}.log')))
   return tasks, spec
 
 
