@@ -32,6 +32,10 @@ class LearnerGone(Exception):
   """The live run's learner stopped answering for good (the run ended, or did not come back in time)."""
 
 
+class RunFinished(LearnerGone):
+  """The learner no longer answers because the run is over: its launch stopped at its last step."""
+
+
 def guarded(call: Callable) -> Callable:
   """A learner call whose transport failures become `LearnerGone`."""
 
@@ -64,7 +68,7 @@ class LiveRun:
   actor 0 publishes them), until it answers or `rejoin_timeout_s` has passed
   since the first failure, which raises `LearnerGone` saying so. It raises at
   once when the run is over (addresses.json marked stopped and the learner's
-  records at `--max_learner_steps`) or `should_stop()`. Thread-safe: actor
+  records at `--max_learner_steps`: `RunFinished`) or `should_stop()`. Thread-safe: actor
   threads share one.
   """
 
@@ -107,7 +111,7 @@ class LiveRun:
       except LearnerGone as e:
         failed_at = failed_at or time.time()
         if self.over():
-          raise LearnerGone(f'the run is over ({e})') from e
+          raise RunFinished(f'the run finished ({e})') from e
         if self.should_stop():
           raise
         waited = time.time() - failed_at

@@ -25,7 +25,7 @@ import reverb
 
 from agents.learner import pull_when_newer
 from launch import program as program_lib
-from launch.attach import LearnerGone, attach_from_command_line, claim_actor_ids
+from launch.attach import LearnerGone, RunFinished, attach_from_command_line, claim_actor_ids
 from probes.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to add actors to.')
@@ -54,7 +54,7 @@ def main(argv):
     try:
       return get_params()
     except LearnerGone as e:
-      why.append(f'the run stopped ({e})')
+      why.append(_why(e))
       stop.set()
       return None  # The actor stops.
 
@@ -86,7 +86,7 @@ def main(argv):
         why.append('the learner finished')
         break
   except LearnerGone as e:
-    why.append(f'the run stopped ({e})')
+    why.append(_why(e))
   except KeyboardInterrupt:
     why.append('stopped; the run is untouched')
   stop.set()
@@ -96,6 +96,10 @@ def main(argv):
   if errors:
     raise SystemExit(f'Attached actors failed ({"; ".join(errors)}).')
   print(f'Actors {", ".join(map(str, actor_ids))}: {(why or ["every actor stopped"])[0]}.', flush=True)
+
+
+def _why(gone: LearnerGone) -> str:
+  return 'the run finished' if isinstance(gone, RunFinished) else f'the run stopped ({gone})'
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ from absl import flags
 
 from agents import config_flags, storage
 from launch import program as program_lib
-from launch.attach import LearnerGone, attach_from_command_line
+from launch.attach import LearnerGone, RunFinished, attach_from_command_line
 from probes.run_dir import ExperimentConfig
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
@@ -65,6 +65,9 @@ def main(argv):
     evaluator.run(probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'])
   except KeyboardInterrupt:
     print(f'Stopped; the run is untouched. Results so far in {out_dir}.')
+    return
+  except RunFinished:  # Before this evaluator saw the learner's last step.
+    print(f'The run finished; results in {out_dir}.')
     return
   except LearnerGone as e:  # The run stopped between two calls.
     print(f'The run stopped ({e}); results in {out_dir}.')

@@ -157,7 +157,7 @@ def test_an_attached_process_retries_the_learner_with_backoff_and_follows_a_rela
 
 
 def test_an_attached_process_stops_retrying_when_the_run_is_over_or_after_its_rejoin_timeout(tmp_path, monkeypatch):
-  from launch.attach import LearnerGone
+  from launch.attach import LearnerGone, RunFinished
   config, run = _live_run(tmp_path, monkeypatch, rejoin_timeout_s=1.0)
   start = time.time()
   with pytest.raises(LearnerGone, match=re.escape('the learner at old:1 has not answered for 1 s '
@@ -171,7 +171,7 @@ def test_an_attached_process_stops_retrying_when_the_run_is_over_or_after_its_re
   with open(config.layout.addresses, 'w') as f:
     json.dump({'learner': 'old:1', 'replay': 'old:2', 'stopped_at': 1.0}, f)
   _FakeLearner.calls = []
-  with pytest.raises(LearnerGone, match='the run is over'):
+  with pytest.raises(RunFinished, match='the run finished'):
     run.call('get_step')
   assert len(_FakeLearner.calls) == 1
 
@@ -333,4 +333,4 @@ def test_attached_nodes_on_other_hosts_rejoin_a_relaunched_run_that_a_fifth_host
   assert probes[:2] == [0, 5000] and probes == sorted(set(probes)) and set(probes) <= {0, 5000, 6000}
   for host in (2, 3):
     log = (tmp_path / 'sim' / 'logs' / f'attach_actors-{host}.log').read_text()
-    assert 'The run was relaunched' in log and 'the learner finished' in log
+    assert 'The run was relaunched' in log and re.search(r'Actors .*: the (learner|run) finished\.', log)
