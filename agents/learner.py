@@ -97,9 +97,10 @@ class Learner:
     if self.step_count == 0:
       self._write_snapshot()  # theta_0: a resumed learner wrote it at its first start.
     self._last_log_step = self.step_count
-    # (time, step) the next record's updates/s counts from: the end of the first update, so that neither the
-    # replay's fill nor compilation weighs on it.
-    self._rate_since: Optional[Tuple[float, int]] = None
+    # (time, step, input wait, parameter pulls) the next record's rates count from: the end of the first update,
+    # so that neither the replay's fill nor compilation weighs on them.
+    self._rate_since: Optional[Tuple[float, int, float, int]] = None
+    self._pulls = 0  # `get_params` answers that carried parameters (actors' pulls of newer ones).
     self._last_metrics: Optional[Dict[str, float]] = None
     self.diverged_at: Optional[int] = None
 
@@ -130,7 +131,7 @@ class Learner:
     target_update = step % self._config.target_update_period == 0
     trained = (state.params, state.params if target_update else state.target_params)
     if self._rate_since is None:
-      self._rate_since = (time.time(), step)
+      self._rate_since = (time.time(), step, self._input_wait(), self._pulls)
     intervened = target_update and self._has_hooks
     for period, act in self._periodic_actions:
       if step % period == 0:
@@ -157,13 +158,24 @@ class Learner:
       self._published = (self.step_count, params, target_params)
       self._published_measured = (self.step_count, *measured)
 
+  def _input_wait(self) -> float:
+    """Seconds the learner has waited for batches (a prefetching iterator's count; 0 for a plain one)."""
+    return getattr(self._iterator, 'wait_seconds', 0.0)
+
   def _log(self, step: int, metrics, **extra) -> None:
+    """A record; since the previous one, `updates_per_s`, `input_wait_fraction` (of the time spent waiting for
+    a batch: the learner's input-bound share) and `param_pulls_per_s` (parameters sent to actors)."""
     if self._logger:
       now = time.time()
       record = {'learner_step': step, **{k: float(v) for k, v in metrics.items()}, **extra}
+      wait, pulls = self._input_wait(), self._pulls
       if self._rate_since is not None and step > self._rate_since[1]:
-        record['updates_per_s'] = (step - self._rate_since[1]) / max(now - self._rate_since[0], 1e-9)
-      self._rate_since, self._last_log_step = (now, step), step
+        since, since_step, since_wait, since_pulls = self._rate_since
+        elapsed = max(now - since, 1e-9)
+        record['updates_per_s'] = (step - since_step) / elapsed
+        record['input_wait_fraction'] = min((wait - since_wait) / elapsed, 1.0)
+        record['param_pulls_per_s'] = (pulls - since_pulls) / elapsed
+      self._rate_since, self._last_log_step = (now, step, wait, pulls), step
       self._logger(record)
 
   def run(self, max_steps: int, should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -218,6 +230,7 @@ class Learner:
     with self._lock:
       if held_step is not None and self._published[0] == held_step:
         return None
+      self._pulls += 1
       return self._published[:2]
 
   def get_snapshot(self) -> tuple:

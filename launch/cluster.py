@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 from agents import config_flags
@@ -208,9 +208,11 @@ def submit(config: ExperimentConfig, cluster: ClusterConfig) -> None:
 
 @dataclasses.dataclass
 class _Recorder:
-  """What xmanager would have built and submitted."""
+  """What xmanager would have built and submitted; with `keep`, each image's build context copied there."""
   images: Dict[str, Tuple[str, str, int]] = dataclasses.field(default_factory=dict)  # name -> (Dockerfile, reqs, bytes)
   jobs: List[Tuple[str, list]] = dataclasses.field(default_factory=list)  # (display name, worker pool specs)
+  keep: Optional[str] = None
+  contexts: Dict[str, str] = dataclasses.field(default_factory=dict)  # image name -> its kept build context
 
   def build_by_dockerfile(self, path: str, dockerfile: str, image_name: str, *args, **kwargs) -> str:
     del args, kwargs
@@ -222,6 +224,10 @@ class _Recorder:
       reqs = f.read()
     size = sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(path) for name in names)
     self.images[image_name] = (text, reqs, size)
+    if self.keep:
+      self.contexts[image_name] = os.path.join(self.keep, f'image{len(self.contexts)}')
+      shutil.copytree(path, self.contexts[image_name])
+      shutil.copyfile(dockerfile, os.path.join(self.contexts[image_name], 'Dockerfile'))
     return image_name
 
   def custom_job(self, display_name: str, worker_pool_specs, **kwargs):
@@ -249,29 +255,98 @@ def _offline(recorder: _Recorder, directory: str) -> Iterator[None]:
     yield
 
 
-_MAPPING = re.compile(r'^(\w+)-(\S+) -> (workerpool\d)-\S+$')  # Launchpad's 'label-range -> pool-range' lines.
+_MAPPING = re.compile(r'^(\w+)-(\S+) -> (workerpool\d)-(\S+)$')  # Launchpad's 'label-range -> pool-range' lines.
 
 
-def dry_run(config: ExperimentConfig, cluster: ClusterConfig) -> str:
-  """Launchpad's and xmanager's launch short of building and submitting; the plan, for people."""
+def _launch_offline(config: ExperimentConfig, cluster: ClusterConfig,
+                    recorder: _Recorder) -> Tuple[str, Dict[str, str]]:
+  """Launchpad's and xmanager's launch short of building and submitting: (Launchpad's output, images' requirements)."""
   import launchpad as lp
+  _xmanager()  # Its modules in their order (xmanager.cloud.vertex alone is a circular import), or the extra's error.
   program = program_lib.make_program(config, config.layout.attempts() + 1)
-  recorder = _Recorder()
   output = io.StringIO()
   with _scratch() as scratch, _offline(recorder, scratch), contextlib.redirect_stdout(output):
     configs, texts = _docker_configs(cluster, scratch)
     lp.launch(program, launch_type=LAUNCH_TYPE, xm_resources=configs)
-  return _plan(config, recorder, texts, output.getvalue())
+  return output.getvalue(), texts
+
+
+def _replica_nodes(launchpad_output: str) -> Dict[str, List[str]]:
+  """{pool: the node of each replica, in order} from Launchpad's mapping lines (`actor-[0:4] -> workerpool2-[0:4]`)."""
+
+  def expand(text: str) -> List[int]:
+    if text.isdigit():
+      return [int(text)]
+    start, stop = text.strip('[]').split(':')
+    return list(range(int(start), int(stop)))
+
+  nodes: Dict[str, Dict[int, str]] = {}
+  for line in re.sub(r'\x1b\[[0-9;]*m', '', launchpad_output).splitlines():
+    match = _MAPPING.match(line.strip())
+    if match:
+      for index, replica in zip(expand(match[2]), expand(match[4])):
+        nodes.setdefault(match[3], {})[replica] = f'{match[1]}-{index}'
+  return {pool: [replicas[i] for i in sorted(replicas)] for pool, replicas in nodes.items()}
+
+
+def dry_run(config: ExperimentConfig, cluster: ClusterConfig) -> str:
+  """Launchpad's and xmanager's launch short of building and submitting; the plan, for people."""
+  recorder = _Recorder()
+  output, texts = _launch_offline(config, cluster, recorder)
+  return _plan(config, recorder, texts, output)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """One Vertex AI worker pool as the job would run it: its image's build context, command and replicas."""
+  name: str  # workerpool<k>
+  replicas: int
+  context: str  # The image's build context: Dockerfile, entrypoint.sh and the directory its WORKDIR names.
+  workdir: str  # That directory (Launchpad's staged job: job.pkl, process_entry.py, the packages).
+  args: Tuple[str, ...]  # The container's arguments.
+  env: Dict[str, str]  # The container's environment variables.
+  nodes: Tuple[str, ...]  # The program's node each replica runs (`actor-3`), by replica index.
+
+
+def package(config: ExperimentConfig, cluster: ClusterConfig, directory: str) -> List[Pool]:
+  """What `--launch_type=vertex_ai` submits, kept in `directory` instead: Launchpad's `xm_docker` packaging of the
+  program (one cloudpickled job per worker pool, in its image's build context) and the job's worker pools.
+
+  `launch.cluster_sim` starts each replica from it as Vertex AI does. Unlike `cluster_config`, any `--run_dir` is
+  taken: there the run directory is a path every host sees.
+  """
+  recorder = _Recorder(keep=directory)
+  output, _ = _launch_offline(config, cluster, recorder)
+  nodes = _replica_nodes(output)
+  (_, specs), = recorder.jobs
+  pools = []
+  for index, spec in enumerate(specs):
+    context = recorder.contexts[spec.container_spec.image_uri]
+    with open(os.path.join(context, 'Dockerfile')) as f:
+      workdir = [line.split()[1] for line in f if line.startswith('WORKDIR ')][-1]
+    name = f'workerpool{index}'
+    pools.append(Pool(name, spec.replica_count, context, os.path.join(context, workdir),
+                      tuple(spec.container_spec.args), {e.name: e.value for e in spec.container_spec.env},
+                      tuple(nodes[name])))
+  return pools
+
+
+def _ranges(nodes: List[str]) -> List[str]:
+  """Replicas' nodes as Launchpad names them in runs: `actor-[0:200]` for `actor-0` ... `actor-199`."""
+  runs: List[Tuple[str, int, int]] = []  # (label, first index, count)
+  for node in nodes:
+    label, index = node.rsplit('-', 1)
+    if runs and runs[-1][0] == label and runs[-1][1] + runs[-1][2] == int(index):
+      runs[-1] = (label, runs[-1][1], runs[-1][2] + 1)
+    else:
+      runs.append((label, int(index), 1))
+  return [f'{label}-{first}' if count == 1 else f'{label}-[{first}:{first + count}]' for label, first, count in runs]
 
 
 def _plan(config: ExperimentConfig, recorder: _Recorder, texts: Dict[str, str], launchpad_output: str) -> str:
   """The recorded job as text: its worker pools (with Launchpad's node mapping), images and what a submission
   needs."""
-  nodes = {}
-  for line in re.sub(r'\x1b\[[0-9;]*m', '', launchpad_output).splitlines():
-    match = _MAPPING.match(line.strip())
-    if match:
-      nodes.setdefault(match[3], []).append(f'{match[1]}-{match[2]}')
+  nodes = {pool: _ranges(replicas) for pool, replicas in _replica_nodes(launchpad_output).items()}
   (job_name, pools), = recorder.jobs
   kinds = {text: kind for kind, text in texts.items()}
   lines = [f'Dry run of --launch_type={LAUNCH_TYPE}: nothing built, submitted or written.',

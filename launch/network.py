@@ -131,7 +131,9 @@ class OnHost:
     return self
 
   def bind_addresses(self, **kwargs) -> None:
-    del kwargs  # Launchpad's other platforms' arguments: only the local launches are used.
+    if kwargs:  # Vertex AI's worker pool and replica (xm_docker): the address is the replica's, from CLUSTER_SPEC.
+      super().bind_addresses(**kwargs)
+      return
     for address in self.addresses:
       address.bind(_AddressBuilder(self._host))
 

@@ -163,12 +163,18 @@ def actor_writer(actor_id: int) -> str:
 
 def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
               params_source: Callable[[], Optional[Tuple[int, Params]]],
-              replay_client: reverb.Client, should_stop: Callable[[], bool], restart: int = 0) -> None:
+              replay_client: reverb.Client, should_stop: Callable[[], bool], restart: int = 0,
+              replay_address: Optional[Callable[[], str]] = None) -> None:
   """Acts as actor `actor_id` of the run until `should_stop()` or `params_source()` returns None.
 
   Shared by the program's actors and attached ones (`launch.attach_actors`);
   its seed is new for each launch and restart, its counters go on from the
-  actor's last logged episode.
+  actor's last logged episode. Its inserts wait while the replay does not
+  answer (Reverb's writer reconnects), and `params_source` while the learner
+  does not (the program's: Courier waits for its peer; attached ones retry
+  with backoff, `launch.attach.LiveRun`): through a partition or a restart in
+  place the actor rejoins. `replay_address` (attached actors) gives the
+  replay's address as a relaunch republishes it (`replay.ReverbSink`).
   """
   seed = actor_seed(config.seed, actor_id, attempt, restart)
   envs = [environments.make(config.env, seed=env_seed, **config.env_options())
@@ -177,7 +183,7 @@ def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
   logging.info('Actor %d on %d x %s, data: %s; restart %d, going on from episodes %s (%d env steps).', actor_id,
                len(envs), config.env, envs[0].data_source, restart, episodes, env_steps)
   agent = make_agent(config.agent, envs[0].action_spec().num_values)
-  sink = replay.ReverbSink(replay_client, should_stop=should_stop)
+  sink = replay.ReverbSink(replay_client, should_stop=should_stop, address=replay_address)
   logger = config.layout.logger(RunLayout.ACTORS, actor_writer(actor_id),
                                 extra={'actor_id': actor_id, 'attempt': attempt}, tensorboard=actor_id == 0)
   actor = Actor(agent, config.agent, envs, params_source=params_source, add=sink, seed=seed,
@@ -232,7 +238,10 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
-  address = lambda node: network.published(node, config.bind_host, config.publish_host)
+  if config.launch_type == 'vertex_ai':  # A replica's address is its host's, from Vertex AI's CLUSTER_SPEC.
+    address = lambda node: node
+  else:
+    address = lambda node: network.published(node, config.bind_host, config.publish_host)
   record = {'learner': address(learner_address), 'replay': address(replay_address), 'host': socket.gethostname(),
             'bind_host': config.bind_host, 'launch_type': config.launch_type, 'written_at': time.time()}
   storage.write_atomically(config.layout.addresses, json.dumps(record, indent=2).encode())

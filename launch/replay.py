@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import dm_env
@@ -131,23 +131,37 @@ def _latest_checkpoint(root: str) -> str:
 class ReverbSink:
   """The actor's `add(Transition)`: one item per transition in both tables.
 
-  Inserts block while the rate limiter holds them back (the learner is behind);
-  the wait is sliced so that a stop request (`should_stop`) ends it, which a
-  thread under `local_mt` needs to be able to exit.
+  Inserts block while the rate limiter holds them back (the learner is behind)
+  or the replay does not answer (Reverb's writer reconnects to its address by
+  itself: a partition, a replay restarted in place); the wait is sliced so that
+  a stop request (`should_stop`) ends it, which a thread under `local_mt` needs
+  to be able to exit. Given `address` (the replay's current address: an
+  attached actor's, re-read from addresses.json), an insert that has waited
+  `recheck_s` asks it, and when the replay has moved (a relaunch listens on
+  new ports) the sink writes there with a new writer: the transitions the old
+  one still held unacknowledged (at most `max_in_flight_items`) are lost.
   """
 
   def __init__(self, client: reverb.Client, should_stop: Callable[[], bool] = lambda: False,
-               max_in_flight_items: int = 8, poll_ms: int = 500):
+               max_in_flight_items: int = 8, poll_ms: int = 500, address: Optional[Callable[[], str]] = None,
+               recheck_s: float = 5.0):
+    self._client = client
     self._writer = client.trajectory_writer(num_keep_alive_refs=1)
     self._should_stop = should_stop
     self._max_in_flight_items = max_in_flight_items
     self._poll_ms = poll_ms
+    self._address = address
+    self._recheck_s = recheck_s
 
-  def __call__(self, transition: Transition) -> None:
+  def _append(self, transition: Transition) -> None:
     self._writer.append(transition._asdict())
     item = tree.map_structure(lambda column: column[-1], self._writer.history)
     self._writer.create_item(REPLAY_TABLE, 1.0, item)
     self._writer.create_item(PROBE_TABLE, 1.0, item)
+
+  def __call__(self, transition: Transition) -> None:
+    self._append(transition)
+    since = time.monotonic()
     while True:
       try:
         self._writer.flush(self._max_in_flight_items, timeout_ms=self._poll_ms)
@@ -155,6 +169,15 @@ class ReverbSink:
       except reverb.errors.DeadlineExceededError:
         if self._should_stop():
           return
+      if self._address and time.monotonic() - since >= self._recheck_s:
+        since = time.monotonic()
+        address = self._address()
+        if address != self._client.server_address:
+          logging.info('The replay moved from %s to %s: inserting there.', self._client.server_address, address)
+          self._writer.close()
+          self._client = reverb.Client(address)
+          self._writer = self._client.trajectory_writer(num_keep_alive_refs=1)
+          self._append(transition)
 
   def close(self, timeout_ms: int = 5000) -> None:
     """Flushes what is in flight (`close` alone drops it), then closes."""

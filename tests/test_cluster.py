@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import pathlib
 import re
@@ -142,3 +143,34 @@ def test_the_dry_runs_check_of_an_existing_run_reads_only(tmp_path):
   with pytest.raises(ValueError, match=re.escape("seed: 0 -> 1")):
     check_config(dataclasses.replace(config, seed=1))
   assert {name: os.path.getmtime(os.path.join(config.run_dir, name)) for name in os.listdir(config.run_dir)} == before
+
+
+def test_on_vertex_ai_a_node_is_at_its_replicas_address_from_cluster_spec(monkeypatch):
+  """Launchpad's xm_docker launch binds each node to its worker pool and replica; the nodes' --bind_host mixin used
+  to bind them to this machine's loopback and a port picked here, which no replica of a Vertex AI job listens on."""
+  from launchpad import context
+  from launch import program as program_lib
+  from launch import replay
+  spec = {'cluster': {'workerpool0': ['198.18.0.1:2222'], 'workerpool1': ['198.18.0.1:2223', '198.18.0.2:2222']},
+          'task': {'type': 'workerpool1', 'index': 1}}
+  monkeypatch.setenv('CLUSTER_SPEC', json.dumps(spec))
+  courier_node = program_lib.CourierNode(dict).on_host('127.0.0.1')
+  replay_node = replay.ReplayNode(list, '/nonexistent', '/nonexistent', 0).on_host('127.0.0.1')
+  for node, pool, instance in [(courier_node, 'workerpool1', 1), (replay_node, 'workerpool0', 0)]:
+    node._initialize_context(context.LaunchType.VERTEX_AI, launch_config=None)  # pylint: disable=protected-access
+    node.bind_addresses(cluster=pool, instance=instance)
+  assert courier_node.courier_address.resolve() == '198.18.0.2:2222'
+  assert replay_node.reverb_address.resolve() == '198.18.0.1:2222'
+  local = program_lib.CourierNode(dict).on_host('127.0.0.1')
+  local.bind_addresses()  # Local launches: --bind_host and a free port, as before.
+  assert local.courier_address.resolve().startswith('127.0.0.1:')
+
+
+def test_the_replicas_nodes_are_read_back_from_launchpads_node_mapping():
+  output = ('\x1b[34mreplay-0 -> workerpool0-0\x1b[0m\nlearner-0 -> workerpool1-0\nevaluator-0 -> workerpool1-1\n'
+            'actor-[0:3] -> workerpool2-[0:3]\nactor-3 -> workerpool3-0\n')
+  nodes = cluster._replica_nodes(output)  # pylint: disable=protected-access
+  assert nodes == {'workerpool0': ['replay-0'], 'workerpool1': ['learner-0', 'evaluator-0'],
+                   'workerpool2': ['actor-0', 'actor-1', 'actor-2'], 'workerpool3': ['actor-3']}
+  assert cluster._ranges(nodes['workerpool2'] + nodes['workerpool1']) == [  # pylint: disable=protected-access
+      'actor-[0:3]', 'learner-0', 'evaluator-0']

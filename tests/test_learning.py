@@ -353,6 +353,41 @@ def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill
   assert records[0]['updates_per_s'] > 20
 
 
+def test_learner_records_its_input_bound_share_and_the_parameter_pulls_it_served():
+  """What a cluster's placement costs (launch.cluster_benchmark) is read from these two fields."""
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
+
+  class Waiting:
+    """A prefetching iterator's interface: each batch costs 0.05 s of waiting, counted in `wait_seconds`."""
+    wait_seconds = 0.0
+
+    def __init__(self):
+      self._batches = random_batches(8)
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      time.sleep(0.05)
+      self.wait_seconds += 0.05
+      return next(self._batches)
+
+  records = []
+  learner = Learner(make_agent(config, num_actions=3), config, Waiting(), np.zeros((4, 4, 1), np.uint8),
+                    logger=lambda record: records.append({**record, 'time': time.time()}), log_every=20)
+  learner.run(max_steps=20)
+  step = learner.get_params()[0]
+  assert learner.get_params(step) is None  # Unchanged parameters: no pull counted.
+  learner.get_params(None)
+  learner.get_params(step - 1)  # Older than the published ones: a pull.
+  learner.run(max_steps=40)
+  first, second = records
+  # 19 waits of 0.05 s (the first batch's wait comes before the count starts) in the first record's interval.
+  assert 0.3 < first['input_wait_fraction'] <= 1.0 and first['param_pulls_per_s'] == 0.0
+  assert second['param_pulls_per_s'] > 0 and second['param_pulls_per_s'] * (second['time'] - first['time']) == \
+      pytest.approx(3, rel=0.05)
+
+
 def test_actor_seeds_are_distinct_for_many_actors_and_new_at_each_launch():
   from agents.actor import actor_seed
   seeds = {actor_seed(0, i) for i in range(20_000)}
