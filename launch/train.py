@@ -9,8 +9,14 @@ checkpoint (raise --max_learner_steps to extend a finished run). The run
 directory's files are described in WORKSPACE.md.
 
 Exit codes (every command of this project uses them): 0 finished; 1 bad input
-or usage; 2 a node failed; 3 the learner diverged; 130 interrupted (SIGINT or
-SIGTERM).
+or usage; 2 a node failed (or the run directory's disk is full); 3 the learner
+diverged; 130 interrupted (SIGINT or SIGTERM).
+
+Checkpoints written before they were msgpack files are pickles, which run
+any code they name when read: they are not read unless
+--trust_pickled_checkpoints says whoever could write the run directory is
+trusted, and then converted (with the pickled probe snapshots) before the
+launch.
 """
 
 import enum
@@ -25,11 +31,14 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
+import jax
+import numpy as np
 
 import environments
 from environments import datasets
-from agents import checkpointing, storage
+from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
+from agents.learner import initial_state
 from launch import cluster as cluster_lib
 from launch import flags as run_flags
 from launch import network
@@ -45,6 +54,11 @@ from probes.run_dir import RunLayout
 
 TERMINATION_NOTICE_S = 40  # A cap: nodes stop in seconds, the replay after its final checkpoint.
 
+TRUST_PICKLED = flags.DEFINE_bool(
+    'trust_pickled_checkpoints', False, 'Read the run directory\'s pickled checkpoints and probe snapshots (written '
+    'before they were msgpack files) and convert them. A pickle runs any code it names: only if everyone who could '
+    'write the run directory is trusted.')
+
 
 class ExitCode(enum.IntEnum):
   FINISHED = 0
@@ -54,18 +68,62 @@ class ExitCode(enum.IntEnum):
   INTERRUPTED = 130
 
 
-def validate(config: ExperimentConfig) -> str:
-  """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch."""
+def validate(config: ExperimentConfig, trust_pickled: bool = False):
+  """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch, and
+  warns of the files it cannot read. (data source, the training state's structure: `jax.eval_shape`, so that the
+  launcher's own JAX computes nothing and takes no GPU memory.)"""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
-  make_agent(config.agent, env.action_spec().num_values)
+  agent = make_agent(config.agent, env.action_spec().num_values)
   placement.run_envs(config)
-  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints)
-  for problem in problems:
-    print(f'Warning: {problem} {"Resuming from " + path if path else ""}', file=sys.stderr)
-  if problems and path is None:
+  spec = env.observation_spec()
+  template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
+  path, _ = _check_checkpoints(config, template, trust_pickled)
+  if path is None and checkpointing.numbered(config.layout.checkpoints, suffix=checkpointing.PICKLED_SUFFIX) + \
+      checkpointing.numbered(config.layout.checkpoints):
     raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable; move them away to start the run '
                      f'over.')
-  return env.data_source
+  pickled = snapshots.pickled(config.layout.probe_snapshots)
+  if pickled and not trust_pickled:
+    _warn(f'{len(pickled)} probe snapshot(s) in {config.layout.probe_snapshots} are pickled (written before they '
+          f'were msgpack files): not probed. {checkpointing.TRUST_FLAG} converts them.')
+  return env.data_source, template
+
+
+_WARNED = set()  # The problems this launcher has printed (a problem record's file and text).
+
+
+def _warn(message: str, key=None) -> None:
+  """Prints a warning on the launcher's output, once."""
+  if (key or message) not in _WARNED:
+    _WARNED.add(key or message)
+    print(f'Warning: {message}', file=sys.stderr, flush=True)
+
+
+def _check_checkpoints(config: ExperimentConfig, template,
+                       trust_pickled: bool = False) -> Tuple[Optional[str], int]:
+  """(path, step) of the checkpoint a launch resumes from ((None, 0): none), warning of the newer ones that it
+  skips (damaged, planted, pickled)."""
+  path, loaded, problems = checkpointing.latest_loadable(config.layout.checkpoints, template, trust_pickled)
+  for problem in problems:
+    _warn(f'{problem} {"Resuming from " + path if path else ""}', key=problem)
+  return path, loaded[0] if loaded else 0
+
+
+def _print_problems(config: ExperimentConfig, since: float) -> List[Record]:
+  """Prints the problems the nodes found (damaged files moved aside, writes that found the disk full) since
+  `since`, once each; the new ones."""
+  new = [r for r in config.layout.records(RunLayout.PROBLEMS)
+         if r.get('time', 0) >= since and (r.get('file'), r.get('problem')) not in _WARNED]
+  for record in new:
+    _warn(f'{record.get("problem")} {record.get("action")}', key=(record.get('file'), record.get('problem')))
+  return new
+
+
+def _out_of_space(config: ExperimentConfig, what: str) -> str:
+  latest = checkpointing.latest(config.layout.checkpoints)
+  return (f'The file system of {config.run_dir} is full: {what} Free space there (or move the run directory), then '
+          f'relaunch the same command: the run resumes from its last checkpoint'
+          f'{" (" + latest + ")" if latest else ""}.')
 
 
 def _last(records: List[Record]) -> Optional[Record]:
@@ -158,6 +216,7 @@ class Launch(NamedTuple):
   code: ExitCode
   cause: str = ''  # What failed, for a node failure.
   failed_nodes: Tuple[str, ...] = ()  # The nodes whose processes exited abnormally (local_mp).
+  out_of_space: str = ''  # A node's write that found the run directory's disk full: no relaunch would help.
 
 
 _INTERRUPTED = threading.Event()  # Set by a user's SIGINT or SIGTERM, for every launch of this process.
@@ -204,6 +263,11 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
     # before Launchpad kills what is left: a stop then takes at most this and the launcher's own few seconds.
     flags.FLAGS.lp_termination_notice_secs = TERMINATION_NOTICE_S
   worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
+  # Temporary files of writes that never finished (a node killed mid-write): no node of this run writes now.
+  swept = storage.sweep_temporaries(config.run_dir, before=launched)
+  if swept:
+    print(f'Removed {len(swept)} temporary file(s) of unfinished writes ({", ".join(swept[:3])}'
+          f'{", ..." if len(swept) > 3 else ""}).', flush=True)
   attempt = config.layout.attempts() + 1
   storage.path(config.layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)  # Counts the launch.
   log_dir = config.layout.local_logs(attempt)
@@ -242,25 +306,30 @@ def launch_and_wait(config: ExperimentConfig) -> Launch:
   while waiter.is_alive():
     waiter.join(timeout=10.0)
     said_restored = say_restored()
+    _print_problems(config, since=launched)
     if waiter.is_alive():
       print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
   program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
+  _print_problems(config, since=launched)
   if _INTERRUPTED.is_set():
     return Launch(ExitCode.INTERRUPTED)
   if failure:
-    return Launch(ExitCode.NODE_FAILED, str(failure[0]), _abnormal_exits(manager))
+    full = [r for r in config.layout.records(RunLayout.PROBLEMS) if r.get('kind') == 'full' and r['time'] >= launched]
+    return Launch(ExitCode.NODE_FAILED, str(failure[0]), _abnormal_exits(manager),
+                  out_of_space=full[0]['problem'] if full else '')
   return Launch(ExitCode.FINISHED)
 
 
-def supervise(config: ExperimentConfig) -> ExitCode:
+def supervise(config: ExperimentConfig, template) -> ExitCode:
   """Launches the program, and relaunches it from the checkpoints when a node fails (`--max_restarts` times).
 
   Under local_mp actors and the evaluator are restarted in place first
   (`launch.supervisor`); any other failure makes Launchpad's local launcher
   stop the whole program, and it restarts nothing: the learner's and the
   replay's checkpoints make a relaunch continue where they were. Each
-  relaunch is a record in the restarts stream.
+  relaunch is a record in the restarts stream. `template`: the training
+  state's structure, which checkpoints are read into.
   """
   layout = config.layout
   if config.launch_type == 'local_mp':
@@ -272,13 +341,15 @@ def supervise(config: ExperimentConfig) -> ExitCode:
       return launch.code
     print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
           f'logs in {layout.local_logs(layout.attempts())}.', file=sys.stderr, flush=True)
+    if launch.out_of_space:  # A relaunch would fill it again.
+      print(_out_of_space(config, launch.out_of_space), file=sys.stderr, flush=True)
+      return ExitCode.NODE_FAILED
     if program_completed(config) or restarts >= config.max_restarts:
       return ExitCode.FINISHED if program_completed(config) else ExitCode.NODE_FAILED
     restarts += 1
     learner = _last(layout.records(RunLayout.LEARNER))
     logged = learner['learner_step'] if learner else 0
-    _, loaded, _ = checkpointing.latest_loadable(layout.checkpoints)
-    resumed_at = loaded[0] if loaded else 0
+    _, resumed_at = _check_checkpoints(config, template)
     record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
               'steps_lost': max(logged - resumed_at, 0)}
@@ -325,14 +396,21 @@ def main(argv):
   if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
     restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
   try:
-    data_source = validate(config)
+    data_source, template = validate(config, TRUST_PICKLED.value)
     if cluster.dry_run:  # Nothing written: the run directory only read.
       check_config(config)
       print(cluster_lib.dry_run(config, cluster))
       return
     resumed = write_or_check_config(config)
+    config.layout.local_logs(config.layout.attempts() + 1)  # A bucket run's node logs: a directory of this user's.
+    if TRUST_PICKLED.value:
+      _convert_pickled(config, template)
   except ValueError as e:
     raise app.UsageError(str(e))
+  except OSError as e:
+    if not storage.is_full(e):
+      raise
+    raise app.UsageError(_out_of_space(config, str(e)))
   # The data is now resolved (and cached, if a download worked): nodes must not each retry a failed download.
   os.environ[datasets.DOWNLOAD_ENV] = '0'
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
@@ -342,7 +420,17 @@ def main(argv):
     cluster_lib.submit(config, cluster)
     print(f'Submitted: the nodes write {config.run_dir}; relaunch the same command to resume it.')
     return
-  code = supervise(config)
+  try:
+    _run(config, template)
+  except OSError as e:  # The launcher's own writes (the addresses, the restart records, the plots) found no space.
+    if not storage.is_full(e):
+      raise
+    sys.exit(_fail(ExitCode.NODE_FAILED, _out_of_space(config, str(e))))
+
+
+def _run(config: ExperimentConfig, template) -> None:
+  """Runs the program (relaunched when it fails), reports, and exits with the run's code."""
+  code = supervise(config, template)
   layout = config.layout
   learner = _last(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
@@ -360,6 +448,15 @@ def main(argv):
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
                    f'; see {layout.logs}.'))
+
+
+def _convert_pickled(config: ExperimentConfig, template) -> None:
+  """Converts the run directory's pickled checkpoints and probe snapshots (`--trust_pickled_checkpoints`)."""
+  converted = (checkpointing.migrate_pickled(config.layout.checkpoints, template)
+               + snapshots.migrate_pickled(config.layout.probe_snapshots))
+  if converted:
+    print(f'Converted {len(converted)} pickled checkpoint(s) and probe snapshot(s) to msgpack files (the pickles '
+          f'removed): {", ".join(os.path.basename(path) for path in converted)}.', flush=True)
 
 
 def _fail(code: ExitCode, message: str) -> int:
