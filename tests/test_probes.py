@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,14 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import snapshots, storage
+from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.types import Transition
 from probes import plasticity, plots, probe_set
 from probes.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
-from probes.run_dir import RunLayout
+from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
 SMALL_DIAGNOSTICS = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10,
@@ -499,6 +504,22 @@ def test_a_damaged_probe_set_is_moved_aside_and_drawn_again_and_the_records_say_
   assert aside.startswith(layout.probe_set + '.damaged-') and os.path.exists(aside) and aside in problem['action']
   redrawn = probe_set.load(layout.probe_set)
   assert redrawn.replaced == aside and redrawn.num_unique_inputs == drawn.num_unique_inputs
+
+
+def test_probing_a_planted_pickle_offline_runs_no_code(tmp_path):
+  from tests.test_learning import RunsCode  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(run_dir=str(tmp_path / 'run'), agent=AgentConfig(width_multiplier=0.0625))
+  write_or_check_config(config)
+  marker = str(tmp_path / 'code_ran')
+  planted = checkpointing.path_for(config.layout.checkpoints, 5000, suffix=checkpointing.PICKLED_SUFFIX)
+  os.makedirs(config.layout.checkpoints)
+  with open(planted, 'wb') as f:
+    pickle.dump({'step': 5000, 'state': RunsCode(marker)}, f)
+  result = subprocess.run([sys.executable, '-m', 'probes.run', f'--checkpoint={planted}'], cwd=ROOT,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and f'{planted} is a pickled checkpoint' in result.stderr, result.stderr[-3000:]
+  assert checkpointing.TRUST_FLAG in result.stderr and not os.path.exists(marker)
 
 
 def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_probed_after_a_restart(setup, tmp_path):
