@@ -77,11 +77,12 @@ def validate(config: ExperimentConfig, trust_pickled: bool = False):
   placement.run_envs(config)
   spec = env.observation_spec()
   template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
-  path, _ = _check_checkpoints(config, template, trust_pickled)
-  if path is None and checkpointing.numbered(config.layout.checkpoints, suffix=checkpointing.PICKLED_SUFFIX) + \
-      checkpointing.numbered(config.layout.checkpoints):
-    raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable; move them away to start the run '
-                     f'over.')
+  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints, template, trust_pickled)
+  _warn_skipped(path, problems)
+  if problems and path is None:
+    raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable (the warnings above say why); move '
+                     f'them away to start the run over, or, for pickled ones that you trust, use '
+                     f'{checkpointing.TRUST_FLAG}.')
   pickled = snapshots.pickled(config.layout.probe_snapshots)
   if pickled and not trust_pickled:
     _warn(f'{len(pickled)} probe snapshot(s) in {config.layout.probe_snapshots} are pickled (written before they '
@@ -99,24 +100,18 @@ def _warn(message: str, key=None) -> None:
     print(f'Warning: {message}', file=sys.stderr, flush=True)
 
 
-def _check_checkpoints(config: ExperimentConfig, template,
-                       trust_pickled: bool = False) -> Tuple[Optional[str], int]:
-  """(path, step) of the checkpoint a launch resumes from ((None, 0): none), warning of the newer ones that it
-  skips (damaged, planted, pickled)."""
-  path, loaded, problems = checkpointing.latest_loadable(config.layout.checkpoints, template, trust_pickled)
+def _warn_skipped(path: Optional[str], problems: List[str]) -> None:
+  """Warns of the checkpoints newer than `path` that a launch skips (damaged, planted, pickled), once each."""
   for problem in problems:
     _warn(f'{problem} {"Resuming from " + path if path else ""}', key=problem)
-  return path, loaded[0] if loaded else 0
 
 
-def _print_problems(config: ExperimentConfig, since: float) -> List[Record]:
-  """Prints the problems the nodes found (damaged files moved aside, writes that found the disk full) since
-  `since`, once each; the new ones."""
-  new = [r for r in config.layout.records(RunLayout.PROBLEMS)
-         if r.get('time', 0) >= since and (r.get('file'), r.get('problem')) not in _WARNED]
-  for record in new:
-    _warn(f'{record.get("problem")} {record.get("action")}', key=(record.get('file'), record.get('problem')))
-  return new
+def _print_problems(config: ExperimentConfig, since: float) -> None:
+  """Prints the problems the nodes recorded (damaged files moved aside, writes that found the disk full) since
+  `since`, once each."""
+  for record in config.layout.records(RunLayout.PROBLEMS):
+    if record.get('time', 0) >= since:
+      _warn(f'{record.get("problem")} {record.get("action")}', key=(record.get('file'), record.get('problem')))
 
 
 def _out_of_space(config: ExperimentConfig, what: str) -> str:
@@ -349,7 +344,9 @@ def supervise(config: ExperimentConfig, template) -> ExitCode:
     restarts += 1
     learner = _last(layout.records(RunLayout.LEARNER))
     logged = learner['learner_step'] if learner else 0
-    _, resumed_at = _check_checkpoints(config, template)
+    path, loaded, problems = checkpointing.latest_loadable(layout.checkpoints, template)
+    _warn_skipped(path, problems)
+    resumed_at = loaded[0] if loaded else 0
     record = {'restart': restarts, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
               'steps_lost': max(logged - resumed_at, 0)}
