@@ -159,7 +159,8 @@ def bucket(monkeypatch):
   return fs
 
 
-def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
+def test_a_run_directory_on_a_bucket_goes_through_epath(bucket, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # Where the node logs' private directory is made.
   layout = RunLayout('gs://bucket/run')
   assert not storage.is_local(layout.root) and storage.is_local('/tmp/run')
   # Two nodes write their own objects (no append); every reader gets the merged stream.
