@@ -1,12 +1,28 @@
-"""Atomic, self-describing checkpoints of pytrees (numpy leaves, pickled).
+"""Checkpoints of pytrees: msgpack files of arrays and nothing that runs, each with a checksum of its content.
 
-Pickle of host numpy arrays keeps checkpoints loadable without the process
-that wrote them (the offline probe, a resumed run). Each is written all or
-nothing (`storage.write_atomically`: a fsynced temporary file renamed into
-place, or one object upload on a bucket), so a crash never leaves a
-half-written checkpoint; one that is damaged all the same (a full disk, a
-foreign file) is reported by name and skipped for the one before it
+A file is one msgpack map (`encode`): `format`, `version`, the learner
+`step`, the `sha256` of the payload, and the `payload`: the tree as
+`flax.serialization` writes it (nested maps of arrays, a NamedTuple's fields
+by name). Reading it decodes maps, arrays and numbers, never code or classes.
+The checksum is verified before anything else: damage that would still decode
+(zeros in an array's bytes) is refused, by name, like a file cut short
+(`Damaged`). The tree's structure comes from a template that the code builds
+(a fresh training state, optax's NamedTuples included; `jax.eval_shape` of
+one serves, so that a reader that only checks need not compute), never from
+the file, and the file's shapes and dtypes must be the template's; without a
+template, a tree comes back as the nested dicts it is (a snapshot's haiku
+parameters).
+
+Each file is written all or nothing (`storage.write_atomically`: a fsynced
+temporary file renamed into place, or one object upload on a bucket), so a
+crash never leaves a half-written checkpoint; one that is damaged all the
+same, or planted, is reported by name and skipped for the one before it
 (`latest_loadable`).
+
+Checkpoints written before (`.pkl`) are pickles, which run any code they
+name when read: they are only listed and named in a problem, and read
+(`trust_pickled`; `--trust_pickled_checkpoints`) when the user says whoever
+could write them is trusted, which converts them (`migrate_pickled`).
 """
 
 import os
@@ -15,41 +31,122 @@ import re
 from typing import Any, List, Optional, Tuple
 
 from absl import logging
+from flax import serialization
 import jax
+import msgpack
 import numpy as np
 
 from agents import storage
 
-PREFIX = 'learner_'  # A checkpoint's file name: learner_<step>.pkl.
+PREFIX = 'learner_'  # A checkpoint's file name: learner_<step>.msgpack.
+SUFFIX = '.msgpack'
+PICKLED_SUFFIX = '.pkl'  # Checkpoints written before this format.
+FORMAT = 'plasticity-rl tree'
+VERSION = 1
+TRUST_FLAG = '--trust_pickled_checkpoints'
 
 
-def path_for(directory: str, step: int, prefix: str = PREFIX) -> str:
+class CheckpointError(ValueError):
+  """A file in a checkpoint directory that is not a readable checkpoint (of this configuration)."""
+
+
+class Damaged(CheckpointError):
+  """A file that is not a whole checkpoint: its content does not match its checksum, or does not decode."""
+
+
+class Pickled(CheckpointError):
+  """A pickled checkpoint (the format before), not read unless its writers are trusted."""
+
+
+def path_for(directory: str, step: int, prefix: str = PREFIX, suffix: str = SUFFIX) -> str:
   """The file of learner step `step` in `directory` (a checkpoint; other step-numbered files by their prefix)."""
-  return os.path.join(directory, f'{prefix}{int(step):09d}.pkl')
+  return os.path.join(directory, f'{prefix}{int(step):09d}{suffix}')
+
+
+def encode(step: int, tree: Any) -> bytes:
+  """A checkpoint file's bytes: `tree` (arrays, nested dicts, lists, tuples, NamedTuples) at learner step `step`."""
+  state = serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, jax.device_get(tree)))
+  payload = serialization.msgpack_serialize(state)
+  return msgpack.packb({'format': FORMAT, 'version': VERSION, 'step': int(step), 'sha256': storage.checksum(payload),
+                        'payload': payload}, use_bin_type=True)
+
+
+def decode(data: bytes, location: str, template: Any = None) -> Tuple[int, Any]:
+  """(step, tree) of a checkpoint file's bytes, the tree in `template`'s structure if given (see the module's
+  docstring); `Damaged` or `CheckpointError` naming `location` if it is not a whole checkpoint of that structure."""
+  try:
+    header = msgpack.unpackb(data, raw=False)  # No ext_hook: nothing but maps, strings, numbers and bytes.
+  except Exception as e:  # pylint: disable=broad-except  msgpack raises many kinds on bytes that are not msgpack.
+    raise Damaged(f'{location} is not a readable checkpoint ({type(e).__name__}: {e}).') from e
+  if not isinstance(header, dict) or header.get('format') != FORMAT or not isinstance(header.get('version'), int):
+    raise Damaged(f'{location} is not a readable checkpoint (not a {FORMAT} file).')
+  if header['version'] != VERSION:
+    raise CheckpointError(f'{location} is a checkpoint of format version {header.get("version")!r}, not '
+                          f'{VERSION}: written by another version of this code.')
+  payload, step = header.get('payload'), header.get('step')
+  if not isinstance(payload, bytes) or storage.checksum(payload) != header.get('sha256'):
+    raise Damaged(f'{location} is damaged: its content does not match its checksum.')
+  if not isinstance(step, int):
+    raise Damaged(f'{location} is not a readable checkpoint (its step is {step!r}).')
+  try:
+    state = serialization.msgpack_restore(payload)
+  except Exception as e:  # pylint: disable=broad-except
+    raise Damaged(f'{location} is not a readable checkpoint ({type(e).__name__}: {e}).') from e
+  return step, state if template is None else restore(state, template, location)
+
+
+def restore(state: Any, template: Any, location: str) -> Any:
+  """A decoded state dict in `template`'s structure, its shapes and dtypes checked against it; a NamedTuple
+  field with a default that the file lacks (added since it was written) is the template's."""
+  if _is_namedtuple(template) and isinstance(state, dict):
+    state = {**{name: serialization.to_state_dict(getattr(template, name))
+                for name in template._field_defaults if name not in state}, **state}
+  try:
+    tree = serialization.from_state_dict(template, state)
+  except Exception as e:  # pylint: disable=broad-except  flax raises ValueError, KeyError, AttributeError, ...
+    raise CheckpointError(_other_shape(location, f'{type(e).__name__}: {e}')) from e
+  if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(template):
+    raise CheckpointError(_other_shape(location, 'its tree differs'))
+  for (key, leaf), expected in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree_util.tree_leaves(template)):
+    shape = tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+    dtype = leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype
+    if shape != tuple(expected.shape) or dtype != expected.dtype:
+      raise CheckpointError(_other_shape(location, f'{jax.tree_util.keystr(key)} is {dtype}{list(shape)}, not '
+                                                   f'{expected.dtype}{list(expected.shape)}'))
+  return tree
+
+
+def _other_shape(location: str, detail: str) -> str:
+  return (f'{location} holds a training state of another shape than this configuration builds ({detail}): written '
+          f'by another version of the optimizer or network, or not by this run.')
+
+
+def _is_namedtuple(value: Any) -> bool:
+  return isinstance(value, tuple) and hasattr(value, '_fields')
 
 
 def write(directory: str, step: int, tree: Any, prefix: str = PREFIX) -> str:
-  """`tree` at learner step `step` as host numpy arrays, written all or nothing; the path written."""
+  """`tree` at learner step `step`, written all or nothing; the path written."""
   path = path_for(directory, step, prefix)
-  state = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-  storage.write_atomically(path, pickle.dumps({'step': int(step), 'state': state}, protocol=pickle.HIGHEST_PROTOCOL))
+  storage.write_atomically(path, encode(step, tree))
   return path
 
 
 def save(directory: str, step: int, tree: Any, keep: int = 3) -> str:
-  """A checkpoint, the older ones past the last `keep` removed."""
+  """A checkpoint, then the older ones past the last `keep` removed (files of later steps, not this run's, are
+  neither counted nor removed)."""
   path = write(directory, step, tree)
-  for _, old in numbered(directory)[:-keep]:
-    storage.path(directory, old).unlink()
+  for _, old in [found for found in numbered(directory) if found[0] <= step][:-keep]:
+    storage.path(directory, old).unlink(missing_ok=True)
   return path
 
 
-def numbered(directory: str, prefix: str = PREFIX) -> List[Tuple[int, str]]:
-  """(step, file name) of the step-numbered files of `prefix` in `directory`, by step."""
+def numbered(directory: str, prefix: str = PREFIX, suffix: str = SUFFIX) -> List[Tuple[int, str]]:
+  """(step, file name) of the step-numbered files of `prefix` and `suffix` in `directory`, by step."""
   folder = storage.path(directory)
   if not folder.is_dir():
     return []
-  pattern = re.compile(rf'^{re.escape(prefix)}(\d+)\.pkl$')
+  pattern = re.compile(rf'^{re.escape(prefix)}(\d+){re.escape(suffix)}$')
   return sorted((int(m.group(1)), child.name) for child in folder.iterdir() if (m := pattern.match(child.name)))
 
 
@@ -58,30 +155,65 @@ def latest(directory: str) -> Optional[str]:
   return os.path.join(directory, found[-1][1]) if found else None
 
 
-class CheckpointError(ValueError):
-  """A file in the checkpoint directory that is not a readable checkpoint."""
+def load(path: str, template: Any = None) -> Tuple[int, Any]:
+  """(step, tree) of a checkpoint (see `decode`); a CheckpointError naming the file if it is damaged, foreign,
+  of another structure or pickled (a file that is gone is not: FileNotFoundError)."""
+  if path.endswith(PICKLED_SUFFIX):
+    raise Pickled(f'{path} is a pickled checkpoint (the format before {SUFFIX}), not read: a pickle runs any code it '
+                  f'names. If everyone who could write {os.path.dirname(path) or "."} is trusted, use '
+                  f'{TRUST_FLAG} to read it (launch.train converts it).')
+  return decode(storage.path(path).read_bytes(), path, template)
 
 
-def load(path: str) -> Tuple[int, Any]:
-  """(step, state) of a checkpoint; a CheckpointError naming the file if it is damaged or foreign (a file that is
-  gone is not: FileNotFoundError)."""
+def load_pickled(path: str, template: Any = None) -> Tuple[int, Any]:
+  """(step, tree) of a pickled checkpoint, as `load` gives a checkpoint. Executes whatever the pickle names:
+  trusted files only."""
+  step, state = _pickled_state(path, template)
+  return step, state if template is None else restore(state, template, path)
+
+
+def _pickled_state(path: str, template: Any = None) -> Tuple[int, Any]:
+  """(step, state dict) of a pickled checkpoint; a plain tuple of the template NamedTuple's fields by their
+  names."""
   try:
     payload = pickle.loads(storage.path(path).read_bytes())
-    return int(payload['step']), payload['state']
+    step, state = int(payload['step']), payload['state']
   except FileNotFoundError:
     raise
   except Exception as e:  # pylint: disable=broad-except  Unpickling raises anything a damaged file makes it.
-    raise CheckpointError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}).') from e
+    raise Damaged(f'{path} is not a readable pickled checkpoint ({type(e).__name__}: {e}).') from e
+  if _is_namedtuple(template) and isinstance(state, (tuple, list)) and not _is_namedtuple(state):
+    state = dict(zip(template._fields, state))  # Written as a plain tuple of the training state's fields.
+  return step, serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, state))
 
 
-def latest_loadable(directory: str) -> Tuple[Optional[str], Optional[Tuple[int, Any]], List[str]]:
-  """(path, (step, state)) of the newest checkpoint that loads, and the messages of the newer ones that did not."""
+def latest_loadable(directory: str, template: Any = None, trust_pickled: bool = False
+                    ) -> Tuple[Optional[str], Optional[Tuple[int, Any]], List[str]]:
+  """(path, (step, tree)) of the newest checkpoint that loads into `template`, and the messages of the newer files
+  that did not (damaged, planted, of another structure, pickled unless `trust_pickled`)."""
+  found = numbered(directory) + numbered(directory, suffix=PICKLED_SUFFIX)
   problems = []
-  for _, name in reversed(numbered(directory)):
+  for _, name in sorted(found, key=lambda item: (item[0], item[1].endswith(SUFFIX)), reverse=True):
     path = os.path.join(directory, name)
     try:
-      return path, load(path), problems
-    except (CheckpointError, FileNotFoundError) as e:  # Damaged, or removed since it was listed.
+      if trust_pickled and name.endswith(PICKLED_SUFFIX):
+        return path, load_pickled(path, template), problems
+      return path, load(path, template), problems
+    except (CheckpointError, FileNotFoundError) as e:  # FileNotFoundError: removed since it was listed.
       logging.warning('%s Using the checkpoint before it.', e)
       problems.append(str(e))
   return None, None, problems
+
+
+def migrate_pickled(directory: str, template: Any = None, prefix: str = PREFIX) -> List[str]:
+  """Rewrites each pickled file of `prefix` in `directory` as a checkpoint of this format (read back through
+  `template`), then removes it; the paths written. Reads pickles: only for files whose writers are trusted."""
+  written = []
+  for step, name in numbered(directory, prefix, PICKLED_SUFFIX):
+    old = os.path.join(directory, name)
+    _, state = _pickled_state(old, template)
+    path = write(directory, step, state, prefix)
+    load(path, template)  # As it will be read.
+    storage.path(old).unlink()
+    written.append(path)
+  return written

@@ -47,6 +47,12 @@ class Diverged(Exception):
     self.metrics = metrics
 
 
+def initial_state(agent: AgentParts, seed: int, dummy_observation: np.ndarray) -> TrainingState:
+  """The training state a run starts from, and the structure its checkpoints are read into (`jax.eval_shape` of
+  it, where nothing should compute: the launcher)."""
+  return init_state(agent.network, agent.optimizer, jax.random.PRNGKey(seed), np.asarray(dummy_observation)[None])
+
+
 class Learner:
 
   def __init__(self, agent: AgentParts, config: AgentConfig, iterator: Iterator[Transition],
@@ -71,24 +77,18 @@ class Learner:
     self._target_update = jax.jit(make_target_update(agent.network, agent.target_update_hooks, dummy))
     self._has_hooks = bool(agent.target_update_hooks)
     self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
-    self._state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(seed), dummy)
+    self._state = initial_state(agent, seed, dummy_observation)
     self._restored_from = None
     if checkpoint_dir:
-      path, loaded, problems = checkpointing.latest_loadable(checkpoint_dir)
+      # Read into a fresh state's structure (optax's NamedTuples come from the code, never from the file).
+      path, loaded, problems = checkpointing.latest_loadable(checkpoint_dir, template=self._state)
       if path is None and problems:
         raise checkpointing.CheckpointError(f'No checkpoint in {checkpoint_dir} is readable ({" ".join(problems)}); '
                                             f'move them away to start the run over.')
-    if checkpoint_dir and path is not None:
-      # A checkpoint written before a TrainingState field existed lacks it: it is taken from the fresh state,
-      # exactly for initial_params (the initialisation is a function of the seed, which a resumed run keeps).
-      restored = TrainingState(*loaded[1], *self._state[len(loaded[1]):])
-      if jax.tree_util.tree_structure(restored) != jax.tree_util.tree_structure(self._state):
-        raise checkpointing.CheckpointError(
-            f'{path} holds a training state of another shape than this configuration builds (written by an older '
-            f'version of the optimizer or network?); resume it with the version that wrote it, or start a new run.')
-      self._state = jax.tree_util.tree_map(jax.numpy.asarray, restored)
-      self._restored_from = path
-      logging.info('Learner restored step %d from %s', self.step_count, path)
+      if path is not None:
+        self._state = jax.tree_util.tree_map(jax.numpy.asarray, loaded[1])
+        self._restored_from = path
+        logging.info('Learner restored step %d from %s', self.step_count, path)
     # (params, target params) of the latest step as measurers see them (module docstring) when interventions
     # made them differ from the state's; None: the state's.
     self._measured: Optional[Tuple[object, object]] = None
@@ -218,7 +218,7 @@ class Learner:
       self._snapshot_step = self.step_count
 
   def save(self) -> str:
-    return checkpointing.save(self._checkpoint_dir, self.step_count, tuple(self._state))
+    return checkpointing.save(self._checkpoint_dir, self.step_count, self._state)
 
   def get_params(self, held_step: Optional[int] = None) -> Optional[tuple]:
     """(learner step, parameters as numpy), published every `log_every` steps and at the end.

@@ -3,17 +3,18 @@
 The learner writes one at each step its measurer asked for (the evaluator's
 probe points), so a point outlives the measuring process: a restarted or
 relaunched evaluator finds the points it has not yet measured on disk. Each
-file is written whole (`storage.write_atomically`: a relaunched learner
-repeating a step replaces it whole) and removed by its reader once measured.
+file is a checkpoint (`agents/checkpointing.py`: msgpack, with a checksum),
+written whole (`storage.write_atomically`: a relaunched learner repeating a
+step replaces it whole) and removed by its reader once measured.
 """
 
 import os
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 from agents import checkpointing, storage
 from agents.types import Params
 
-PREFIX = ''  # A snapshot's file name: <step>.pkl.
+PREFIX = ''  # A snapshot's file name: <step>.msgpack.
 
 
 def path_for(directory: str, step: int) -> str:
@@ -22,7 +23,7 @@ def path_for(directory: str, step: int) -> str:
 
 
 def save(directory: str, step: int, params: Params, target_params: Params) -> str:
-  """Writes (step, parameters, target parameters) as host numpy arrays, as a checkpoint is; the path written."""
+  """Writes (step, parameters, target parameters) as a checkpoint is; the path written."""
   return checkpointing.write(directory, step, {'params': params, 'target_params': target_params}, PREFIX)
 
 
@@ -31,9 +32,24 @@ def saved(directory: str) -> List[Tuple[int, str]]:
   return [(step, os.path.join(directory, name)) for step, name in checkpointing.numbered(directory, PREFIX)]
 
 
-def load(path: str) -> Tuple[int, Params, Params]:
-  """(step, parameters, target parameters) of a snapshot file."""
-  step, state = checkpointing.load(path)
+def pickled(directory: str) -> List[str]:
+  """The snapshots written before (pickled), which are not read (`migrate_pickled`)."""
+  return [os.path.join(directory, name)
+          for _, name in checkpointing.numbered(directory, PREFIX, checkpointing.PICKLED_SUFFIX)]
+
+
+def migrate_pickled(directory: str) -> List[str]:
+  """Rewrites the pickled snapshots as checkpoints of today's format (reading pickles: trusted files only)."""
+  return checkpointing.migrate_pickled(directory, prefix=PREFIX)
+
+
+def load(path: str, params_template: Any = None) -> Tuple[int, Params, Params]:
+  """(step, parameters, target parameters) of a snapshot file; both checked against `params_template` if given.
+  A `checkpointing.CheckpointError` naming the file if it is damaged, planted or of other parameters."""
+  template = None if params_template is None else {'params': params_template, 'target_params': params_template}
+  step, state = checkpointing.load(path, template)
+  if template is None and (not isinstance(state, dict) or set(state) != {'params', 'target_params'}):
+    raise checkpointing.CheckpointError(f'{path} is not a parameter snapshot (it holds {type(state).__name__}).')
   return step, state['params'], state['target_params']
 
 

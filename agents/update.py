@@ -26,9 +26,9 @@ class TrainingState(NamedTuple):
   opt_state: optax.OptState
   step: jax.Array  # Number of updates applied so far.
   rng: jax.Array
-  # theta_0, what l2_init pulls towards. Last and defaulted so that a checkpoint
-  # written before it existed (5 fields) still makes a TrainingState (probes.run);
-  # the learner fills it in from its seed's initialisation (agents/learner.py).
+  # theta_0, what l2_init pulls towards. Last and defaulted: a checkpoint written
+  # before it existed (5 fields) takes it from the template it is read into
+  # (agents/checkpointing.py), the learner's fresh state of the run's seed.
   initial_params: Optional[Params] = None
 
 

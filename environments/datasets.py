@@ -126,10 +126,30 @@ CIFAR10_DIR = 'cifar-10-batches-py'
 CIFAR10_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
 
 
+class _ArraysOnly(pickle.Unpickler):
+  """Unpickles numpy arrays and builtin values, nothing else: a pickle can call any function it names, and the
+  CIFAR-10 batches are pickles from wherever the data directory was filled."""
+
+  ALLOWED = {
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'), ('numpy', 'ndarray'),
+      ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+      ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),  # Protocol 5's arrays.
+      ('_codecs', 'encode'),  # How Python 3 pickles bytes at protocol 2.
+      *(('builtins', name) for name in ('set', 'frozenset', 'bytearray', 'complex', 'slice')),
+      *(('__builtin__', name) for name in ('set', 'frozenset', 'bytearray', 'complex', 'slice')),  # Python 2's.
+  }
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f'it names {module}.{name}, which is neither a numpy array nor a builtin value '
+                                   f'(refused: a pickle can run any function it names)')
+    return super().find_class(module, name)
+
+
 def _read_cifar10_batch(path: str) -> Arrays:
   try:
     with open(path, 'rb') as f:
-      batch = pickle.load(f, encoding='bytes')
+      batch = _ArraysOnly(f, encoding='bytes').load()
     data, labels = np.asarray(batch[b'data'], dtype=np.uint8), np.asarray(batch[b'labels'], dtype=np.int64)
   except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f'{path} is not a CIFAR-10 python batch (a pickled dict with b"data" uint8 [N, 3072] and '

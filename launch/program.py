@@ -45,7 +45,7 @@ from launch import network
 from launch import placement, replay
 from probes.evaluation import EpisodeEvaluator, FrameSchedule, action_repeat, evaluation_seed
 from launch import supervisor
-from probes.run_dir import ExperimentConfig, RunLayout
+from probes.run_dir import ExperimentConfig, RunLayout, reporting_full_disk
 from probes.evaluator import WRITER as EVALUATOR_WRITER, Evaluator, ParamsSource
 
 
@@ -134,7 +134,8 @@ class LearnerNode:
 
   def run(self) -> None:
     try:
-      self._learner.run(self._config.max_learner_steps, should_stop=_stop_requested)
+      with reporting_full_disk(self._config.layout, 'learner'):  # A full disk: the launcher names it.
+        self._learner.run(self._config.max_learner_steps, should_stop=_stop_requested)
       logging.info('Learner finished at step %d.', self._learner.step_count)
     except Diverged:  # Logged and recorded by the learner; the evaluator still probes the last finite state.
       pass
@@ -214,8 +215,9 @@ class ActorNode:
       except StopRequested:
         return None  # The actor stops.
 
-    run_actor(self._config, self._actor_id, self._attempt, params_source, self._replay_client,
-              should_stop=_stop_requested, restart=supervisor.node_restart())
+    with reporting_full_disk(self._config.layout, actor_writer(self._actor_id)):
+      run_actor(self._config, self._actor_id, self._attempt, params_source, self._replay_client,
+                should_stop=_stop_requested, restart=supervisor.node_restart())
 
 
 def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: ParamsSource, replay_address: str,
@@ -275,8 +277,9 @@ class EvaluatorNode:
     evaluator = make_evaluator(config, config.layout, learner['get_snapshot'],
                                self._replay_client.server_address, seed=config.seed, attempt=self._attempt)
     # The learner writes the probe points' snapshots (`snapshot_every`); they wait in the run directory.
-    evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
-                  should_stop=should_stop, take_snapshots=False)
+    with reporting_full_disk(config.layout, EVALUATOR_WRITER):
+      evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
+                    should_stop=should_stop, take_snapshots=False)
     done = self._evaluation is None or wait_until_finished(self._evaluation, should_stop)
     if done and not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
       lp.stop()
@@ -323,8 +326,8 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
   program = lp.Program(name='plasticity')
   with program.group('replay'):
     replay_handle = program.add_node(replay.ReplayNode(
-        lambda: replay.make_tables(config.replay, observation_spec), config.layout.replay_checkpoint,
-        config.layout.replay_status, config.replay.checkpoint_every_minutes).on_host(config.bind_host))
+        lambda: replay.make_tables(config.replay, observation_spec), config.layout,
+        config.replay.checkpoint_every_minutes).on_host(config.bind_host))
   with program.group('learner'):
     learner = program.add_node(CourierNode(LearnerNode, config, attempt, replay_handle).on_host(config.bind_host))
   with program.group('actor'):

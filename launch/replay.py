@@ -10,7 +10,6 @@ Two tables share every inserted transition (Reverb stores the data once):
 
 import json
 import os
-import shutil
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,6 +29,7 @@ from agents.prefetch import Prefetcher
 from agents.types import StopRequested, Transition
 from launch import network
 from probes import probe_set
+from probes.run_dir import RunLayout, report_problem, reporting_full_disk
 
 REPLAY_TABLE = 'replay'
 PROBE_TABLE = 'probe'
@@ -59,47 +59,84 @@ def make_tables(config: ReplayConfig, observation_spec: dm_env.specs.Array) -> L
 
 
 class ReplayNode(network.OnHost, reverb_node.ReverbNode):
-  """Launchpad's Reverb node, with Reverb's checkpoints of both tables under `checkpoint_root`, its address on
-  the run's `--bind_host` (`.on_host(...)`).
+  """Launchpad's Reverb node, with Reverb's checkpoints of both tables in `layout.replay_checkpoint`, its address
+  on the run's `--bind_host` (`.on_host(...)`).
 
   At its start the server restores the latest checkpoint there (data and the
   rate limiter's counters: sampling goes on where it stopped, each actor insert
-  freeing samples_per_insert more; no refill from `min_size`). A damaged
-  latest checkpoint is moved aside (`<root>.bad-<time>`) and the replay starts
-  empty. It checkpoints every `every_minutes` and once more at a clean stop
-  (Launchpad's node does not), writing `status_path` for the launcher. Reverb
-  keeps one checkpoint and deletes anything else in `checkpoint_root`.
+  freeing samples_per_insert more; no refill from `min_size`). It checkpoints
+  every `every_minutes` and once more at a clean stop (Launchpad's node does
+  not), writing the replay's status file for the launcher; beside Reverb's
+  `DONE` in each checkpoint it writes `checksums.json`, the sha256 of each of
+  its files, checked at the next start. A checkpoint whose data fails to load
+  (a checksum that does not match, or Reverb cannot read it) is moved aside
+  (`<root>.damaged-<time>`, a problem record for the launcher) and the replay
+  starts empty; any other start-up error (the port taken, memory) fails the
+  node, its checkpoint kept. Reverb keeps one checkpoint and deletes anything
+  else in the root.
   """
 
-  def __init__(self, tables_fn: Callable[[], List[reverb.Table]], checkpoint_root: str, status_path: str,
-               every_minutes: float):
+  def __init__(self, tables_fn: Callable[[], List[reverb.Table]], layout: RunLayout, every_minutes: float):
     super().__init__(tables_fn)
-    self._root = checkpoint_root
-    self._status_path = status_path
+    self._layout = layout
+    self._root = layout.replay_checkpoint
     self._every_minutes = every_minutes
     self._state: Dict[str, object] = {}
 
   def _status(self, **status) -> None:
     """Updates the status file: what was restored at the start stays in it."""
     self._state = {**self._state, **status, 'time': time.time()}
-    storage.write_atomically(self._status_path, json.dumps(self._state).encode())
+    storage.write_atomically(self._layout.replay_status, json.dumps(self._state).encode())
+
+  def _checkpointer(self) -> Optional[reverb.checkpointers.DefaultCheckpointer]:
+    return reverb.checkpointers.DefaultCheckpointer(path=self._root) if self._every_minutes else None
 
   def _server(self, port: int) -> reverb.Server:
-    checkpointer = reverb.checkpointers.DefaultCheckpointer(path=self._root) if self._every_minutes else None
+    """The server, restored from the latest checkpoint unless its data fails to load (see the class docstring)."""
+    latest = _latest_checkpoint(self._root) if self._every_minutes else ''
+    problem = latest and damage(latest)
+    if problem:
+      self._move_aside(problem)
     try:
-      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=checkpointer)
-    except (RuntimeError, ValueError) as e:  # A damaged checkpoint, or one of other tables.
-      aside = f'{self._root}.bad-{time.strftime("%Y%m%d-%H%M%S")}'
-      logging.error('The replay checkpoint in %s is unreadable (%s); moved to %s, starting empty.', self._root, e,
-                    aside)
-      shutil.move(self._root, aside)
-      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=checkpointer)
+      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=self._checkpointer())
+    except (RuntimeError, ValueError) as e:
+      if problem or not latest or self._loads():  # Not the checkpoint's data: the port, or anything else.
+        raise
+      self._move_aside(f'The replay checkpoint {latest} does not load ({type(e).__name__}: {e}).')
+      return reverb.Server(self._priority_tables_fn(), port=port, checkpointer=self._checkpointer())
+
+  def _loads(self) -> bool:
+    """Whether the latest checkpoint loads, in a server of its own on a free port: what tells its data from the
+    other errors of a start (a port taken meanwhile)."""
+    try:
+      trial = reverb.Server(self._priority_tables_fn(), port=None, checkpointer=self._checkpointer())
+    except (RuntimeError, ValueError):
+      return False
+    trial.stop()
+    return True
+
+  def _move_aside(self, problem: str) -> None:
+    report_problem(self._layout, 'replay', self._root, problem,
+                   f'Moved to {storage.move_aside(self._root)}; the replay starts empty.')
+    storage.path(self._root).mkdir(parents=True, exist_ok=True)
+
+  def _checkpoint(self, client: reverb.Client) -> str:
+    """Reverb's checkpoint of both tables, then its checksums; its path."""
+    path = client.checkpoint()
+    files = {child.name: storage.file_checksum(child) for child in storage.path(path).iterdir()
+             if child.name != CHECKSUMS}
+    storage.write_atomically(os.path.join(path, CHECKSUMS), json.dumps({'sha256': files}, indent=1).encode())
+    return path
 
   def run(self) -> None:
+    with reporting_full_disk(self._layout, 'replay'):  # A full disk: the launcher names it.
+      self._run()
+
+  def _run(self) -> None:
     storage.path(self._root).mkdir(parents=True, exist_ok=True)
-    restored_from = _latest_checkpoint(self._root)
     address = self._address.resolve()
     server = self._server(lp_address.get_port_from_address(address))
+    restored_from = _latest_checkpoint(self._root)
     client = reverb.Client(address)  # Not `server.localhost_client()`: the server is on --bind_host only.
     sizes = _sizes(client)
     if restored_from and any(sizes.values()):
@@ -111,11 +148,14 @@ class ReplayNode(network.OnHost, reverb_node.ReverbNode):
       worker_manager.wait_for_stop()
       return
     while not worker_manager.wait_for_stop(self._every_minutes * 60):
-      client.checkpoint()
+      self._checkpoint(client)
     self._status(state='writing the replay checkpoint', items=_sizes(client))
     start = time.time()
-    path = client.checkpoint()
+    path = self._checkpoint(client)
     self._status(state='replay checkpoint written', path=path, items=_sizes(client), seconds=time.time() - start)
+
+
+CHECKSUMS = 'checksums.json'  # In each Reverb checkpoint directory, beside Reverb's DONE: {'sha256': {file: hex}}.
 
 
 def _sizes(client: reverb.Client) -> Dict[str, int]:
@@ -124,8 +164,27 @@ def _sizes(client: reverb.Client) -> Dict[str, int]:
 
 def _latest_checkpoint(root: str) -> str:
   """The checkpoint Reverb restores: the last-sorting directory holding DONE ('' if none)."""
+  if not storage.path(root).is_dir():
+    return ''
   done = sorted(child.name for child in storage.path(root).iterdir() if (child / 'DONE').exists())
   return os.path.join(root, done[-1]) if done else ''
+
+
+def damage(checkpoint: str) -> str:
+  """What is wrong with a Reverb checkpoint's files by its checksums ('': nothing, or one written before them)."""
+  marker = storage.path(checkpoint, CHECKSUMS)
+  if not marker.exists():
+    return ''
+  try:
+    files = json.loads(marker.read_text())['sha256']
+    names = [name for name in files if os.path.basename(name) == name]
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return f'The replay checkpoint {checkpoint} is damaged: {CHECKSUMS} is not readable.'
+  for name in names:
+    location = storage.path(checkpoint, name)
+    if not location.exists() or storage.file_checksum(location) != files[name]:
+      return f'The replay checkpoint {checkpoint} is damaged: {name} does not match its checksum.'
+  return ''
 
 
 class ReverbSink:

@@ -10,10 +10,16 @@ directory's files are described in WORKSPACE.md.
 
 Exit codes (every command of this project uses them): 0 finished; 1 bad input
 or usage (a run directory in use by another launch, servers that would listen
-beyond --bind_host included); 2 a node failed; 3 the learner diverged; 4
-training finished without some probe points (the evaluator failed past its
-restarts and was disabled; a relaunch probes them); 130 interrupted (SIGINT,
-SIGTERM or SIGHUP).
+beyond --bind_host included); 2 a node failed (or the run directory's disk is
+full); 3 the learner diverged; 4 training finished without some probe points
+(the evaluator failed past its restarts and was disabled; a relaunch probes
+them); 130 interrupted (SIGINT, SIGTERM or SIGHUP).
+
+Checkpoints written before they were msgpack files are pickles, which run
+any code they name when read: they are not read unless
+--trust_pickled_checkpoints says whoever could write the run directory is
+trusted, and then converted (with the pickled probe snapshots) before the
+launch.
 """
 
 import enum
@@ -29,12 +35,15 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
+import jax
+import numpy as np
 import psutil
 
 import environments
 from environments import datasets
-from agents import checkpointing, storage
+from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
+from agents.learner import initial_state
 from launch import cluster as cluster_lib
 from launch import flags as run_flags
 from launch import network
@@ -56,6 +65,11 @@ POLL_S = 1.0  # How often the launcher looks at a live launch (lock, watchdog, l
 PROGRESS_EVERY_S = 10.0  # How often it prints the progress line.
 LOOK_EVERY_S = 5.0  # How often it reads the nodes' listening sockets.
 
+TRUST_PICKLED = flags.DEFINE_bool(
+    'trust_pickled_checkpoints', False, 'Read the run directory\'s pickled checkpoints and probe snapshots (written '
+    'before they were msgpack files) and convert them. A pickle runs any code it names: only if everyone who could '
+    'write the run directory is trusted.')
+
 
 class ExitCode(enum.IntEnum):
   FINISHED = 0
@@ -66,18 +80,57 @@ class ExitCode(enum.IntEnum):
   INTERRUPTED = 130
 
 
-def validate(config: ExperimentConfig) -> str:
-  """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch."""
+def validate(config: ExperimentConfig, trust_pickled: bool = False):
+  """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch, and
+  warns of the files it cannot read. (data source, the training state's structure: `jax.eval_shape`, so that the
+  launcher's own JAX computes nothing and takes no GPU memory.)"""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
-  make_agent(config.agent, env.action_spec().num_values)
+  agent = make_agent(config.agent, env.action_spec().num_values)
   placement.run_envs(config)
-  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints)
-  for problem in problems:
-    print(f'Warning: {problem} {"Resuming from " + path if path else ""}', file=sys.stderr)
+  spec = env.observation_spec()
+  template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
+  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints, template, trust_pickled)
+  _warn_skipped(path, problems)
   if problems and path is None:
-    raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable; move them away to start the run '
-                     f'over.')
-  return env.data_source
+    raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable (the warnings above say why); move '
+                     f'them away to start the run over, or, for pickled ones that you trust, use '
+                     f'{checkpointing.TRUST_FLAG}.')
+  pickled = snapshots.pickled(config.layout.probe_snapshots)
+  if pickled and not trust_pickled:
+    _warn(f'{len(pickled)} probe snapshot(s) in {config.layout.probe_snapshots} are pickled (written before they '
+          f'were msgpack files): not probed. {checkpointing.TRUST_FLAG} converts them.')
+  return env.data_source, template
+
+
+_WARNED = set()  # The problems this launcher has printed (a problem record's file and text).
+
+
+def _warn(message: str, key=None) -> None:
+  """Prints a warning on the launcher's output, once."""
+  if (key or message) not in _WARNED:
+    _WARNED.add(key or message)
+    print(f'Warning: {message}', file=sys.stderr, flush=True)
+
+
+def _warn_skipped(path: Optional[str], problems: List[str]) -> None:
+  """Warns of the checkpoints newer than `path` that a launch skips (damaged, planted, pickled), once each."""
+  for problem in problems:
+    _warn(f'{problem} {"Resuming from " + path if path else ""}', key=problem)
+
+
+def _print_problems(config: ExperimentConfig, since: float) -> None:
+  """Prints the problems the nodes recorded (damaged files moved aside, writes that found the disk full) since
+  `since`, once each."""
+  for record in config.layout.records(RunLayout.PROBLEMS):
+    if record.get('time', 0) >= since:
+      _warn(f'{record.get("problem")} {record.get("action")}', key=(record.get('file'), record.get('problem')))
+
+
+def _out_of_space(config: ExperimentConfig, what: str) -> str:
+  latest = checkpointing.latest(config.layout.checkpoints)
+  return (f'The file system of {config.run_dir} is full: {what} Free space there (or move the run directory), then '
+          f'relaunch the same command: the run resumes from its last checkpoint'
+          f'{" (" + latest + ")" if latest else ""}.')
 
 
 def _last(records: List[Record]) -> Optional[Record]:
@@ -202,6 +255,7 @@ class Launch(NamedTuple):
   failed_nodes: Tuple[str, ...] = ()  # The nodes whose processes exited abnormally (local_mp).
   evaluator_disabled: bool = False  # The evaluator failed past its restarts; training went on without it.
   refused: str = ''  # Why the launcher stopped the launch itself: a server beyond --bind_host, the lock lost.
+  out_of_space: str = ''  # A node's write that found the run directory's disk full: no relaunch would help.
 
 
 _STOP_SIGNAL = threading.Event()  # A SIGINT, SIGTERM or SIGHUP came (a user's, or a node's lp.stop()).
@@ -326,6 +380,11 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   from launchpad.launch import worker_manager
   launched = time.time()
   worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
+  # Temporary files of writes that never finished (a node killed mid-write): no node of this run writes now.
+  swept = storage.sweep_temporaries(config.run_dir, before=launched)
+  if swept:
+    print(f'Removed {len(swept)} temporary file(s) of unfinished writes ({", ".join(swept[:3])}'
+          f'{", ..." if len(swept) > 3 else ""}).', flush=True)
   attempt = config.layout.attempts() + 1
   storage.path(config.layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)  # Counts the launch.
   log_dir = config.layout.local_logs(attempt)
@@ -381,15 +440,18 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
         _stop_program(manager)  # No node will: the evaluator ends a run that has one.
       if time.monotonic() - printed >= PROGRESS_EVERY_S:
         printed = time.monotonic()
+        _print_problems(config, since=launched)
         print(f'[{time.strftime("%H:%M:%S")}] {progress_line(config)}', flush=True)
   finally:
     _end_launch(manager, waiter)
   program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
+  _print_problems(config, since=launched)
+  full = [r for r in config.layout.records(RunLayout.PROBLEMS) if r.get('kind') == 'full' and r['time'] >= launched]
   if config.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
     time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.loggers`).
   return Launch(bool(failure), str(failure[0]) if failure else '', _abnormal_exits(manager),
-                bool(getattr(manager, 'disabled', None)), refused)
+                bool(getattr(manager, 'disabled', None)), refused, full[0]['problem'] if full and failure else '')
 
 
 def _verdict(config: ExperimentConfig, launch: Launch) -> Optional[ExitCode]:
@@ -405,7 +467,7 @@ def _verdict(config: ExperimentConfig, launch: Launch) -> Optional[ExitCode]:
   return ExitCode.INTERRUPTED  # Stopped with work left: a user's signal.
 
 
-def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None) -> ExitCode:
+def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLock] = None) -> ExitCode:
   """Launches the program, and relaunches it from the checkpoints while a node fails with work left
   (`--max_restarts` times in a row, after `supervisor.RELAUNCH_BACKOFF`; a launch that ran `supervisor.HEALTHY_S`
   resets the count).
@@ -414,7 +476,8 @@ def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None)
   (`launch.supervisor`); any other failure makes Launchpad's local launcher
   stop the whole program, and it restarts nothing: the learner's and the
   replay's checkpoints make a relaunch continue where they were. Each
-  relaunch is a record in the restarts stream.
+  relaunch is a record in the restarts stream. `template`: the training
+  state's structure, which checkpoints are read into.
   """
   layout = config.layout
   if not flags.FLAGS['lp_termination_notice_secs'].present:
@@ -431,6 +494,9 @@ def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None)
       return verdict
     print(f'A node of the program failed ({launch.cause}; {", ".join(launch.failed_nodes) or "see the logs"}); '
           f'logs in {layout.local_logs(layout.attempts())}.', file=sys.stderr, flush=True)
+    if launch.out_of_space:  # A relaunch would fill it again.
+      print(_out_of_space(config, launch.out_of_space), file=sys.stderr, flush=True)
+      return ExitCode.NODE_FAILED
     if time.monotonic() - started >= supervisor.HEALTHY_S:
       in_a_row = 0
     if in_a_row >= config.max_restarts:
@@ -438,7 +504,8 @@ def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None)
     relaunches, in_a_row = relaunches + 1, in_a_row + 1
     learner = _last(layout.records(RunLayout.LEARNER))
     logged = learner['learner_step'] if learner else 0
-    _, loaded, _ = checkpointing.latest_loadable(layout.checkpoints)
+    path, loaded, problems = checkpointing.latest_loadable(layout.checkpoints, template)
+    _warn_skipped(path, problems)
     resumed_at = loaded[0] if loaded else 0
     record = {'restart': relaunches, 'attempt': layout.attempts(), 'nodes': list(launch.failed_nodes),
               'cause': launch.cause, 'last_logged_step': logged, 'resumed_from_step': resumed_at,
@@ -448,6 +515,9 @@ def supervise(config: ExperimentConfig, lock: Optional[run_lock.RunLock] = None)
       logger(record)
       logger.close()
     except OSError as e:
+      if storage.is_full(e):  # A relaunch would fill it again.
+        print(_out_of_space(config, str(e)), file=sys.stderr, flush=True)
+        return ExitCode.NODE_FAILED
       print(f'Warning: the relaunch record could not be written ({e!r}).', file=sys.stderr, flush=True)
     delay = supervisor.RELAUNCH_BACKOFF.delay(in_a_row)
     print(f'Relaunching from the checkpoints ({in_a_row}/{config.max_restarts}) in {delay:.0f} s: the learner '
@@ -505,7 +575,7 @@ def main(argv):
     cluster = cluster_lib.cluster_config(config)
     if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
       restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
-    data_source = validate(config)
+    data_source, template = validate(config, TRUST_PICKLED.value)
     if cluster.dry_run:  # Nothing written: the run directory only read.
       check_config(config)
       print(cluster_lib.dry_run(config, cluster))
@@ -514,16 +584,32 @@ def main(argv):
     lock = _lock(config) if config.launch_type != cluster_lib.LAUNCH_TYPE else None
   except ValueError as e:
     raise app.UsageError(str(e))
+  except OSError as e:
+    if not storage.is_full(e):
+      raise
+    raise app.UsageError(_out_of_space(config, str(e)))
   try:
-    write_config(config)
-    run(config, cluster, resumed, data_source, lock)
+    run(config, cluster, resumed, data_source, template, lock)
   finally:
     if lock is not None:
       lock.release()
 
 
-def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, lock: Optional[run_lock.RunLock]):
-  """Submits the run (vertex_ai), or runs it here to its end and exits with its code."""
+def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, template,
+        lock: Optional[run_lock.RunLock]) -> None:
+  """Submits the run (vertex_ai), or runs it here to its end and exits with its code. `template`: the training
+  state's structure, which checkpoints are read into."""
+  try:
+    write_config(config)
+    config.layout.local_logs(config.layout.attempts() + 1)  # A bucket run's node logs: a directory of this user's.
+    if TRUST_PICKLED.value:
+      _convert_pickled(config, template)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  except OSError as e:
+    if not storage.is_full(e):
+      raise
+    raise app.UsageError(_out_of_space(config, str(e)))
   # The data is now resolved (and cached, if a download worked): nodes must not each retry a failed download.
   os.environ[datasets.DOWNLOAD_ENV] = '0'
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
@@ -533,7 +619,17 @@ def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, lock
     cluster_lib.submit(config, cluster)
     print(f'Submitted: the nodes write {config.run_dir}; relaunch the same command to resume it.')
     return
-  code = supervise(config, lock)
+  try:
+    _run(config, template, lock)
+  except OSError as e:  # The launcher's own writes (the addresses, the restart records, the plots) found no space.
+    if not storage.is_full(e):
+      raise
+    sys.exit(_fail(ExitCode.NODE_FAILED, _out_of_space(config, str(e))))
+
+
+def _run(config: ExperimentConfig, template, lock: Optional[run_lock.RunLock]) -> None:
+  """Runs the program (relaunched when it fails), reports, and exits with the run's code."""
+  code = supervise(config, template, lock)
   layout = config.layout
   learner = _last(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
@@ -558,6 +654,15 @@ def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, lock
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
                    f'; see {layout.logs}.'))
+
+
+def _convert_pickled(config: ExperimentConfig, template) -> None:
+  """Converts the run directory's pickled checkpoints and probe snapshots (`--trust_pickled_checkpoints`)."""
+  converted = (checkpointing.migrate_pickled(config.layout.checkpoints, template)
+               + snapshots.migrate_pickled(config.layout.probe_snapshots))
+  if converted:
+    print(f'Converted {len(converted)} pickled checkpoint(s) and probe snapshot(s) to msgpack files (the pickles '
+          f'removed): {", ".join(os.path.basename(path) for path in converted)}.', flush=True)
 
 
 def _fail(code: ExitCode, message: str) -> int:

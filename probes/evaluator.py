@@ -25,17 +25,21 @@ from absl import logging
 import jax
 import numpy as np
 
-from agents import snapshots, storage
+from agents import checkpointing, snapshots, storage
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
 from agents.types import Logger, Params, StopRequested
 from probes import diagnostics, plasticity, probe_set as probe_sets
-from probes.run_dir import RunLayout
+from probes.run_dir import RunLayout, report_problem
 
 
 WRITER = 'evaluator'  # Its record files' name in each stream it writes.
 # (learner step, online parameters, target parameters): the learner's `get_snapshot`.
 ParamsSource = Callable[[], Tuple[int, Params, Params]]
+
+
+class _Unreadable(Exception):
+  """A snapshot file that is damaged (moved aside): its point is skipped."""
 
 
 class Snapshot(NamedTuple):
@@ -77,12 +81,14 @@ class Evaluator:
     self._replay_source = replay_source
     self._probe_set_path = probe_set_path
     self._probe_set: Optional[probe_sets.ProbeSet] = None
+    self._replaced_probe_set: Optional[str] = None  # Where a damaged probe set was moved, if one was.
     self._reference_probes = reference_probes
     self._diagnostics_config = diagnostics_config
     self._out = out
     self._rng = jax.random.PRNGKey(seed)
     self._rng, self._target_key, perturbation_key = jax.random.split(self._rng, 3)
     network = agent.network
+    self._init_params = network.init
     self._probe = plasticity.agent_probe(agent, probe_config)
     self._probe_logger = probe_logger or out.logger(RunLayout.PROBES, WRITER)
     self._diagnose = None
@@ -128,18 +134,27 @@ class Evaluator:
       self._rng, key = jax.random.split(self._rng)
       return probe_sets.draw(self._replay_source, config.num_inputs, transitions, key, learner_step, give_up,
                              should_stop)
-    if self._probe_set is None:
-      if self._probe_set_path and storage.path(self._probe_set_path).exists():
+    if self._probe_set is None and self._probe_set_path and storage.path(self._probe_set_path).exists():
+      try:
         self._probe_set = probe_sets.load(self._probe_set_path)
         logging.info('Probe set of step %d read from %s (%d inputs).', self._probe_set.learner_step,
                      self._probe_set_path, self._probe_set.num_unique_inputs)
-      else:
-        self._set_status(state='drawing the probe set from the replay', learner_step=learner_step)
-        drawn = probe_sets.draw(self._replay_source, config.num_inputs, transitions, self._target_key, learner_step,
-                                give_up, should_stop)
-        if drawn is None:
-          return None
-        self._probe_set = probe_sets.save(self._probe_set_path, drawn) if self._probe_set_path else drawn
+      except probe_sets.Damaged as e:  # Moved aside, and drawn again: the run goes on.
+        try:
+          self._replaced_probe_set = storage.move_aside(self._probe_set_path)
+        except FileNotFoundError:
+          pass  # Another evaluator moved it.
+        report_problem(self._out, WRITER, self._probe_set_path, str(e),
+                       f'Moved to {self._replaced_probe_set}; a new probe set is drawn (the probe records made on it '
+                       f'name the file it replaced, probe_set_replaced).')
+    if self._probe_set is None:
+      self._set_status(state='drawing the probe set from the replay', learner_step=learner_step)
+      drawn = probe_sets.draw(self._replay_source, config.num_inputs, transitions, self._target_key, learner_step,
+                              give_up, should_stop)
+      if drawn is None:
+        return None
+      drawn = drawn._replace(replaced=self._replaced_probe_set)
+      self._probe_set = probe_sets.save(self._probe_set_path, drawn) if self._probe_set_path else drawn
     return self._probe_set
 
   def snapshot(self, give_up: Callable[[], bool] = lambda: False,
@@ -182,6 +197,8 @@ class Evaluator:
     result = self._probe(params, drawn.inputs, jax.numpy.asarray(drawn.target_key), progress=progress)
     record = {'learner_step': int(learner_step), **result.as_record(),
               'num_unique_inputs': drawn.num_unique_inputs, 'probe_set_step': drawn.learner_step}
+    if drawn.replaced:
+      record['probe_set_replaced'] = drawn.replaced
     if drawn.num_unique_inputs < self._probe_config.num_inputs:
       logging.warning('Probe at learner step %d on %d distinct inputs (the replay held no more), not %d.',
                       learner_step, drawn.num_unique_inputs, self._probe_config.num_inputs)
@@ -250,7 +267,9 @@ class Evaluator:
     slower than training), with a warning: its step is in the
     `skipped_probe_steps` of the next point probed, and its file is removed
     only once that record is written (a restart before it probes the point:
-    no point is lost unrecorded); the end of training is always probed.
+    no point is lost unrecorded); the end of training is always probed. A
+    damaged snapshot file is moved aside and its point skipped the same way
+    (`_probe_file`). A damaged probe set is moved aside and drawn again.
     Every wait (for the replay, for the next step) ends on a stop request or
     when the learner has finished; a stop mid-probe drops the point's records
     but keeps its file, for the next start.
@@ -283,7 +302,11 @@ class Evaluator:
           step, path = waiting.pop(0)
           self._set_status(snapshots_waiting=len(waiting))
           passed = [(k, file) for k, file in skipped if k < step]
-          if self._probe_file(step, path, learner_finished, should_stop, [k for k, _ in passed]):
+          try:
+            probed = self._probe_file(step, path, learner_finished, should_stop, [k for k, _ in passed])
+          except _Unreadable:  # Moved aside: named in the next point's record.
+            skipped, probed = sorted(skipped + [(step, path)]), False
+          if probed:
             for _, file in passed:  # Recorded as skipped: a restart need not probe them.
               snapshots.remove(file)
             skipped = [point for point in skipped if point not in passed]
@@ -334,19 +357,33 @@ class Evaluator:
 
   def _probe_file(self, step: int, path: str, learner_finished: Callable[[], bool], should_stop: Callable[[], bool],
                   skipped: List[int]) -> bool:
-    """Probes one snapshot file, then removes it; whether a record was written."""
-    try:
-      learner_step, params, target_params = snapshots.load(path)
+    """Probes one snapshot file, then removes it; whether a record was written.
+
+    A damaged (or planted) file is moved aside: the point is probed from the
+    learner's published parameters if they are still of that step (at the
+    end of training they are), else `_Unreadable` (the point is skipped).
+    """
+    drawn = self.probe_set(step, lambda: should_stop() or learner_finished(), should_stop)
+    if drawn is None:
+      if should_stop():
+        raise StopRequested(f'stopped before the probe set of learner step {step} was drawn')
+      logging.warning('No probe at learner step %d: the replay was empty when the learner finished.', step)
+      snapshots.remove(path)
+      return False
+    try:  # Checked against the network's parameters: a file of other shapes is not fed to the probe.
+      learner_step, params, target_params = snapshots.load(
+          path, jax.eval_shape(self._init_params, jax.random.PRNGKey(0), drawn.inputs[:1]))
     except FileNotFoundError:
       logging.warning('The snapshot of learner step %d is gone (%s): not probed.', step, path)
       return False
-    drawn = self.probe_set(learner_step, lambda: should_stop() or learner_finished(), should_stop)
-    if drawn is None:
-      if should_stop():
-        raise StopRequested(f'stopped before the probe set of learner step {learner_step} was drawn')
-      logging.warning('No probe at learner step %d: the replay was empty when the learner finished.', learner_step)
-      snapshots.remove(path)
-      return False
+    except checkpointing.CheckpointError as e:
+      report_problem(self._out, WRITER, path, str(e),
+                     f'Moved to {storage.move_aside(path)}; the point is probed from the learner\'s parameters if '
+                     f'they are still of step {step}, else skipped (named in the next probe record\'s '
+                     f'skipped_probe_steps).')
+      learner_step, params, target_params = self._params_source()
+      if int(learner_step) != step:
+        raise _Unreadable(path) from e
     self.evaluate(Snapshot(learner_step, params, target_params, drawn), should_stop, skipped)
     snapshots.remove(path)  # Only now: the point's records are written.
     return True

@@ -3,8 +3,10 @@
 Each writing process has JSONL file(s) of its own (`RunLayout.logger`), so
 nothing needs two processes appending to one file, which a bucket cannot do:
 
-- on a local path, `<writer>.jsonl`, each record appended with one `write` as
-  it comes (a crash loses nothing logged);
+- on a local path, `<writer>.jsonl`, each record appended whole as it comes
+  (a crash loses nothing logged); a line left torn (a kill or a full disk
+  mid-write) is ended before the next record, which starts a line of its
+  own instead of being glued onto the fragment;
 - on a bucket (no append), numbered objects `<writer>.<n>.jsonl`, each
   rewritten whole with everything written to it so far, at most every
   `FLUSH_SECONDS` (a bucket takes about one write a second per object), once
@@ -16,7 +18,9 @@ nothing needs two processes appending to one file, which a bucket cannot do:
   records of its last `FLUSH_SECONDS`.
 
 `read_jsonl(path)` reads a writer's file (and its numbered segments, in
-order); `merge` interleaves several writers' records into one stream.
+order), skipping a torn line (with a warning, once, unless it is the last: a
+write in progress); `merge` interleaves several writers' records into one
+stream.
 
 A non-finite number (a diverged run) is written as null, and the record's
 `nonfinite` list names the keys that held one: JSON has no NaN, and a stand-in
@@ -67,14 +71,28 @@ def _has_nonfinite(value: Any) -> bool:
 
 
 class _AppendSink:
-  """A local file, each line appended with one `write` on a file opened with O_APPEND."""
+  """A local file opened with O_APPEND, each line appended whole; a line left torn (by a killed writer, or by a
+  write that failed part-way) is ended first, so that the next record is a line of its own."""
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    self._path = path
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+      size = os.fstat(self._fd).st_size
+      self._torn = size > 0 and os.pread(self._fd, 1, size - 1) != b'\n'
+    except OSError as e:
+      raise storage.WriteError(path, e) from e
 
   def write(self, line: bytes) -> None:
-    os.write(self._fd, line)
+    data = memoryview((b'\n' if self._torn else b'') + line)
+    self._torn = True  # Until the whole line is written.
+    try:
+      while data:
+        data = data[os.write(self._fd, data):]
+    except OSError as e:
+      raise storage.WriteError(self._path, e) from e
+    self._torn = False
 
   def close(self) -> None:
     os.close(self._fd)
@@ -213,16 +231,27 @@ def read_jsonl(path: str) -> List[Record]:
   return [record for file in files if storage.path(file).exists() for record in iter_jsonl(file)]
 
 
+_WARNED_TORN = set()  # (file, line number) of the torn lines this process has warned about.
+
+
 def iter_jsonl(path: str) -> Iterator[Record]:
+  """The records of one file; an undecodable line is skipped, with a warning (once) unless it is the last, which
+  may be a write in progress."""
   with storage.path(path).open() as f:
-    for line in f:
+    torn = None  # The number of the line before, if it did not decode.
+    for number, line in enumerate(f, start=1):
+      if torn is not None and (path, torn) not in _WARNED_TORN:
+        _WARNED_TORN.add((path, torn))
+        logging.warning('%s: line %d is not a whole record (a write cut short: a kill or a full disk); skipped.',
+                        path, torn)
+      torn = None
       line = line.strip()
       if not line:
         continue
       try:
         yield json.loads(line)
       except json.JSONDecodeError:
-        continue
+        torn = number
 
 
 def merge(streams: Sequence[Iterable[Record]]) -> List[Record]:

@@ -13,8 +13,11 @@ told to (a stop request, the learner's end): a set then holds what there was,
 and `num_unique_inputs` in each probe record says so.
 """
 
+import hashlib
 import io
-from typing import Callable, NamedTuple, Optional, Protocol
+import zipfile
+import zlib
+from typing import Callable, Dict, NamedTuple, Optional, Protocol
 
 import jax
 import numpy as np
@@ -28,10 +31,15 @@ class ProbeSet(NamedTuple):
   target_key: np.ndarray  # uint32 [2]: the probe's key; every target's initialisation derives from it.
   transitions: Optional[Transition]  # [k] replay transitions for the TD-gradient covariance.
   learner_step: int  # The probe point it was drawn at.
+  replaced: Optional[str] = None  # The damaged set's file this one was drawn to replace (moved there), if any.
 
   @property
   def num_unique_inputs(self) -> int:
     return int(len(self.inputs))
+
+
+class Damaged(ValueError):
+  """A file that is not a whole probe set: not a zip (cut short), a bad CRC, a checksum mismatch, arrays missing."""
 
 
 class ReplaySource(Protocol):
@@ -80,17 +88,25 @@ def draw(source: ReplaySource, num_inputs: int, num_transitions: int, key: np.nd
   return ProbeSet(inputs, np.asarray(key, np.uint32), transitions, int(learner_step))
 
 
+CHECKSUM = 'sha256'  # The array of a saved set that holds the checksum of the others.
+
+
 def save(path: str, probe_set: ProbeSet) -> ProbeSet:
   """Publishes the set at `path` unless one is there already; returns the set that is there.
 
   First writer wins (`storage.write_if_absent`): of two evaluators drawing at
   once, both end up using the first one's (on a bucket, both use what is
-  there when they read it back; see agents/storage.py for the window).
+  there when they read it back; see agents/storage.py for the window). The
+  file is an `.npz` whose `sha256` array is the checksum of the others
+  (`_checksum`), verified by `load`.
   """
   arrays = {'inputs': probe_set.inputs, 'target_key': probe_set.target_key,
             'learner_step': np.asarray(probe_set.learner_step)}
   if probe_set.transitions is not None:
     arrays.update({f'transition_{name}': np.asarray(value) for name, value in probe_set.transitions._asdict().items()})
+  if probe_set.replaced is not None:
+    arrays['replaced'] = np.asarray(probe_set.replaced)
+  arrays[CHECKSUM] = np.asarray(_checksum(arrays))
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   if storage.write_if_absent(path, buffer.getvalue()) and storage.is_local(path):
@@ -98,18 +114,33 @@ def save(path: str, probe_set: ProbeSet) -> ProbeSet:
   return load(path)
 
 
+def _checksum(arrays: Dict[str, np.ndarray]) -> str:
+  """The sha256 of a probe set's arrays (their names, dtypes, shapes and bytes), but the checksum's own."""
+  digest = hashlib.sha256()
+  for name in sorted(set(arrays) - {CHECKSUM}):
+    array = np.ascontiguousarray(arrays[name])
+    digest.update(f'{name}:{array.dtype.str}:{array.shape}:'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def load(path: str) -> ProbeSet:
-  """Reads a saved probe set; a ValueError naming the file if it is not one."""
+  """Reads a saved probe set; `Damaged` naming the file if it is not a whole one (a set saved before sets carried
+  a checksum is read unchecked: its zip's CRCs alone catch damage). Reads arrays only (no pickles)."""
   try:
-    with np.load(io.BytesIO(storage.path(path).read_bytes())) as saved:
+    with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as saved:
       arrays = {name: saved[name] for name in saved.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise ValueError(f'{path} is not a readable probe set ({e}); move it away to draw a new one.') from e
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise Damaged(f'{path} is not a readable probe set ({type(e).__name__}: {e}).') from e
   missing = {'inputs', 'target_key', 'learner_step'} - set(arrays)
   if missing:
-    raise ValueError(f'{path} is not a probe set: it lacks {", ".join(sorted(missing))}.')
+    raise Damaged(f'{path} is not a probe set: it lacks {", ".join(sorted(missing))}.')
+  if CHECKSUM in arrays and str(arrays[CHECKSUM]) != _checksum(arrays):
+    raise Damaged(f'{path} is damaged: its arrays do not match its checksum.')
   transitions = None
   if 'transition_action' in arrays:
     transitions = Transition(**{name: arrays[f'transition_{name}'] for name in Transition._fields})
   return ProbeSet(arrays['inputs'], arrays['target_key'].astype(np.uint32), transitions,
-                  int(arrays['learner_step']))
+                  int(arrays['learner_step']), str(arrays['replaced']) if 'replaced' in arrays else None)

@@ -1,6 +1,6 @@
 r"""Runs the evaluator's measurements offline, on a saved checkpoint.
 
-  python -m probes.run --checkpoint=runs/mnist_easy/checkpoints/learner_000010000.pkl
+  python -m probes.run --checkpoint=runs/mnist_easy/checkpoints/learner_000010000.msgpack
 
 The run's config.json (two levels above the checkpoint) says how to rebuild
 the agent and the environment. The probe measures on the run's probe set
@@ -9,7 +9,9 @@ point of the run). For a run without one, it collects its own: the
 transitions met by the checkpoint's own epsilon-greedy policy acting in the
 run's environment (the distribution a live replay would hold), saved beside
 the results. Results go to RUN_DIR/offline/<checkpoint name>/ (or --out_dir),
-in the same files an evaluator writes.
+in the same files an evaluator writes. A pickled checkpoint (`.pkl`, the
+format before) is read only with --trust_pickled_checkpoints: a pickle runs
+any code it names.
 """
 
 import os
@@ -25,13 +27,17 @@ from agents import checkpointing, storage
 from agents.actor import Actor
 from agents.builder import make_agent
 from agents import config_flags
+from agents.learner import initial_state
 from agents.types import Transition
-from agents.update import TrainingState
 from probes import probe_set
 from probes.evaluator import Evaluator
 from probes.run_dir import ExperimentConfig, RunLayout, load_config
 
-CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Path of a learner checkpoint (RUN_DIR/checkpoints/*.pkl).')
+CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                 'Path of a learner checkpoint (RUN_DIR/checkpoints/learner_<step>.msgpack).')
+TRUST_PICKLED = flags.DEFINE_bool('trust_pickled_checkpoints', False,
+                                  'Read a pickled checkpoint (.pkl, written before checkpoints were msgpack files). A '
+                                  'pickle runs any code it names: only if whoever could write it is trusted.')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where to write (default: RUN_DIR/offline/<checkpoint name>).')
 OVERRIDES = config_flags.define(
     ExperimentConfig, overrides=True, help_suffix=' (Default: as the run has it.)',
@@ -51,16 +57,23 @@ def collect_transitions(config: ExperimentConfig, params, num: int, seed: int) -
 
 
 def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int = 0,
-                      override: Callable[[ExperimentConfig], ExperimentConfig] = lambda config: config) -> dict:
+                      override: Callable[[ExperimentConfig], ExperimentConfig] = lambda config: config,
+                      trust_pickled: bool = False) -> dict:
   """Probes one checkpoint with the run's settings (`override` may change them); returns the record written
-  to OUT_DIR's probes stream."""
+  to OUT_DIR's probes stream. A ValueError naming the checkpoint if it is not one of this run's (damaged,
+  planted, pickled unless `trust_pickled`)."""
   if not storage.path(checkpoint).is_file():
     raise ValueError(f'--checkpoint={checkpoint} is not a file.')
-  location = os.path.abspath(checkpoint) if storage.is_local(checkpoint) else checkpoint
+  location = os.path.abspath(checkpoint) if '://' not in checkpoint else checkpoint
   run_dir = os.fspath(storage.path(location).parent.parent)
   config = override(load_config(run_dir))
-  step, state = checkpointing.load(checkpoint)
-  state = TrainingState(*state)
+  env = environments.make(config.env, seed=seed, **config.env_options())
+  agent = make_agent(config.agent, env.action_spec().num_values)
+  spec = env.observation_spec()
+  template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
+  read = checkpointing.load_pickled if trust_pickled and checkpoint.endswith(checkpointing.PICKLED_SUFFIX) \
+      else checkpointing.load
+  step, state = read(checkpoint, template)
   params, target_params = jax.tree_util.tree_map(jax.numpy.asarray, (state.params, state.target_params))
   run = RunLayout(run_dir)
   out = RunLayout(out_dir) if out_dir else run.offline(checkpoint)
@@ -70,8 +83,7 @@ def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int 
     set_path = out.probe_set
     num = max(config.probe.num_inputs, config.diagnostics.td_covariance_samples)
     source = probe_set.ArraySource(collect_transitions(config, params, num, seed))
-  num_actions = environments.make(config.env, seed=seed, **config.env_options()).action_spec().num_values
-  evaluator = Evaluator(make_agent(config.agent, num_actions), config.probe,
+  evaluator = Evaluator(agent, config.probe,
                         params_source=lambda: (step, params, target_params), replay_source=source, out=out,
                         probe_set_path=set_path,
                         diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
@@ -86,7 +98,7 @@ def main(argv):
     raise app.UsageError('--checkpoint is required.')
   try:
     record = run_on_checkpoint(CHECKPOINT.value, OUT_DIR.value, SEED.value,
-                               lambda config: config_flags.apply_overrides(config, OVERRIDES))
+                               lambda config: config_flags.apply_overrides(config, OVERRIDES), TRUST_PICKLED.value)
   except ValueError as e:
     raise app.UsageError(str(e))
   print(f'{CHECKPOINT.value} (learner step {record["learner_step"]}): plasticity {record["plasticity"]:.4f} '

@@ -6,13 +6,15 @@ path, so a new file is one method here (and one row in WORKSPACE.md).
 `agents.config.option`, are also the command line's flags.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import tempfile
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
+
+from absl import logging
 
 import environments
 from agents import config_flags
@@ -46,6 +48,7 @@ class RunLayout:
   DIAGNOSTICS = 'diagnostics'
   RESTARTS = 'restarts'  # Written by the launcher: one record per relaunch after a node failure.
   EVALUATION = 'evaluation'  # Evaluation episodes (probes/evaluation.py).
+  PROBLEMS = 'problems'  # Damaged files found and writes that failed (`report_problem`): the launcher prints them.
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
@@ -136,10 +139,12 @@ class RunLayout:
 
   def local_logs(self, attempt: int) -> str:
     """Where this host's Launchpad writes a launch's node logs (local files only): `attempt_logs`, or for a run
-    directory on a bucket the same path under the local temporary directory."""
+    directory on a bucket the same path under this user's private temporary directory (`storage.private_directory`:
+    the node logs of a shared machine's /tmp are nobody else's to read or plant)."""
     logs = self.attempt_logs(attempt)
-    return logs if storage.is_local(logs) else os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs',
-                                                           logs.replace('://', '/'))
+    if storage.is_local(logs):
+      return logs
+    return os.path.join(storage.private_directory('plasticity-rl-logs'), logs.replace('://', '/').lstrip('/'))
 
   def attempts(self) -> int:
     """How many launches have left logs here."""
@@ -171,6 +176,32 @@ class RunLayout:
   def offline(self, checkpoint: str) -> 'RunLayout':
     """`probes.run`'s directory for one checkpoint (a path), named after the checkpoint's file."""
     return RunLayout(self.path('offline', os.path.splitext(os.path.basename(checkpoint))[0]))
+
+
+def report_problem(layout: RunLayout, writer: str, file: str, problem: str, action: str, kind: str = 'damaged') -> None:
+  """A problem with a run-directory file (`kind`: `damaged`, or `full`: a write that found no space) and what was
+  done about it: a warning in this process's log and a record in the `problems` stream, which the launcher prints.
+  Never raises: the disk may be full."""
+  logging.warning('%s %s', problem, action)
+  try:
+    logger = layout.logger(RunLayout.PROBLEMS, writer, tensorboard=False)
+    logger({'file': file, 'kind': kind, 'problem': problem, 'action': action})
+    logger.close()
+  except Exception as e:  # pylint: disable=broad-except  Nothing to do about it: the warning above is all.
+    logging.warning('The problem could not be recorded in %s (%r).', layout.stream(RunLayout.PROBLEMS), e)
+
+
+@contextlib.contextmanager
+def reporting_full_disk(layout: RunLayout, writer: str) -> Iterator[None]:
+  """Lets errors through, first recording a write that found the disk full as a problem (a small record, which
+  usually fits where the failed write did not): the launcher then names it and does not relaunch."""
+  try:
+    yield
+  except OSError as e:
+    if storage.is_full(e):
+      report_problem(layout, writer, e.filename or layout.root, f'{writer} could not write: {e}.', f'{writer} stops.',
+                     kind='full')
+    raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,8 +205,9 @@ def test_download_is_bounded_and_falls_back(monkeypatch):
   assert 'embedded' in data.source and 'download failed' in data.source
 
 
-def write_cifar10(directory, images_per_batch=20, corrupt=None):
-  """A small file set in the exact cifar-10-batches-py layout; returns (images HWC, labels)."""
+def write_cifar10(directory, images_per_batch=20, corrupt=None, protocol=2, planted=None):
+  """A small file set in the exact cifar-10-batches-py layout (pickled at protocol 2, as the real batches are);
+  returns (images HWC, labels). `planted`: an object pickled into batch 2."""
   root = directory / 'cifar-10-batches-py'
   root.mkdir(parents=True)
   rng = np.random.default_rng(0)
@@ -216,11 +217,13 @@ def write_cifar10(directory, images_per_batch=20, corrupt=None):
     labels = [int(x) for x in np.arange(images_per_batch) % 10]
     batch = {b'batch_label': f'training batch {i} of 5'.encode(), b'labels': labels,
              b'data': images.transpose(0, 3, 1, 2).reshape(images_per_batch, 3072), b'filenames': []}
+    if planted is not None and i == 2:
+      batch[b'filenames'] = planted
     with open(root / f'data_batch_{i}', 'wb') as f:
       if corrupt == i:
         f.write(b'garbage')
       else:
-        pickle.dump(batch, f)
+        pickle.dump(batch, f, protocol=protocol)
     all_images.append(images)
     all_labels.extend(labels)
   return np.concatenate(all_images), np.array(all_labels)
@@ -251,6 +254,29 @@ def test_cifar10_missing_or_malformed_files_are_clear_errors(tmp_path):
   os.remove(tmp_path / 'partial' / 'cifar-10-batches-py' / 'data_batch_5')
   with pytest.raises(ValueError, match='data_batch_5'):
     datasets.load('cifar10', data_dir=str(tmp_path / 'partial'))
+
+
+class RunsCode:
+  """Pickled, a payload that runs code when read: unpickling it creates the file `marker`."""
+
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, 'w')
+
+
+def test_cifar10_batches_are_read_as_arrays_only_and_a_planted_payload_runs_no_code(tmp_path):
+  for protocol in (2, pickle.HIGHEST_PROTOCOL):  # The real batches' protocol, and what Python writes today.
+    images, labels = write_cifar10(tmp_path / f'protocol{protocol}', protocol=protocol)
+    data = datasets.load('cifar10', data_dir=str(tmp_path / f'protocol{protocol}'))
+    np.testing.assert_array_equal(data.images, images)
+    np.testing.assert_array_equal(data.labels, labels)
+  marker = str(tmp_path / 'code_ran')
+  write_cifar10(tmp_path / 'planted', planted=RunsCode(marker))
+  with pytest.raises(ValueError, match=r'data_batch_2 is not a CIFAR-10 python batch.*it names io\.open'):
+    datasets.load('cifar10', data_dir=str(tmp_path / 'planted'))
+  assert not os.path.exists(marker)
 
 
 def test_every_family_declares_what_the_launcher_asks_of_it():

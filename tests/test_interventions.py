@@ -2,6 +2,8 @@
 
 import dataclasses
 import itertools
+import os
+import pickle
 
 import chex
 import jax
@@ -13,7 +15,7 @@ from agents import checkpointing, interventions, networks, snapshots
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.learner import Learner
-from agents.update import TrainingState, init_state, make_target_update, make_update
+from agents.update import init_state, make_target_update, make_update
 from agents.types import Transition
 
 SHAPES = {'mlp': (8, 8, 1), 'cnn': (8, 8, 1), 'nature_dqn': (36, 36, 4)}
@@ -145,17 +147,18 @@ def test_initial_parameters_survive_checkpoints_and_old_checkpoints_get_the_seed
   resumed = Learner(agent, config, random_batches(4), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
   assert resumed.step_count == 5
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.state.initial_params, theta_0)
-  # A checkpoint written before TrainingState had initial_params: 5 fields. It still makes a TrainingState
-  # (probes.run reads such checkpoints), and the learner fills theta_0 in from its seed, the run's own.
-  checkpointing.save(str(tmp_path / 'old'), 5, tuple(learner.state)[:5])
-  _, five = checkpointing.load(checkpointing.latest(str(tmp_path / 'old')))
-  assert len(five) == 5 and TrainingState(*five).initial_params is None
+  # A checkpoint written before TrainingState had initial_params (5 fields), pickled as checkpoints were then and
+  # converted (--trust_pickled_checkpoints): the learner fills theta_0 in from its seed, the run's own.
+  os.makedirs(tmp_path / 'old')
+  with open(checkpointing.path_for(str(tmp_path / 'old'), 5, suffix=checkpointing.PICKLED_SUFFIX), 'wb') as f:
+    pickle.dump({'step': 5, 'state': tuple(jax.device_get(learner.state))[:5]}, f)
+  assert len(checkpointing.migrate_pickled(str(tmp_path / 'old'), learner.state)) == 1
   old = Learner(agent, config, random_batches(4), dummy, seed=3, checkpoint_dir=str(tmp_path / 'old'))
   assert old.step_count == 5
   jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.initial_params, theta_0)
   jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.params, learner.state.params)
   old.run(max_steps=7)
-  assert old.step_count == 7 and len(checkpointing.load(checkpointing.latest(str(tmp_path / 'old')))[1]) == 6
+  assert old.step_count == 7 and 'initial_params' in checkpointing.load(checkpointing.latest(str(tmp_path / 'old')))[1]
 
 
 def test_every_chain_lists_its_architectures_weight_layers_in_hidden_order():

@@ -1,6 +1,8 @@
 """The double-DQN learning step, target updates and the learner class."""
 
 import itertools
+import os
+import pickle
 import time
 
 import dm_env
@@ -10,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import checkpointing, snapshots
+from agents import checkpointing, optimizers, snapshots
 from agents.actor import Actor
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.encodings import make_encoding, EncodingConfig
-from agents.learner import Diverged, Learner
+from agents.learner import Diverged, Learner, initial_state
 from agents.update import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
 from probes.loggers import JsonlLogger, read_jsonl
@@ -98,7 +100,7 @@ def test_learner_trains_checkpoints_and_resumes(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(learner.state.params),
                   jax.tree_util.tree_leaves(learner.state.target_params)):
     np.testing.assert_array_equal(a, b)
-  assert checkpointing.latest(str(tmp_path)).endswith('learner_000000030.pkl')
+  assert checkpointing.latest(str(tmp_path)).endswith('learner_000000030.msgpack')
   resumed = Learner(agent, config, random_batches(8, seed=1), dummy, checkpoint_dir=str(tmp_path))
   assert resumed.step_count == 30
   for a, b in zip(jax.tree_util.tree_leaves(resumed.state), jax.tree_util.tree_leaves(learner.state)):
@@ -173,9 +175,9 @@ def test_a_diverging_learner_stops_at_the_first_nonfinite_step_and_keeps_the_las
   assert learner.step_count == learner.diverged_at - 1 < 1000  # Stopped at once, the bad step not applied.
   assert all(not r.get('diverged') for r in records[:-1])
   # The latest checkpoint is the last finite state.
-  step, state = checkpointing.load(checkpointing.latest(str(tmp_path / 'checkpoints')))
+  step, state = checkpointing.load(checkpointing.latest(str(tmp_path / 'checkpoints')), learner.state)
   assert step == learner.step_count
-  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state[0]))
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
   # Non-finite values are written as null and named, not replaced by a stand-in number.
   assert last['td_loss'] is None and 'td_loss' in last['nonfinite']
   assert all(last[key] is None for key in last['nonfinite'])
@@ -321,12 +323,12 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_pat
   latest = checkpointing.path_for(str(tmp_path), 10)
   with open(latest, 'r+b') as f:
     f.truncate(100)  # A write cut short.
-  path, (step, _), problems = checkpointing.latest_loadable(str(tmp_path))
+  path, (step, _), problems = checkpointing.latest_loadable(str(tmp_path), learner.state)
   assert step == 5 and path == checkpointing.path_for(str(tmp_path), 5)
   assert len(problems) == 1 and latest in problems[0]
   assert Learner(agent, config, random_batches(8), dummy, checkpoint_dir=str(tmp_path)).step_count == 5
   with open(checkpointing.path_for(str(tmp_path), 5), 'w') as f:
-    f.write('not a pickle')
+    f.write('not a checkpoint')
   with pytest.raises(checkpointing.CheckpointError, match='No checkpoint .* is readable'):
     Learner(agent, config, random_batches(8), dummy, checkpoint_dir=str(tmp_path))
   # A checkpoint of another configuration's state is refused by name, not fed to the update.
@@ -335,6 +337,77 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_pat
   rmsprop = AgentConfig(width_multiplier=1 / 32, batch_size=8, optimizer='rmsprop')
   with pytest.raises(checkpointing.CheckpointError, match='another shape'):
     Learner(make_agent(rmsprop, 3), rmsprop, random_batches(8), dummy, checkpoint_dir=other)
+
+
+class RunsCode:
+  """Pickled, a payload that runs code when read: unpickling it creates the file `marker`."""
+
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, 'w')
+
+
+def test_a_planted_checkpoint_runs_no_code_and_is_skipped_for_the_one_before_it(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
+  agent, dummy, folder = make_agent(config, num_actions=3), np.zeros((4, 4, 1), np.uint8), str(tmp_path / 'ckpt')
+  Learner(agent, config, random_batches(8), dummy, checkpoint_dir=folder, checkpoint_every=5).run(max_steps=10)
+  marker = str(tmp_path / 'code_ran')
+  planted = checkpointing.path_for(folder, 999999999, suffix=checkpointing.PICKLED_SUFFIX)
+  with open(planted, 'wb') as f:  # A pickle, as checkpoints were: read, it would run code.
+    pickle.dump({'step': 999999999, 'state': RunsCode(marker)}, f)
+  foreign = checkpointing.path_for(folder, 999999998)
+  with open(foreign, 'wb') as f:
+    f.write(b'\x81\xa6format\xb2plasticity-rl tree')  # Begins as one of ours, then is nothing.
+  resumed = Learner(agent, config, random_batches(8), dummy, checkpoint_dir=folder)
+  assert resumed.step_count == 10 and not os.path.exists(marker)
+  _, _, problems = checkpointing.latest_loadable(folder, resumed.state)
+  assert len(problems) == 2 and planted in problems[0] and checkpointing.TRUST_FLAG in problems[0]
+  assert foreign in problems[1] and 'not a readable checkpoint' in problems[1]
+  assert not os.path.exists(marker)
+  # A checkpoint whose pickle names functions is not read by the snapshot reader either.
+  os.makedirs(tmp_path / 'snapshots')
+  with open(tmp_path / 'snapshots' / f'{500:09d}.pkl', 'wb') as f:
+    pickle.dump({'step': 500, 'state': RunsCode(marker)}, f)
+  assert snapshots.saved(str(tmp_path / 'snapshots')) == [] and not os.path.exists(marker)
+
+
+def test_4096_zeroed_bytes_in_a_checkpoint_are_refused_and_the_one_before_used(tmp_path):
+  config = AgentConfig(width_multiplier=1 / 8, batch_size=8)
+  agent, dummy, folder = make_agent(config, num_actions=3), np.zeros((4, 4, 1), np.uint8), str(tmp_path)
+  learner = Learner(agent, config, random_batches(8), dummy, checkpoint_dir=folder, checkpoint_every=5)
+  learner.run(max_steps=10)  # Checkpoints at 5 and 10.
+  latest = checkpointing.path_for(folder, 10)
+  with open(latest, 'r+b') as f:  # Zeros in an array's bytes: the file still decodes.
+    size = f.seek(0, os.SEEK_END)
+    assert size > 4 * 4096
+    f.seek(size // 2 - 2048)
+    f.write(bytes(4096))
+  path, (step, _), problems = checkpointing.latest_loadable(folder, learner.state)
+  assert (path, step) == (checkpointing.path_for(folder, 5), 5)
+  assert problems == [f'{latest} is damaged: its content does not match its checksum.']
+  assert Learner(agent, config, random_batches(8), dummy, checkpoint_dir=folder).step_count == 5
+  # A probe snapshot likewise.
+  snapshot = snapshots.save(str(tmp_path / 'snapshots'), 10, learner.state.params, learner.state.target_params)
+  with open(snapshot, 'r+b') as f:
+    f.seek(f.seek(0, os.SEEK_END) // 2 - 2048)
+    f.write(bytes(4096))
+  with pytest.raises(checkpointing.Damaged, match='does not match its checksum'):
+    snapshots.load(snapshot)
+
+
+def test_every_optimizer_state_is_restored_into_the_structure_the_code_builds(tmp_path):
+  dummy = np.zeros((4, 4, 1), np.uint8)
+  for name in optimizers.OPTIMIZERS.names():
+    config = AgentConfig(width_multiplier=1 / 32, optimizer=name, interventions=('weight_decay',))
+    learner = Learner(make_agent(config, 3), config, random_batches(8), dummy, checkpoint_dir=str(tmp_path / name),
+                      checkpoint_every=2)
+    learner.run(max_steps=2)
+    template = jax.eval_shape(lambda: initial_state(make_agent(config, 3), 0, dummy))  # What the launcher reads into.
+    step, state = checkpointing.load(checkpointing.latest(str(tmp_path / name)), template)
+    assert step == 2 and jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(learner.state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state, jax.device_get(learner.state))
 
 
 def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill():

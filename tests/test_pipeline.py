@@ -1,6 +1,7 @@
 """The learner's input pipeline (prefetching, Reverb batches), versioned parameter pulls, node placement."""
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from agents.learner import Learner, pull_when_newer
 from agents.prefetch import Prefetcher, SourceFailed
 from agents.types import Transition
 from launch import placement, replay
-from probes.run_dir import ExperimentConfig
+from probes.run_dir import ExperimentConfig, RunLayout
 from tests.test_learning import ThreeStepEpisodes, random_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +148,60 @@ def test_a_killed_replay_is_a_clear_error_naming_it():
   finally:
     server.kill()
     server.wait()
+
+
+def replay_node(run_dir: str) -> replay.ReplayNode:
+  return replay.ReplayNode(lambda: replay.make_tables(SMALL_REPLAY, SPEC), RunLayout(run_dir), every_minutes=10)
+
+
+def checkpointed_replay(run_dir: str, items: int = 50) -> str:
+  """A replay checkpoint of `items` transitions in the run directory, written as the replay node writes it."""
+  node = replay_node(run_dir)
+  port = portpicker.pick_unused_port()
+  server = node._server(port)  # pylint: disable=protected-access
+  client = reverb.Client(f'localhost:{port}')
+  sink = replay.ReverbSink(client)
+  for i in range(items):
+    sink(transition(i))
+  sink.close()
+  path = node._checkpoint(client)  # pylint: disable=protected-access
+  server.stop()
+  return path
+
+
+def test_only_a_replay_checkpoint_whose_data_fails_to_load_is_moved_aside(tmp_path):
+  layout = RunLayout(str(tmp_path))
+  checkpoint = checkpointed_replay(layout.root)
+  assert os.path.exists(os.path.join(checkpoint, replay.CHECKSUMS))
+  # The port taken (a race with another process): the node fails, its valid checkpoint kept.
+  with socket.socket() as taken:
+    taken.bind(('0.0.0.0', 0))
+    taken.listen()
+    with pytest.raises((RuntimeError, ValueError)):
+      replay_node(layout.root)._server(taken.getsockname()[1])  # pylint: disable=protected-access
+  assert os.listdir(layout.replay_checkpoint) == [os.path.basename(checkpoint)] and not layout.records('problems')
+  server = replay_node(layout.root)._server(portpicker.pick_unused_port())  # pylint: disable=protected-access
+  assert server.localhost_client().server_info()[replay.REPLAY_TABLE].current_size == 50  # Restored.
+  server.stop()
+  # Items cut short: Reverb restores fewer without a word; the checksums tell.
+  with open(os.path.join(checkpoint, 'items.tfrecord'), 'r+b') as f:
+    f.truncate(100)
+  server = replay_node(layout.root)._server(portpicker.pick_unused_port())  # pylint: disable=protected-access
+  assert server.localhost_client().server_info()[replay.REPLAY_TABLE].current_size == 0  # Started empty.
+  server.stop()
+  problem, = layout.records('problems')
+  assert 'items.tfrecord does not match its checksum' in problem['problem']
+  aside = problem['action'].split('Moved to ')[1].split(';')[0]
+  assert aside.startswith(layout.replay_checkpoint + '.damaged-') and os.listdir(aside)
+  # A checkpoint from before checksums whose data Reverb cannot read: moved aside too.
+  checkpoint = checkpointed_replay(layout.root)
+  os.remove(os.path.join(checkpoint, replay.CHECKSUMS))
+  with open(os.path.join(checkpoint, 'tables.tfrecord'), 'wb') as f:
+    f.write(b'not a table')
+  server = replay_node(layout.root)._server(portpicker.pick_unused_port())  # pylint: disable=protected-access
+  assert server.localhost_client().server_info()[replay.REPLAY_TABLE].current_size == 0
+  server.stop()
+  assert 'does not load' in layout.records('problems')[-1]['problem']
 
 
 def test_an_actor_pulls_parameters_only_after_the_learner_published_newer_ones():

@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,14 +16,16 @@ import numpy as np
 import optax
 import pytest
 
-from agents import snapshots, storage
+from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.types import Transition
 from probes import plasticity, plots, probe_set
 from probes.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
-from probes.run_dir import RunLayout
+from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
 SMALL_DIAGNOSTICS = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10,
@@ -554,6 +559,75 @@ def test_probe_points_outlive_a_killed_or_stopped_evaluator_and_none_is_probed_t
   assert probed() == [0, 100, 200, 300] and waiting_steps(layout) == []
   assert all(r['plasticity_reference_step'] == 0 and 'skipped_probe_steps' not in r for r in records)
   assert records[1]['plasticity_loss'] > 0  # Step 100's saturated parameters, read from its file.
+
+
+def zero_the_middle(path: str, count: int = 4096) -> None:
+  """Damage that leaves a file's length and structure as they were: `count` bytes zeroed in its middle."""
+  with open(path, 'r+b') as f:
+    f.seek(max(f.seek(0, os.SEEK_END) // 2 - count // 2, 0))
+    f.write(bytes(count))
+
+
+def test_a_damaged_snapshot_is_moved_aside_and_its_point_skipped_or_probed_from_the_learner(setup, tmp_path):
+  agent, _, params, inputs = setup
+  layout = RunLayout(str(tmp_path))
+  learner_writes(layout, params, 0, 100, 200)
+  zero_the_middle(snapshots.path_for(layout.probe_snapshots, 100))
+  with open(snapshots.path_for(layout.probe_snapshots, 200), 'r+b') as f:
+    f.truncate(1000)  # The end of training, cut short; the learner still publishes that step.
+  Evaluator(agent, FAST, params_source=lambda: (200, saturate(params), params), replay_source=source(inputs),
+            out=layout, probe_set_path=layout.probe_set).run(100, lambda: 200, lambda: True, poll_seconds=0.01,
+                                                             take_snapshots=False)
+  records = layout.records('probes')
+  assert [r['learner_step'] for r in records] == [0, 200]
+  assert records[1]['skipped_probe_steps'] == [100] and records[1]['plasticity_loss'] > 0  # The learner's params.
+  problems = layout.records('problems')
+  assert [os.path.basename(r['file']) for r in problems] == ['000000100.msgpack', '000000200.msgpack']
+  assert 'does not match its checksum' in problems[0]['problem'] and 'Moved to' in problems[0]['action']
+  assert sorted(name.split('.damaged-')[0] for name in os.listdir(layout.probe_snapshots)) == [
+      '000000100.msgpack', '000000200.msgpack']  # Moved aside, not deleted; no snapshot waits.
+
+
+def test_a_damaged_probe_set_is_moved_aside_and_drawn_again_and_the_records_say_so(setup, tmp_path):
+  agent, _, params, inputs = setup
+  layout = RunLayout(str(tmp_path))
+  make = lambda: Evaluator(agent, FAST, params_source=lambda: pytest.fail('no Courier snapshot'),
+                           replay_source=source(inputs), out=layout, probe_set_path=layout.probe_set)
+  drawn = make().probe_set(0)
+  # Arrays changed inside a whole zip (its CRCs right): only the checksum tells.
+  with np.load(layout.probe_set) as saved:
+    arrays = dict(saved)
+  arrays['inputs'] = arrays['inputs'][::-1]
+  np.savez(layout.probe_set, **arrays)
+  with pytest.raises(probe_set.Damaged, match='do not match its checksum'):
+    probe_set.load(layout.probe_set)
+  with open(layout.probe_set, 'r+b') as f:
+    f.truncate(f.seek(0, os.SEEK_END) // 2)  # Cut short: not a zip (BadZipFile).
+  learner_writes(layout, params, 0)
+  make().run(100, lambda: 0, lambda: True, poll_seconds=0.01, take_snapshots=False)
+  record, = layout.records('probes')
+  problem, = layout.records('problems')
+  assert problem['file'] == layout.probe_set and 'BadZipFile' in problem['problem']
+  aside = record['probe_set_replaced']
+  assert aside.startswith(layout.probe_set + '.damaged-') and os.path.exists(aside) and aside in problem['action']
+  redrawn = probe_set.load(layout.probe_set)
+  assert redrawn.replaced == aside and redrawn.num_unique_inputs == drawn.num_unique_inputs
+
+
+def test_probing_a_planted_pickle_offline_runs_no_code(tmp_path):
+  from tests.test_learning import RunsCode  # pylint: disable=import-outside-toplevel
+  config = ExperimentConfig(run_dir=str(tmp_path / 'run'), agent=AgentConfig(width_multiplier=0.0625))
+  write_or_check_config(config)
+  marker = str(tmp_path / 'code_ran')
+  planted = checkpointing.path_for(config.layout.checkpoints, 5000, suffix=checkpointing.PICKLED_SUFFIX)
+  os.makedirs(config.layout.checkpoints)
+  with open(planted, 'wb') as f:
+    pickle.dump({'step': 5000, 'state': RunsCode(marker)}, f)
+  result = subprocess.run([sys.executable, '-m', 'probes.run', f'--checkpoint={planted}'], cwd=ROOT,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and f'{planted} is a pickled checkpoint' in result.stderr, result.stderr[-3000:]
+  assert checkpointing.TRUST_FLAG in result.stderr and not os.path.exists(marker)
 
 
 def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_probed_after_a_restart(setup, tmp_path):

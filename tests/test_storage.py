@@ -1,7 +1,12 @@
 """The run directory's storage: a record file per writer, their merge, the old layout, and gs:// through epath."""
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import stat
+import subprocess
 import tempfile
 import time
 
@@ -154,7 +159,8 @@ def bucket(monkeypatch):
   return fs
 
 
-def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
+def test_a_run_directory_on_a_bucket_goes_through_epath(bucket, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # Where the node logs' private directory is made.
   layout = RunLayout('gs://bucket/run')
   assert not storage.is_local(layout.root) and storage.is_local('/tmp/run')
   # Two nodes write their own objects (no append); every reader gets the merged stream.
@@ -199,5 +205,110 @@ def test_a_run_directory_on_a_bucket_goes_through_epath(bucket):
   for attempt in (1, 2):
     storage.path(layout.attempt_logs(attempt)).mkdir(parents=True, exist_ok=True)
   assert layout.attempts() == 2
-  assert layout.local_logs(2) == os.path.join(tempfile.gettempdir(), 'plasticity-rl-logs', 'gs/bucket/run/logs/2')
+  assert layout.local_logs(2) == os.path.join(tempfile.gettempdir(), f'plasticity-rl-logs-{os.getuid()}',
+                                              'gs/bucket/run/logs/2')
   assert RunLayout('/runs/a').local_logs(2) == '/runs/a/logs/2'
+
+
+def test_a_torn_line_is_ended_before_the_next_record_and_readers_warn_about_it(tmp_path, monkeypatch, caplog):
+  path = RunLayout(str(tmp_path)).records_file('probes', 'evaluator')
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'w') as f:
+    f.write('{"learner_step": 0, "plasticity": 0.5, "ti')  # A kill -9 mid-write, before a resume.
+  logger = loggers.JsonlLogger(path)
+  logger({'learner_step': 0, 'plasticity': 0.25})
+  # A write that fails part-way (the disk full): the next record starts a line of its own all the same.
+  real_write, calls = os.write, []
+
+  def half_then_full(fd, data):
+    calls.append(len(data))
+    if len(calls) == 1:
+      real_write(fd, bytes(data[:len(data) // 2]))
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_write(fd, data)
+
+  monkeypatch.setattr(os, 'write', half_then_full)
+  with pytest.raises(storage.WriteError, match=f'No space left on device: .{path}'):
+    logger({'learner_step': 100, 'plasticity': 0.125})
+  logger({'learner_step': 200, 'plasticity': 0.0625})
+  logger.close()
+  with caplog.at_level(logging.WARNING):
+    assert [r['learner_step'] for r in loggers.read_jsonl(path)] == [0, 200]
+    loggers.read_jsonl(path)
+  warnings = [r.getMessage() for r in caplog.records if 'not a whole record' in r.getMessage()]
+  assert warnings == [f'{path}: line 1 is not a whole record (a write cut short: a kill or a full disk); skipped.',
+                      f'{path}: line 3 is not a whole record (a write cut short: a kill or a full disk); skipped.']
+
+
+@contextlib.contextmanager
+def tmpfs(directory: str, size: str):
+  """A file system of `size` mounted at `directory` for a test (root only: skipped, saying why, elsewhere),
+  unmounted whatever happens."""
+  os.makedirs(directory, exist_ok=True)
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', directory], capture_output=True,
+                         text=True)
+  if mount.returncode != 0:
+    pytest.skip(f'a {size} tmpfs cannot be mounted here ({mount.stderr.strip() or mount.returncode}): the test '
+                f'needs root')
+  try:
+    yield directory
+  finally:
+    subprocess.run(['umount', '-l', directory], check=False)
+
+
+def partials(root: str):
+  return [name for _, _, names in os.walk(root) for name in names if storage.TEMPORARY.match(name)]
+
+
+def test_a_write_that_finds_the_disk_full_names_the_file_and_leaves_the_old_content_and_nothing_else(tmp_path):
+  with tmpfs(str(tmp_path / 'disk'), '1m') as disk:
+    checkpoint = os.path.join(disk, 'run', 'checkpoints', 'learner_000000100.msgpack')
+    storage.write_atomically(checkpoint, b'a' * 300_000)
+    with open(os.path.join(disk, 'filler'), 'wb') as f:  # Leaves about 100 KB.
+      f.write(b'x' * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - 100_000))
+    with pytest.raises(storage.WriteError) as error:
+      storage.write_atomically(checkpoint, b'b' * 400_000)
+    assert storage.is_full(error.value) and checkpoint in str(error.value)
+    with pytest.raises(storage.WriteError, match='No space left on device'):
+      storage.write_if_absent(os.path.join(disk, 'run', 'probe_set.npz'), b'c' * 400_000)
+    with open(checkpoint, 'rb') as f:
+      assert f.read() == b'a' * 300_000  # The last good one, intact.
+    assert not partials(disk) and not os.path.exists(os.path.join(disk, 'run', 'probe_set.npz'))
+
+
+def test_renames_are_made_durable_and_temporaries_of_unfinished_writes_are_swept(tmp_path, monkeypatch):
+  synced, real_fsync = [], os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.fstat(fd).st_mode), real_fsync(fd)))
+  storage.write_atomically(str(tmp_path / 'run' / 'config.json'), b'{}')
+  storage.write_if_absent(str(tmp_path / 'run' / 'probe_set.npz'), b'set')
+  assert [stat.S_ISDIR(mode) for mode in synced] == [False, True, False, True]  # The file, then its directory.
+  # A writer killed mid-write leaves its temporary file; the next launch removes those older than itself, ours only.
+  old = tmp_path / 'run' / 'checkpoints' / '.learner_000000100.msgpack.partial-abcd1234'
+  new = tmp_path / 'run' / 'records' / '.config.json.partial-x1y2z3w4'
+  foreign = tmp_path / 'run' / '.learner.msgpack.partial-mine'
+  for path in (old, new, foreign):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'partial')
+  launched = time.time()
+  os.utime(old, (launched - 3600, launched - 3600))
+  os.utime(foreign, (launched - 3600, launched - 3600))
+  assert storage.sweep_temporaries(str(tmp_path / 'run'), before=launched - 1) == [str(old)]
+  assert not old.exists() and new.exists() and foreign.exists()
+  assert storage.sweep_temporaries('gs://bucket/run', before=launched) == []
+
+
+def test_gcsfuse_paths_are_buckets_and_a_bucket_runs_node_logs_go_to_a_directory_of_this_users(tmp_path, monkeypatch):
+  assert not storage.is_local('/gcs/bucket/run') and not storage.is_local('gs://bucket/run')
+  assert storage.is_local('/gcsx/run') and storage.is_local('runs/a')
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  private = str(tmp_path / f'plasticity-rl-logs-{os.getuid()}')
+  assert RunLayout('/gcs/bucket/run').local_logs(2) == os.path.join(private, 'gcs/bucket/run/logs/2')
+  assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+  for made_by_someone_else in (lambda: os.chmod(private, 0o777),
+                               lambda: os.chown(private, 65534, 65534),
+                               lambda: (os.rmdir(private), os.symlink(str(tmp_path), private))):
+    made_by_someone_else()
+    with pytest.raises(ValueError, match=f'{private} is not a directory of this user\'s alone'):
+      RunLayout('gs://bucket/run').local_logs(1)
+    os.unlink(private) if os.path.islink(private) else os.rmdir(private)
+    os.mkdir(private, 0o700)

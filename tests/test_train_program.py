@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -15,6 +16,9 @@ import pytest
 from agents import checkpointing, snapshots
 from launch import network
 from probes.run_dir import RunLayout
+from tests.test_learning import RunsCode
+from tests.test_probes import zero_the_middle
+from tests.test_storage import partials, tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ['--env=mdp:mnist:easy', '--num_actors=2', '--max_learner_steps=300', '--min_replay_size=200',
@@ -420,3 +424,62 @@ def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_pa
   assert offline.returncode == 0, err[-3000:]
   record, = RunLayout(run_dir).offline(checkpoint).records('probes')
   assert record['learner_step'] == 3000 and record['probe_steps'] == 20 and 'plasticity' in out
+
+
+@pytest.mark.slow
+def test_a_torn_record_a_planted_pickle_and_damaged_files_are_named_and_survived_by_a_real_run(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  layout = RunLayout(run_dir)
+  flags = ['--launch_type=local_mt', '--nodiagnostics',
+           *(f for f in SMALL_RUN if not f.startswith('--max_learner_steps'))]
+  # A probe record torn by a kill -9 (or a full disk) in the launch before: the next record must not be glued onto it.
+  os.makedirs(layout.stream('probes'))
+  with open(layout.records_file('probes', 'evaluator'), 'w') as f:
+    f.write('{"learner_step": 0, "plasticity": 0.1, "plastic')
+  first = train(run_dir, *flags, '--max_learner_steps=150')
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert [r['learner_step'] for r in layout.records('probes')] == [0, 150]  # Step 0's record, after the fragment.
+  # Between launches: the probe set cut short, the final checkpoint's middle zeroed, a pickle planted that runs code.
+  with open(layout.probe_set, 'r+b') as f:
+    f.truncate(f.seek(0, os.SEEK_END) // 2)
+  damaged = checkpointing.path_for(layout.checkpoints, 150)
+  zero_the_middle(damaged)
+  marker = str(tmp_path / 'code_ran')
+  planted = checkpointing.path_for(layout.checkpoints, 999999999, suffix=checkpointing.PICKLED_SUFFIX)
+  with open(planted, 'wb') as f:
+    pickle.dump({'step': 999999999, 'state': RunsCode(marker)}, f)
+  second = train(run_dir, *flags, '--max_learner_steps=300')
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  assert not os.path.exists(marker)
+  # Each problem is a warning on the launcher's output, naming the file.
+  assert f'{planted} is a pickled checkpoint' in second.stderr and checkpointing.TRUST_FLAG in second.stderr
+  assert (f'{damaged} is damaged: its content does not match its checksum. Resuming from '
+          f'{checkpointing.path_for(layout.checkpoints, 100)}') in second.stderr
+  assert f'{layout.probe_set} is not a readable probe set' in second.stderr
+  learner = [r for r in layout.records('learner') if r['attempt'] == 2]
+  assert [r['learner_step'] for r in learner] == [150, 200, 250, 300]  # From the checkpoint before the damaged one.
+  records = layout.records('probes')
+  assert [r['learner_step'] for r in records] == [0, 150, 300]
+  aside = records[-1]['probe_set_replaced']  # Drawn again; the records made on it say so.
+  assert aside.startswith(layout.probe_set + '.damaged-') and os.path.exists(aside) and aside in second.stderr
+  assert records[-1]['probe_set_step'] == 300 and 'probe_set_replaced' not in records[1]
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_with_a_clear_error_and_the_last_checkpoint_intact(tmp_path):
+  with tmpfs(str(tmp_path / 'disk'), '12m') as disk:
+    run_dir = os.path.join(disk, 'run')
+    layout = RunLayout(run_dir)
+    # A checkpoint is 4.6 MB at this width: two fit on 12 MiB, the third does not.
+    flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--width_multiplier', '--probe_every'))]
+    result = train(run_dir, '--launch_type=local_mp', *flags, '--max_learner_steps=1000', '--width_multiplier=0.4375',
+                   '--probe_every=0')
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    assert f'The file system of {run_dir} is full' in result.stderr
+    assert f'{checkpointing.path_for(layout.checkpoints, 300)}' in result.stderr  # What was being written.
+    assert 'Relaunching' not in result.stdout and layout.attempts() == 1  # A relaunch would fill it again.
+    assert not partials(run_dir)
+    assert [step for step, _ in checkpointing.numbered(layout.checkpoints)] == [100, 200]
+    step, state = checkpointing.load(checkpointing.path_for(layout.checkpoints, 200))  # Whole, checksum right.
+    assert step == 200 and int(state['step']) == 200
