@@ -205,7 +205,7 @@ def _tell(listener: Optional[Listener], name: str, exit_code: int, count: int) -
   try:
     listener(name, exit_code, count)
   except Exception as e:  # pylint: disable=broad-except
-    print(f'Warning: {name}: {e!r} (the run goes on).', file=sys.stderr, flush=True)
+    print(f'Warning: {name}: {type(e).__name__}: {e} (the run goes on).', file=sys.stderr, flush=True)
 
 
 class RestartRecords:
