@@ -1,13 +1,82 @@
-"""Timings of the probe and the diagnostics, flag-free: shared by the commands that print them
+"""Timings of the learner, the probe and the diagnostics, flag-free: shared by the commands that print them
 (`probes.benchmark`, `probes.device_check`, `launch.benchmark`)."""
 
-from typing import Dict, Tuple
+import itertools
+import time
+from typing import Dict, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from agents.builder import make_agent
+from agents.config import AgentConfig
+from agents.learner import Learner
+from agents.types import Transition
+from agents.update import init_state, make_update
 from probes import plasticity
 from probes.diagnostics import DiagnosticsConfig, make_diagnostics
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 30) -> float:
+  """float32 [n, n] @ [n, n] at default precision, FLOP/s over `repeats` compiled calls: the reference rate."""
+  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  start = time.perf_counter()
+  jax.block_until_ready([matmul(a, b) for _ in range(repeats)])
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def random_observations(shape: Tuple[int, ...], count: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def random_batch(shape: Tuple[int, ...], num_actions: int, batch_size: int, seed: int = 0) -> Transition:
+  """A batch of uint8 observations of `shape` and random actions and rewards, as the replay gives them."""
+  rng = np.random.default_rng(seed)
+  return Transition(observation=random_observations(shape, batch_size, seed + 1),
+                    action=rng.integers(0, num_actions, batch_size).astype(np.int32),
+                    reward=rng.standard_normal(batch_size).astype(np.float32),
+                    discount=np.ones(batch_size, np.float32),
+                    next_observation=random_observations(shape, batch_size, seed + 2))
+
+
+def update_flops(config: AgentConfig, shape: Tuple[int, ...], num_actions: int) -> float:
+  """FLOPs of one double-DQN update by XLA's cost analysis of the lowered HLO (the compiled CPU analysis omits
+  dots)."""
+  agent = make_agent(config, num_actions)
+  batch = random_batch(shape, num_actions, config.batch_size)
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), batch.observation[:1])
+  update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)
+  analysis = jax.jit(update).lower(state, batch).cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # One dict per computation on some versions.
+    analysis = analysis[0]
+  return float(analysis['flops'])
+
+
+def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions: int, ks: Sequence[int],
+                        seconds: float, rounds: int = 3, held: int = 64) -> Dict[int, float]:
+  """Updates/s of the `Learner` with each `--updates_per_call` K of `ks` (its calls, syncs and host logic, no
+  event due), on `held` random batches cycled on the device; the Ks alternate in `rounds` rounds of
+  `seconds / rounds` each, after a compiling call."""
+  agent = make_agent(config, num_actions)
+  batches = [jax.device_put(random_batch(shape, num_actions, config.batch_size, seed)) for seed in range(held)]
+  dummy = batches[0].observation[0]
+  learners = {k: Learner(agent, config, itertools.cycle(batches), dummy, log_every=10**9, updates_per_call=k)
+              for k in ks}
+  done, spent = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0.0)
+  for learner in learners.values():
+    jax.block_until_ready(learner.step())  # Compile.
+  for _ in range(rounds):
+    for k, learner in learners.items():
+      start_step, start = learner.step_count, time.perf_counter()
+      while time.perf_counter() - start < seconds / rounds:
+        learner.step()
+      jax.block_until_ready(learner.state)
+      done[k] += learner.step_count - start_step
+      spent[k] += time.perf_counter() - start
+  return {k: done[k] / spent[k] for k in ks}
 
 
 def time_diagnostics(network, params, inputs: np.ndarray,
