@@ -10,7 +10,7 @@ Prints (`--sections`, default all of them; every network is `--arch`'s, but `fus
     (K updates per compiled call, one host sync per call; held batches, no
     replay) for `mlp` on the MDP's observations and `nature_dqn` on Atari's,
     batch 32, each as a share of the float32 matmul rate of a 1024 x 1024
-    matmul measured in the same run, with the FLOPs of one update (XLA's
+    matmul (the median of one per round), with the FLOPs of one update (XLA's
     cost analysis of the lowered update), the Ks' rounds interleaved;
   * `batched_actors`: environment steps/s of one actor process on one pinned
     core with each of `--envs_per_actor` environments (one batched policy
@@ -281,7 +281,7 @@ def fused(seconds: float) -> None:
   from agents.builder import make_agent
   from agents.config import AgentConfig
   from agents.learner import resolve_updates_per_call
-  from agents.loops import has_convolutions
+  from agents.loops import avoid_compiled_loops
   from probes import timing
 
   ks = [int(k) for k in UPDATES_PER_CALL.value]
@@ -293,13 +293,12 @@ def fused(seconds: float) -> None:
     config = AgentConfig(arch=arch)
     network = make_agent(config, num_actions).network
     dummy = np.zeros(shape, np.uint8)
-    unrolled = has_convolutions(jax.eval_shape(network.init, jax.random.PRNGKey(0), dummy[None]))
+    dispatched = avoid_compiled_loops(jax.eval_shape(network.init, jax.random.PRNGKey(0), dummy[None]))
     flops = timing.update_flops(config, shape, num_actions)
-    rates = timing.fused_updates_per_s(config, shape, num_actions, ks, seconds)
-    matmul = timing.matmul_flops_per_s()
+    rates, matmul = timing.fused_updates_per_s(config, shape, num_actions, ks, seconds)
     print(f'  {arch} {shape}, batch {config.batch_size}: {flops / 1e6:.0f} MFLOP per update; float32 matmul '
           f'{matmul / 1e9:.0f} GFLOP/s; default K here {resolve_updates_per_call(None, network, dummy)}'
-          + ('; calls unrolled (convolutions on XLA:CPU)' if unrolled and jax.default_backend() == 'cpu' else ''))
+          + ('; a call\'s updates dispatched one by one (convolutions on XLA:CPU)' if dispatched else ''))
     for k in ks:
       print(f'    K={k:3d}: {rates[k]:8.1f} updates/s = {rates[k] * flops / matmul:6.1%} of the matmul rate, '
             f'{rates[k] / rates[ks[0]]:5.2f}x K={ks[0]}', flush=True)

@@ -1,6 +1,7 @@
 """Timings of the learner, the probe and the diagnostics, flag-free: shared by the commands that print them
 (`probes.benchmark`, `probes.device_check`, `launch.benchmark`)."""
 
+import functools
 import itertools
 import time
 from typing import Dict, Sequence, Tuple
@@ -56,10 +57,11 @@ def update_flops(config: AgentConfig, shape: Tuple[int, ...], num_actions: int) 
 
 
 def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions: int, ks: Sequence[int],
-                        seconds: float, rounds: int = 3, held: int = 64) -> Dict[int, float]:
+                        seconds: float, rounds: int = 3, held: int = 64) -> Tuple[Dict[int, float], float]:
   """Updates/s of the `Learner` with each `--updates_per_call` K of `ks` (its calls, syncs and host logic, no
-  event due), on `held` random batches cycled on the device; the Ks alternate in `rounds` rounds of
-  `seconds / rounds` each, after a compiling call."""
+  event due), on `held` random batches cycled on the device, and the float32 matmul rate (`matmul_flops_per_s`)
+  beside them: the Ks and the matmul alternate in `rounds` rounds (of `seconds / rounds` per K), after a compiling
+  call, so that a change in the machine's load weighs on all."""
   agent = make_agent(config, num_actions)
   batches = [jax.device_put(random_batch(shape, num_actions, config.batch_size, seed)) for seed in range(held)]
   dummy = batches[0].observation[0]
@@ -68,6 +70,7 @@ def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions
   done, spent = dict.fromkeys(ks, 0), dict.fromkeys(ks, 0.0)
   for learner in learners.values():
     jax.block_until_ready(learner.step())  # Compile.
+  matmul = []
   for _ in range(rounds):
     for k, learner in learners.items():
       start_step, start = learner.step_count, time.perf_counter()
@@ -76,7 +79,8 @@ def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions
       jax.block_until_ready(learner.state)
       done[k] += learner.step_count - start_step
       spent[k] += time.perf_counter() - start
-  return {k: done[k] / spent[k] for k in ks}
+    matmul.append(matmul_flops_per_s())
+  return {k: done[k] / spent[k] for k in ks}, float(np.median(matmul))
 
 
 def time_diagnostics(network, params, inputs: np.ndarray,
@@ -90,9 +94,11 @@ def time_diagnostics(network, params, inputs: np.ndarray,
 
 def vmapped_and_loop(agent, params, inputs: np.ndarray,
                      config: plasticity.ProbeConfig) -> Dict[str, plasticity.ProbeResult]:
-  """The plasticity probe's fits, all targets vmapped and target by target in a Python loop: each result's
-  `wall_time_s` excludes its compilation (`compile_time_s`)."""
+  """The plasticity probe's fits, all targets vmapped and target by target in a Python loop (the probe's own
+  path on CPU for a convolutional network): each result's `wall_time_s` excludes its compilation
+  (`compile_time_s`)."""
   results = {}
-  for name, make in (('vmapped', plasticity.make_probe), ('loop', plasticity.make_sequential_probe)):
+  vmapped = functools.partial(plasticity.make_probe, targets_in_turn=False)
+  for name, make in (('vmapped', vmapped), ('loop', plasticity.make_sequential_probe)):
     results[name] = plasticity.agent_probe(agent, config, make)(params, inputs, jax.random.PRNGKey(0))
   return results
