@@ -113,12 +113,14 @@ def test_paper_scale_is_the_papers_settings():
   assert {f: round(w * 512) for f, w in widths.items()} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
 
 
-def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_are_skipped():
+def test_cpu_scale_runs_every_intervention_on_the_mlp_and_the_eighth_width_cnn_and_says_why_others_are_skipped():
   cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
-  assert [c.axes['arch'] for c in cells] == ['mlp'] * len(studies.INTERVENTION_COLUMNS)
-  assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
+  assert [c.axes['arch'] for c in cells] == ['mlp'] * 8 + ['cnn'] * 8 and len(studies.INTERVENTION_COLUMNS) == 8
+  assert {c.args['width_multiplier'] for c in cells if c.axes['arch'] == 'cnn'} == {0.125}
+  assert sorted(skipped) == ['resnet18-*', 'vit-*'] and all('paper' in reason for reason in skipped.values())
   falsification, _ = studies.falsification_cells('cpu', studies.StudyOptions())
-  assert {c.axes['arch'] for c in falsification} == {'mlp'}
+  assert {c.axes['arch'] for c in falsification} == {'mlp', 'cnn'}
+  assert {c.args['width_multiplier'] for c in falsification if c.axes['arch'] == 'cnn'} == {0.125}
   assert {(c.args['probe_every'], c.args['max_learner_steps']) for c in falsification} == {(10_000, 10_000)}
 
 
