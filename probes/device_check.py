@@ -31,12 +31,11 @@ import dataclasses
 import importlib.metadata
 import platform
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 from agents.builder import make_agent
 from agents.config import AgentConfig
@@ -112,25 +111,6 @@ def updates_per_s(arch: str, shape: Tuple[int, ...], num_actions: int, sizes: Si
   return done / (time.perf_counter() - start)
 
 
-def forward_flops(apply_fn: Callable, params, inputs: np.ndarray) -> Optional[float]:
-  """FLOPs of one forward pass on `inputs` by XLA's cost analysis of the lowered HLO (the compiled CPU analysis
-  omits dots; None where the backend counts none)."""
-  analysis = jax.jit(apply_fn).lower(params, inputs).cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # JAX 0.4.30: one dict per computation; current JAX: the dict.
-    analysis = analysis[0] if analysis else None
-  return float(analysis['flops']) if analysis and analysis.get('flops', 0) > 0 else None
-
-
-def probe_flops(agent, params, inputs: np.ndarray, config: ProbeConfig) -> Optional[float]:
-  """Model FLOPs of one probe: per target, `steps` minibatch steps (forward and backward: 3 x the forward) and
-  two forward passes over every input (its target function, its final loss)."""
-  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
-  step, whole = (forward_flops(apply_fn, params, inputs[:n]) for n in (config.batch_size, inputs.shape[0]))
-  if step is None or whole is None:
-    return None
-  return config.num_targets * (3 * config.steps * step + 2 * whole)
-
-
 def check(sizes: Sizes, archs: Sequence[str]) -> None:
   table = Table()
   matmul = timing.matmul_flops_per_s(sizes.matmul, sizes.matmul_repeats)
@@ -149,7 +129,7 @@ def check(sizes: Sizes, archs: Sequence[str]) -> None:
     agent = make_agent(AgentConfig(arch=arch), num_actions)
     inputs = timing.random_observations(shape, probe.num_inputs)
     params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
-    flops = probe_flops(agent, params, inputs, probe)
+    flops = timing.probe_flops(agent, params, inputs, probe)
     results = timing.vmapped_and_loop(agent, params, inputs, probe)
     for name, result in results.items():
       share = f'{flops / result.wall_time_s / matmul:6.1%} of matmul_f32' if flops else 'no FLOP count'

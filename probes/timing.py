@@ -4,7 +4,7 @@
 import functools
 import itertools
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,25 @@ def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions
       spent[k] += time.perf_counter() - start
     matmul.append(matmul_flops_per_s())
   return {k: done[k] / spent[k] for k in ks}, float(np.median(matmul))
+
+
+def forward_flops(apply_fn: Callable, params, inputs: np.ndarray) -> Optional[float]:
+  """FLOPs of one forward pass on `inputs` by XLA's cost analysis of the lowered HLO (the compiled CPU analysis
+  omits dots; None where the backend counts none)."""
+  analysis = jax.jit(apply_fn).lower(params, inputs).cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # JAX 0.4.30: one dict per computation; current JAX: the dict.
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and analysis.get('flops', 0) > 0 else None
+
+
+def probe_flops(agent, params, inputs: np.ndarray, config: plasticity.ProbeConfig) -> Optional[float]:
+  """Model FLOPs of one probe: per target, `steps` minibatch steps (forward and backward: 3 x the forward) and
+  two forward passes over every input (its target function, its final loss)."""
+  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
+  step, whole = (forward_flops(apply_fn, params, inputs[:n]) for n in (config.batch_size, inputs.shape[0]))
+  if step is None or whole is None:
+    return None
+  return config.num_targets * (3 * config.steps * step + 2 * whole)
 
 
 def time_diagnostics(network, params, inputs: np.ndarray,

@@ -453,3 +453,23 @@ def test_fused_calls_end_at_every_event_and_are_powers_of_two_below_k():
   assert sizes == [16, 16, 8, 16, 8, 4, 2, 8, 2, 16, 4]
   with pytest.raises(ValueError, match='--updates_per_call=0'):
     Learner(make_agent(config, 3), config, random_batches(8), np.zeros((8, 8, 1), np.uint8), updates_per_call=0)
+
+
+def test_the_actors_epsilon_draws_are_the_keys_split_per_step_from_its_seed():
+  """The policy splits the actor's key inside its one compiled call: each step's epsilon-greedy draws are those
+  of `rng, key = split(rng)` then one key per environment, as when the actor split it itself."""
+  import rlax
+  config = AgentConfig(width_multiplier=1 / 32, epsilon=0.5, reward_clip=None)
+  agent = make_agent(config, num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.uint8))
+  stored = []
+  Actor(agent, config, [ThreeStepEpisodes(), ThreeStepEpisodes()], params_source=lambda: (0, params),
+        add=stored.append, seed=11).run(num_steps=40)
+  rng, expected = jax.random.PRNGKey(11), []
+  for step in range(20):
+    rng, key = jax.random.split(rng)
+    observations = np.stack([t.observation for t in stored[2 * step:2 * step + 2]])
+    q_values = agent.network.apply(params, observations).outputs
+    keys = jax.random.split(key, 2)
+    expected += [int(rlax.epsilon_greedy(0.5).sample(k, q)) for k, q in zip(keys, q_values)]
+  assert [int(t.action) for t in stored] == expected and len(set(expected)) == 3
