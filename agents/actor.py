@@ -28,17 +28,19 @@ from agents.config import AgentConfig
 from agents.types import Logger, Params, Transition
 
 
-def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, float], jax.Array]:
-  """A jit-compiled epsilon-greedy policy on a batch of observations [N, ...] -> actions [N]: one network call
-  for all of an actor's environments, an independent epsilon draw for each. It takes prepared parameters
-  (`make_prepare`)."""
+def make_policy(agent: AgentParts) -> Callable[[Params, np.ndarray, jax.Array, float], Tuple[jax.Array, jax.Array]]:
+  """A jit-compiled epsilon-greedy policy on a batch of observations [N, ...] -> (actions [N], the next rng): one
+  network call for all of an actor's environments, an independent epsilon draw for each, the actor's key split
+  inside (one dispatch a step, not two). It takes prepared parameters (`make_prepare`)."""
   apply = agent.network.apply_prepared or agent.network.apply
 
-  def policy(params: Params, observations: jax.Array, rng: jax.Array, epsilon: float) -> jax.Array:
+  def policy(params: Params, observations: jax.Array, rng: jax.Array,
+             epsilon: float) -> Tuple[jax.Array, jax.Array]:
+    rng, key = jax.random.split(rng)
     q_values = agent.encoding.q_values(apply(params, observations).outputs)
     chex.assert_rank(q_values, 2)
-    keys = jax.random.split(rng, q_values.shape[0])
-    return jax.vmap(rlax.epsilon_greedy(epsilon).sample)(keys, q_values)
+    keys = jax.random.split(key, q_values.shape[0])
+    return jax.vmap(rlax.epsilon_greedy(epsilon).sample)(keys, q_values), rng
 
   return jax.jit(policy)
 
@@ -120,9 +122,9 @@ class Actor:
         if update is None:  # The source gave up waiting: a stop was requested.
           break
         self._learner_step, self._params = update[0], self._prepare(update[1])
-      self._rng, key = jax.random.split(self._rng)
       observations = np.stack([episode.timestep.observation for episode in episodes])
-      actions = np.asarray(self._policy(self._params, observations, key, self._epsilon))
+      actions, self._rng = self._policy(self._params, observations, self._rng, self._epsilon)
+      actions = np.asarray(actions)
       for index, action in enumerate(actions):
         episodes[index] = self._step(index, episodes[index], int(action))
       steps_done += len(episodes)

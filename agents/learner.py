@@ -20,21 +20,58 @@ of those parameters (at a target-update step) or the current ones.
 A non-finite loss or parameter ends training at once (`Diverged`): the state
 kept, published and checkpointed is the last finite one, and the learner's
 last record says `diverged`.
+
+`updates_per_call` (K) fuses up to K updates in one jitted call over K
+batches (`agents.update.make_fused_update`), one host sync per call instead
+of one per update: a call ends at the next step where something outside the
+update is due (a periodic action, a snapshot, a checkpoint, a log), so every
+event keeps its step and its state; target updates and their hooks are made
+inside. Calls shorter than K are cut into powers of two, which bounds the
+compiled shapes. On CPU a convolutional network's call dispatches its updates
+one by one instead, still with one sync (agents/loops.py). A non-finite
+update inside a call is not kept: the learner redoes the call's updates
+before it (the same computation) and raises `Diverged` naming its step, as
+with K = 1.
 """
 
 import threading
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from agents import checkpointing, snapshots
+from agents import checkpointing, loops, snapshots
 from agents.builder import AgentParts
 from agents.config import AgentConfig
-from agents.update import TrainingState, init_state, make_target_update, make_update
-from agents.types import Logger, Transition
+from agents.update import TrainingState, init_state, make_fused_update, make_target_update, make_update
+from agents.types import Logger, Network, Params, Transition
+
+# Updates per call by default (`--updates_per_call` unset), from `launch.benchmark --sections=fused`: on CPU the
+# batch-32 matmuls bound an update more than its dispatch (MLP: K = 16 1.6x K = 1, K = 64 no more), and a
+# convolutional network's updates, dispatched one by one there (agents/loops.py), gain nothing; on an
+# accelerator a dispatch and a host sync cost more than a small update (not measured here).
+DEFAULT_UPDATES_PER_CALL = {'cpu': 16, 'cpu_convolutions': 1, 'accelerator': 16}
+
+
+def default_updates_per_call(params: Params) -> int:
+  """The default K for this backend and network (`DEFAULT_UPDATES_PER_CALL`); `params` may be shapes."""
+  if jax.default_backend() != 'cpu':
+    return DEFAULT_UPDATES_PER_CALL['accelerator']
+  return DEFAULT_UPDATES_PER_CALL['cpu_convolutions' if loops.has_convolutions(params) else 'cpu']
+
+
+def resolve_updates_per_call(requested: Optional[int], network: Network, dummy_observation: np.ndarray) -> int:
+  """`requested`, or the default for this backend and network (None); an error naming the flag below 1."""
+  if requested is None:
+    shapes = jax.eval_shape(network.init, jax.random.PRNGKey(0), np.asarray(dummy_observation)[None])
+    return default_updates_per_call(shapes)
+  if requested < 1:
+    raise ValueError(f'--updates_per_call={requested}: updates per learner call must be >= 1 (or unset: the '
+                     f'backend\'s default).')
+  return requested
 
 
 class Diverged(Exception):
@@ -60,7 +97,8 @@ class Learner:
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 5000,
                logger: Optional[Logger] = None, log_every: int = 100,
                snapshot_dir: Optional[str] = None, snapshot_every: int = 0,
-               measure_after_interventions: bool = False):
+               measure_after_interventions: bool = False, updates_per_call: Optional[int] = 1):
+    """`updates_per_call` None: the backend's default (`default_updates_per_call`)."""
     self._config = config
     self._measure_after_interventions = measure_after_interventions
     self._snapshot_dir = snapshot_dir if snapshot_every > 0 else None
@@ -72,12 +110,15 @@ class Learner:
     self._logger = logger
     self._log_every = log_every
     dummy = np.asarray(dummy_observation)[None]
-    self._update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount,
-                                       agent.loss_terms))
-    self._target_update = jax.jit(make_target_update(agent.network, agent.target_update_hooks, dummy))
+    update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)
+    target_update = make_target_update(agent.network, agent.target_update_hooks, dummy)
+    self._update, self._target_update = jax.jit(update), jax.jit(target_update)
     self._has_hooks = bool(agent.target_update_hooks)
     self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
     self._state = initial_state(agent, seed, dummy_observation)
+    self.updates_per_call = resolve_updates_per_call(updates_per_call, agent.network, dummy_observation)
+    self._fused = jax.jit(make_fused_update(update, target_update, config.target_update_period))
+    self._dispatched = loops.avoid_compiled_loops(self._state.params)  # A call's updates one by one.
     self._restored_from = None
     if checkpoint_dir:
       # Read into a fresh state's structure (optax's NamedTuples come from the code, never from the file).
@@ -88,7 +129,9 @@ class Learner:
       if path is not None:
         self._state = jax.tree_util.tree_map(jax.numpy.asarray, loaded[1])
         self._restored_from = path
-        logging.info('Learner restored step %d from %s', self.step_count, path)
+    self._step = int(self._state.step)  # Kept on the host: reading the state's would wait for the device.
+    if self._restored_from:
+      logging.info('Learner restored step %d from %s', self._step, path)
     # (params, target params) of the latest step as measurers see them (module docstring) when interventions
     # made them differ from the state's; None: the state's.
     self._measured: Optional[Tuple[object, object]] = None
@@ -106,7 +149,7 @@ class Learner:
 
   @property
   def step_count(self) -> int:
-    return int(self._state.step)
+    return self._step
 
   @property
   def restored_from(self) -> Optional[str]:
@@ -116,18 +159,54 @@ class Learner:
   def state(self) -> TrainingState:
     return self._state
 
-  def step(self) -> Dict[str, float]:
-    """One update on the next batch; the interventions' periodic actions, target update and checkpoint when due.
+  def _events(self) -> List[int]:
+    """The periods of what happens outside the update: periodic actions, snapshots, checkpoints, logs."""
+    periods = [period for period, _ in self._periodic_actions] + [self._log_every]
+    periods += [self._snapshot_every] if self._snapshot_dir else []
+    return periods + ([self._checkpoint_every] if self._checkpoint_dir else [])
 
-    Raises `Diverged`, keeping the state before the update, if it was not finite.
-    """
-    batch = next(self._iterator)
-    state, metrics = self._update(self._state, batch)
-    finite = bool(metrics.pop('finite'))  # One sync per update: the step is not applied before it is checked.
-    if not finite:
-      raise Diverged(int(state.step), {k: float(v) for k, v in metrics.items()})
-    self._state = state
+  def _call_size(self, max_updates: Optional[int]) -> int:
+    """Updates of the next call: up to K, ending at the next event or at `max_updates`; shorter than K, a power
+    of two (one compiled shape each)."""
     step = self.step_count
+    size = min([self.updates_per_call] + [period - step % period for period in self._events()])
+    if max_updates is not None:
+      size = max(min(size, max_updates - step), 1)
+    return size if size == self.updates_per_call else 1 << (size.bit_length() - 1)
+
+  def step(self, max_updates: Optional[int] = None) -> Dict[str, float]:
+    """One call: up to `updates_per_call` updates on the next batches (not past `max_updates` in total), then the
+    interventions' periodic actions, target update, snapshot, checkpoint and log due at its last step.
+
+    Returns the last update's metrics. Raises `Diverged`, keeping the state of the last finite update, if an
+    update was not finite.
+    """
+    return self._apply([next(self._iterator) for _ in range(self._call_size(max_updates))])
+
+  def _apply(self, batches: Sequence[Transition]) -> Dict[str, float]:
+    start = self.step_count
+    if len(batches) == 1 or self._dispatched:
+      state, each = self._state, []
+      for i, batch in enumerate(batches):
+        state, metrics = self._update(state, batch)
+        each.append(metrics)
+        if i < len(batches) - 1 and (start + i + 1) % self._config.target_update_period == 0:
+          state = self._target_update(state)  # Inside the call (module docstring); the last step's is after it.
+      # One sync per call: no update is kept before it is checked.
+      finite = [bool(flag) for flag in jax.device_get([metrics.pop('finite') for metrics in each])]
+      at = lambda i: each[i]
+    else:
+      state, stacked = self._fused(self._state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches))
+      finite = list(np.asarray(stacked.pop('finite')))
+      at = lambda i: {name: values[i] for name, values in stacked.items()}
+    if not all(finite):
+      bad = finite.index(False)
+      if bad:
+        self._apply(batches[:bad])  # The updates before it, as a call that ends there: its last finite state.
+      raise Diverged(start + bad + 1, {k: float(v) for k, v in at(bad).items()})
+    metrics = at(len(batches) - 1)
+    self._state, self._step = state, start + len(batches)
+    step = self._step
     target_update = step % self._config.target_update_period == 0
     trained = (state.params, state.params if target_update else state.target_params)
     if self._rate_since is None:
@@ -135,7 +214,7 @@ class Learner:
     intervened = target_update and self._has_hooks
     for period, act in self._periodic_actions:
       if step % period == 0:
-        self._state, action_metrics = act(self._state, batch)
+        self._state, action_metrics = act(self._state, batches[-1])
         metrics = {**metrics, **action_metrics}
         intervened = True
     if target_update:
@@ -190,7 +269,7 @@ class Learner:
     try:
       while self.step_count < max_steps and not should_stop():
         try:
-          self.step()
+          self.step(max_steps)
         except StopIteration:  # The batch source ended: it was asked to stop.
           break
         except Diverged as e:

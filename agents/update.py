@@ -166,3 +166,30 @@ def make_target_update(network: Network, hooks: Sequence[TargetUpdateHook],
     return state
 
   return target_update
+
+
+def make_fused_update(update: Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]],
+                      target_update: Callable[[TrainingState], TrainingState],
+                      target_update_period: int) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
+  """Returns `(state, batches [n, B, ...]) -> (state, metrics [n])`: n updates in one `lax.scan` (`--updates_per_call`).
+
+  Each step's target update (with the interventions' hooks) is made inside,
+  after its update, as the learner makes it, except the last step's: the
+  learner makes that one after the call, because what measurers see at a
+  step is the state before its interventions (agents/learner.py). Every
+  update is applied, finite or not: metrics' `finite` [n] says which were,
+  and the learner keeps the state of the last finite one.
+  """
+
+  def fused(state: TrainingState, batches: Transition) -> Tuple[TrainingState, Metrics]:
+    chex.assert_equal_shape_prefix(jax.tree_util.tree_leaves(batches), 2)
+    last_step = state.step + jax.tree_util.tree_leaves(batches)[0].shape[0]
+
+    def one(state: TrainingState, batch: Transition) -> Tuple[TrainingState, Metrics]:
+      state, metrics = update(state, batch)
+      due = (state.step % target_update_period == 0) & (state.step != last_step)
+      return jax.lax.cond(due, target_update, lambda state: state, state), metrics
+
+    return jax.lax.scan(one, state, batches)
+
+  return fused

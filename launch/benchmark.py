@@ -3,8 +3,15 @@ r"""Throughput benchmark, measured side by side in one run.
   python -m launch.benchmark [--env=mdp:mnist:easy] [--seconds=15] [--probe_steps=2000]
       [--sections=batched_actors,actors,learner,evaluator,rate_limiter,probe]
   python -m launch.benchmark --sections=batched_actors --env=atari:pong --arch=nature_dqn --envs_per_actor=1,4,16
+  python -m launch.benchmark --sections=fused [--updates_per_call_values=1,4,16,64]
 
-Prints (`--sections`, default all of them; every network is `--arch`'s):
+Prints (`--sections`, default all of them; every network is `--arch`'s, but `fused`'s):
+  * `fused`: the learner's updates/s with each `--updates_per_call_values` K
+    (K updates per compiled call, one host sync per call; held batches, no
+    replay) for `mlp` on the MDP's observations and `nature_dqn` on Atari's,
+    batch 32, each as a share of the float32 matmul rate of a 1024 x 1024
+    matmul (the median of one per round), with the FLOPs of one update (XLA's
+    cost analysis of the lowered update), the Ks' rounds interleaved;
   * `batched_actors`: environment steps/s of one actor process on one pinned
     core with each of `--envs_per_actor` environments (one batched policy
     call per step: inference included, no replay insertion), and, for Atari,
@@ -49,12 +56,14 @@ from agents import config_flags
 from probes.run_dir import ExperimentConfig
 
 SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
-SECTION_NAMES = ('batched_actors', 'actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
+SECTION_NAMES = ('fused', 'batched_actors', 'actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
 SECTIONS = flags.DEFINE_list('sections', list(SECTION_NAMES), f'What to measure, of {", ".join(SECTION_NAMES)}.')
 HELD_BATCHES = flags.DEFINE_integer('held_batches', 500, 'Batches of the learner\'s measurement the bare loop '
                                     'cycles through (held on the device).')
 ENVS_PER_ACTOR = flags.DEFINE_list('envs_per_actor', ['1', '4', '16'],
                                    'batched_actors: environments per actor process, each measured.')
+UPDATES_PER_CALL = flags.DEFINE_list('updates_per_call_values', ['1', '4', '16', '64'],
+                                     'fused: the learner\'s --updates_per_call values measured.')
 # Not --steps, --rounds: environments.benchmark, imported by the measuring process, defines those.
 STEPS = flags.DEFINE_integer('actor_steps', 2000, 'batched_actors: environment steps per measurement round.',
                              lower_bound=16)
@@ -263,6 +272,38 @@ def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, se
         f'same batches on the device, {rounds} alternating rounds): learner / bare = {rate / bare:.2f}', flush=True)
 
 
+# (arch, observation shape, actions) of the fused learner's measurement: the MDP's digits, Atari's frames.
+FUSED_ARCHS = (('mlp', (28, 28, 1), 10), ('nature_dqn', (84, 84, 4), 18))
+
+
+def fused(seconds: float) -> None:
+  import jax
+  from agents.builder import make_agent
+  from agents.config import AgentConfig
+  from agents.learner import resolve_updates_per_call
+  from agents.loops import avoid_compiled_loops
+  from probes import timing
+
+  ks = [int(k) for k in UPDATES_PER_CALL.value]
+  if min(ks) < 1:
+    raise app.UsageError(f'--updates_per_call_values={",".join(UPDATES_PER_CALL.value)}: each must be >= 1.')
+  print(f'fused learner: {jax.default_backend()}, {multiprocessing.cpu_count()} cores; updates/s of the Learner with '
+        f'K updates per call (held batches), 3 alternating rounds:', flush=True)
+  for arch, shape, num_actions in FUSED_ARCHS:
+    config = AgentConfig(arch=arch)
+    network = make_agent(config, num_actions).network
+    dummy = np.zeros(shape, np.uint8)
+    dispatched = avoid_compiled_loops(jax.eval_shape(network.init, jax.random.PRNGKey(0), dummy[None]))
+    flops = timing.update_flops(config, shape, num_actions)
+    rates, matmul = timing.fused_updates_per_s(config, shape, num_actions, ks, seconds)
+    print(f'  {arch} {shape}, batch {config.batch_size}: {flops / 1e6:.0f} MFLOP per update; float32 matmul '
+          f'{matmul / 1e9:.0f} GFLOP/s; default K here {resolve_updates_per_call(None, network, dummy)}'
+          + ('; a call\'s updates dispatched one by one (convolutions on XLA:CPU)' if dispatched else ''))
+    for k in ks:
+      print(f'    K={k:3d}: {rates[k]:8.1f} updates/s = {rates[k] * flops / matmul:6.1%} of the matmul rate, '
+            f'{rates[k] / rates[ks[0]]:5.2f}x K={ks[0]}', flush=True)
+
+
 def main(argv):
   del argv
   unknown = set(SECTIONS.value) - set(SECTION_NAMES)
@@ -270,9 +311,11 @@ def main(argv):
     raise app.UsageError(f'--sections: unknown {", ".join(sorted(unknown))}; accepted: {", ".join(SECTION_NAMES)}.')
   sections = set(SECTIONS.value)
   run = config_flags.build(ExperimentConfig, FIELDS)
+  if 'fused' in sections:
+    fused(SECONDS.value)
   if 'batched_actors' in sections:
     batched_actors(run)
-  if sections - {'batched_actors'}:
+  if sections - {'batched_actors', 'fused'}:
     distributed(run, sections)
 
 

@@ -38,7 +38,7 @@ import environments
 from agents import storage
 from agents.actor import Actor, actor_seed, environment_seeds
 from agents.builder import make_agent
-from agents.learner import Diverged, Learner, pull_when_newer
+from agents.learner import Diverged, Learner, pull_when_newer, resolve_updates_per_call
 from agents.types import Params, StopRequested
 from environments import atari_scores
 from launch import network
@@ -104,17 +104,19 @@ class LearnerNode:
     self._config = config
     observation_spec, num_actions = environment_specs(config)
     agent = make_agent(config.agent, num_actions)
+    dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
+    updates_per_call = resolve_updates_per_call(config.updates_per_call, agent.network, dummy)
     iterator = replay.batch_iterator(replay_client.server_address, config.agent.batch_size,
-                                    should_stop=_stop_requested)
+                                    should_stop=_stop_requested, prefetch=2 * updates_per_call)
     self._learner = Learner(
-        agent, config.agent, iterator, np.zeros(observation_spec.shape, observation_spec.dtype),
+        agent, config.agent, iterator, dummy,
         seed=config.seed, checkpoint_dir=config.layout.checkpoints,
         checkpoint_every=config.checkpoint_every,
         logger=config.layout.logger(RunLayout.LEARNER, 'learner', extra={'attempt': attempt}),
         log_every=config.log_every,
         # The evaluator's probe points as files, which outlive the evaluator's process (and a relaunch).
         snapshot_dir=config.layout.probe_snapshots, snapshot_every=config.probe_every,
-        measure_after_interventions=config.probe.after_interventions)
+        measure_after_interventions=config.probe.after_interventions, updates_per_call=updates_per_call)
     self._finished = False
 
   def get_params(self, held_step: Optional[int] = None) -> Optional[Tuple[int, Params]]:

@@ -263,8 +263,10 @@ class ReplayUnavailable(RuntimeError):
 
 
 def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[], bool] = lambda: False,
-                   poll_seconds: float = 1.0, answer_timeout_s: int = 2, dead_after_s: float = 30.0) -> Prefetcher:
-  """The learner's batches, as `Transition`s of device arrays, two fetched ahead; ends once `should_stop()`.
+                   poll_seconds: float = 1.0, answer_timeout_s: int = 2, dead_after_s: float = 30.0,
+                   prefetch: int = 2) -> Prefetcher:
+  """The learner's batches, as `Transition`s of device arrays, `prefetch` fetched ahead (two calls' worth for a
+  learner fusing updates); ends once `should_stop()`.
 
   One dataset for the whole run, waiting on the rate limiter as long as it
   holds samples back (each timeout used to drop the samples in flight and
@@ -295,7 +297,8 @@ def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[
       for start in range(0, batch_size * BATCHES_PER_SAMPLE, batch_size):
         yield Transition(*(field[start:start + batch_size] for field in whole))
 
-  return Prefetcher(samples(), should_stop=should_stop, check_alive=check_alive, poll_seconds=poll_seconds)
+  return Prefetcher(samples(), size=prefetch, should_stop=should_stop, check_alive=check_alive,
+                    poll_seconds=poll_seconds)
 
 
 class ReverbSource:

@@ -7,8 +7,8 @@ groups by), `measure(cell, run_dir)` one finished run's numbers, and
 grid (`python -m launch.study`); nothing here launches anything.
 
 Scales: `smoke` (a few hundred learner steps per cell), `cpu` (reduced but
-faithful, for a few hours on 2 cores: narrower CNNs, fewer probe steps, fewer
-cells, no ResNet-18 or ViT), `paper` (the paper's settings).
+faithful, for a few hours on 2 cores: the CNN at an eighth of its width, fewer
+probe steps, fewer cells, no ResNet-18 or ViT), `paper` (the paper's settings).
 """
 
 import dataclasses
@@ -113,8 +113,9 @@ TRAIN_SCALES: Dict[str, Dict[str, Any]] = {
     # The paper's: 100 iterations of 1,000 steps, probes every 5,000 of 2,000 steps (the field defaults).
     'paper': dict(max_learner_steps=100_000),
 }
-# CNN widths per scale (no CNN at `cpu`: INTERVENTION_ARCHS).
-CNN_WIDTH = {'smoke': 0.25, 'paper': 1.0}
+# CNN widths per scale. At `cpu` an eighth (8 channels, 32 units: width factor 2 of the width study): a probe step of
+# its 10 targets takes about 0.5 s on one core, XLA:CPU running narrow convolutions far below its matmul rate.
+CNN_WIDTH = {'smoke': 0.25, 'cpu': 0.125, 'paper': 1.0}
 MLP_WIDTH = {'smoke': 0.25, 'cpu': 1.0, 'paper': 1.0}
 
 
@@ -168,14 +169,12 @@ INTERVENTION_COLUMNS = ('none', 'layernorm', 'spectral_norm', 'weight_decay', 's
 PROBED_AFTER = ('shrink_and_perturb', 'reset_last_layer')
 PROBED_AFTER_SUFFIX = '_probed_after'
 PAPER_ARCHS = ('mlp', 'cnn', 'resnet18', 'vit')
-# Below paper scale the MLP only at `cpu`: one probe of the CNN (width 0.25: 10 targets x 1,000 steps of 128
-# digits) takes 19 minutes on 2 CPU cores, 31 times the MLP's, so a CNN run there takes over 1.5 hours.
-INTERVENTION_ARCHS = {'smoke': ('mlp', 'cnn'), 'cpu': ('mlp',), 'paper': PAPER_ARCHS}
-SKIPPED_ARCH_REASONS = {'cnn': 'the CNN runs at --scale=smoke and --scale=paper: its probes take hours on CPU',
-                        'resnet18': 'ResNet-18 runs at --scale=paper only', 'vit': 'ViT runs at --scale=paper only'}
-# Rows of the grid under another optimizer than the MDP preset's: under appendix A.1's Adam, which kills units
-# (the optimizer_regime study), whether the interventions' effects depend on unit death.
-INTERVENTION_OPTIMIZERS = {'smoke': (), 'cpu': ('adam',), 'paper': ()}
+INTERVENTION_ARCHS = {'smoke': ('mlp', 'cnn'), 'cpu': ('mlp', 'cnn'), 'paper': PAPER_ARCHS}
+SKIPPED_ARCH_REASONS = {'resnet18': 'ResNet-18 runs at --scale=paper only', 'vit': 'ViT runs at --scale=paper only'}
+# Rows of the grid under another optimizer than the MDP preset's (arch -> optimizers): under appendix A.1's Adam,
+# which kills units (the optimizer_regime study), whether the interventions' effects depend on unit death; the MLP
+# only, whose runs are the cheapest.
+INTERVENTION_OPTIMIZERS = {'smoke': {}, 'cpu': {'mlp': ('adam',)}, 'paper': {}}
 # Figure 6 is read after 100 iterations of 1,000 steps; figures 8 and 9 after 1 million steps (appendix B.1).
 FIGURE6_STEP = 100_000
 PAPER_LONG_STEPS = 1_000_000
@@ -202,7 +201,7 @@ def interventions_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
   cells = []
   archs = INTERVENTION_ARCHS[scale]
   for arch in archs:
-    for optimizer in (DEFAULT_OPTIMIZER, *INTERVENTION_OPTIMIZERS[scale]):
+    for optimizer in (DEFAULT_OPTIMIZER, *INTERVENTION_OPTIMIZERS[scale].get(arch, ())):
       prefix = arch if optimizer == DEFAULT_OPTIMIZER else f'{arch}-{optimizer}'
       args = {**base, **_arch_args(arch, scale), **OPTIMIZER_ARGS[optimizer]}
       if scale != 'paper':
@@ -418,7 +417,7 @@ TARGET_PERIODS = (1, 100, 1000)  # Figure 5's panels.
 CNN_SCALE_UP = (1, 2, 4)
 WIDTH_GRIDS = {  # arch -> factors per scale.
     'smoke': {'mlp': (1, 16)},
-    'cpu': {'mlp': WIDTH_FACTORS},  # The CNN's probes take hours on CPU (INTERVENTION_ARCHS).
+    'cpu': {'mlp': WIDTH_FACTORS},  # Wider CNNs than CNN_WIDTH['cpu']'s probe for hours on CPU.
     'paper': {'mlp': WIDTH_FACTORS, 'cnn': CNN_SCALE_UP},
 }
 WIDTH_PERIODS = {'smoke': (100,), 'cpu': TARGET_PERIODS, 'paper': TARGET_PERIODS}

@@ -14,7 +14,11 @@ printed: Lanczos linearly in steps; the probe as its fixed cost (targets, final
 loss) plus its per-step cost, both measured from runs at N and 2N steps; the
 covariance as a k + b k^2 (row blocks of gradients, then block pairs), fitted
 to runs at k and 2k samples.
-Also prints the largest buffers: the Lanczos basis and the gradient blocks.
+Also prints the largest buffers (the Lanczos basis and the gradient blocks), and
+the probe's achieved FLOP/s (`timing.probe_flops`: 3 x the forward FLOPs of
+each minibatch step, by XLA's cost analysis) as `NN% of the matmul rate`, the
+float32 rate of a 1024 x 1024 matmul measured in the same run, just before and
+after the probe (their mean).
 Unregistered architectures are skipped with a note.
 """
 
@@ -30,6 +34,7 @@ import numpy as np
 from agents import config_flags, networks
 from agents.builder import make_agent
 from agents.config import AgentConfig
+from agents.loops import avoid_compiled_loops
 from probes import curvature
 from probes import plasticity
 from probes import timing
@@ -54,12 +59,15 @@ def _config() -> DiagnosticsConfig:
   return _run().diagnostics
 
 
+def _probe_config(inputs: np.ndarray, steps: Optional[int] = None) -> plasticity.ProbeConfig:
+  steps = steps or _run().probe.steps
+  return dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
+                             curve_every=min(20, steps))
+
+
 def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) -> Tuple[float, float]:
   """(compilation seconds, run seconds) of the plasticity probe at `steps` (default `--probe_steps`)."""
-  steps = steps or _run().probe.steps
-  config = dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
-                               curve_every=min(20, steps))
-  result = plasticity.agent_probe(agent, config)(params, inputs, jax.random.PRNGKey(0))
+  result = plasticity.agent_probe(agent, _probe_config(inputs, steps))(params, inputs, jax.random.PRNGKey(0))
   return result.compile_time_s, result.wall_time_s
 
 
@@ -100,7 +108,10 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   del compile_times['total'], run_times['total']
   lanczos_scale = DiagnosticsConfig.lanczos_steps / _config().lanczos_steps
   probe_scale = plasticity.ProbeConfig.steps / _run().probe.steps
+  matmul_before = timing.matmul_flops_per_s()
   probe_compile, probe_run = _time_probe(agent, params, inputs)
+  matmul = (matmul_before + timing.matmul_flops_per_s()) / 2
+  probe_flops = timing.probe_flops(agent, params, inputs, _probe_config(inputs))
   probe_at_default = probe_run
   if probe_scale != 1:
     # Fixed cost (the targets, the final loss) and per-step cost from two step counts.
@@ -129,6 +140,10 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   if covariance_extrapolated:
     print(f'  covariance timed at k={_config().covariance_samples} (and {2 * _config().covariance_samples} for the fit); '
           f'a k + b k^2 extrapolated to k={DiagnosticsConfig.covariance_samples}')
+  if probe_flops:
+    print(f'  plasticity probe: {probe_flops / probe_run / 1e9:.1f} GFLOP/s = {probe_flops / probe_run / matmul:.0%} of '
+          f'the matmul rate ({matmul / 1e9:.1f} GFLOP/s float32, 1024^2, measured beside it)'
+          + (', targets in turn (convolutions on XLA:CPU)' if avoid_compiled_loops(params) else ''))
   if probe_scale != 1:
     print(f'  plasticity probe timed at {_run().probe.steps} and {2 * _run().probe.steps} steps; fixed cost plus '
           f'per-step cost extrapolated to {plasticity.ProbeConfig.steps}')

@@ -11,11 +11,16 @@ and library versions it was measured with:
     Python loop on one device-resident batch of 32 (no replay, no host
     transfer), updates/s, for `mlp` on the MDP's observations and
     `nature_dqn` on Atari's;
+  * `fused_learner`: the `Learner` with `--updates_per_call` K = 1, 4, 16,
+    64 (K updates per compiled call, one host sync per call, held batches),
+    updates/s and their FLOP/s (XLA's cost analysis of the lowered update) as
+    a share of `matmul_f32`, for the same two;
   * `probe_vmapped`, `probe_loop`: the plasticity probe's wall time (its
     default 10 targets x 2,000 steps; compilation apart), all targets vmapped
     and target by target, for `mlp`, `cnn`, `nature_dqn`, with the FLOP/s
     achieved (3 x the forward FLOPs XLA's cost analysis counts, per example
-    and step) as a share of `matmul_f32` (goal: >= 40% for `cnn`, vmapped);
+    and step) as a share of `matmul_f32` (goal: >= 40% for `cnn` on the
+    probe's own path: vmapped, target by target on CPU);
   * `hessian_density`, `covariance_ck`: those diagnostics' wall times at
     their `DiagnosticsConfig` defaults (a second call: compiled), per arch.
 Imports nothing of TensorFlow, Reverb, Launchpad, ale-py or OpenCV: the
@@ -26,17 +31,15 @@ import dataclasses
 import importlib.metadata
 import platform
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from agents.types import Transition
+from agents.loops import avoid_compiled_loops
 from agents.update import init_state, make_update
 from probes import timing
 from probes.diagnostics import DiagnosticsConfig
@@ -57,11 +60,14 @@ class Sizes:
   matmul_repeats: int = 30
   update_seconds: float = 3.0
   update_sync_every: int = 100  # Updates between the loop's waits for the device.
+  updates_per_call: Tuple[int, ...] = (1, 4, 16, 64)
+  fused_seconds: float = 6.0  # Of each arch's measurement, all Ks together.
   probe: ProbeConfig = ProbeConfig()
   diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
 
-QUICK_SIZES = Sizes(matmul=256, matmul_repeats=3, update_seconds=0.2, update_sync_every=5,
+QUICK_SIZES = Sizes(matmul=256, matmul_repeats=3, update_seconds=0.2, update_sync_every=5, updates_per_call=(1, 4),
+                    fused_seconds=0.3,
                     probe=ProbeConfig(steps=4, batch_size=16, num_inputs=64, curve_every=2),
                     diagnostics=DiagnosticsConfig(hessian_batch_size=32, hessian_chunk_size=32, lanczos_steps=4,
                                                   covariance_samples=8, covariance_chunk_size=8,
@@ -88,38 +94,13 @@ class Table:
     print(f'{figure:16s} {arch:11s} {value:11.4g} {unit:10s} {note:54s} | {self._where}', flush=True)
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
-
-
-def matmul_flops_per_s(n: int, repeats: int) -> float:
-  """float32 [n, n] @ [n, n] at default precision, FLOP/s over `repeats` compiled calls."""
-  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))
-  seconds = _seconds(lambda: [matmul(a, b) for _ in range(repeats)])
-  return 2 * n**3 * repeats / seconds
-
-
-def _random_observations(shape: Tuple[int, ...], count: int, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
-
-
 def updates_per_s(arch: str, shape: Tuple[int, ...], num_actions: int, sizes: Sizes) -> float:
   """The jitted double-DQN update in a Python loop on one device-resident batch (`AgentConfig`'s batch size)."""
   config = AgentConfig(arch=arch)
   agent = make_agent(config, num_actions)
   update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms))
-  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), _random_observations(shape, 1))
-  rng = np.random.default_rng(1)
-  batch = jax.device_put(Transition(
-      observation=_random_observations(shape, config.batch_size, 1),
-      action=rng.integers(0, num_actions, config.batch_size).astype(np.int32),
-      reward=rng.standard_normal(config.batch_size).astype(np.float32),
-      discount=np.full(config.batch_size, config.discount, np.float32),
-      next_observation=_random_observations(shape, config.batch_size, 2)))
+  batch = jax.device_put(timing.random_batch(shape, num_actions, config.batch_size))
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), batch.observation[:1])
   state = jax.block_until_ready(update(state, batch))[0]  # Compile.
   done, start = 0, time.perf_counter()
   while time.perf_counter() - start < sizes.update_seconds:
@@ -130,41 +111,31 @@ def updates_per_s(arch: str, shape: Tuple[int, ...], num_actions: int, sizes: Si
   return done / (time.perf_counter() - start)
 
 
-def forward_flops(apply_fn: Callable, params, inputs: np.ndarray) -> Optional[float]:
-  """FLOPs of one forward pass on `inputs` by XLA's cost analysis (None where the backend counts none)."""
-  analysis = jax.jit(apply_fn).lower(params, inputs).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # JAX 0.4.30: one dict per computation; current JAX: the dict.
-    analysis = analysis[0] if analysis else None
-  return float(analysis['flops']) if analysis and analysis.get('flops', 0) > 0 else None
-
-
-def probe_flops(agent, params, inputs: np.ndarray, config: ProbeConfig) -> Optional[float]:
-  """Model FLOPs of one probe: per target, `steps` minibatch steps (forward and backward: 3 x the forward) and
-  two forward passes over every input (its target function, its final loss)."""
-  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
-  step, whole = (forward_flops(apply_fn, params, inputs[:n]) for n in (config.batch_size, inputs.shape[0]))
-  if step is None or whole is None:
-    return None
-  return config.num_targets * (3 * config.steps * step + 2 * whole)
-
-
 def check(sizes: Sizes, archs: Sequence[str]) -> None:
   table = Table()
-  matmul = matmul_flops_per_s(sizes.matmul, sizes.matmul_repeats)
+  matmul = timing.matmul_flops_per_s(sizes.matmul, sizes.matmul_repeats)
   table.row('matmul_f32', '-', matmul, 'FLOP/s', f'[{sizes.matmul}]^2 float32, default precision')
   for arch, shape, num_actions in (entry for entry in UPDATE_ARCHS if entry[0] in archs):
     table.row('update_loop', arch, updates_per_s(arch, shape, num_actions, sizes), 'updates/s',
               f'batch {AgentConfig.batch_size}, observations {shape}')
+    config = AgentConfig(arch=arch)
+    flops = timing.update_flops(config, shape, num_actions)
+    rates, _ = timing.fused_updates_per_s(config, shape, num_actions, sizes.updates_per_call, sizes.fused_seconds)
+    for k, rate in rates.items():
+      table.row('fused_learner', arch, rate, 'updates/s',
+                f'K={k}, {flops / 1e6:.0f} MFLOP/update, {rate * flops / matmul:6.1%} of matmul_f32')
   probe = sizes.probe
   for arch, shape, num_actions in (entry for entry in PROBE_ARCHS if entry[0] in archs):
     agent = make_agent(AgentConfig(arch=arch), num_actions)
-    inputs = _random_observations(shape, probe.num_inputs)
+    inputs = timing.random_observations(shape, probe.num_inputs)
     params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
-    flops = probe_flops(agent, params, inputs, probe)
+    flops = timing.probe_flops(agent, params, inputs, probe)
     results = timing.vmapped_and_loop(agent, params, inputs, probe)
     for name, result in results.items():
       share = f'{flops / result.wall_time_s / matmul:6.1%} of matmul_f32' if flops else 'no FLOP count'
-      goal = ' (goal >= 40%)' if (arch, name) == ('cnn', 'vmapped') else ''
+      # The goal is the probe's own path's: target by target on CPU for convolutions (probes/plasticity.py).
+      own = 'loop' if avoid_compiled_loops(params) else 'vmapped'
+      goal = ' (goal >= 40%)' if (arch, name) == ('cnn', own) else ''
       speedup = f', loop/vmapped {results["loop"].wall_time_s / result.wall_time_s:.2f}x' if name == 'vmapped' else ''
       table.row(f'probe_{name}', arch, result.wall_time_s, 's',
                 f'{probe.num_targets} x {probe.steps} steps, {share}{goal}{speedup}')

@@ -30,7 +30,11 @@ optimizer steps a `lax.scan`; `make_sequential_probe` runs the same fits
 target by target (same keys, same result) for tests and the benchmark.
 
 On CPU, for convolutional networks, the scan becomes calls of `steps_per_call`
-steps unrolled at trace time (see probes/compiled_loops.py): same results.
+steps unrolled at trace time (see probes/compiled_loops.py), and the targets
+run in turn (`make_sequential_probe`): vmapped over targets, each with its own
+weights and batch, a convolution becomes one grouped convolution, which
+XLA:CPU runs on slow kernels (the full-width CNN's probe step: 1.42x the time
+of the 10 targets' steps in turn, CPU time on one thread). Same results.
 """
 
 import dataclasses
@@ -284,8 +288,11 @@ def _run_in_chunks(run_steps: Callable, params, opt_state, inputs, targets, step
 
 
 def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTransformation,
-               config: ProbeConfig, head: ProbeHead) -> Callable[[Params, np.ndarray, jax.Array], ProbeResult]:
-  """The probe: all targets in one jit-compiled, vmapped computation."""
+               config: ProbeConfig, head: ProbeHead,
+               targets_in_turn: Optional[bool] = None) -> Callable[[Params, np.ndarray, jax.Array], ProbeResult]:
+  """The probe: all targets in one jit-compiled, vmapped computation, or (`targets_in_turn`; None: on CPU for a
+  convolutional network) the same fits target by target (`make_sequential_probe`)."""
+  sequential = make_sequential_probe(apply_fn, init_fn, optimizer, config, head)
   fit = _make_fit(apply_fn, init_fn, optimizer, config, head)
   check_support = _support_check(apply_fn, head, fit, config.num_targets)
 
@@ -311,6 +318,8 @@ def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTran
   def probe(params: Params, inputs: np.ndarray, key: jax.Array, progress: Optional[Progress] = None) -> ProbeResult:
     """Fits every target; `progress`, if given, hears how many steps are done (the fits then run in loops
     of `config.progress_every` steps: the same computation, cut)."""
+    if compiled_loops.avoid_compiled_loops(params) if targets_in_turn is None else targets_in_turn:
+      return sequential(params, inputs, key, progress)
     started = time.time()
     inputs = jnp.asarray(inputs)
     chunk = steps_per_call(config, params)
@@ -341,26 +350,29 @@ def _copies(params: Params, num: int) -> Params:
 def make_sequential_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTransformation,
                           config: ProbeConfig, head: ProbeHead) -> Callable[[Params, np.ndarray, jax.Array],
                                                                             ProbeResult]:
-  """The same fits as `make_probe`, one target at a time in a Python loop."""
+  """The same fits as `make_probe`'s vmapped ones, one target at a time in a Python loop; `progress` hears the
+  steps done as a share of the whole: all targets' steps over their number."""
   fit = _make_fit(apply_fn, init_fn, optimizer, config, head)
   check_support = _support_check(apply_fn, head, fit, config.num_targets)
   prepare = _Compiled(lambda params, inputs, key: _prepare(apply_fn, head, params, inputs, key, config.num_targets))
   start, run, scanned, final = (_Compiled(f) for f in (fit.start, fit.run_steps_unrolled, fit.run_steps,
                                                          fit.final_loss))
 
-  def probe(params: Params, inputs: np.ndarray, key: jax.Array) -> ProbeResult:
+  def probe(params: Params, inputs: np.ndarray, key: jax.Array, progress: Optional[Progress] = None) -> ProbeResult:
     started = time.time()
     inputs = jnp.asarray(inputs)
     chunk = steps_per_call(config, params)
     chunk_run = scanned if chunk is None else run
-    chunk = chunk or config.steps
+    chunk = chunk or (config.progress_every if progress else config.steps)
     compile_time = check_support(params, inputs, key)
     (offset, keys), seconds = prepare(params, inputs, key)
     compile_time += seconds
     results = []
-    for target_key in keys:
+    for index, target_key in enumerate(keys):
       (opt_state, targets, baseline, step_keys), seconds = start(params, inputs, offset, target_key)
-      fitted, losses, run_seconds = _run_in_chunks(chunk_run, params, opt_state, inputs, targets, step_keys, chunk)
+      done = progress and (lambda steps, index=index: progress((index * config.steps + steps) // len(keys)))
+      fitted, losses, run_seconds = _run_in_chunks(chunk_run, params, opt_state, inputs, targets, step_keys, chunk,
+                                                   done)
       final_loss, final_seconds = final(fitted, inputs, targets)
       results.append(jax.device_get((final_loss, baseline, losses)))
       compile_time += seconds + run_seconds + final_seconds

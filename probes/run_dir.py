@@ -32,7 +32,8 @@ _WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
 MAX_ACTORS = 1000
 RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'envs_per_actor', 'launch_type', 'run_dir', 'data_dir',
-                    'max_restarts', 'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device')
+                    'max_restarts', 'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device',
+                    'updates_per_call')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,10 @@ class ExperimentConfig:
   evaluation: EvaluationConfig = dataclasses.field(default=EvaluationConfig(), metadata={config_flags.PREFIX: 'eval_'})
   checkpoint_every: int = option(5000, 'Learner steps between checkpoints.', lower_bound=1)
   log_every: int = option(100, 'Learner steps between logged records and parameter snapshots.', lower_bound=1)
+  # agents/learner.py: calls end at every step where something outside the update is due, so K changes no event.
+  updates_per_call: Optional[int] = option(None, 'Learner updates fused in one compiled call over as many batches, one '
+                                           'host sync per call (default: 16; 1 on CPU for convolutional networks).',
+                                           lower_bound=1)
   actor_params_update_period: int = option(100, 'Environment steps between an actor\'s parameter pulls.',
                                            lower_bound=1)
   max_restarts: int = option(3, 'Relaunches of the program from its checkpoints after a node fails (0: none).',

@@ -18,11 +18,17 @@ def test_the_device_check_prints_every_figure_beside_the_versions_it_was_measure
   header, *lines = [line for line in result.stdout.splitlines() if ' | ' in line]
   assert header.split()[:4] == ['figure', 'arch', 'value', 'unit']
   rows = {(line.split()[0], line.split()[1]): line for line in lines}
-  assert len(rows) == len(lines) == 1 + 2 + 4 * 2  # matmul; update per arch; probe x2, Hessian, C_k per arch.
-  assert set(rows) == {('matmul_f32', '-'), ('update_loop', 'mlp'), ('update_loop', 'nature_dqn')} | {
+  # matmul; per arch the update loop, the fused learner at K = 1 and 4, probe x2, Hessian, C_k.
+  fused = [line for line in lines if line.startswith('fused_learner')]
+  assert len(rows) + len(fused) - 2 == len(lines) == 1 + 2 * (1 + 2) + 4 * 2
+  assert set(rows) == {('matmul_f32', '-'), ('update_loop', 'mlp'), ('update_loop', 'nature_dqn'),
+                       ('fused_learner', 'mlp'), ('fused_learner', 'nature_dqn')} | {
       (figure, arch) for arch in ('mlp', 'nature_dqn')
       for figure in ('probe_vmapped', 'probe_loop', 'hessian_density', 'covariance_ck')}
-  for (figure, arch), line in rows.items():
+  assert [(line.split()[1], line.split()[4]) for line in fused] == [
+      ('mlp', 'K=1,'), ('mlp', 'K=4,'), ('nature_dqn', 'K=1,'), ('nature_dqn', 'K=4,')]
+  assert all('MFLOP/update' in line and 'of matmul_f32' in line for line in fused)
+  for line in fused + list(rows.values()):
     assert float(line.split()[2]) > 0, line
     assert line.split(' | ', 1)[1].startswith('cpu:'), line
     assert f'jax {jax.__version__} ' in line and ' dm-haiku ' in line and ' optax ' in line, line

@@ -5,6 +5,7 @@ import os
 import pickle
 import time
 
+import chex
 import dm_env
 from dm_env import specs
 import jax
@@ -471,3 +472,112 @@ def test_actor_seeds_are_distinct_for_many_actors_and_new_at_each_launch():
   restarted = {actor_seed(0, 5, restart=r) for r in range(1, 4)}
   assert len(restarted) == 3 and not restarted & seeds  # Nor any other actor's.
   assert actor_seed(0, 5, restart=0) == actor_seed(0, 5)
+
+
+def _fused_and_single(tmp_path, config, updates_per_call, batches, **options):
+  """Learners with K = updates_per_call and K = 1 on the same batches, each in its own directories, every
+  checkpoint step and call recorded."""
+  agent = make_agent(config, num_actions=3)
+  learners, saved, calls, records = {}, {}, {}, {}
+  for k in (1, updates_per_call):
+    records[k], saved[k], calls[k] = [], [], []
+    learner = Learner(agent, config, iter(batches), np.zeros((8, 8, 1), np.uint8), logger=records[k].append,
+                      checkpoint_dir=str(tmp_path / f'k{k}' / 'checkpoints'), snapshot_dir=str(tmp_path / f'k{k}' / 'snapshots'),
+                      updates_per_call=k, **options)
+    learner.save = lambda learner=learner, k=k: saved[k].append(learner.step_count) or Learner.save(learner)
+    learner.step = lambda max_updates=None, learner=learner, k=k: calls[k].append(1) or Learner.step(learner, max_updates)
+    learners[k] = learner
+  return learners, saved, calls, records
+
+
+@pytest.mark.parametrize('arch', ['mlp', 'cnn'])  # One scan per call; on CPU, a CNN's updates dispatched one by one.
+def test_fused_updates_give_the_parameters_and_events_of_single_updates_on_their_steps(tmp_path, arch):
+  """K = 16 against K = 1 on the same 200 batches, target period 50 with reset_last_layer and ReDo: the same
+  parameters, the same snapshot files (before the step's interventions) and checkpoints on the same steps, the same
+  records; target updates inside the calls (50, 150), at their ends (100, 200)."""
+  config = AgentConfig(arch=arch, width_multiplier=0.05, batch_size=8, target_update_period=50,
+                       interventions=('reset_last_layer', 'redo'), redo_every=70, redo_threshold=1.0)
+  batches = list(itertools.islice(random_batches(8, shape=(8, 8, 1)), 200))
+  learners, saved, calls, records = _fused_and_single(tmp_path, config, 16, batches, checkpoint_every=60,
+                                                       snapshot_every=100, log_every=40)
+  for learner in learners.values():
+    learner.run(max_steps=200)
+  single, fused = learners[1], learners[16]
+  assert single.step_count == fused.step_count == 200 and fused.updates_per_call == 16
+  assert len(calls[1]) == 200 and len(calls[16]) < 40  # Fused: one host sync per call.
+  close = lambda a, b: chex.assert_trees_all_close(jax.device_get(a), jax.device_get(b), rtol=1e-4, atol=1e-5)
+  close(fused.state.params, single.state.params)
+  close(fused.state.target_params, single.state.target_params)
+  close(fused.state.opt_state, single.state.opt_state)
+  np.testing.assert_array_equal(fused.state.rng, single.state.rng)  # The same keys drawn: every hook and ReDo ran.
+  assert saved[1] == saved[16] == [60, 120, 180, 200]
+  folders = {k: str(tmp_path / f'k{k}' / 'snapshots') for k in learners}
+  assert [step for step, _ in snapshots.saved(folders[16])] == [step for step, _ in snapshots.saved(folders[1])] == [
+      0, 100, 200]
+  for step in (100, 200):
+    close(snapshots.load(snapshots.path_for(folders[16], step)), snapshots.load(snapshots.path_for(folders[1], step)))
+  # Step 100's snapshot is what training produced, not the reset head the learner went on from.
+  assert not np.allclose(snapshots.load(snapshots.path_for(folders[1], 100))[1]['head']['w'],
+                         jax.device_get(single.state.params['head']['w']))
+  assert [r['learner_step'] for r in records[16]] == [r['learner_step'] for r in records[1]] == [40, 80, 120, 160, 200]
+  for a, b in zip(records[16], records[1]):
+    assert a.keys() - {'updates_per_s'} == b.keys() - {'updates_per_s'}
+    np.testing.assert_allclose(a['td_loss'], b['td_loss'], rtol=1e-3)
+  assert [r.get('redo_recycled_units') for r in records[16]] == [r.get('redo_recycled_units') for r in records[1]]
+
+
+def test_a_nonfinite_update_inside_a_fused_call_keeps_the_state_before_it_and_names_its_step(tmp_path):
+  """A NaN reward in the batch of update 37 of a call of 64: the learner stops at step 36's state (that of 36
+  single updates), checkpoints and records it, and `Diverged` names step 37, as with K = 1."""
+  config = AgentConfig(width_multiplier=0.05, batch_size=8, target_update_period=10,
+                       interventions=('shrink_and_perturb',))
+  batches = list(itertools.islice(random_batches(8, shape=(8, 8, 1)), 100))
+  batches[36] = batches[36]._replace(reward=np.full(8, np.nan, np.float32))
+  learners, saved, calls, records = _fused_and_single(tmp_path, config, 64, batches, checkpoint_every=1000,
+                                                       log_every=1000)
+  for learner in learners.values():
+    with pytest.raises(Diverged, match='learner step 37'):
+      learner.run(max_steps=100)
+    assert learner.step_count == learner.diverged_at - 1 == 36
+    assert records[learner.updates_per_call][-1]['diverged'] is True
+  single, fused = learners[1], learners[64]
+  assert len(calls[64]) == 1 and saved[1] == saved[64] == [36]
+  chex.assert_trees_all_close(jax.device_get(fused.state), jax.device_get(single.state), rtol=1e-4, atol=1e-5)
+  step, state = checkpointing.load(checkpointing.latest(str(tmp_path / 'k64' / 'checkpoints')), single.state)
+  assert step == 36 and all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state))
+  chex.assert_trees_all_close(state.params, jax.device_get(single.state.params), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_calls_end_at_every_event_and_are_powers_of_two_below_k():
+  config = AgentConfig(width_multiplier=0.05, batch_size=8, interventions=('redo',), redo_every=70)
+  learner = Learner(make_agent(config, 3), config, random_batches(8, shape=(8, 8, 1)), np.zeros((8, 8, 1), np.uint8),
+                    log_every=40, updates_per_call=16)
+  sizes = []
+  while learner.step_count < 100:
+    before = learner.step_count
+    learner.step(max_updates=100)
+    sizes.append(learner.step_count - before)
+  # Events at 40, 70, 80 (and the end, 100): 16, 16, 8 | 16, 8, 4, 2 | 8, 2 | 16, 4.
+  assert sizes == [16, 16, 8, 16, 8, 4, 2, 8, 2, 16, 4]
+  with pytest.raises(ValueError, match='--updates_per_call=0'):
+    Learner(make_agent(config, 3), config, random_batches(8), np.zeros((8, 8, 1), np.uint8), updates_per_call=0)
+
+
+def test_the_actors_epsilon_draws_are_the_keys_split_per_step_from_its_seed():
+  """The policy splits the actor's key inside its one compiled call: each step's epsilon-greedy draws are those
+  of `rng, key = split(rng)` then one key per environment, as when the actor split it itself."""
+  import rlax
+  config = AgentConfig(width_multiplier=1 / 32, epsilon=0.5, reward_clip=None)
+  agent = make_agent(config, num_actions=3)
+  params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.uint8))
+  stored = []
+  Actor(agent, config, [ThreeStepEpisodes(), ThreeStepEpisodes()], params_source=lambda: (0, params),
+        add=stored.append, seed=11).run(num_steps=40)
+  rng, expected = jax.random.PRNGKey(11), []
+  for step in range(20):
+    rng, key = jax.random.split(rng)
+    observations = np.stack([t.observation for t in stored[2 * step:2 * step + 2]])
+    q_values = agent.network.apply(params, observations).outputs
+    keys = jax.random.split(key, 2)
+    expected += [int(rlax.epsilon_greedy(0.5).sample(k, q)) for k, q in zip(keys, q_values)]
+  assert [int(t.action) for t in stored] == expected and len(set(expected)) == 3

@@ -278,3 +278,32 @@ def test_rmsprop_is_dqn_zoos_double_dqn_optimizer_without_a_norm_clip():
     for step, expected in zip(results[name], steps(reference)):
       np.testing.assert_allclose(step, expected, rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(results['rmsprop_clipped'][1] / results['rmsprop'][1], 100.0, rtol=0.05)
+
+
+@pytest.mark.parametrize('shape', [(84, 84, 4), (37, 41, 4)])  # Atari's frames; sides no stride divides.
+def test_the_nature_dqns_strided_convolutions_are_hk_conv2ds_computed_on_space_to_depth_inputs(shape):
+  """The same parameters (from the same key) and the same outputs as Mnih et al.'s network written with
+  hk.Conv2D, and the same gradients."""
+  import haiku as hk
+
+  def reference(obs):
+    x = networks.scale_observation(obs)
+    for i, (channels, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
+      x = jax.nn.relu(hk.Conv2D(channels, kernel, stride=stride, padding='VALID', name=f'conv_{i}')(x))
+    x = jax.nn.relu(hk.Linear(512, name='linear_0')(hk.Flatten()(x)))
+    return hk.Linear(6, name='head')(x)
+
+  reference = hk.without_apply_rng(hk.transform(reference))
+  network = networks.make_network('nature_dqn', networks.ArchConfig(num_outputs=6))
+  obs = np.random.default_rng(0).integers(0, 256, (5, *shape), dtype=np.uint8)
+  params = network.init(jax.random.PRNGKey(3), obs[:1])
+  expected = reference.init(jax.random.PRNGKey(3), obs[:1])
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
+  outputs = lambda p: network.apply(p, obs).outputs
+  np.testing.assert_allclose(outputs(params), reference.apply(params, obs), rtol=1e-4, atol=1e-5)
+  grads, expected_grads = (jax.grad(lambda p: jnp.sum(f(p) ** 2))(params)
+                           for f in (outputs, lambda p: reference.apply(p, obs)))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), grads, expected_grads)
+  with pytest.raises(ValueError, match='stride dividing the kernel'):
+    hk.transform(lambda x: networks.StridedConv2D(8, 3, 2, name='bad')(x)).init(jax.random.PRNGKey(0), obs)

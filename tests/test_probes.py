@@ -80,6 +80,31 @@ def test_steps_cut_into_calls_give_the_same_fits(setup):
     np.testing.assert_allclose(chunked.final_losses, whole.final_losses, rtol=2e-3)
 
 
+@pytest.mark.parametrize('arch', ['cnn', 'nature_dqn', 'resnet18', 'vit'])  # Every architecture with convolutions.
+def test_on_cpu_a_convolutional_networks_targets_run_in_turn_with_the_vmapped_results(arch):
+  """XLA:CPU runs vmapped convolutions of per-target weights (grouped) on slow kernels, so there the probe fits
+  the targets in turn: the same fits, the same numbers, and its progress reaches the whole probe."""
+  from tests.test_networks import SMALL
+  shape, width = SMALL[arch]
+  agent = make_agent(AgentConfig(arch=arch, width_multiplier=width), num_actions=3)
+  # A low frequency: the sine does not amplify the float rounding of two ways of computing q(x; theta0) 1e5 times.
+  config = plasticity.ProbeConfig(num_targets=2, steps=4, batch_size=8, num_inputs=24, curve_every=2, frequency=1.0)
+  inputs = np.random.default_rng(0).integers(0, 256, (24, *shape), dtype=np.uint8)
+  params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
+  apply_fn = lambda p, x: agent.network.apply(p, x).outputs
+  make = lambda **options: plasticity.make_probe(apply_fn, agent.network.init, agent.optimizer, config,
+                                                 plasticity.REGRESSION, **options)
+  assert jax.default_backend() == 'cpu'
+  done = []
+  in_turn = make()(params, inputs, jax.random.PRNGKey(1), progress=done.append)
+  vmapped = make(targets_in_turn=False)(params, inputs, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(in_turn.baselines, vmapped.baselines, rtol=1e-4)
+  np.testing.assert_allclose(in_turn.step_losses, vmapped.step_losses, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(in_turn.final_losses, vmapped.final_losses, rtol=1e-4)
+  np.testing.assert_allclose(in_turn.target_offset, vmapped.target_offset, rtol=1e-5, atol=1e-6)
+  assert len(done) == 2 * 4 and done == sorted(done) and done[-1] == 4  # One call per step, target after target.
+
+
 def test_targets_offset_and_baseline_follow_equation_4(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(4)

@@ -133,20 +133,25 @@ def test_paper_scale_is_the_papers_settings():
                                                                                    ('rmsprop', 2.5e-4)}
 
 
-def test_cpu_scale_runs_every_intervention_on_the_mlp_and_says_why_other_archs_are_skipped():
+def test_cpu_scale_runs_every_intervention_on_the_mlp_and_the_eighth_width_cnn_and_says_why_others_are_skipped():
   cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
-  # Each column and the two probed after their hooks, under the mdp preset's RMSProp and under Adam (units die).
-  assert [c.axes['arch'] for c in cells] == ['mlp'] * 2 * (len(studies.INTERVENTION_COLUMNS) + 2)
+  # Each column and the two probed after their hooks: the MLP under the mdp preset's RMSProp and under Adam (units
+  # die), the eighth-width CNN under RMSProp.
+  columns = len(studies.INTERVENTION_COLUMNS) + 2
+  assert [c.axes['arch'] for c in cells] == ['mlp'] * 2 * columns + ['cnn'] * columns
+  assert {c.args['width_multiplier'] for c in cells if c.axes['arch'] == 'cnn'} == {0.125}
   assert {(c.axes['optimizer'], c.args['optimizer'], c.args['learning_rate']) for c in cells} == {
       ('rmsprop', 'rmsprop', 2.5e-4), ('adam', 'adam', 1e-3)}
   after = {c.name: c for c in cells if c.axes['probed'] == 'after'}
-  assert sorted(after) == ['mlp-adam-reset_last_layer_probed_after', 'mlp-adam-shrink_and_perturb_probed_after',
+  assert sorted(after) == ['cnn-reset_last_layer_probed_after', 'cnn-shrink_and_perturb_probed_after',
+                           'mlp-adam-reset_last_layer_probed_after', 'mlp-adam-shrink_and_perturb_probed_after',
                            'mlp-reset_last_layer_probed_after', 'mlp-shrink_and_perturb_probed_after']
   assert all(c.args['probe_after_interventions'] is True for c in after.values())
   assert not any('probe_after_interventions' in c.args for c in cells if c.axes['probed'] == 'before')
-  assert sorted(skipped) == ['cnn-*', 'resnet18-*', 'vit-*'] and 'CPU' in skipped['cnn-*']
+  assert sorted(skipped) == ['resnet18-*', 'vit-*'] and all('paper' in reason for reason in skipped.values())
   falsification, _ = studies.falsification_cells('cpu', studies.StudyOptions())
-  assert {c.axes['arch'] for c in falsification} == {'mlp'}
+  assert {c.axes['arch'] for c in falsification} == {'mlp', 'cnn'}
+  assert {c.args['width_multiplier'] for c in falsification if c.axes['arch'] == 'cnn'} == {0.125}
   assert {(c.args['probe_every'], c.args['max_learner_steps']) for c in falsification} == {(10_000, 10_000)}
 
 
