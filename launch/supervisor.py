@@ -104,7 +104,9 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
   def __init__(self, max_restarts: int, on_restart: Listener, groups: Sequence[str] = RESTARTABLE_GROUPS,
                disabled_groups: Sequence[str] = DISABLED_GROUPS, on_disable: Optional[Listener] = None,
                backoff: Backoff = RESTART_BACKOFF, healthy_s: float = HEALTHY_S, **kwargs):
-    super().__init__(**kwargs)
+    # Past the termination notice Launchpad kills the nodes' process trees and, by default, the launcher with
+    # them (exit -9): the launcher stays, to report and exit with the run's code.
+    super().__init__(**{**kwargs, 'kill_main_thread': False})
     self._max_restarts = max_restarts
     self._on_restart = on_restart
     self._on_disable = on_disable

@@ -8,7 +8,11 @@ that holds the read end of a pipe only the launcher writes to. While the
 launcher lives the watchdog notes its descendants every second; when the pipe
 closes (the launcher has exited or died) it sends each descendant still alive
 SIGTERM, then SIGKILL to any left after `grace_s` (at least the launch's
-termination notice: the time a node may take to save), and exits. After a
+termination notice: the time a node may take to save), and exits. A node
+started in the last second before the launcher died (an in-place restart),
+which it had not noted yet, is known by the launcher's mark in its
+environment (`MARK_ENV`, inherited from the launcher). `start` returns once
+the watchdog has noted the processes already running. After a
 clean exit there is no one left to stop. The launcher is known by its pid and
 its start time, so a pid the system has given to another process is never
 taken for it; and the launcher starts a new watchdog if this one dies
@@ -28,17 +32,29 @@ from typing import Dict
 import psutil
 
 POLL_S = 1.0
+READY_TIMEOUT_S = 60.0  # How long `start` waits for the watchdog's first look (its imports, on a loaded machine).
+MARK_ENV = 'PLASTICITY_RL_LAUNCHER'  # "<pid>:<start time>" of the launcher, in its nodes' environments.
+READY = b'ready\n'
 
 
 def start(grace_s: float) -> subprocess.Popen:
   """Starts the watchdog of the calling process; keep the returned handle for as long as the run lives."""
   read_end, _ = os.pipe()  # The write end stays open, never inherited, until this process ends.
   launcher = psutil.Process()
+  os.environ[MARK_ENV] = _mark(launcher.pid, launcher.create_time())  # Processes started from now on carry it.
   watchdog = subprocess.Popen([sys.executable, '-m', 'launch.watchdog', str(launcher.pid),
                                repr(launcher.create_time()), str(read_end), str(grace_s)],
-                              pass_fds=(read_end,), start_new_session=True)
+                              pass_fds=(read_end,), start_new_session=True, stdout=subprocess.PIPE)
   os.close(read_end)
+  readable, _, _ = select.select([watchdog.stdout], [], [], READY_TIMEOUT_S)
+  if readable:
+    watchdog.stdout.readline()
+  watchdog.stdout.close()
   return watchdog
+
+
+def _mark(pid: int, created: float) -> str:
+  return f'{pid}:{created!r}'
 
 
 def same_process(pid: int, created: float) -> bool:
@@ -74,13 +90,31 @@ def _alive(known: Dict[int, float]) -> Dict[int, psutil.Process]:
   return alive
 
 
+def _marked(mark: str) -> Dict[int, float]:
+  """{pid: creation time} of the processes whose environment carries the launcher's mark."""
+  found = {}
+  for process in psutil.process_iter():
+    try:
+      if process.pid != os.getpid() and process.environ().get(MARK_ENV) == mark:
+        found[process.pid] = process.create_time()
+    except psutil.Error:
+      pass
+  return found
+
+
 def watch(launcher_pid: int, launcher_created: float, pipe_fd: int, grace_s: float) -> None:
-  known: Dict[int, float] = {}
+  known: Dict[int, float] = _descendants(launcher_pid, launcher_created)
+  try:
+    sys.stdout.buffer.write(READY)
+    sys.stdout.close()  # The launcher reads one line, then nothing more.
+  except OSError:
+    pass
   while True:
     known.update(_descendants(launcher_pid, launcher_created))
     readable, _, _ = select.select([pipe_fd], [], [], POLL_S)
     if readable and not os.read(pipe_fd, 1):
       break  # The launcher's end closed: it is gone.
+  known.update(_marked(_mark(launcher_pid, launcher_created)))
   left = _alive(known)
   for process in left.values():
     try:

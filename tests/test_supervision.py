@@ -160,6 +160,33 @@ def test_after_a_relaunch_a_ctrl_c_gets_the_full_termination_notice():
   assert 'stopped within the notice' in result.stdout
 
 
+_NODE_PAST_THE_NOTICE = textwrap.dedent('''
+    import os, signal, sys, time
+    from absl import flags
+    from launchpad import flags as _  # Defines --lp_termination_notice_secs.
+    from launch import supervisor
+    flags.FLAGS(['launcher', '--lp_termination_notice_secs=2'])
+    manager = supervisor.SupervisedWorkerManager(0, lambda *_: None)
+    manager.process_worker('actor/0', [sys.executable, '-c', 'import signal, time; '
+                                       'signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'],
+                           env=dict(os.environ))
+    node = manager.node_processes['actor/0']
+    time.sleep(1)  # Its handler in place.
+    os.kill(os.getpid(), signal.SIGINT)
+    manager.wait(raise_error=False)
+    print('launcher alive; node', node.wait(), flush=True)
+''')
+
+
+def test_a_node_that_outlives_the_notice_is_killed_and_the_launcher_is_not():
+  """Past the termination notice Launchpad kills what is left; by default the launcher too (exit -9, its exit code
+  and report lost). Ours kills the node and goes on."""
+  result = subprocess.run([sys.executable, '-c', _NODE_PAST_THE_NOTICE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert f'launcher alive; node {-signal.SIGKILL}' in result.stdout
+
+
 def _launcher_with_a_node():
   """A stand-in launcher (a process) with a child (its node); (launcher, node pid)."""
   code = ('import subprocess, sys, time; p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]); '
@@ -193,6 +220,27 @@ def test_the_watchdog_ends_its_launchers_nodes_and_never_those_of_a_process_that
       if process.is_running():
         process.kill()
     launcher.wait(timeout=10)
+
+
+def test_a_node_started_just_before_its_launcher_is_killed_is_ended_too():
+  """The launcher starts its watchdog, then a node, and is killed at once (kill -9), before the watchdog's next
+  look at its children: the node, now an orphan, is found by the launcher's mark in its environment and ended."""
+  code = textwrap.dedent('''
+      import os, signal, subprocess, sys
+      from launch import watchdog
+      watchdog.start(grace_s=2)
+      node = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+      print(node.pid, flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+      ''')
+  launcher = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  node = psutil.Process(int(launcher.stdout.readline()))
+  launcher.wait(timeout=30)
+  try:
+    node.wait(timeout=30)  # Ended: SIGTERM at once (the grace is for one that does not stop).
+  finally:
+    if node.is_running():
+      node.kill()
 
 
 def _plant_lock(layout: RunLayout, **fields) -> None:
