@@ -17,7 +17,7 @@ import pytest
 
 from launch import cluster
 from launch import flags as run_flags
-from probes.run_dir import ExperimentConfig, check_config, write_or_check_config
+from probes.run_dir import ExperimentConfig, RunLayout, check_config, write_or_check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL = re.compile(r'^  (workerpool\d): replicas=(\d+) machine=(\S+) accelerator=(.+?) image=(\w+) .*nodes=(.+)$')
@@ -155,7 +155,7 @@ def test_on_vertex_ai_a_node_is_at_its_replicas_address_from_cluster_spec(monkey
           'task': {'type': 'workerpool1', 'index': 1}}
   monkeypatch.setenv('CLUSTER_SPEC', json.dumps(spec))
   courier_node = program_lib.CourierNode(dict).on_host('127.0.0.1')
-  replay_node = replay.ReplayNode(list, '/nonexistent', '/nonexistent', 0).on_host('127.0.0.1')
+  replay_node = replay.ReplayNode(list, RunLayout('/nonexistent'), 0).on_host('127.0.0.1')
   for node, pool, instance in [(courier_node, 'workerpool1', 1), (replay_node, 'workerpool0', 0)]:
     node._initialize_context(context.LaunchType.VERTEX_AI, launch_config=None)  # pylint: disable=protected-access
     node.bind_addresses(cluster=pool, instance=instance)

@@ -327,10 +327,12 @@ def test_attached_nodes_on_other_hosts_rejoin_a_relaunched_run_that_a_fifth_host
   assert {e['task'] for e in _times(events, 'ended')} >= {'attach_evaluator', 'attach_actors-2', 'attach_actors-3'}
   attached = {r['actor_id'] for r in layout.records('actors') if r['time'] > relaunched[0]['time']}
   assert attached >= {MAX_ACTORS, MAX_ACTORS + 1, MAX_ACTORS + 2, MAX_ACTORS + 3}
-  # The attached evaluator (the run has none of its own) probed on its schedule, every 5,000 steps, before and
-  # after the relaunch (the end too if it saw it before the run stopped: the run does not wait for it).
+  # The attached evaluator (the run has none of its own) probed on its schedule, every 5,000 steps (the learner's
+  # parameters as published at its first look at or past the step), before and after the relaunch (the end too if
+  # it saw it before the run stopped: the run does not wait for it).
   probes = [r['learner_step'] for r in layout.evaluator('cluster').records('probes')]
-  assert probes[:2] == [0, 5000] and probes == sorted(set(probes)) and set(probes) <= {0, 5000, 6000}
+  assert probes[0] == 0 and 5000 <= probes[1] < 6000 and probes == sorted(set(probes)) and probes[-1] <= 6000
+  assert len(probes) <= 3
   for host in (2, 3):
     log = (tmp_path / 'sim' / 'logs' / f'attach_actors-{host}.log').read_text()
     assert 'The run was relaunched' in log and re.search(r'Actors .*: the (learner|run) finished\.', log)
