@@ -22,6 +22,7 @@ trusted, and then converted (with the pickled probe snapshots) before the
 launch.
 """
 
+import contextlib
 import enum
 import json
 import math
@@ -31,7 +32,7 @@ import stat
 import sys
 import threading
 import time
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -131,6 +132,20 @@ def _out_of_space(config: ExperimentConfig, what: str) -> str:
   return (f'The file system of {config.run_dir} is full: {what} Free space there (or move the run directory), then '
           f'relaunch the same command: the run resumes from its last checkpoint'
           f'{" (" + latest + ")" if latest else ""}.')
+
+
+@contextlib.contextmanager
+def _bad_input(config: ExperimentConfig) -> Iterator[None]:
+  """Ends the command with exit 1 and the message of a bad input (a ValueError) or of a write that found the run
+  directory's disk full."""
+  try:
+    yield
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  except OSError as e:
+    if not storage.is_full(e):
+      raise
+    raise app.UsageError(_out_of_space(config, str(e)))
 
 
 def _last(records: List[Record]) -> Optional[Record]:
@@ -571,6 +586,9 @@ def main(argv):
     signal.signal(signal.SIGHUP, _hang_up)
   try:
     config = run_flags.experiment_config()
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  with _bad_input(config):
     network.check(config.bind_host, config.publish_host)
     cluster = cluster_lib.cluster_config(config)
     if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
@@ -582,12 +600,6 @@ def main(argv):
       return
     resumed = prepare_run_dir(config)
     lock = _lock(config) if config.launch_type != cluster_lib.LAUNCH_TYPE else None
-  except ValueError as e:
-    raise app.UsageError(str(e))
-  except OSError as e:
-    if not storage.is_full(e):
-      raise
-    raise app.UsageError(_out_of_space(config, str(e)))
   try:
     run(config, cluster, resumed, data_source, template, lock)
   finally:
@@ -599,17 +611,11 @@ def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, temp
         lock: Optional[run_lock.RunLock]) -> None:
   """Submits the run (vertex_ai), or runs it here to its end and exits with its code. `template`: the training
   state's structure, which checkpoints are read into."""
-  try:
+  with _bad_input(config):
     write_config(config)
     config.layout.local_logs(config.layout.attempts() + 1)  # A bucket run's node logs: a directory of this user's.
     if TRUST_PICKLED.value:
       _convert_pickled(config, template)
-  except ValueError as e:
-    raise app.UsageError(str(e))
-  except OSError as e:
-    if not storage.is_full(e):
-      raise
-    raise app.UsageError(_out_of_space(config, str(e)))
   # The data is now resolved (and cached, if a download worked): nodes must not each retry a failed download.
   os.environ[datasets.DOWNLOAD_ENV] = '0'
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
