@@ -81,6 +81,8 @@ def test_a_harness_killed_with_kill_9_leaves_no_namespace_or_process_and_cleanup
             'net.popen(net.hosts[1], ["sleep", "600"])\nprint(net.name, flush=True)\ntime.sleep(600)\n')
   harness = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   name = harness.stdout.readline().strip()
+  # `popen` returns once the process is started; it enters its host's namespace a moment later.
+  _wait_for(lambda: netns.pids_in(f'{name}-h1'), 30, 'the harness\'s process to enter its host')
   (sleeper,) = netns.pids_in(f'{name}-h1')
   harness.kill()
   harness.wait()
