@@ -14,6 +14,7 @@ import pytest
 import environments
 from agents.registry import Registry
 from environments import classification_mdp, datasets
+from tests.test_learning import RunsCode
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist-10k.npz')
 
@@ -254,16 +255,6 @@ def test_cifar10_missing_or_malformed_files_are_clear_errors(tmp_path):
   os.remove(tmp_path / 'partial' / 'cifar-10-batches-py' / 'data_batch_5')
   with pytest.raises(ValueError, match='data_batch_5'):
     datasets.load('cifar10', data_dir=str(tmp_path / 'partial'))
-
-
-class RunsCode:
-  """Pickled, a payload that runs code when read: unpickling it creates the file `marker`."""
-
-  def __init__(self, marker: str):
-    self.marker = marker
-
-  def __reduce__(self):
-    return open, (self.marker, 'w')
 
 
 def test_cifar10_batches_are_read_as_arrays_only_and_a_planted_payload_runs_no_code(tmp_path):
