@@ -462,11 +462,12 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
   _print_problems(config, since=launched)
-  full = [r for r in config.layout.records(RunLayout.PROBLEMS) if r.get('kind') == 'full' and r['time'] >= launched]
   if config.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
     time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.loggers`).
+  full = [r for r in config.layout.records(RunLayout.PROBLEMS)
+          if r.get('kind') == 'full' and r['time'] >= launched] if failure else []
   return Launch(bool(failure), str(failure[0]) if failure else '', _abnormal_exits(manager),
-                bool(getattr(manager, 'disabled', None)), refused, full[0]['problem'] if full and failure else '')
+                bool(getattr(manager, 'disabled', None)), refused, full[0]['problem'] if full else '')
 
 
 def _verdict(config: ExperimentConfig, launch: Launch) -> Optional[ExitCode]:
