@@ -73,7 +73,7 @@ class AgentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
-  """The replay the agent learns from (as Acme's agent configs hold theirs); launch/replay.py serves it."""
+  """The replay the agent learns from (as Acme's agent configs hold theirs); launch/program/replay.py serves it."""
   capacity: int = option(100_000, 'Replay capacity (appendix A.3).', flag='replay_capacity', lower_bound=1)
   min_size: int = option(1_000, 'Transitions before learning starts.', flag='min_replay_size', lower_bound=1)
   # Items sampled per item inserted; batch 32 per 4 environment steps (DQN Zoo) is 8.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import rlax
 
-from agents.registry import Registry
+from environments.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)

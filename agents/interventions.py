@@ -27,7 +27,7 @@ import optax
 
 from agents import networks
 from agents.config import AgentConfig
-from agents.registry import Registry
+from environments.registry import Registry
 from agents.types import Network, Params, Transition
 from agents.update import LossTerm, Metrics, StateAction, TargetUpdateHook, TrainingState, check_batch
 
@@ -113,7 +113,7 @@ def relative_activity(activity: Sequence[jax.Array]) -> Tuple[jax.Array, ...]:
   """Sokar et al.'s score s_i = a_i / mean_j a_j per layer from each unit's mean |h| a_i; a silent layer scores 0.
 
   The one definition of dormancy: ReDo recycles on it, and the diagnostics'
-  dormant units (probes/statistics.py) count it.
+  dormant units (probes/measures/statistics.py) count it.
   """
   scores = []
   for layer in activity:

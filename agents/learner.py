@@ -49,7 +49,7 @@ from agents.config import AgentConfig
 from agents.update import TrainingState, init_state, make_fused_update, make_target_update, make_update
 from agents.types import Logger, Network, Params, Transition
 
-# Updates per call by default (`--updates_per_call` unset), from `launch.benchmark --sections=fused`: on CPU the
+# Updates per call by default (`--updates_per_call` unset), from `launch.benchmarks.agent --sections=fused`: on CPU the
 # batch-32 matmuls bound an update more than its dispatch (MLP: K = 16 1.6x K = 1, K = 64 no more), and a
 # convolutional network's updates, dispatched one by one there (agents/loops.py), gain nothing; on an
 # accelerator a dispatch and a host sync cost more than a small update (not measured here).

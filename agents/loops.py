@@ -5,7 +5,7 @@ XLA:CPU (jaxlib 0.4.30) lowers the backward convolutions of a step inside a
 Nature DQN at batch 128, three scanned gradient steps take 10.6 s against
 0.8 s for the same three steps as separate calls (a loop of trip count 1 is
 as slow). So on CPU, for networks with convolution kernels, the probe and the
-Lanczos iteration dispatch their steps from Python (probes/compiled_loops.py),
+Lanczos iteration dispatch their steps from Python (probes/measures/compiled_loops.py),
 and the learner's fused calls (`--updates_per_call`) dispatch their updates
 one by one, syncing once per call (unrolling them in one compiled call
 instead took 6 minutes to compile for 64 Nature-DQN updates).

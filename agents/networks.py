@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.registry import Registry
+from environments.registry import Registry
 from agents.types import Network, NetworkOutput, Params
 
 # Power iterations per forward pass of the spectral normalisation. Haiku's

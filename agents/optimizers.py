@@ -10,7 +10,7 @@ from typing import Callable
 
 import optax
 
-from agents.registry import Registry
+from environments.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)

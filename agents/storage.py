@@ -27,7 +27,7 @@ leaves nothing behind: its temporary file is removed and the file's previous
 content, if any, is intact. A process killed mid-write leaves its temporary
 file; the launcher removes those (`sweep_temporaries`) before each launch.
 
-A bucket has no append either: `probes.loggers` writes each record stream as
+A bucket has no append either: `probes.records.loggers` writes each record stream as
 numbered objects of its own there.
 """
 

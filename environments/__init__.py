@@ -14,7 +14,7 @@ from typing import Any, Callable, List, NamedTuple, Tuple
 
 import dm_env
 
-from agents.registry import Registry
+from environments.registry import Registry
 
 
 class Family(NamedTuple):
@@ -61,7 +61,7 @@ def make(spec: str, seed: int = 0, **options: Any) -> dm_env.Environment:
 
 def _imported_when_called(module: str, name: str) -> Callable[..., Any]:
   """`module.name`, imported at its first call: the packages above import this one where a family's libraries
-  are absent (ale-py and OpenCV on an accelerator machine running `probes.device_check`)."""
+  are absent (ale-py and OpenCV on an accelerator machine running `launch.benchmarks.device_check`)."""
   return lambda *args, **kwargs: getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 

@@ -26,7 +26,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from agents.registry import Registry
+from environments.registry import Registry
 
 DATA_DIR_ENV = 'PLASTICITY_DATA_DIR'
 DOWNLOAD_ENV = 'PLASTICITY_DOWNLOAD'

@@ -5,13 +5,13 @@ r"""Adds actors to a live training run, from another process or host.
 The actors act with the run's config.json, pull parameters from the run's
 learner (Courier) and insert into its replay (Reverb), at the addresses the
 run publishes in RUN_DIR/addresses.json, like the program's own actors. Each
-takes an actor id no actor of the run has had (from probes.run_dir.MAX_ACTORS
+takes an actor id no actor of the run has had (from probes.records.run_dir.MAX_ACTORS
 up, claimed as a file under RUN_DIR/attached_actors/), so its seed is its own
 and its episodes go to RUN_DIR/records/actors/actor_<id>.jsonl. They run as threads
 of this process until the learner finishes, or Ctrl-C; stopping them leaves
 the run untouched. Through a partition or a relaunch of the run (new ports,
 re-read from addresses.json) they retry with backoff and rejoin
-(`launch.attach.LiveRun`); a learner silent for --rejoin_timeout_s stops them,
+(`launch.program.attach.LiveRun`); a learner silent for --rejoin_timeout_s stops them,
 saying so. The run directory must be reachable at the same path (a shared
 file system) and the run's addresses from here.
 """
@@ -24,9 +24,9 @@ from absl import flags
 import reverb
 
 from agents.learner import pull_when_newer
-from launch import program as program_lib
-from launch.attach import LearnerGone, RunFinished, attach_from_command_line, claim_actor_ids
-from probes.run_dir import RunLayout
+from launch.program import graph as program_lib
+from launch.program.attach import LearnerGone, RunFinished, attach_from_command_line, claim_actor_ids
+from probes.records.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to add actors to.')
 NUM_ACTORS = flags.DEFINE_integer('num_actors', 1, 'Actors to run in this process, one thread each.', lower_bound=1)

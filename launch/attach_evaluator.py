@@ -11,7 +11,7 @@ snapshots wait in its own probe_snapshots/ there), never touching the built-in
 evaluator's files nor the run's probe snapshots. Several can attach at once; stopping one (Ctrl-C) leaves the run
 untouched. It exits by itself once the learner has finished. Through a
 partition or a relaunch of the run (new ports, re-read from addresses.json)
-its calls retry with backoff and it goes on (`launch.attach.LiveRun`); a
+its calls retry with backoff and it goes on (`launch.program.attach.LiveRun`); a
 learner silent for --rejoin_timeout_s ends it, saying so.
 """
 
@@ -23,9 +23,9 @@ from absl import app
 from absl import flags
 
 from agents import config_flags, storage
-from launch import program as program_lib
-from launch.attach import LearnerGone, RunFinished, attach_from_command_line
-from probes.run_dir import ExperimentConfig
+from launch.program import graph as program_lib
+from launch.program.attach import LearnerGone, RunFinished, attach_from_command_line
+from probes.records.run_dir import ExperimentConfig
 
 RUN_DIR = flags.DEFINE_string('run_dir', None, 'Directory of the live run to attach to.')
 NAME = flags.DEFINE_string('name', None, 'Name of this evaluator: it writes under RUN_DIR/evaluators/NAME/ '

@@ -6,13 +6,13 @@ r"""A cluster on one machine: a run across hosts in network namespaces, with par
   .venv/bin/python -m launch.cluster_sim --cleanup     # what killed harnesses left, by name
 
 A test harness for the cluster programs, not an engine to run experiments
-on. Its hosts are `launch.netns`'s: network namespaces with their own
+on. Its hosts are `launch.simulation.netns`'s: network namespaces with their own
 addresses (198.18.0.0/24) on a bridge of their own, no route out, one file
 system. It takes every flag of `launch.train` and, by `--mode`, runs:
 
   * `vertex_ai`: the program `--launch_type=vertex_ai` submits, packaged by
-    the same code (`launch.cluster.package`: Launchpad's `xm_docker` path),
-    each replica started as Vertex AI starts it (`launch.vertex_job`): replay
+    the same code (`launch.program.cluster.package`: Launchpad's `xm_docker` path),
+    each replica started as Vertex AI starts it (`launch.simulation.vertex_job`): replay
     and learner on host 0, the evaluator (and evaluation node) on host 1, the
     actors in equal blocks on the `--actor_hosts` hosts after. The run ends
     when the program cancels the job (`lp.stop()`).
@@ -31,7 +31,7 @@ is in `SIM_DIR/logs/`, the packaged job in `SIM_DIR/images/`. Exit codes are
 launch.train's: 0 when the run's work is done (the learner's last step, every
 probe point, the evaluation) and every scenario ran, 2 when not (or after
 `--timeout_s`), 130 on Ctrl-C or SIGTERM; the namespaces and every process on
-them are removed in every case (`launch.netns`).
+them are removed in every case (`launch.simulation.netns`).
 """
 
 import dataclasses
@@ -48,14 +48,14 @@ from absl import app
 
 from agents import checkpointing, config_flags, storage
 from agents.config import option
-from agents.registry import Registry
+from environments.registry import Registry
 from environments import datasets
-from launch import cluster as cluster_lib
+from launch.program import cluster as cluster_lib
 from launch import flags as run_flags
-from launch import netns
+from launch.simulation import netns
 from launch import train as train_lib
-from launch import vertex_job
-from probes.run_dir import MAX_ACTORS, ExperimentConfig, RunLayout, write_or_check_config
+from launch.simulation import vertex_job
+from probes.records.run_dir import MAX_ACTORS, ExperimentConfig, RunLayout, write_or_check_config
 
 ATTACHED_EVALUATOR = 'cluster'  # The attached evaluator's --name: it writes under RUN_DIR/evaluators/cluster/.
 POLL_S = 0.5
@@ -80,7 +80,7 @@ class SimConfig:
                          'reach_from_outsider (see launch/cluster_sim.py).')
   partition_s: float = option(30.0, 'How long a partition lasts.', lower_bound=0.0)
   restart_delay_s: float = option(5.0, 'How long after a process dies it is restarted in place.', lower_bound=0.0)
-  latency_ms: float = option(0.0, 'Delay added each way on the actor hosts\' links (launch.link_delay).',
+  latency_ms: float = option(0.0, 'Delay added each way on the actor hosts\' links (launch.simulation.link_delay).',
                              lower_bound=0.0)
   sim_dir: str = option('', 'The harness\'s own files (events.jsonl, logs/, images/); default: a new temporary '
                         'directory.')

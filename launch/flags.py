@@ -12,7 +12,7 @@ from absl import flags
 from agents import config_flags
 import environments
 from launch.presets import PRESETS
-from probes.run_dir import ExperimentConfig
+from probes.records.run_dir import ExperimentConfig
 
 PRESET = flags.DEFINE_enum('preset', 'auto', ['auto', *PRESETS],
                            'Values of the flags not given: atari (DQN Zoo double DQN, appendix A.3), mdp (the '

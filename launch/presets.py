@@ -1,8 +1,8 @@
 """Whole-experiment presets: flag name -> value, used where the flag is not given (`--preset`).
 
-Flag-free, so that the studies (launch/studies.py) read them without defining
+Flag-free, so that the studies (launch/studies/registry.py) read them without defining
 launch.train's flags. Fields not named keep their declared defaults
-(agents/config.py, probes/run_dir.py): the paper's classification-MDP settings.
+(agents/config.py, probes/records/run_dir.py): the paper's classification-MDP settings.
 """
 
 from typing import Any, Dict

@@ -12,7 +12,7 @@ state; a rerun of the same command skips finished runs, resumes unfinished
 ones (from their checkpoints) and then aggregates: DIR/results.{csv,jsonl}
 (one row per run), the study's tables (DIR/summary.{csv,jsonl}: a row per cell
 with mean, standard error and seed count) and figure (DIR/<study>.png). The
-studies and their scales are in launch/studies.py.
+studies and their scales are in launch/studies/registry.py.
 
 Exit codes: 0 every run finished; 1 bad input; 2 a run failed (the others ran
 and were aggregated); 130 interrupted (rerun to resume).
@@ -25,11 +25,13 @@ from absl import app
 from absl import flags
 from rich.console import Console
 
-from launch import studies, study_runner
-from probes import aggregate
+from launch.studies import grid
+from launch.studies.registry import STUDIES
+from launch.studies import runner as study_runner
+from probes.figures import aggregate
 
-STUDY = flags.DEFINE_string('study', None, f'The study: {", ".join(studies.STUDIES.names())}.')
-SCALE = flags.DEFINE_string('scale', 'smoke', f'The scale: {", ".join(studies.SCALES)} (launch/studies.py says what '
+STUDY = flags.DEFINE_string('study', None, f'The study: {", ".join(STUDIES.names())}.')
+SCALE = flags.DEFINE_string('scale', 'smoke', f'The scale: {", ".join(grid.SCALES)} (launch/studies/registry.py says what '
                             'each runs).')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'The study directory; rerunning the same command resumes it.')
 SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per cell (default: the scale\'s, 3 at --scale=paper).',

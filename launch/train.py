@@ -3,7 +3,7 @@ r"""Launches a training run: replay, actors, learner and evaluator.
   python -m launch.train --run_dir=runs/mnist_easy --env=mdp:mnist:easy
 
 With --launch_type=vertex_ai it submits the program as a Vertex AI custom job
-and exits (launch/cluster.py; --dry_run prints the worker pools instead).
+and exits (launch/program/cluster.py; --dry_run prints the worker pools instead).
 Relaunching with the same --run_dir and flags resumes from the last
 checkpoint (raise --max_learner_steps to extend a finished run). The run
 directory's files are described in WORKSPACE.md.
@@ -45,19 +45,19 @@ from environments import datasets
 from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
 from agents.learner import initial_state
-from launch import cluster as cluster_lib
+from launch.program import cluster as cluster_lib
 from launch import flags as run_flags
-from launch import network
-from launch import placement
-from launch import program as program_lib
-from launch import run_lock
-from launch import supervisor
-from launch import watchdog
-from probes.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
-from probes import loggers
-from probes.loggers import Record
-from probes import plots
-from probes.run_dir import RunLayout
+from launch.program import network
+from launch.program import placement
+from launch.program import graph as program_lib
+from launch.program import run_lock
+from launch.program import supervisor
+from launch.program import watchdog
+from probes.records.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
+from probes.records import loggers
+from probes.records.loggers import Record
+from probes.figures import plots
+from probes.records.run_dir import RunLayout
 
 
 TERMINATION_NOTICE_S = 40  # A cap: nodes stop in seconds, the replay after its final checkpoint.
@@ -463,7 +463,7 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   say_restored()
   _print_problems(config, since=launched)
   if config.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
-    time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.loggers`).
+    time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.records.loggers`).
   full = [r for r in config.layout.records(RunLayout.PROBLEMS)
           if r.get('kind') == 'full' and r['time'] >= launched] if failure else []
   return Launch(bool(failure), str(failure[0]) if failure else '', _abnormal_exits(manager),
@@ -489,7 +489,7 @@ def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLoc
   resets the count).
 
   Under local_mp actors and the evaluator are restarted in place first
-  (`launch.supervisor`); any other failure makes Launchpad's local launcher
+  (`launch.program.supervisor`); any other failure makes Launchpad's local launcher
   stop the whole program, and it restarts nothing: the learner's and the
   replay's checkpoints make a relaunch continue where they were. Each
   relaunch is a record in the restarts stream. `template`: the training
@@ -556,7 +556,7 @@ def _results(layout: RunLayout) -> str:
 
 
 def restrict_servers(config: ExperimentConfig) -> None:
-  """The run's servers listen on `--bind_host` only (`launch.network`): a `ValueError` where that cannot be (a run
+  """The run's servers listen on `--bind_host` only (`launch.program.network`): a `ValueError` where that cannot be (a run
   on every interface is asked for with --bind_host=0.0.0.0), a warning where other hosts can reach them."""
   try:
     network.restrict_servers(config.bind_host, this_process=config.launch_type == 'local_mt')

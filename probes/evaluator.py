@@ -9,7 +9,7 @@ output's `probe_snapshots/`, removed once probed, so that they outlive an
 evaluator's process: the run's learner writes them; an evaluator attached to
 a live run takes its own over Courier.
 
-Every probe point measures on the run's probe set (probes/probe_set.py): the
+Every probe point measures on the run's probe set (probes/measures/probe_set.py): the
 same distinct inputs, target key and transitions throughout, so that probe
 points differ only in the parameters, and `plasticity_loss` = P(theta_0) -
 P(theta_t) compares like with like (positive when plasticity is lost).
@@ -29,8 +29,10 @@ from agents import checkpointing, snapshots, storage
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
 from agents.types import Logger, Params, StopRequested
-from probes import diagnostics, plasticity, probe_set as probe_sets
-from probes.run_dir import RunLayout, report_problem
+from probes.measures import diagnostics
+from probes.measures import plasticity
+from probes.measures import probe_set as probe_sets
+from probes.records.run_dir import RunLayout, report_problem
 
 
 WRITER = 'evaluator'  # Its record files' name in each stream it writes.

@@ -1,4 +1,4 @@
-r"""Draws the PNG plots of one run directory, or of several (probes/plots.py says which).
+r"""Draws the PNG plots of one run directory, or of several (probes/figures/plots.py says which).
 
   python -m probes.report --run_dir=runs/mnist_easy
   python -m probes.report --run_dir=runs/a,runs/b,runs/c --out_dir=plots/abc
@@ -9,8 +9,8 @@ Any directory an evaluator wrote works, RUN_DIR/evaluators/NAME included.
 from absl import app
 from absl import flags
 
-from probes import plots
-from probes.run_dir import RunLayout
+from probes.figures import plots
+from probes.records.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) with probe records.')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the cross-run plots go (default: FIRST_RUN/plots/comparison).')

@@ -29,9 +29,9 @@ from agents.builder import make_agent
 from agents import config_flags
 from agents.learner import initial_state
 from agents.types import Transition
-from probes import probe_set
+from probes.measures import probe_set
 from probes.evaluator import Evaluator
-from probes.run_dir import ExperimentConfig, RunLayout, load_config
+from probes.records.run_dir import ExperimentConfig, RunLayout, load_config
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                  'Path of a learner checkpoint (RUN_DIR/checkpoints/learner_<step>.msgpack).')

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check, `probes/device_check.py`, on a machine with Python and JAX alone (no TensorFlow, Reverb,
+# The accelerator check, `launch/benchmarks/device_check.py`, on a machine with Python and JAX alone (no TensorFlow, Reverb,
 # Launchpad, network); it prints one table, each figure beside the device and versions it was measured with.
 #
 #   bash scripts/device_check.sh --prepare   # here, with PyPI: the wheels it needs into build/device_wheels
@@ -56,4 +56,4 @@ fi
 quick=()
 [[ "${DEVICE_CHECK_QUICK:-0}" == 1 ]] && quick=(--quick)
 PYTHONPATH="$site_path$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "${DEVICE_CHECK_TIMEOUT:-290}" \
-  "$PYTHON" -m probes.device_check "${quick[@]}" "$@"
+  "$PYTHON" -m launch.benchmarks.device_check "${quick[@]}" "$@"

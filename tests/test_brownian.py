@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import environments
-from launch import brownian_study
-from probes.loggers import read_jsonl
-from probes.diagnostics import DiagnosticsConfig
+from launch.studies import brownian as brownian_study
+from probes.records.loggers import read_jsonl
+from probes.measures.diagnostics import DiagnosticsConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 26,506-parameter MLP (hidden width 32) on 300 embedded-MNIST transitions, measured at steps 0, 10 and 20.
@@ -87,7 +87,7 @@ def test_the_run_directory_holds_the_records_matrices_and_figure(study):
 
 def _command(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-m', 'launch.brownian', *args], cwd=ROOT, env=env, capture_output=True,
+  return subprocess.run([sys.executable, '-m', 'launch.studies.brownian', *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""The Vertex AI launch (launch/cluster.py): its dry run end to end, the machine flags, the cluster extra's pins."""
+"""The Vertex AI launch (launch/program/cluster.py): its dry run end to end, the machine flags, the cluster extra's pins."""
 
 import dataclasses
 import importlib.metadata
@@ -15,9 +15,9 @@ from absl import flags
 from absl.testing import flagsaver
 import pytest
 
-from launch import cluster
+from launch.program import cluster
 from launch import flags as run_flags
-from probes.run_dir import ExperimentConfig, RunLayout, check_config, write_or_check_config
+from probes.records.run_dir import ExperimentConfig, RunLayout, check_config, write_or_check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL = re.compile(r'^  (workerpool\d): replicas=(\d+) machine=(\S+) accelerator=(.+?) image=(\w+) .*nodes=(.+)$')
@@ -149,8 +149,8 @@ def test_on_vertex_ai_a_node_is_at_its_replicas_address_from_cluster_spec(monkey
   """Launchpad's xm_docker launch binds each node to its worker pool and replica; the nodes' --bind_host mixin used
   to bind them to this machine's loopback and a port picked here, which no replica of a Vertex AI job listens on."""
   from launchpad import context
-  from launch import program as program_lib
-  from launch import replay
+  from launch.program import graph as program_lib
+  from launch.program import replay
   spec = {'cluster': {'workerpool0': ['198.18.0.1:2222'], 'workerpool1': ['198.18.0.1:2223', '198.18.0.2:2222']},
           'task': {'type': 'workerpool1', 'index': 1}}
   monkeypatch.setenv('CLUSTER_SPEC', json.dumps(spec))

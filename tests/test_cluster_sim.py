@@ -1,6 +1,6 @@
-"""A cluster on one machine (launch/netns.py, launch/cluster_sim.py): hosts in network namespaces, the Vertex AI
+"""A cluster on one machine (launch/simulation/netns.py, launch/cluster_sim.py): hosts in network namespaces, the Vertex AI
 program and attached nodes across them, partitions and host deaths; and what they forced: attached nodes that
-rejoin a run through partitions and relaunches (launch/attach.py), inserts that follow a moved replay.
+rejoin a run through partitions and relaunches (launch/program/attach.py), inserts that follow a moved replay.
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no iproute2)."""
 
@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from launch import netns
-from probes.run_dir import MAX_ACTORS, RunLayout
+from launch.simulation import netns
+from probes.records.run_dir import MAX_ACTORS, RunLayout
 from tests.test_train_program import SMALL_RUN, _wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,8 @@ class _FakeLearner:
 
 
 def _live_run(tmp_path, monkeypatch, rejoin_timeout_s=60.0):
-  from launch import attach
-  from probes.run_dir import ExperimentConfig, write_or_check_config
+  from launch.program import attach
+  from probes.records.run_dir import ExperimentConfig, write_or_check_config
   config = ExperimentConfig(run_dir=str(tmp_path / 'run'))
   write_or_check_config(config)
   addresses = {'learner': 'old:1', 'replay': 'old:2'}
@@ -159,7 +159,7 @@ def test_an_attached_process_retries_the_learner_with_backoff_and_follows_a_rela
 
 
 def test_an_attached_process_stops_retrying_when_the_run_is_over_or_after_its_rejoin_timeout(tmp_path, monkeypatch):
-  from launch.attach import LearnerGone, RunFinished
+  from launch.program.attach import LearnerGone, RunFinished
   config, run = _live_run(tmp_path, monkeypatch, rejoin_timeout_s=1.0)
   start = time.time()
   with pytest.raises(LearnerGone, match=re.escape('the learner at old:1 has not answered for 1 s '
@@ -184,7 +184,7 @@ def test_inserts_follow_a_replay_that_moved_to_a_new_address():
   import portpicker
   import reverb
   from agents.types import Transition
-  from launch import replay
+  from launch.program import replay
 
   def server():
     tables = [reverb.Table(name, reverb.selectors.Uniform(), reverb.selectors.Fifo(), 1000,

@@ -37,7 +37,7 @@ def test_the_device_check_prints_every_figure_beside_the_versions_it_was_measure
 
 
 def test_the_device_check_names_the_architectures_it_accepts():
-  result = subprocess.run([sys.executable, '-m', 'probes.device_check', '--quick', '--archs=resnet18'], cwd=ROOT,
+  result = subprocess.run([sys.executable, '-m', 'launch.benchmarks.device_check', '--quick', '--archs=resnet18'], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT})
   assert result.returncode != 0 and '--archs=resnet18: accepted: cnn, mlp, nature_dqn' in result.stderr

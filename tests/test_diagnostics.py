@@ -17,8 +17,9 @@ from agents.config import AgentConfig
 from agents.update import make_transition_loss
 from agents.types import Network, NetworkOutput, Transition
 from environments.datasets import EMBEDDED_DIR as EMBEDDED
-from probes import curvature, statistics
-from probes.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
+from probes.measures import curvature
+from probes.measures import statistics
+from probes.measures.diagnostics import DiagnosticsConfig, covariance_block_size, make_diagnostics
 
 
 @pytest.fixture(scope='module')
@@ -45,7 +46,7 @@ def test_hvp_is_the_hessian_times_v(problem):
 
 
 def test_stepwise_lanczos_and_unrolled_hvp_match_the_compiled_loops(problem):
-  """The CPU path for convolutional networks (probes/compiled_loops.py) computes the same tridiagonal."""
+  """The CPU path for convolutional networks (probes/measures/compiled_loops.py) computes the same tridiagonal."""
   _, output_fn, params, _, _, (x, y), _ = problem
   flat, hvp = curvature.make_hvp(output_fn, params, x, y)
   _, unrolled_hvp = curvature.make_hvp(output_fn, params, x, y, unrolled=True)

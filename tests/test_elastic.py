@@ -10,14 +10,14 @@ import time
 import pytest
 
 from agents import checkpointing
-from launch.attach import claim_actor_ids
-from probes.run_dir import MAX_ACTORS, RunLayout
+from launch.program.attach import claim_actor_ids
+from probes.records.run_dir import MAX_ACTORS, RunLayout
 from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module, train
 
 
 def _manager(monkeypatch, restarts, max_restarts=2):
   from launchpad.launch import worker_manager
-  from launch.supervisor import Backoff, SupervisedWorkerManager
+  from launch.program.supervisor import Backoff, SupervisedWorkerManager
   monkeypatch.setattr(worker_manager, '_HAS_MAIN_MANAGER', True)  # No kill countdown in the test's process.
   return SupervisedWorkerManager(max_restarts, lambda *restart: restarts.append(restart), kill_main_thread=False,
                                  backoff=Backoff(first_s=0.1, max_s=0.1))
@@ -47,7 +47,7 @@ def test_the_supervisor_restarts_a_failed_actor_in_place_as_often_as_allowed_the
 
 
 def test_the_supervisor_restarts_no_learner_and_no_clean_exit(tmp_path, monkeypatch):
-  from launch.supervisor import exit_cause
+  from launch.program.supervisor import exit_cause
   restarts = []
   manager = _manager(monkeypatch, restarts)
   _start(manager, tmp_path, 'actor/1', 0)
@@ -71,7 +71,7 @@ def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path)
 
 
 def test_an_actors_counters_go_on_from_its_own_last_record(tmp_path):
-  from launch.program import actor_progress, actor_writer
+  from launch.program.graph import actor_progress, actor_writer
   layout = RunLayout(str(tmp_path))
   with open(layout.legacy_records(RunLayout.ACTORS), 'w') as f:  # A run written before a file per writer.
     f.write('{"actor_id": 0, "episode": 1, "env_steps": 100, "time": 1}\n{"actor_id": 1, "episode": 1, '

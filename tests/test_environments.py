@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import environments
-from agents.registry import Registry
+from environments.registry import Registry
 from environments import classification_mdp, datasets
 from tests.test_learning import RunsCode
 
@@ -273,7 +273,7 @@ def test_cifar10_batches_are_read_as_arrays_only_and_a_planted_payload_runs_no_c
 def test_every_family_declares_what_the_launcher_asks_of_it():
   """Options it takes, a preset that exists, and environments that say what data they use."""
   from launch import flags as run_flags
-  from probes.run_dir import ExperimentConfig
+  from probes.records.run_dir import ExperimentConfig
   fields = {field.name for field in dataclasses.fields(ExperimentConfig)}
   for name in environments.FAMILIES:
     family = environments.FAMILIES[name]

@@ -15,7 +15,7 @@ from agents.config import AgentConfig, ReplayConfig
 from agents.types import StopRequested
 from environments import atari, atari_scores
 from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed, final_evaluation
-from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+from probes.records.run_dir import ExperimentConfig, RunLayout, write_or_check_config
 from tests.test_train_program import SMALL_RUN, train
 
 

@@ -7,7 +7,7 @@ import pytest
 from agents import config_flags
 from agents.config import ReplayConfig
 from launch import flags as run_flags
-from probes.run_dir import ExperimentConfig
+from probes.records.run_dir import ExperimentConfig
 
 
 def experiment_config(*argv: str):

@@ -21,7 +21,7 @@ from agents.encodings import make_encoding, EncodingConfig
 from agents.learner import Diverged, Learner, initial_state
 from agents.update import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
-from probes.loggers import JsonlLogger, read_jsonl
+from probes.records.loggers import JsonlLogger, read_jsonl
 
 
 def table_network() -> Network:
@@ -428,7 +428,7 @@ def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill
 
 
 def test_learner_records_its_input_bound_share_and_the_parameter_pulls_it_served():
-  """What a cluster's placement costs (launch.cluster_benchmark) is read from these two fields."""
+  """What a cluster's placement costs (launch.benchmarks.cluster) is read from these two fields."""
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
 
   class Waiting:

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from launch import network
+from launch.program import network
 from tests.test_train_program import ROOT
 
 # Binds a listener of each kind to the wildcard address (and one to 127.0.0.2), printing where each is bound.
@@ -65,7 +65,7 @@ def test_the_bind_library_moves_wildcard_binds_to_the_chosen_address_and_leaves_
 def test_local_mt_reexecutes_itself_under_the_library_keeping_its_pid():
   code = textwrap.dedent('''
       import os, socket
-      from launch import network
+      from launch.program import network
       print('pid', os.getpid(), flush=True)
       network.restrict_servers('127.0.0.1', this_process=True)
       with socket.socket() as s:

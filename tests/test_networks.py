@@ -12,7 +12,7 @@ import rlax
 from agents import encodings, interventions, networks, optimizers
 from agents.builder import make_agent
 from agents.config import AgentConfig
-from agents.registry import Registry
+from environments.registry import Registry
 from agents.update import init_state, make_target_update, make_update
 from agents.types import Transition
 

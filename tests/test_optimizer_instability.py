@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from environments import datasets
-from launch import instability_study
+from launch.studies import optimizer_instability as instability_study
 
 # Sized to run in seconds on 2 CPU cores with the effect still clear. Default Adam memorises 2,000 random labels
 # within the 500 steps, its second-moment estimate decays with the gradients, and the relabelling's large gradients
@@ -18,9 +18,10 @@ def _study(optimizer_name):
   source = datasets.SOURCES['mnist']
   images, _ = source.read_embedded(os.path.join(datasets.EMBEDDED_DIR, source.embedded))
   subset = np.random.default_rng(0).permutation(len(images))[:NUM_IMAGES]
-  records = instability_study.run_study(
-      images[subset], optimizer_name, iterations=2, steps_per_iteration=STEPS_PER_ITERATION, eval_every=EVAL_EVERY,
-      batch_size=128, width=WIDTH, learning_rate=1e-3, eval_samples=NUM_IMAGES, seed=0)
+  config = instability_study.InstabilityConfig(
+      iterations=2, steps_per_iteration=STEPS_PER_ITERATION, eval_every=EVAL_EVERY, batch_size=128, width=WIDTH,
+      learning_rate=1e-3, eval_samples=NUM_IMAGES, seed=0)
+  records = instability_study.run_study(images[subset], optimizer_name, config)
   assert [(r['iteration'], r['step']) for r in records] == [(0, 250), (0, 500), (1, 750), (1, 1000)]
   before = records[1]  # The end of the first labelling.
   after = records[2]  # 250 steps into the second.

@@ -19,8 +19,9 @@ from agents.config import AgentConfig, ReplayConfig
 from agents.learner import Learner, pull_when_newer
 from agents.prefetch import Prefetcher, SourceFailed
 from agents.types import Transition
-from launch import placement, replay
-from probes.run_dir import ExperimentConfig, RunLayout
+from launch.program import placement
+from launch.program import replay
+from probes.records.run_dir import ExperimentConfig, RunLayout
 from tests.test_learning import ThreeStepEpisodes, random_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,7 @@ import numpy as np
 from dm_env import specs
 import reverb
 from agents.config import ReplayConfig
-from launch import replay
+from launch.program import replay
 from tests.test_learning import ThreeStepEpisodes, random_batches
 server = reverb.Server(replay.make_tables(ReplayConfig(capacity=100, min_size=10), specs.Array((3,), np.uint8)),
                        port=int(sys.argv[1]))

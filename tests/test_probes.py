@@ -20,10 +20,12 @@ from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.types import Transition
-from probes import plasticity, plots, probe_set
-from probes.diagnostics import DiagnosticsConfig
+from probes.measures import plasticity
+from probes.figures import plots
+from probes.measures import probe_set
+from probes.measures.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
-from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+from probes.records.run_dir import ExperimentConfig, RunLayout, write_or_check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

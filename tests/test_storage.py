@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from agents import checkpointing, snapshots, storage
-from probes import loggers, plots, probe_set as probe_sets
-from probes.run_dir import ExperimentConfig, RunLayout, load_config, write_or_check_config
+from probes.records import loggers
+from probes.figures import plots
+from probes.measures import probe_set as probe_sets
+from probes.records.run_dir import ExperimentConfig, RunLayout, load_config, write_or_check_config
 
 
 def _write_lines(path: str, records) -> None:

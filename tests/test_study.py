@@ -14,10 +14,18 @@ from rich.console import Console
 import numpy as np
 import pytest
 
-from launch import run_lock, studies, study_runner
-from launch.studies import Cell, StudyLayout
-from probes import aggregate
-from probes.run_dir import RunLayout
+from launch.program import run_lock
+from launch.studies import runner as study_runner
+from launch.studies.atari_layernorm import improvements
+from launch.studies.brownian import brownian_cells
+from launch.studies.falsification import falsification_cells, falsification_tables
+from launch.studies.grid import SCALES, TRAIN_SCALES, Cell, StudyLayout, StudyOptions, grid_differences, grid_record
+from launch.studies.interventions import INTERVENTION_COLUMNS, interventions_aggregate, interventions_cells
+from launch.studies.optimizer_regime import REGIME_MEASURES, regime_table
+from launch.studies.registry import STUDIES
+from launch.studies.width import width_cells
+from probes.figures import aggregate
+from probes.records.run_dir import RunLayout
 from tests.test_train_program import ROOT, leftover_processes, python_module
 
 
@@ -66,13 +74,13 @@ def test_human_normalised_improvement_of_layer_norm_per_game_by_hand():
       {'game': 'breakout', 'variant': 'layernorm', 'score': 20.0},
       {'game': 'pong', 'variant': 'baseline', 'score': 0.0}, {'game': 'pong', 'variant': 'layernorm', 'score': -10.0},
       {'game': 'boxing', 'variant': 'baseline', 'score': 50.0}], ('game', 'variant'), ('score',))
-  table = {row['game']: row for row in studies.improvements(summary)}
+  table = {row['game']: row for row in improvements(summary)}
   assert set(table) == {'breakout', 'pong'}  # Boxing has no layer-norm run.
   # Breakout: random 1.7, human 30.5; baseline mean 10: (20 - 10) / (max(30.5, 10) - 1.7) = 10 / 28.8.
   assert table['breakout']['improvement'] == pytest.approx(10 / 28.8)
   # Pong: random -20.7, human 14.6: (-10 - 0) / (14.6 + 20.7).
   assert table['pong']['improvement'] == pytest.approx(-10 / 35.3)
-  assert [row['game'] for row in studies.improvements(summary)] == ['pong', 'breakout']  # Sorted, as figure 7.
+  assert [row['game'] for row in improvements(summary)] == ['pong', 'breakout']  # Sorted, as figure 7.
 
 
 def test_tables_round_trip(tmp_path):
@@ -83,11 +91,11 @@ def test_tables_round_trip(tmp_path):
 
 
 def test_grids_of_every_study_and_scale_are_well_formed():
-  for name in studies.STUDIES:
-    definition = studies.STUDIES.get(name)
+  for name in STUDIES:
+    definition = STUDIES.get(name)
     accepted = definition.settable()
-    for scale in studies.SCALES:
-      cells, _ = definition.cells(scale, studies.StudyOptions())
+    for scale in SCALES:
+      cells, _ = definition.cells(scale, StudyOptions())
       assert cells, (name, scale)
       assert len({c.name for c in cells}) == len(cells)
       for cell in cells:
@@ -100,12 +108,12 @@ def test_a_studys_data_dir_reaches_every_run_over_dataset_observations(tmp_path,
   monkeypatch.setenv('PLASTICITY_DOWNLOAD', '0')
   data_dir = str(tmp_path)  # Holds no CIFAR-10: those cells are skipped; MNIST's run with the directory given.
   for name in ('interventions', 'falsification', 'width', 'optimizer_instability', 'brownian'):
-    cells, _ = studies.STUDIES.get(name).cells('smoke', studies.StudyOptions(data_dir=data_dir))
+    cells, _ = STUDIES.get(name).cells('smoke', StudyOptions(data_dir=data_dir))
     assert cells and all(cell.args.get('data_dir') == data_dir for cell in cells), name
 
 
 def test_paper_scale_is_the_papers_settings():
-  cells, _ = studies.interventions_cells('paper', studies.StudyOptions())
+  cells, _ = interventions_cells('paper', StudyOptions())
   assert {c.axes['arch'] for c in cells} == {'mlp', 'cnn', 'resnet18', 'vit'}
   # Every intervention crossed with both encodings (figures 8, 9), and the two target-update interventions probed
   # after they act, with both encodings too.
@@ -114,14 +122,14 @@ def test_paper_scale_is_the_papers_settings():
   for cell in cells:  # A million steps take the values near 100: the categorical support holds the probe's +-1.
     assert (cell.args.get('support_max'), cell.args.get('support_min')) == (
         (110.0, -110.0) if cell.axes['output'] == 'two_hot' else (None, None))
-  assert studies.TRAIN_SCALES['paper'] == {'max_learner_steps': 100_000}  # Probes: the defaults, 2,000 steps / 5,000.
+  assert TRAIN_SCALES['paper'] == {'max_learner_steps': 100_000}  # Probes: the defaults, 2,000 steps / 5,000.
   widths = {(c.axes['arch'], c.axes['width_factor']): c.args['width_multiplier']
-            for c in studies.width_cells('paper', studies.StudyOptions())[0]}
+            for c in width_cells('paper', StudyOptions())[0]}
   assert {f: round(w * 512) for (a, f), w in widths.items() if a == 'mlp'} == {f: 16 * f for f in (1, 2, 4, 8, 12, 16)}
   assert {f: w for (a, f), w in widths.items() if a == 'cnn'} == {1: 1.0, 2: 2.0, 4: 4.0}  # Scaled up (section 5.1).
-  brownian, _ = studies.brownian_cells('paper', studies.StudyOptions())
+  brownian, _ = brownian_cells('paper', StudyOptions())
   assert brownian[0].args['steps'] >= 25_000  # Figure 2: after 5 target updates of 5,000 steps.
-  falsification, _ = studies.falsification_cells('paper', studies.StudyOptions(data_dir=None))
+  falsification, _ = falsification_cells('paper', StudyOptions(data_dir=None))
   main = [c for c in falsification if c.axes['set'] == 'main']
   assert {(c.axes['arch'], c.axes['variant']) for c in main} == {(a, o) for a in ('mlp', 'cnn')
                                                                  for o in ('adam', 'rmsprop')}
@@ -134,10 +142,10 @@ def test_paper_scale_is_the_papers_settings():
 
 
 def test_cpu_scale_runs_every_intervention_on_the_mlp_and_the_eighth_width_cnn_and_says_why_others_are_skipped():
-  cells, skipped = studies.interventions_cells('cpu', studies.StudyOptions())
+  cells, skipped = interventions_cells('cpu', StudyOptions())
   # Each column and the two probed after their hooks: the MLP under the mdp preset's RMSProp and under Adam (units
   # die), the eighth-width CNN under RMSProp.
-  columns = len(studies.INTERVENTION_COLUMNS) + 2
+  columns = len(INTERVENTION_COLUMNS) + 2
   assert [c.axes['arch'] for c in cells] == ['mlp'] * 2 * columns + ['cnn'] * columns
   assert {c.args['width_multiplier'] for c in cells if c.axes['arch'] == 'cnn'} == {0.125}
   assert {(c.axes['optimizer'], c.args['optimizer'], c.args['learning_rate']) for c in cells} == {
@@ -149,7 +157,7 @@ def test_cpu_scale_runs_every_intervention_on_the_mlp_and_the_eighth_width_cnn_a
   assert all(c.args['probe_after_interventions'] is True for c in after.values())
   assert not any('probe_after_interventions' in c.args for c in cells if c.axes['probed'] == 'before')
   assert sorted(skipped) == ['resnet18-*', 'vit-*'] and all('paper' in reason for reason in skipped.values())
-  falsification, _ = studies.falsification_cells('cpu', studies.StudyOptions())
+  falsification, _ = falsification_cells('cpu', StudyOptions())
   assert {c.axes['arch'] for c in falsification} == {'mlp', 'cnn'}
   assert {c.args['width_multiplier'] for c in falsification if c.axes['arch'] == 'cnn'} == {0.125}
   assert {(c.args['probe_every'], c.args['max_learner_steps']) for c in falsification} == {(10_000, 10_000)}
@@ -163,7 +171,7 @@ def test_interventions_table_puts_the_probed_after_cells_in_columns_of_their_own
                                      ('reset_last_layer', 'regress', 'before', 'rmsprop', 0.05),
                                      ('reset_last_layer', 'regress', 'after', 'rmsprop', 0.3),
                                      ('none', 'regress', 'before', 'adam', 0.0))]
-  studies.interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
+  interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
   summary = {(s['row'], s['column']): s['plasticity_loss_mean'] for s in aggregate.read_table(
       str(tmp_path / 'summary.jsonl'))}
   assert summary == {('mlp', 'none'): 0.2, ('mlp', 'two_hot'): 0.1, ('mlp', 'reset_last_layer'): 0.05,
@@ -182,7 +190,7 @@ def test_figure_3_correlates_values_at_the_end_within_each_value_of_a_factor():
   flips across the observation space; across tasks (both tasks hold both signs) each correlation is weaker."""
   rows = ([_falsification_row('mnist', d, x, 0.1 * x) for d, x in (('easy', 1.0), ('easy', 2.0), ('hard', 3.0))] +
           [_falsification_row('cifar10', d, x, -0.1 * x) for d, x in (('easy', 1.0), ('hard', 2.0), ('hard', 4.0))])
-  tables = studies.falsification_tables(rows)
+  tables = falsification_tables(rows)
   by_value = {(e['statistic'], e['factor'], e['value']): e for e in tables['correlations']}
   assert by_value[('parameter_norm', 'dataset', 'mnist')]['correlation'] == pytest.approx(1.0)
   assert by_value[('parameter_norm', 'dataset', 'cifar10')]['correlation'] == pytest.approx(-1.0)
@@ -202,8 +210,8 @@ def test_the_optimizer_regime_table_says_where_units_live_and_plasticity_is_lost
   summary = aggregate.summarize(
       [{'env': 'e', 'optimizer': o, 'final_dead_unit_fraction': d, 'plasticity_loss': l}
        for o, d, l in (('adam', 0.4, 0.20), ('adam', 0.5, 0.22), ('tuned', 0.01, 0.10), ('tuned', 0.0, 0.12),
-                       ('rms', 0.0, 0.01), ('rms', 0.0, -0.01))], ('env', 'optimizer'), studies.REGIME_MEASURES)
-  table = {row['optimizer']: row for row in studies.regime_table(summary)}
+                       ('rms', 0.0, 0.01), ('rms', 0.0, -0.01))], ('env', 'optimizer'), REGIME_MEASURES)
+  table = {row['optimizer']: row for row in regime_table(summary)}
   assert (table['adam']['units_alive'], table['adam']['plasticity_lost'], table['adam']['papers_regime']) == (
       False, True, False)
   # tuned: loss 0.11 +- 0.01, more than two standard errors above 0; alive.
@@ -216,19 +224,19 @@ def test_cifar_cells_are_skipped_with_the_reason_when_its_data_is_absent(tmp_pat
   monkeypatch.setenv('PLASTICITY_DOWNLOAD', '0')
   monkeypatch.setenv('PLASTICITY_CACHE_DIR', str(tmp_path))
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  cells, skipped = studies.falsification_cells('smoke', studies.StudyOptions())
+  cells, skipped = falsification_cells('smoke', StudyOptions())
   assert {c.axes['setting'] for c in cells} == {'mnist:easy', 'mnist:hard', 'mnist:sparse'}
   assert skipped and all(name.startswith('cifar10-') for name in skipped)
   assert 'cifar-10-batches-py' in next(iter(skipped.values()))
 
 
 def test_grid_differences_name_each_difference():
-  definition = studies.STUDIES.get('interventions')
-  cells, _ = definition.cells('smoke', studies.StudyOptions())
-  old = studies.grid_record(definition, 'smoke', 1, cells[:2], {})
-  new = studies.grid_record(definition, 'smoke', 2, [cells[0].with_args(max_learner_steps=500), cells[2]], {})
-  assert studies.grid_differences(old, old) == []
-  assert studies.grid_differences(old, new) == [
+  definition = STUDIES.get('interventions')
+  cells, _ = definition.cells('smoke', StudyOptions())
+  old = grid_record(definition, 'smoke', 1, cells[:2], {})
+  new = grid_record(definition, 'smoke', 2, [cells[0].with_args(max_learner_steps=500), cells[2]], {})
+  assert grid_differences(old, old) == []
+  assert grid_differences(old, new) == [
       'seeds: 1 there, 2 now', f'cell {cells[1].name} only there', f'cell {cells[2].name} only now',
       f'cell {cells[0].name}: --max_learner_steps=300 there, 500 now']
 
@@ -282,8 +290,8 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
 
 def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
   layout = StudyLayout(str(tmp_path))
-  definition = studies.STUDIES.get('optimizer_instability')
-  good, _ = definition.cells('smoke', studies.StudyOptions())
+  definition = STUDIES.get('optimizer_instability')
+  good, _ = definition.cells('smoke', StudyOptions())
   bad = Cell('bad', {'arch': 'mlp'}, {'env': 'mdp:mnist:bogus'})  # launch.train refuses it (exit 1).
   runs = [study_runner.Run(f'{c.name}/seed0', c, 0, layout.run_dir(c.name, 0), layout.log(c.name, 0))
           for c in (bad, good[0])]
@@ -367,7 +375,7 @@ def test_run_measures_of_a_run_written_before_the_new_fields_report_and_say_so(t
   """An old categorical run: probe records without `probe_fit_loss` (probed on its logits), diagnostics without
   some statistics, no learner records: measured, the missing measures absent, with a warning naming the run."""
   from agents.config import AgentConfig
-  from probes.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+  from probes.records.run_dir import ExperimentConfig, RunLayout, write_or_check_config
   run_dir = str(tmp_path / 'old')
   write_or_check_config(ExperimentConfig(run_dir=run_dir, agent=AgentConfig(output='two_hot')))
   layout = RunLayout(run_dir)

@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 from agents import storage
-from launch import run_lock, supervisor
-from probes.run_dir import ExperimentConfig, RunLayout
+from launch.program import run_lock
+from launch.program import supervisor
+from probes.records.run_dir import ExperimentConfig, RunLayout
 from tests.test_storage import bucket  # pylint: disable=unused-import  A fixture: gs:// in memory.
 from tests.test_train_program import ROOT
 
@@ -127,7 +128,7 @@ _TWO_LAUNCHES = textwrap.dedent('''
     from absl import flags
     from launchpad import flags as _  # Defines --lp_termination_notice_secs.
     from launchpad.launch import worker_manager
-    from launch import supervisor
+    from launch.program import supervisor
     flags.FLAGS(['launcher', '--lp_termination_notice_secs=4'])
     slow_stop = {slow_stop!r}
     # Launch 1: the learner fails; the replay takes 2 s to stop, 2 s of the first manager's countdown.
@@ -164,7 +165,7 @@ _NODE_PAST_THE_NOTICE = textwrap.dedent('''
     import os, signal, sys, time
     from absl import flags
     from launchpad import flags as _  # Defines --lp_termination_notice_secs.
-    from launch import supervisor
+    from launch.program import supervisor
     flags.FLAGS(['launcher', '--lp_termination_notice_secs=2'])
     manager = supervisor.SupervisedWorkerManager(0, lambda *_: None)
     manager.process_worker('actor/0', [sys.executable, '-c', 'import signal, time; '
@@ -198,7 +199,7 @@ def _launcher_with_a_node():
 def _watchdog(launcher_pid: int, launcher_created: float) -> subprocess.Popen:
   """The watchdog, as `watchdog.start` runs it, its pipe closed at once (the launcher is gone for it)."""
   read_end, write_end = os.pipe()
-  dog = subprocess.Popen([sys.executable, '-m', 'launch.watchdog', str(launcher_pid), repr(launcher_created),
+  dog = subprocess.Popen([sys.executable, '-m', 'launch.program.watchdog', str(launcher_pid), repr(launcher_created),
                           str(read_end), '2'], pass_fds=(read_end,), cwd=ROOT)
   os.close(read_end)
   os.close(write_end)
@@ -227,7 +228,7 @@ def test_a_node_started_just_before_its_launcher_is_killed_is_ended_too():
   look at its children: the node, now an orphan, is found by the launcher's mark in its environment and ended."""
   code = textwrap.dedent('''
       import os, signal, subprocess, sys
-      from launch import watchdog
+      from launch.program import watchdog
       watchdog.start(grace_s=2)
       node = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
       print(node.pid, flush=True)

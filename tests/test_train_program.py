@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from agents import checkpointing, snapshots
-from launch import network
-from probes.run_dir import RunLayout
+from launch.program import network
+from probes.records.run_dir import RunLayout
 from tests.test_learning import RunsCode
 from tests.test_probes import zero_the_middle
 from tests.test_storage import partials, tmpfs
@@ -241,7 +241,7 @@ def _watchdogs(launcher: subprocess.Popen):
   found = []
   for child in children:
     try:
-      if 'launch.watchdog' in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+      if 'launch.program.watchdog' in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
         found.append(child)
     except psutil.Error:
       pass

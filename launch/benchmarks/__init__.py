@@ -1,0 +1,1 @@
+"""Benchmarks printing figures side by side: learner and actors, probes, environments, cluster, device."""

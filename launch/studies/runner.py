@@ -1,0 +1,299 @@
+"""A study's machinery, flag-free: the grid the inputs describe, study.json, running the runs, collecting rows.
+
+`python -m launch.study` (launch/study.py) is its command line; the studies
+themselves are in launch/studies/registry.py.
+"""
+
+import ctypes
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Set
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from launch.program import run_lock
+from launch.studies.grid import SCALES, Cell, Study, StudyLayout, StudyOptions, grid_differences, grid_record
+from launch.studies.registry import STUDIES
+from probes.records.run_dir import RunLayout
+
+PR_SET_PDEATHSIG = 1
+DEATH_SIGNAL = signal.SIGTERM  # What a run gets when the study process dies, however it died.
+STOP_GRACE_S = 90.0  # A run's own stop: final checkpoints and replay checkpoint.
+
+
+class StudyError(ValueError):
+  """A bad input, said before anything in the study directory is touched."""
+
+
+def _parse_value(name: str, text: str, kind: type) -> Any:
+  """A --set value as its flag's type, so that a grid records 300 whether given or a default."""
+  try:
+    if kind is bool:
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError('expected true or false')
+      return text.lower() in ('true', '1')
+    if kind is tuple:
+      return tuple(part for part in text.split(',') if part)
+    return kind(text)
+  except ValueError as e:
+    raise StudyError(f'--set={name}={text}: not a {kind.__name__} ({e}).') from e
+
+
+def _parse_set(values: List[str], accepted: Dict[str, type]) -> Dict[str, Any]:
+  overrides = {}
+  for value in values:
+    name, equals, setting = value.partition('=')
+    name = name.lstrip('-')
+    if not equals or not name:
+      raise StudyError(f'--set={value}: expected FLAG=VALUE, e.g. --set=max_learner_steps=500.')
+    if name not in accepted:
+      raise StudyError(f'--set={value}: unknown flag {name!r} for this study\'s runs; accepted: '
+                       f'{", ".join(sorted(accepted))}.')
+    overrides[name] = _parse_value(name, setting, accepted[name])
+  return overrides
+
+
+def plan(study: Study, scale: str, options: StudyOptions, only: Optional[List[str]], overrides: Dict[str, str]):
+  """The grid the flags describe: (cells, skipped cells with their reasons)."""
+  if scale not in SCALES:
+    raise StudyError(f'Unknown scale {scale!r} (--scale); accepted: {", ".join(SCALES)}.')
+  cells, skipped = study.cells(scale, options)
+  if only:
+    names = [cell.name for cell in cells]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+      raise StudyError(f'Unknown cell(s) {", ".join(unknown)} (--cells) of --study={study.name} '
+                       f'--scale={scale}; accepted: {", ".join(names)}.')
+    cells = [cell for cell in cells if cell.name in only]
+    skipped = {}
+  return [cell.with_args(**overrides) for cell in cells], skipped
+
+
+def _argument(name: str, value: Any) -> str:
+  if isinstance(value, bool):
+    return f'--{name}' if value else f'--no{name}'
+  if isinstance(value, (list, tuple)):
+    value = ','.join(str(v) for v in value)
+  return f'--{name}={value}'
+
+
+def command(cell: Cell, run_dir: str, seed: int, launch_type: Optional[str]) -> List[str]:
+  args = [_argument(name, value) for name, value in cell.args.items()]
+  if cell.command == 'launch.train' and launch_type:
+    args.append(f'--launch_type={launch_type}')
+  return [sys.executable, '-m', cell.command, f'--{cell.dir_flag}={run_dir}', f'--seed={seed}', *args]
+
+
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the study's process dies (Linux's PR_SET_PDEATHSIG), so that a
+  killed study leaves no run behind; a run takes SIGTERM as an interruption, with its final checkpoints. Its own
+  session keeps a terminal's Ctrl-C to the study, which asks each run to stop once."""
+  os.setsid()
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
+
+
+def _write_state(layout: StudyLayout, state: Dict) -> None:
+  temporary = layout.state + '.tmp'
+  with open(temporary, 'w') as f:
+    json.dump(state, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, layout.state)
+
+
+def read_state(layout: StudyLayout) -> Optional[Dict]:
+  if not os.path.exists(layout.state):
+    return None
+  try:
+    with open(layout.state) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise StudyError(f'{layout.state} is unreadable ({e}); move it away to start the study afresh.') from e
+
+
+@dataclasses.dataclass
+class Run:
+  key: str
+  cell: Cell
+  seed: int
+  run_dir: str
+  log: str
+  process: Optional[subprocess.Popen] = None
+  started: float = 0.0
+  stop_asked: float = 0.0
+
+
+def open_study(layout: StudyLayout, grid: Dict, runs: List[Run]) -> Dict:
+  """study.json's state for this grid: the existing one (refused if its grid differs), or a new one."""
+  if os.path.exists(layout.root) and not os.path.isdir(layout.root):
+    raise StudyError(f'--out_dir={layout.root} is a file; give a directory.')
+  state = read_state(layout)
+  if state is None:
+    if os.path.isdir(layout.root) and os.listdir(layout.root):
+      raise StudyError(f'--out_dir={layout.root} holds files but no {StudyLayout.STATE}: not a study directory; '
+                       f'choose a new or empty directory.')
+    return {'grid': grid, 'runs': {run.key: {'state': 'pending', 'run_dir': run.run_dir, 'log': run.log}
+                                   for run in runs}}
+  differences = grid_differences(state['grid'], grid)
+  if differences:
+    raise StudyError(f'{layout.state} was made by a different grid: {"; ".join(differences)}. Rerun with the '
+                     f'flags that made it, or choose another --out_dir.')
+  return state
+
+
+def _finish_line(run: Run, entry: Dict) -> str:
+  took = f'{entry["elapsed_s"]:.0f} s'
+  if entry['state'] == 'finished':
+    return f'[green]finished[/green] {run.key} in {took}'
+  if entry['state'] == 'interrupted':
+    return f'[yellow]interrupted[/yellow] {run.key} after {took}'
+  return f'[red]failed[/red] {run.key} (exit {entry["exit_code"]}) after {took}; log: {run.log}'
+
+
+def execute(layout: StudyLayout, state: Dict, runs: List[Run], max_parallel: int, launch_type: Optional[str],
+            console: Console) -> bool:
+  """Runs every unfinished run, at most `max_parallel` at once; False when interrupted."""
+  interrupted = []
+
+  def on_signal(signum, frame):
+    del frame
+    interrupted.append(signum)
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+  todo = [run for run in runs if state['runs'][run.key]['state'] != 'finished']
+  done = len(runs) - len(todo)
+  if done:
+    console.print(f'{done} of {len(runs)} runs already finished; running {len(todo)}.')
+  active: List[Run] = []
+  waiting: Set[str] = set()
+  columns = (TextColumn('[bold]{task.description}'), BarColumn(), MofNCompleteColumn(), TextColumn('runs'),
+             TimeElapsedColumn(), TextColumn('remaining'), TimeRemainingColumn())
+  try:
+    with Progress(*columns, console=console, transient=False) as progress:
+      task = progress.add_task(state['grid']['study'], total=len(runs), completed=done)
+      while (todo and not interrupted) or active:
+        while todo and len(active) < max_parallel and not interrupted:
+          run = _next_free(todo, waiting, progress.console)
+          if run is None:
+            break
+          todo.remove(run)
+          _start(run, state, launch_type)
+          active.append(run)
+          _write_state(layout, state)
+        time.sleep(0.5)
+        for run in [r for r in active if r.process.poll() is not None]:
+          active.remove(run)
+          entry = _ended(run, state)
+          _write_state(layout, state)
+          progress.console.print(_finish_line(run, entry))
+          if entry['state'] == 'finished':
+            progress.advance(task)
+        if interrupted and active:
+          _stop(active)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  return not interrupted
+
+
+def _next_free(todo: List[Run], waiting: Set[str], console: Console) -> Optional[Run]:
+  """The first run to do whose directory no live launch holds (a launch of the study's process before, killed,
+  may still be stopping: its runs take up to their termination notice); says once which wait, and on whom."""
+  for run in todo:
+    holder = run_lock.live_holder(RunLayout(run.run_dir))
+    if holder is None:
+      return run
+    if run.key not in waiting:
+      waiting.add(run.key)
+      console.print(f'{run.key}: its run directory is in use ({holder.describe()}); starting it once that has '
+                    f'stopped.')
+  return None
+
+
+def _start(run: Run, state: Dict, launch_type: Optional[str]) -> None:
+  entry = state['runs'][run.key]
+  if not run.cell.resumable and os.path.exists(run.run_dir):
+    # Its command cannot resume: keep the interrupted attempt's files aside and start afresh.
+    os.replace(run.run_dir, f'{run.run_dir}.partial-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.makedirs(os.path.dirname(run.run_dir), exist_ok=True)
+  os.makedirs(os.path.dirname(run.log), exist_ok=True)
+  argv = command(run.cell, run.run_dir, run.seed, launch_type)
+  with open(run.log, 'a') as log:
+    log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(argv)}\n')
+    log.flush()
+    run.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=_die_with_parent)
+  run.started = time.time()
+  entry.update(state='running', pid=run.process.pid, attempts=entry.get('attempts', 0) + 1)
+
+
+def _ended(run: Run, state: Dict) -> Dict:
+  code = run.process.returncode
+  entry = state['runs'][run.key]
+  outcome = 'finished' if code == 0 else 'interrupted' if code in (130, -signal.SIGINT, -signal.SIGTERM) else 'failed'
+  entry.update(state=outcome, exit_code=code, elapsed_s=entry.get('elapsed_s', 0.0) + time.time() - run.started)
+  entry.pop('pid', None)
+  return entry
+
+
+def _stop(active: List[Run]) -> None:
+  """Asks the runs to stop (SIGTERM: each saves its checkpoints); kills what is left after STOP_GRACE_S."""
+  for run in active:
+    if run.process.poll() is None and not run.stop_asked:
+      run.process.send_signal(signal.SIGTERM)
+      run.stop_asked = time.time()
+    elif run.process.poll() is None and time.time() - run.stop_asked > STOP_GRACE_S:
+      run.process.kill()
+
+
+def collect(study: Study, layout: StudyLayout, state: Dict, runs: List[Run], console: Console) -> List[Dict]:
+  """One row per finished run: its cell, seed, axes, directory and measures."""
+  rows = []
+  for run in runs:
+    if state['runs'][run.key]['state'] != 'finished':
+      continue
+    try:
+      measures = study.measure(run.cell, run.run_dir)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+      console.print(f'[red]cannot measure[/red] {run.key}: {e!r}; log: {run.log}')
+      continue
+    rows.append({'cell': run.cell.name, 'seed': run.seed, **run.cell.axes, 'run_dir': run.run_dir, **measures})
+  return rows
+
+
+@dataclasses.dataclass
+class Prepared:
+  study: Study
+  layout: StudyLayout
+  runs: List[Run]
+  skipped: Dict[str, str]
+  state: Dict
+
+
+def prepare(name: Optional[str], scale: str, out_dir: Optional[str], seeds: Optional[int] = None,
+            cells: Optional[List[str]] = None, sets: Sequence[str] = (), games: Sequence[str] = (),
+            data_dir: Optional[str] = None) -> Prepared:
+  """Checks every input and opens (or creates) the study directory; a `StudyError` (a ValueError) before
+  anything in it is touched."""
+  if not name or not out_dir:
+    raise StudyError('--study and --out_dir are required.')
+  study = STUDIES.get(name)
+  if games and not study.takes_games:
+    raise StudyError(f'--games applies to {", ".join(n for n in STUDIES if STUDIES[n].takes_games)} '
+                     f'only, not --study={study.name}.')
+  overrides = _parse_set(list(sets), study.settable())
+  chosen, skipped = plan(study, scale, StudyOptions(data_dir=data_dir, games=tuple(games)), cells, overrides)
+  seeds = seeds or study.seeds[scale]
+  layout = StudyLayout(out_dir)
+  runs = [Run(f'{cell.name}/seed{seed}', cell, seed, layout.run_dir(cell.name, seed), layout.log(cell.name, seed))
+          for cell in chosen for seed in range(seeds)]
+  state = open_study(layout, grid_record(study, scale, seeds, chosen, skipped), runs)
+  os.makedirs(layout.root, exist_ok=True)
+  _write_state(layout, state)
+  return Prepared(study, layout, runs, skipped, state)

@@ -1,0 +1,1 @@
+"""What the evaluator measures: plasticity probe, curvature, statistics, diagnostics, the probe set."""

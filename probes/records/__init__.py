@@ -1,0 +1,1 @@
+"""A run directory's layout and its record streams."""
