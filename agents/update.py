@@ -170,7 +170,8 @@ def make_target_update(network: Network, hooks: Sequence[TargetUpdateHook],
 
 def make_fused_update(update: Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]],
                       target_update: Callable[[TrainingState], TrainingState],
-                      target_update_period: int) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
+                      target_update_period: int
+                      ) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
   """Returns `(state, batches [n, B, ...]) -> (state, metrics [n])`: n updates in one `lax.scan` (`--updates_per_call`).
 
   Each step's target update (with the interventions' hooks) is made inside,

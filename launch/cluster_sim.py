@@ -276,7 +276,7 @@ def _environment() -> Dict[str, str]:
 def _train_args(argv: Sequence[str]) -> List[str]:
   """The command line's launch.train flags (every flag but the harness's own)."""
   own = tuple(f'--{name}' for name in _OWN_FLAGS) + tuple(f'--no{name}' for name in _OWN_FLAGS)
-  return [arg for arg in argv if not arg.split('=', 1)[0] in own]
+  return [arg for arg in argv if arg.split('=', 1)[0] not in own]
 
 
 class Mode:

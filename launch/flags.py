@@ -5,8 +5,6 @@ so a new knob is one field; `--preset` (launch/presets.py) sets the values of
 every flag not given on the command line.
 """
 
-from typing import Any, Dict
-
 from absl import flags
 
 from agents import config_flags

@@ -31,8 +31,8 @@ from launch.studies import runner as study_runner
 from probes.figures import aggregate
 
 STUDY = flags.DEFINE_string('study', None, f'The study: {", ".join(STUDIES.names())}.')
-SCALE = flags.DEFINE_string('scale', 'smoke', f'The scale: {", ".join(grid.SCALES)} (launch/studies/registry.py says what '
-                            'each runs).')
+SCALE = flags.DEFINE_string('scale', 'smoke', f'The scale: {", ".join(grid.SCALES)} (launch/studies/grid.py says '
+                            'what each runs).')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'The study directory; rerunning the same command resumes it.')
 SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per cell (default: the scale\'s, 3 at --scale=paper).',
                              lower_bound=1)

@@ -366,7 +366,7 @@ class Supervision:
     exposed = network.exposed_listeners(pids, self._config.bind_host)
     if exposed:
       return (f'The run\'s servers listen beyond --bind_host={self._config.bind_host}: {"; ".join(exposed)} '
-              f'(the bind library did not take: README, "Who can reach a run"). Stopping the run; '
+              f'(the bind library did not take: docs/distributed.md, "Who can reach a run"). Stopping the run; '
               f'--bind_host=0.0.0.0 runs it on every interface knowingly.')
     return ''
 
@@ -556,8 +556,8 @@ def _results(layout: RunLayout) -> str:
 
 
 def restrict_servers(config: ExperimentConfig) -> None:
-  """The run's servers listen on `--bind_host` only (`launch.program.network`): a `ValueError` where that cannot be (a run
-  on every interface is asked for with --bind_host=0.0.0.0), a warning where other hosts can reach them."""
+  """The run's servers listen on `--bind_host` only (`launch.program.network`): a `ValueError` where that cannot be
+  (a run on every interface is asked for with --bind_host=0.0.0.0), a warning where other hosts can reach them."""
   try:
     network.restrict_servers(config.bind_host, this_process=config.launch_type == 'local_mt')
   except network.Unenforceable as e:

@@ -52,27 +52,30 @@ from absl import flags
 import numpy as np
 import psutil
 
+from launch import benchmarks
 from agents import config_flags
 from probes.records.run_dir import ExperimentConfig
 
-SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.')
+FLAGS = flags.FlagValues()  # This benchmark's own (launch/benchmarks/__init__.py).
+SECONDS = flags.DEFINE_float('seconds', 15.0, 'Duration of each throughput measurement.', flag_values=FLAGS)
 SECTION_NAMES = ('fused', 'batched_actors', 'actors', 'learner', 'evaluator', 'rate_limiter', 'probe')
-SECTIONS = flags.DEFINE_list('sections', list(SECTION_NAMES), f'What to measure, of {", ".join(SECTION_NAMES)}.')
+SECTIONS = flags.DEFINE_list('sections', list(SECTION_NAMES), f'What to measure, of {", ".join(SECTION_NAMES)}.',
+                             flag_values=FLAGS)
 HELD_BATCHES = flags.DEFINE_integer('held_batches', 500, 'Batches of the learner\'s measurement the bare loop '
-                                    'cycles through (held on the device).')
+                                    'cycles through (held on the device).', flag_values=FLAGS)
 ENVS_PER_ACTOR = flags.DEFINE_list('envs_per_actor', ['1', '4', '16'],
-                                   'batched_actors: environments per actor process, each measured.')
+                                   'batched_actors: environments per actor process, each measured.', flag_values=FLAGS)
 UPDATES_PER_CALL = flags.DEFINE_list('updates_per_call_values', ['1', '4', '16', '64'],
-                                     'fused: the learner\'s --updates_per_call values measured.')
+                                     'fused: the learner\'s --updates_per_call values measured.', flag_values=FLAGS)
 # Not --steps, --rounds: launch.benchmarks.environments, imported by the measuring process, defines those.
 STEPS = flags.DEFINE_integer('actor_steps', 2000, 'batched_actors: environment steps per measurement round.',
-                             lower_bound=16)
+                             lower_bound=16, flag_values=FLAGS)
 ROUNDS = flags.DEFINE_integer('actor_rounds', 3, 'batched_actors: interleaved rounds of each measurement.',
-                              lower_bound=1)
+                              lower_bound=1, flag_values=FLAGS)
 # The run's own flags, as a run would take them (the rate-limited measurement uses --samples_per_insert; every
 # network is --arch's).
 FIELDS = config_flags.define(ExperimentConfig, only=['env', 'arch', 'samples_per_insert', 'probe_steps',
-                                                     'probe_targets'])
+                                                     'probe_targets'], flag_values=FLAGS)
 
 
 def _spawn(target, *args) -> multiprocessing.Process:
@@ -416,4 +419,4 @@ def distributed(run: ExperimentConfig, sections: set) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  benchmarks.run(main, FLAGS)

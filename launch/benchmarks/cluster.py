@@ -26,18 +26,24 @@ from typing import Callable, Dict, List, Optional, Sequence
 from absl import app
 from absl import flags
 
+from launch import benchmarks
 from launch import cluster_sim
 from launch import flags as run_flags
 from launch.simulation import netns
 from probes.records.run_dir import ExperimentConfig, RunLayout
 
-ACTOR_HOST_COUNTS = flags.DEFINE_list('actor_host_counts', ['1', '2', '3'], 'Counts of actor hosts, one run each.')
+FLAGS = flags.FlagValues()  # This benchmark's own (launch/benchmarks/__init__.py).
+ACTOR_HOST_COUNTS = flags.DEFINE_list('actor_host_counts', ['1', '2', '3'], 'Counts of actor hosts, one run each.',
+                                      flag_values=FLAGS)
 LATENCIES_MS = flags.DEFINE_list('latencies_ms', ['0', '1', '10'], 'Delays added each way on the actor hosts\' '
-                                 'links, measured in turn within each run.')
-ACTORS_PER_HOST = flags.DEFINE_integer('actors_per_host', 1, 'Actors on each actor host.', lower_bound=1)
-SECONDS = flags.DEFINE_float('seconds', 20.0, 'Measurement window of each row.', lower_bound=1.0)
-SETTLE_S = flags.DEFINE_float('settle_s', 5.0, 'Wait after a latency change before measuring.', lower_bound=0.0)
-OUT_DIR = flags.DEFINE_string('out_dir', '', 'Where the runs and harness files go (default: a temporary directory).')
+                                 'links, measured in turn within each run.', flag_values=FLAGS)
+ACTORS_PER_HOST = flags.DEFINE_integer('actors_per_host', 1, 'Actors on each actor host.', lower_bound=1,
+                                       flag_values=FLAGS)
+SECONDS = flags.DEFINE_float('seconds', 20.0, 'Measurement window of each row.', lower_bound=1.0, flag_values=FLAGS)
+SETTLE_S = flags.DEFINE_float('settle_s', 5.0, 'Wait after a latency change before measuring.', lower_bound=0.0,
+                              flag_values=FLAGS)
+OUT_DIR = flags.DEFINE_string('out_dir', '', 'Where the runs and harness files go (default: a temporary directory).',
+                              flag_values=FLAGS)
 
 
 @dataclasses.dataclass
@@ -154,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  benchmarks.run(main, FLAGS)

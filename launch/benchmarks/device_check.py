@@ -37,6 +37,7 @@ from absl import app
 from absl import flags
 import jax
 
+from launch import benchmarks
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.loops import avoid_compiled_loops
@@ -45,8 +46,11 @@ from launch.benchmarks import timing
 from probes.measures.diagnostics import DiagnosticsConfig
 from probes.measures.plasticity import ProbeConfig
 
-QUICK = flags.DEFINE_bool('quick', False, 'Small sizes (CPU, tests): the same rows, figures not comparable.')
-ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn', 'nature_dqn'], 'Architectures measured (of those below).')
+FLAGS = flags.FlagValues()  # This benchmark's own (launch/benchmarks/__init__.py).
+QUICK = flags.DEFINE_bool('quick', False, 'Small sizes (CPU, tests): the same rows, figures not comparable.',
+                          flag_values=FLAGS)
+ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn', 'nature_dqn'], 'Architectures measured (of those below).',
+                          flag_values=FLAGS)
 
 # (arch, observation shape, actions): the MDP's digits and Atari's stacked frames (the full action set).
 MDP, ATARI = ((28, 28, 1), 10), ((84, 84, 4), 18)
@@ -155,4 +159,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  benchmarks.run(main, FLAGS)

@@ -13,13 +13,16 @@ import multiprocessing
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
-GAME = flags.DEFINE_string('game', 'pong', 'ALE game name.')
-STEPS = flags.DEFINE_integer('steps', 5000, 'Environment steps per measurement round.', lower_bound=100)
-ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of each measurement.', lower_bound=1)
+from launch import benchmarks
+
+FLAGS = flags.FlagValues()  # This benchmark's own (launch/benchmarks/__init__.py).
+GAME = flags.DEFINE_string('game', 'pong', 'ALE game name.', flag_values=FLAGS)
+STEPS = flags.DEFINE_integer('steps', 5000, 'Environment steps per measurement round.', lower_bound=100,
+                             flag_values=FLAGS)
+ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds of each measurement.', lower_bound=1, flag_values=FLAGS)
 
 
 def pin(core: int) -> None:
@@ -95,4 +98,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  benchmarks.run(main, FLAGS)

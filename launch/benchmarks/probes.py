@@ -26,11 +26,11 @@ import dataclasses
 import time
 from typing import Optional, Tuple
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from launch import benchmarks
 from agents import config_flags, networks
 from agents.builder import make_agent
 from agents.config import AgentConfig
@@ -41,14 +41,16 @@ from launch.benchmarks import timing
 from probes.measures.diagnostics import DiagnosticsConfig, covariance_block_size
 from probes.records.run_dir import ExperimentConfig
 
-ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn'], 'Architectures to benchmark.')
-NUM_INPUTS = flags.DEFINE_integer('num_inputs', 2048, 'Replay observations given to the probe and diagnostics.')
-OBSERVATION_SHAPE = flags.DEFINE_list('observation_shape', ['28', '28', '1'], 'Observation shape.')
-NUM_ACTIONS = flags.DEFINE_integer('num_actions', 10, 'Actions (network outputs).')
+FLAGS = flags.FlagValues()  # This benchmark's own (launch/benchmarks/__init__.py).
+ARCHS = flags.DEFINE_list('archs', ['mlp', 'cnn'], 'Architectures to benchmark.', flag_values=FLAGS)
+NUM_INPUTS = flags.DEFINE_integer('num_inputs', 2048, 'Replay observations given to the probe and diagnostics.',
+                                  flag_values=FLAGS)
+OBSERVATION_SHAPE = flags.DEFINE_list('observation_shape', ['28', '28', '1'], 'Observation shape.', flag_values=FLAGS)
+NUM_ACTIONS = flags.DEFINE_integer('num_actions', 10, 'Actions (network outputs).', flag_values=FLAGS)
 # The run's own declarations: each value is timed, then extrapolated to the field's default.
 FIELDS = config_flags.define(ExperimentConfig, only=['lanczos_steps', 'probe_steps', 'covariance_samples',
                                                      'covariance_memory_mb'],
-                             help_suffix=' Timed at this value, then extrapolated to the default.')
+                             help_suffix=' Timed at this value, then extrapolated to the default.', flag_values=FLAGS)
 
 
 def _run() -> ExperimentConfig:
@@ -102,8 +104,8 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
   agent = make_agent(AgentConfig(arch=arch), NUM_ACTIONS.value)
   params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f'\narch={arch}: {num_params:,} parameters, inputs {inputs.shape}, {jax.device_count()} {jax.default_backend()} '
-        f'device(s)')
+  print(f'\narch={arch}: {num_params:,} parameters, inputs {inputs.shape}, {jax.device_count()} '
+        f'{jax.default_backend()} device(s)')
   compile_times, run_times = timing.time_diagnostics(agent.network, params, inputs, _config())
   del compile_times['total'], run_times['total']
   lanczos_scale = DiagnosticsConfig.lanczos_steps / _config().lanczos_steps
@@ -138,11 +140,11 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
     print(f'  hessian timed at {_config().lanczos_steps} Lanczos steps, x{lanczos_scale:g} to '
           f'{DiagnosticsConfig.lanczos_steps} (linear extrapolation)')
   if covariance_extrapolated:
-    print(f'  covariance timed at k={_config().covariance_samples} (and {2 * _config().covariance_samples} for the fit); '
-          f'a k + b k^2 extrapolated to k={DiagnosticsConfig.covariance_samples}')
+    print(f'  covariance timed at k={_config().covariance_samples} (and {2 * _config().covariance_samples} for the '
+          f'fit); a k + b k^2 extrapolated to k={DiagnosticsConfig.covariance_samples}')
   if probe_flops:
-    print(f'  plasticity probe: {probe_flops / probe_run / 1e9:.1f} GFLOP/s = {probe_flops / probe_run / matmul:.0%} of '
-          f'the matmul rate ({matmul / 1e9:.1f} GFLOP/s float32, 1024^2, measured beside it)'
+    print(f'  plasticity probe: {probe_flops / probe_run / 1e9:.1f} GFLOP/s = {probe_flops / probe_run / matmul:.0%} '
+          f'of the matmul rate ({matmul / 1e9:.1f} GFLOP/s float32, 1024^2, measured beside it)'
           + (', targets in turn (convolutions on XLA:CPU)' if avoid_compiled_loops(params) else ''))
   if probe_scale != 1:
     print(f'  plasticity probe timed at {_run().probe.steps} and {2 * _run().probe.steps} steps; fixed cost plus '
@@ -167,4 +169,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  benchmarks.run(main, FLAGS)

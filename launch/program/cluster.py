@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 from agents import config_flags
@@ -87,7 +87,7 @@ def cluster_config(config: ExperimentConfig) -> ClusterConfig:
 def _xmanager():
   try:
     from xmanager import xm
-    from xmanager import xm_local  # pylint: disable=unused-import  First: importing vertex alone is circular.
+    from xmanager import xm_local  # noqa: F401  First: importing vertex alone is circular.
     from xmanager.cloud import vertex
   except ImportError as e:
     raise ValueError(f'--launch_type={LAUNCH_TYPE} needs the cluster extra ({e}): pip install -e ".[cluster]" '
@@ -95,7 +95,7 @@ def _xmanager():
   return xm, vertex
 
 
-def requirements(cluster: ClusterConfig) -> Dict[str, 'xm.JobRequirements']:
+def requirements(cluster: ClusterConfig) -> Dict[str, Any]:
   """Each group's machine as xmanager's requirements: the CPUs and memory (or A100s) that its Vertex AI client
   turns back into the machine type named."""
   xm, vertex = _xmanager()
@@ -126,7 +126,7 @@ def requirements(cluster: ClusterConfig) -> Dict[str, 'xm.JobRequirements']:
   return out
 
 
-def _has_gpu(need: 'xm.JobRequirements') -> bool:
+def _has_gpu(need: Any) -> bool:
   xm, _ = _xmanager()
   return any(resource in xm.GpuType for resource in need.task_requirements)
 

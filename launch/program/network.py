@@ -75,7 +75,8 @@ def check(bind_host: str, publish_host: Optional[str]) -> None:
     address = ipaddress.ip_address(bind_host)
   except ValueError:
     raise ValueError(f'--bind_host={bind_host} is not an IP address; accepted: 127.0.0.1 (this machine only, the '
-                     f'default), 0.0.0.0 or :: (every interface), or one interface\'s address, e.g. 10.0.0.5.') from None
+                     f'default), 0.0.0.0 or :: (every interface), or one interface\'s address, e.g. 10.0.0.5.'
+                     ) from None
   if not address.is_unspecified and not address.is_loopback:
     with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET) as probe:
       try:
@@ -94,7 +95,7 @@ def exposure(bind_host: str) -> str:
     return ''
   where = 'every interface of this machine' if is_every_interface(bind_host) else bind_host
   return (f'--bind_host={bind_host}: the run\'s Reverb and Courier servers listen on {where}, {EXPOSED}. Keep '
-          f'multi-host runs on a private network (README: "Who can reach a run").')
+          f'multi-host runs on a private network (docs/distributed.md: "Who can reach a run").')
 
 
 def host_port(host: str, port) -> str:
@@ -224,7 +225,7 @@ def server_environment(bind_host: str) -> Dict[str, str]:
   except Unenforceable as e:
     raise Unenforceable(f'--bind_host={bind_host} cannot be enforced ({e}): the run\'s Reverb and Courier servers '
                         f'will listen on every interface of this machine, {EXPOSED}. Install a C compiler, or keep '
-                        f'this machine on a private network (README: "Who can reach a run").') from e
+                        f'this machine on a private network (docs/distributed.md: "Who can reach a run").') from e
   others = [path for path in re.split(r'[ :]', os.environ.get('LD_PRELOAD', '')) if path and path != library]
   return {'LD_PRELOAD': ' '.join([library, *others]), BIND_ADDRESS_ENV: bind_host}
 

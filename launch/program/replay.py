@@ -135,7 +135,7 @@ class ReplayNode(network.OnHost, reverb_node.ReverbNode):
   def _run(self) -> None:
     storage.path(self._root).mkdir(parents=True, exist_ok=True)
     address = self._address.resolve()
-    server = self._server(lp_address.get_port_from_address(address))
+    _server = self._server(lp_address.get_port_from_address(address))  # Held: it serves while this thread runs.
     restored_from = _latest_checkpoint(self._root)
     client = reverb.Client(address)  # Not `server.localhost_client()`: the server is on --bind_host only.
     sizes = _sizes(client)

@@ -1,6 +1,7 @@
 """A delay on links, for kernels without `netem`: a relay of Ethernet frames between pairs of interfaces.
 
-  python launch/simulation/link_delay.py p1:d1,p2:d2 10     # in the switch's namespace (launch.simulation.netns starts it)
+  # In the switch's namespace (launch.simulation.netns starts it):
+  python launch/simulation/link_delay.py p1:d1,p2:d2 10
 
 Each pair is a host's link end on the switch (`p1`) and a veth whose peer is
 a bridge port (`d1`): every frame read on one is written to the other `delay`

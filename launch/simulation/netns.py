@@ -155,8 +155,9 @@ class Cluster:
     """A process of its own session that removes this cluster when the harness is gone, however it went (kill -9
     included): it holds the read end of a pipe only the harness writes to."""
     read_end, self._reaper_pipe = os.pipe()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.Popen([sys.executable, '-m', 'launch.simulation.netns', self.name, str(read_end)], pass_fds=(read_end,),
-                     start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                     start_new_session=True, cwd=root)
     os.close(read_end)
 
   def _build(self) -> None:

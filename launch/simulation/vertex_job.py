@@ -1,5 +1,5 @@
-"""The cluster manager of `launch.cluster_sim`: processes on the hosts of a `launch.simulation.netns.Cluster`, restarted in
-place when they die; and the Vertex AI custom job of `--launch_type=vertex_ai` as such processes.
+"""The cluster manager of `launch.cluster_sim`: processes on the hosts of a `launch.simulation.netns.Cluster`,
+restarted in place when they die; and the Vertex AI custom job of `--launch_type=vertex_ai` as such processes.
 
 `launch.program.cluster.package` gives what the launch submits: Launchpad's
 `xm_docker` packaging (each worker pool's image build context, holding one

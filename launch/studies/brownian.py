@@ -335,7 +335,8 @@ BROWNIAN_SCALES = {
 
 def brownian_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], Dict[str, str]]:
   data = data_args(options)
-  return [Cell('brownian', {}, {**BROWNIAN_SCALES[scale], **data}, command='launch.studies.brownian', resumable=False)], {}
+  return [Cell('brownian', {}, {**BROWNIAN_SCALES[scale], **data}, command='launch.studies.brownian',
+               resumable=False)], {}
 
 
 def brownian_measure(cell: Cell, run_dir: str) -> Row:

@@ -67,7 +67,8 @@ def run_study(images: np.ndarray, optimizer_name: str, config: InstabilityConfig
   width, seed, eval_every, batch_size = config.width, config.seed, config.eval_every, config.batch_size
   eval_samples = min(config.eval_samples, len(images))
   network = networks.make_network('mlp', networks.ArchConfig(num_outputs=NUM_CLASSES, width_multiplier=width / 512))
-  optimizer = optimizers.make_optimizer(optimizers.OptimizerConfig(name=optimizer_name, learning_rate=config.learning_rate))
+  optimizer = optimizers.make_optimizer(
+      optimizers.OptimizerConfig(name=optimizer_name, learning_rate=config.learning_rate))
   rng = np.random.default_rng(seed)
   inputs = jnp.asarray(images)
   evaluation = inputs[:eval_samples]

@@ -17,5 +17,6 @@ from launch.studies import optimizer_regime, width
 from launch.studies.grid import Study
 
 STUDIES: Registry[Study] = Registry('study', flag='--study')
-for _module in (interventions, falsification, width, optimizer_instability, optimizer_regime, atari_layernorm, brownian):
-  STUDIES.add(_module.STUDY.name, _module.STUDY)
+for _study in (interventions, falsification, width, optimizer_instability, optimizer_regime, atari_layernorm,
+               brownian):
+  STUDIES.add(_study.STUDY.name, _study.STUDY)

@@ -7,8 +7,6 @@ from typing import Any, Callable, Tuple
 
 import jax
 
-from agents.loops import avoid_compiled_loops  # pylint: disable=unused-import  The one definition, for the probes.
-
 
 def scan(fn: Callable[[Any, Any], Tuple[Any, Any]], carry: Any, xs: Any, unrolled: bool) -> Tuple[Any, Any]:
   """`lax.scan(fn, carry, xs)`, or with `unrolled` the same steps in straight-line code (a trace-time loop)."""

@@ -41,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from scipy import integrate
 
+from agents import loops
 from agents.types import Params
 from probes.measures import compiled_loops
 
@@ -174,7 +175,7 @@ def make_lanczos(output_fn: OutputFn, num_steps: int, stepwise: Optional[bool] =
     return carry[1], carry[2][:-1]
 
   def dispatch(params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array):
-    use_steps = compiled_loops.avoid_compiled_loops(params) if stepwise is None else stepwise
+    use_steps = loops.avoid_compiled_loops(params) if stepwise is None else stepwise
     return (run_stepwise if use_steps else run)(params, inputs, targets, key)
 
   return dispatch

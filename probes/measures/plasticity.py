@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from agents import loops
 from agents.builder import AgentParts
 from agents.config import option
 from agents.encodings import Encoding
@@ -249,7 +250,7 @@ def steps_per_call(config: ProbeConfig, params: Params) -> Optional[int]:
   if config.steps_per_call:
     return config.steps_per_call if config.steps_per_call < config.steps else None
   # Even a one-step probe: a loop of trip count 1 is as slow on XLA:CPU.
-  return 1 if compiled_loops.avoid_compiled_loops(params) else None
+  return 1 if loops.avoid_compiled_loops(params) else None
 
 
 class _Compiled:
@@ -318,7 +319,7 @@ def make_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.GradientTran
   def probe(params: Params, inputs: np.ndarray, key: jax.Array, progress: Optional[Progress] = None) -> ProbeResult:
     """Fits every target; `progress`, if given, hears how many steps are done (the fits then run in loops
     of `config.progress_every` steps: the same computation, cut)."""
-    if compiled_loops.avoid_compiled_loops(params) if targets_in_turn is None else targets_in_turn:
+    if loops.avoid_compiled_loops(params) if targets_in_turn is None else targets_in_turn:
       return sequential(params, inputs, key, progress)
     started = time.time()
     inputs = jnp.asarray(inputs)

@@ -222,8 +222,8 @@ class ExperimentConfig:
   envs_per_actor: int = option(1, 'Environments each actor steps in lock-step, with one batched policy call per '
                                'step (more environments amortise the network call over more steps).', lower_bound=1)
   launch_type: str = option('local_mp', 'local_mp: one process per node; local_mt: threads in one process; '
-                            'vertex_ai: a Vertex AI custom job (launch/program/cluster.py: the cluster extra, machine flags, '
-                            '--dry_run).', choices=lambda: ['local_mp', 'local_mt', 'vertex_ai'])
+                            'vertex_ai: a Vertex AI custom job (launch/program/cluster.py: the cluster extra, machine '
+                            'flags, --dry_run).', choices=lambda: ['local_mp', 'local_mt', 'vertex_ai'])
   bind_host: str = option('127.0.0.1', 'Where the run\'s Reverb and Courier servers listen: 127.0.0.1, this machine '
                          'only; 0.0.0.0 or ::, every interface; or one interface\'s address, for multi-host runs. '
                          'They have no authentication: keep such runs on a private network.')
