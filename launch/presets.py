@@ -9,8 +9,8 @@ from typing import Any, Dict
 
 # The MDP agent's optimizer. Appendix A.2 gives the MDP agent "the same agent structure" as the Atari one (DQN Zoo's
 # double DQN: centred RMSProp at 2.5e-4), and with it the MDP runs are in the regime the paper studies: units alive
-# and plasticity still lost (the optimizer_regime study: README, docs/studies.md). Appendix A.1's Adam (eps 1e-9), the fields'
-# default, kills units as section 3.1 shows (46% by step 10,000): the `mdp_adam` preset.
+# and plasticity still lost (the optimizer_regime study: README, docs/studies.md). Appendix A.1's Adam (eps 1e-9),
+# the fields' default, kills units as section 3.1 shows (46% by step 10,000): the `mdp_adam` preset.
 MDP_OPTIMIZER = {'optimizer': 'rmsprop', 'learning_rate': 2.5e-4}
 
 PRESETS: Dict[str, Dict[str, Any]] = {
