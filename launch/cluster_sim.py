@@ -51,6 +51,7 @@ from agents.config import option
 from environments.registry import Registry
 from environments import datasets
 from launch.program import cluster as cluster_lib
+from launch.program import completion
 from launch import flags as run_flags
 from launch.simulation import netns
 from launch import train as train_lib
@@ -387,7 +388,7 @@ def run(config: ExperimentConfig, settings: SimConfig, mode: Mode) -> int:
           print(f'[{time.strftime("%H:%M:%S")}] {train_lib.progress_line(config)}', flush=True)
         time.sleep(POLL_S)
       sim.manager.stop(settings.grace_s)
-      completed = train_lib.program_completed(config)
+      completed = completion.program_completed(config)
       code = train_lib.ExitCode.FINISHED if completed and not pending else train_lib.ExitCode.NODE_FAILED
       sim.event('over', completed=completed, scenarios_done=not pending, exit_code=int(code))
     except KeyboardInterrupt:

@@ -46,16 +46,17 @@ from agents import checkpointing, snapshots, storage
 from agents.builder import make_agent
 from agents.learner import initial_state
 from launch.program import cluster as cluster_lib
+from launch.program.completion import last_record, program_completed, training_end, unprobed_points, work_left
 from launch import flags as run_flags
 from launch.program import network
 from launch.program import placement
 from launch.program import graph as program_lib
+from launch.program import launchpad_internals
 from launch.program import run_lock
 from launch.program import supervisor
 from launch.program import watchdog
 from probes.records.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
 from probes.records import loggers
-from probes.records.loggers import Record
 from probes.figures import plots
 from probes.records.run_dir import RunLayout
 
@@ -148,10 +149,6 @@ def _bad_input(config: ExperimentConfig) -> Iterator[None]:
     raise app.UsageError(_out_of_space(config, str(e)))
 
 
-def _last(records: List[Record]) -> Optional[Record]:
-  return records[-1] if records else None
-
-
 def _number(value, spec: str) -> str:
   """A logged number for people: `value` formatted, or what a null (non-finite) one was."""
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -168,53 +165,6 @@ def _read_json(path: str) -> dict:
 
 def _read_status(config: ExperimentConfig) -> dict:
   return _read_json(config.layout.evaluator_status)
-
-
-def scheduled_probe_points(probe_every: int, last_step: int) -> List[int]:
-  """The learner steps a run probes: 0, probe_every, 2 * probe_every, ... and its last step."""
-  return sorted(set(range(0, last_step + 1, probe_every)) | {last_step}) if probe_every > 0 else []
-
-
-def training_end(config: ExperimentConfig) -> Optional[int]:
-  """The learner's last step if training is over (it reached --max_learner_steps or diverged), else None."""
-  learner = _last(config.layout.records(RunLayout.LEARNER))
-  if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
-    return None
-  return learner['learner_step']
-
-
-def unprobed_points(config: ExperimentConfig, last_step: int) -> List[int]:
-  """The scheduled probe points up to `last_step` that no probe record measured and none lists as skipped."""
-  accounted = set()
-  for record in config.layout.records(RunLayout.PROBES):
-    accounted.add(record['learner_step'])
-    accounted.update(record.get('skipped_probe_steps') or ())
-  return [step for step in scheduled_probe_points(config.probe_every, last_step) if step not in accounted]
-
-
-def work_left(config: ExperimentConfig, evaluator: bool = True) -> bool:
-  """Whether the run has work left, from the records its nodes wrote: training until --max_learner_steps (or
-  divergence), the evaluation of the last step (with --eval_every_frames), and, with `evaluator`, every
-  scheduled probe point probed or listed as skipped."""
-  end = training_end(config)
-  if end is None:
-    return True
-  learner = _last(config.layout.records(RunLayout.LEARNER))
-  if config.evaluation.enabled and not learner.get('diverged'):  # Else its last finite step is the one evaluated.
-    evaluation = _last(config.layout.records(RunLayout.EVALUATION))
-    if not evaluation or evaluation['learner_step'] < end:
-      return True
-  return evaluator and bool(unprobed_points(config, end))
-
-
-def program_completed(config: ExperimentConfig) -> bool:
-  """Whether the run is finished: the one definition of it (exit 0), read from the records once a launch has
-  ended, whatever ended it (the program's own stop, a node's failure, a signal).
-
-  Nodes stop the program themselves when their part is done (the evaluator after its last probe point, ...);
-  a stop, a failure or a disabled evaluator can end a launch with work left, which this tells.
-  """
-  return not work_left(config)
 
 
 def _evaluator_status(config: ExperimentConfig) -> str:
@@ -234,8 +184,8 @@ def _evaluator_status(config: ExperimentConfig) -> str:
 
 
 def progress_line(config: ExperimentConfig) -> str:
-  learner = _last(config.layout.records(RunLayout.LEARNER))
-  probe = _last(config.layout.records(RunLayout.PROBES))
+  learner = last_record(config.layout.records(RunLayout.LEARNER))
+  probe = last_record(config.layout.records(RunLayout.PROBES))
   parts = []
   if learner:
     parts.append(f'learner step {learner["learner_step"]}/{config.max_learner_steps} '
@@ -247,7 +197,7 @@ def progress_line(config: ExperimentConfig) -> str:
   if probe:
     parts.append(f'last probe @ {probe["learner_step"]}: plasticity {_number(probe.get("plasticity"), ".4f")}, '
                  f'loss of plasticity {_number(probe.get("plasticity_loss"), ".4f")}')
-  evaluation = _last(config.layout.records(RunLayout.EVALUATION))
+  evaluation = last_record(config.layout.records(RunLayout.EVALUATION))
   if evaluation:
     normalised = (f' ({_number(evaluation["human_normalised"], ".3f")} human-normalised)'
                   if 'human_normalised' in evaluation else '')
@@ -325,7 +275,7 @@ def _abnormal_exits(manager) -> Tuple[str, ...]:
 
 def _stop_program(manager) -> None:
   """Stops the launch's nodes as Launchpad does at a node's `lp.stop()` (the launcher's main thread only)."""
-  manager._sigterm()  # pylint: disable=protected-access
+  launchpad_internals.stop_workers(manager)
 
 
 def _notice_s() -> int:
@@ -392,9 +342,8 @@ def _end_launch(manager, waiter: threading.Thread) -> None:
 def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   """Runs the program once until it stops; how it ended. Every process of the launch has exited when it returns."""
   import launchpad as lp
-  from launchpad.launch import worker_manager
   launched = time.time()
-  worker_manager._HAS_MAIN_MANAGER = False  # pylint: disable=protected-access  Each relaunch's manager kills late nodes.
+  launchpad_internals.allow_another_main_manager()
   # Temporary files of writes that never finished (a node killed mid-write): no node of this run writes now.
   swept = storage.sweep_temporaries(config.run_dir, before=launched)
   if swept:
@@ -406,8 +355,7 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   os.makedirs(log_dir, exist_ok=True)
   program = program_lib.make_program(config, attempt)
   if config.launch_type == 'local_mp':
-    from launchpad.launch.run_locally import launch_local_output_to_files
-    launch_local_output_to_files._LOGGING_DIR = log_dir  # Read at import by Launchpad; set per run.
+    launchpad_internals.set_local_log_dir(log_dir)
     # Actors and the evaluator are restarted in place; any other failure ends this launch.
     with supervisor.supervised(config.max_restarts, supervisor.RestartRecords(config.layout, attempt)):
       manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
@@ -435,7 +383,7 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
     print(f'Replay restored: {status["restored_items"]} items from {status["restored_from"]}.', flush=True)
     return True
 
-  refused, stopped = '', False
+  refused = ''
   printed = time.monotonic()
   try:
     while waiter.is_alive():
@@ -445,14 +393,9 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
         break
       reason = guard.tick(manager)
       if reason and not refused:
-        refused, stopped = reason, True
+        refused = reason
         print(reason, file=sys.stderr, flush=True)
         _stop_program(manager)
-      elif (getattr(manager, 'disabled', None) and not stopped and not _STOP_SIGNAL.is_set()
-            and not work_left(config, evaluator=False)):
-        print('Training is over and the evaluator is disabled: stopping the program.', flush=True)
-        stopped = True
-        _stop_program(manager)  # No node will: the evaluator ends a run that has one.
       if time.monotonic() - printed >= PROGRESS_EVERY_S:
         printed = time.monotonic()
         _print_problems(config, since=launched)
@@ -476,10 +419,10 @@ def _verdict(config: ExperimentConfig, launch: Launch) -> Optional[ExitCode]:
     return ExitCode.USAGE
   if program_completed(config):
     return ExitCode.FINISHED
+  if launch.evaluator_disabled and not work_left(config, evaluator=False):
+    return ExitCode.PROBES_MISSING  # Training is over (the coordinator's stop); the probe points are left.
   if launch.failed and not _STOP_SIGNAL.is_set():
     return None
-  if launch.evaluator_disabled and not _STOP_SIGNAL.is_set():
-    return ExitCode.PROBES_MISSING  # Stopped by the launcher once training was over.
   return ExitCode.INTERRUPTED  # Stopped with work left: a user's signal.
 
 
@@ -518,7 +461,7 @@ def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLoc
     if in_a_row >= config.max_restarts:
       return ExitCode.NODE_FAILED
     relaunches, in_a_row = relaunches + 1, in_a_row + 1
-    learner = _last(layout.records(RunLayout.LEARNER))
+    learner = last_record(layout.records(RunLayout.LEARNER))
     logged = learner['learner_step'] if learner else 0
     path, loaded, problems = checkpointing.latest_loadable(layout.checkpoints, template)
     _warn_skipped(path, problems)
@@ -638,9 +581,9 @@ def _run(config: ExperimentConfig, template, lock: Optional[run_lock.RunLock]) -
   """Runs the program (relaunched when it fails), reports, and exits with the run's code."""
   code = supervise(config, template, lock)
   layout = config.layout
-  learner = _last(layout.records(RunLayout.LEARNER))
+  learner = last_record(layout.records(RunLayout.LEARNER))
   print(f'{"Interrupted" if code == ExitCode.INTERRUPTED else "Finished"}: {progress_line(config)}')
-  if _last(layout.records(RunLayout.PROBES)):
+  if last_record(layout.records(RunLayout.PROBES)):
     for path in plots.write_report(config.run_dir):
       print(f'  plot: {path}')
   print(f'Results in {config.run_dir}: {_results(layout)}.')

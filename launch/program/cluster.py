@@ -27,11 +27,11 @@ import re
 import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple
-from unittest import mock
 
 from agents import config_flags
 from agents.config import option
 from launch.program import graph as program_lib
+from launch.program import launchpad_internals
 from probes.records.run_dir import ExperimentConfig
 
 LAUNCH_TYPE = 'vertex_ai'
@@ -168,10 +168,11 @@ def _scratch() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix='plasticity-cluster-')
     if '_' in path:
       os.rmdir(path)
+  before, tempfile.tempdir = tempfile.tempdir, path  # tempfile's documented default directory.
   try:
-    with mock.patch.object(tempfile, 'tempdir', path):
-      yield path
+    yield path
   finally:
+    tempfile.tempdir = before
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -233,26 +234,7 @@ class _Recorder:
   def custom_job(self, display_name: str, worker_pool_specs, **kwargs):
     del kwargs
     self.jobs.append((display_name, list(worker_pool_specs)))
-    return mock.Mock(resource_name=f'{PLACEHOLDER}-job', _dashboard_uri=lambda: '(dry run: not submitted)')
-
-
-@contextlib.contextmanager
-def _offline(recorder: _Recorder, directory: str) -> Iterator[None]:
-  """xmanager with its image build, its job submission, its credentials and its database (made in `directory`)
-  replaced."""
-  from google.cloud import aiplatform
-  from xmanager.cloud import auth, build_image, vertex
-  from xmanager.xm_local.storage import database
-  scratch_db = database.Database(database.SqliteConnector, database.sqlite_settings(os.path.join(directory, 'xm.db')))
-  with contextlib.ExitStack() as stack:
-    for target, name, value in [
-        (auth, 'get_project_name', lambda: PLACEHOLDER), (auth, 'get_bucket', lambda: PLACEHOLDER),
-        (auth, 'get_service_account', lambda: PLACEHOLDER),
-        (build_image, 'build_by_dockerfile', recorder.build_by_dockerfile), (build_image, 'push', lambda image: image),
-        (aiplatform, 'CustomJob', recorder.custom_job), (database, 'database', lambda: scratch_db),
-        (vertex, '_default_client', None)]:
-      stack.enter_context(mock.patch.object(target, name, value))
-    yield
+    return launchpad_internals.submitted_job(f'{PLACEHOLDER}-job', '(dry run: not submitted)')
 
 
 _MAPPING = re.compile(r'^(\w+)-(\S+) -> (workerpool\d)-(\S+)$')  # Launchpad's 'label-range -> pool-range' lines.
@@ -265,7 +247,11 @@ def _launch_offline(config: ExperimentConfig, cluster: ClusterConfig,
   _xmanager()  # Its modules in their order (xmanager.cloud.vertex alone is a circular import), or the extra's error.
   program = program_lib.make_program(config, config.layout.attempts() + 1)
   output = io.StringIO()
-  with _scratch() as scratch, _offline(recorder, scratch), contextlib.redirect_stdout(output):
+  with contextlib.ExitStack() as stack:
+    scratch = stack.enter_context(_scratch())
+    stack.enter_context(launchpad_internals.offline_xmanager(
+        recorder.build_by_dockerfile, recorder.custom_job, PLACEHOLDER, os.path.join(scratch, 'xm.db')))
+    stack.enter_context(contextlib.redirect_stdout(output))
     configs, texts = _docker_configs(cluster, scratch)
     lp.launch(program, launch_type=LAUNCH_TYPE, xm_resources=configs)
   return output.getvalue(), texts

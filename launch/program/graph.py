@@ -5,7 +5,6 @@
     learner --(Reverb gRPC: sample batches)------> replay
     evaluator --(Courier: get_step, is_finished)-> learner; <--(probe_snapshots/ files)-- learner
     evaluator --(Reverb gRPC: sample the probe set, once)-> replay
-    evaluator --(Courier: is_finished)-> evaluation
     evaluation --(Courier: get_params, get_step, is_finished)-> learner
     attached evaluators (launch.attach_evaluator) and actors (launch.attach_actors)
       -> learner, replay, as above, at the addresses actor 0 publishes in the run directory
@@ -15,12 +14,13 @@ there (`launch.program.network`).
 
 Each node class below is a thin shell: it builds the Launchpad-free piece
 (`agents.Learner`, `agents.Actor`, `probes.Evaluator`) from the experiment
-config and connects it to its peers. The program stops itself: the evaluator
-(or, with no evaluator, the evaluation node, or with neither, the learner)
-calls `lp.stop()` once the learner has reached `max_learner_steps` and the
-final probe and evaluation are written. Whether the run finished is the
-launcher's to say, from the records, once the launch has ended
-(`launch.train.program_completed`).
+config and connects it to its peers. The program stops itself: once training
+is over, the learner's node runs the one coordinator
+(`launch.program.completion.Coordinator`), which calls `lp.stop()` when the
+records say no work is left (the final probe and evaluation written, or the
+evaluator disabled in this launch); the other nodes finish their part and wait
+for the stop. Whether the run finished is the launcher's to say, from the same
+records, once the launch has ended (`completion.program_completed`).
 """
 
 from concurrent import futures
@@ -41,6 +41,7 @@ from agents.builder import make_agent
 from agents.learner import Diverged, Learner, pull_when_newer, resolve_updates_per_call
 from agents.types import Params, StopRequested
 from environments import atari_scores
+from launch.program import completion
 from launch.program import network
 from launch.program import placement
 from launch.program import replay
@@ -75,19 +76,6 @@ def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[],
   return call_until_stopped
 
 
-def wait_until_finished(node, should_stop: Callable[[], bool], poll_seconds: float = 1.0) -> bool:
-  """Waits for a node's `is_finished()`; False on a stop request."""
-  is_finished = until_stopped(node.futures.is_finished, should_stop)
-  try:
-    while not is_finished():
-      if should_stop():
-        return False
-      time.sleep(poll_seconds)
-    return True
-  except StopRequested:
-    return False
-
-
 def environment_specs(config: ExperimentConfig):
   """(observation spec, number of actions) of the experiment's environment."""
   env = environments.make(config.env, seed=config.seed, **config.env_options())
@@ -103,6 +91,7 @@ class LearnerNode:
 
   def __init__(self, config: ExperimentConfig, attempt: int, replay_client: reverb.Client):
     self._config = config
+    self._attempt = attempt
     observation_spec, num_actions = environment_specs(config)
     agent = make_agent(config.agent, num_actions)
     dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
@@ -143,11 +132,9 @@ class LearnerNode:
     except Diverged:  # Logged and recorded by the learner; the evaluator still probes the last finite state.
       pass
     self._finished = True
-    stops_program = self._config.probe_every <= 0 and not self._config.evaluation.enabled
-    if stops_program and not _stop_requested():  # Not when stopped by another's failure.
+    if completion.Coordinator(self._config, self._attempt).wait_until_over(_stop_requested):
+      logging.info('The run is over: stopping the program.')
       lp.stop()
-    else:
-      lp.wait_for_stop()
 
 
 def actor_progress(layout: RunLayout, actor_id: int) -> Tuple[List[int], int]:
@@ -264,13 +251,11 @@ def withdraw_addresses(config: ExperimentConfig) -> None:
 
 class EvaluatorNode:
 
-  def __init__(self, config: ExperimentConfig, attempt: int, learner, replay_client: reverb.Client,
-               evaluation=None):
+  def __init__(self, config: ExperimentConfig, attempt: int, learner, replay_client: reverb.Client):
     self._config = config
     self._attempt = attempt
     self._learner = learner
     self._replay_client = replay_client
-    self._evaluation = evaluation  # The evaluation node, if any: the program ends after its last evaluation.
 
   def run(self) -> None:
     config = self._config
@@ -283,9 +268,7 @@ class EvaluatorNode:
     with reporting_full_disk(config.layout, EVALUATOR_WRITER):
       evaluator.run(config.probe_every, learner_step=learner['get_step'], learner_finished=learner['is_finished'],
                     should_stop=should_stop, take_snapshots=False)
-    done = self._evaluation is None or wait_until_finished(self._evaluation, should_stop)
-    if done and not should_stop():  # The work is done; a stop already under way (a failure elsewhere) needs no help.
-      lp.stop()
+    lp.wait_for_stop()  # The coordinator (in the learner's node) reads the records written and stops the program.
 
 
 class EvaluationNode:
@@ -295,11 +278,6 @@ class EvaluationNode:
     self._config = config
     self._attempt = attempt
     self._learner = learner
-    self._finished = False
-
-  def is_finished(self) -> bool:
-    """Whether the learner's last step is evaluated."""
-    return self._finished
 
   def run(self) -> None:
     config, layout = self._config, self._config.layout
@@ -315,12 +293,9 @@ class EvaluationNode:
         make_agent(config.agent, env.action_spec().num_values), config.agent, env, config.evaluation, schedule,
         logger=layout.logger(RunLayout.EVALUATION, 'evaluation', extra={'attempt': self._attempt}), seed=seed,
         game=atari_scores.game_of(config.env))
-    self._finished = evaluator.run(learner['get_step'], learner['get_params'], learner['is_finished'],
-                                   _stop_requested, last_evaluated=last)
-    if self._finished and config.probe_every <= 0 and not _stop_requested():  # No evaluator to end the program.
-      lp.stop()
-    else:
-      lp.wait_for_stop()  # Serving is_finished to the evaluator.
+    evaluator.run(learner['get_step'], learner['get_params'], learner['is_finished'], _stop_requested,
+                  last_evaluated=last)
+    lp.wait_for_stop()  # The coordinator (in the learner's node) reads the records written and stops the program.
 
 
 def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
@@ -337,13 +312,12 @@ def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
     for actor_id in range(config.num_actors):
       program.add_node(CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle)
                        .on_host(config.bind_host))
-  evaluation = None
   if config.evaluation.enabled:
     with program.group('evaluation'):
-      evaluation = program.add_node(CourierNode(EvaluationNode, config, attempt, learner).on_host(config.bind_host))
+      program.add_node(CourierNode(EvaluationNode, config, attempt, learner).on_host(config.bind_host))
   if config.probe_every > 0:
     with program.group('evaluator'):
-      program.add_node(CourierNode(EvaluatorNode, config, attempt, learner, replay_handle, evaluation)
+      program.add_node(CourierNode(EvaluatorNode, config, attempt, learner, replay_handle)
                        .on_host(config.bind_host))
   return program
 

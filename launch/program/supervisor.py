@@ -30,9 +30,9 @@ import sys
 import time
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from launchpad.launch import worker_manager
 import psutil
 
+from launch.program import launchpad_internals
 from probes.records.run_dir import RunLayout
 
 RESTART_ENV = 'PLASTICITY_NODE_RESTART'  # How many times this node was restarted in place (unset: never).
@@ -87,7 +87,7 @@ class _Command(NamedTuple):
 Listener = Callable[[str, int, int], None]
 
 
-class SupervisedWorkerManager(worker_manager.WorkerManager):
+class SupervisedWorkerManager(launchpad_internals.WorkerManager):
   """Launchpad's worker manager, restarting a restartable group's failed processes instead of failing.
 
   A failed process is restarted after `backoff.delay(n)`, n its count of
@@ -125,16 +125,13 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
   def process_worker(self, name, command, env=None, **kwargs):
     super().process_worker(name, command, env=env, start_new_session=True, **kwargs)
     self._commands[name] = _Command(list(command), dict(env or {}), getattr(kwargs.get('stdout'), 'name', None))
-    self.node_processes[name] = self._active_workers[name][-1]
+    self.node_processes[name] = self.workers[name][-1]
     self._started[name] = time.monotonic()
-
-  def _stopping(self) -> bool:
-    return bool(self._stop_counter) or self._stop_event.is_set()
 
   def _failed(self, name: str, process) -> bool:
     """An abnormal exit of a supervised process, with no stop under way (a stop's exits are the stop's)."""
     return (name.split('/')[0] in self._groups and isinstance(process, subprocess.Popen)
-            and process.poll() not in (None, 0) and not self._stopping())
+            and process.poll() not in (None, 0) and not self.stopping())
 
   def _restart(self, name: str, failed: subprocess.Popen) -> subprocess.Popen:
     restart = self.restarts.get(name, 0) + 1
@@ -156,14 +153,12 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
 
   def _fail(self, name: str, failed: subprocess.Popen, error: BaseException) -> None:
     """A restart that could not start its process: the node's failure, Launchpad's to handle (the program stops)."""
-    if not self._first_failure:
-      self._first_failure = RuntimeError(f'{name} {exit_cause(failed.returncode)} and could not be restarted in '
-                                         f'place ({error!r}).')
+    self.fail(RuntimeError(f'{name} {exit_cause(failed.returncode)} and could not be restarted in place ({error!r}).'))
 
-  def _check_workers(self):
+  def before_check(self) -> None:
     """Restarts (or disables) what may be, before Launchpad's check sees it fail (its caller holds the lock)."""
     now = time.monotonic()
-    for name, workers in self._active_workers.items():
+    for name, workers in self.workers.items():
       kept = []
       for worker in workers:
         if not self._failed(name, worker):
@@ -175,26 +170,25 @@ class SupervisedWorkerManager(worker_manager.WorkerManager):
           _tell(self._on_disable, name, worker.returncode, self.restarts.get(name, 0))
         else:
           kept.append(worker)  # Launchpad's failure: the program stops.
-      self._active_workers[name] = kept
+      self.workers[name] = kept
     for name, (due, failed) in list(self._pending.items()):
-      if self._stopping():
+      if self.stopping():
         del self._pending[name]  # A stop drops the restarts it finds waiting.
       elif now >= due:
         del self._pending[name]
         try:
-          self._active_workers[name].append(self._restart(name, failed))
+          self.workers[name].append(self._restart(name, failed))
         except Exception as e:  # pylint: disable=broad-except  Popen, or the log file: the node fails.
           self._fail(name, failed, e)
     for name, started in self._started.items():
       if self._recent.get(name) and now - started >= self._healthy_s and self.node_processes[name].poll() is None:
         self._recent[name] = 0
-    super()._check_workers()
 
   def wait(self, labels_to_wait_for=None, raise_error=True, return_on_first_completed=False):
     """Launchpad's wait, which returns when no process is left, also waits for the restarts still due."""
     while True:
       super().wait(labels_to_wait_for, raise_error, return_on_first_completed)
-      with self._mutex:
+      with self.lock:
         if not self._pending or return_on_first_completed:
           return
       time.sleep(0.1)
@@ -250,7 +244,7 @@ def live_processes(manager) -> List[psutil.Process]:
   return alive
 
 
-def end_launch(manager: worker_manager.WorkerManager, notice_s: float) -> None:
+def end_launch(manager, notice_s: float) -> None:
   """Ends a launch whose manager has stopped waiting: every node process still running is stopped (SIGTERM, then
   SIGKILL after `notice_s`), and the manager's signal handlers and termination countdown are turned off, so that
   a later launch's stop (a Ctrl-C) is counted down by that launch's manager alone, from its full notice."""
@@ -262,17 +256,13 @@ def end_launch(manager: worker_manager.WorkerManager, notice_s: float) -> None:
   for process in left:
     process.kill()
   psutil.wait_procs(left, timeout=10)
-  manager._disable_signals()  # pylint: disable=protected-access
+  launchpad_internals.disable_signals(manager)
 
 
 @contextlib.contextmanager
 def supervised(max_restarts: int, records: RestartRecords) -> Iterator[None]:
   """Within it, Launchpad's local_mp launch makes a `SupervisedWorkerManager` (its launchers call
   `worker_manager.WorkerManager()`; nothing else in the launcher's process makes one meanwhile)."""
-  original = worker_manager.WorkerManager
-  worker_manager.WorkerManager = lambda **kwargs: SupervisedWorkerManager(
-      max_restarts, records.restarted, on_disable=records.disabled, **kwargs)
-  try:
+  with launchpad_internals.worker_manager_factory(lambda **kwargs: SupervisedWorkerManager(
+      max_restarts, records.restarted, on_disable=records.disabled, **kwargs)):
     yield
-  finally:
-    worker_manager.WorkerManager = original
