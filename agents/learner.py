@@ -152,10 +152,6 @@ class Learner:
     return self._step
 
   @property
-  def restored_from(self) -> Optional[str]:
-    return self._restored_from
-
-  @property
   def state(self) -> TrainingState:
     return self._state
 

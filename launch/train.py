@@ -25,7 +25,6 @@ launch.
 import contextlib
 import enum
 import json
-import math
 import os
 import signal
 import stat
@@ -57,6 +56,7 @@ from launch.program import supervisor
 from launch.program import watchdog
 from probes.records.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
 from probes.records import loggers
+from probes.records.loggers import format_number
 from probes.figures import plots
 from probes.records.run_dir import RunLayout
 
@@ -149,13 +149,6 @@ def _bad_input(config: ExperimentConfig) -> Iterator[None]:
     raise app.UsageError(_out_of_space(config, str(e)))
 
 
-def _number(value, spec: str) -> str:
-  """A logged number for people: `value` formatted, or what a null (non-finite) one was."""
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return 'non-finite'
-  return format(value, spec)
-
-
 def _read_json(path: str) -> dict:
   try:
     return json.loads(storage.path(path).read_text()) if storage.path(path).exists() else {}
@@ -189,20 +182,21 @@ def progress_line(config: ExperimentConfig) -> str:
   parts = []
   if learner:
     parts.append(f'learner step {learner["learner_step"]}/{config.max_learner_steps} '
-                 f'({_number(learner.get("updates_per_s"), ".0f")} updates/s, '
-                 f'td_loss {_number(learner.get("td_loss"), ".4f")}, mean_q {_number(learner.get("mean_q"), ".3f")})'
+                 f'({format_number(learner.get("updates_per_s"), ".0f")} updates/s, '
+                 f'td_loss {format_number(learner.get("td_loss"), ".4f")}, '
+                 f'mean_q {format_number(learner.get("mean_q"), ".3f")})'
                  + (' DIVERGED' if learner.get('diverged') else ''))
   else:
     parts.append('learner waiting for replay to fill')
   if probe:
-    parts.append(f'last probe @ {probe["learner_step"]}: plasticity {_number(probe.get("plasticity"), ".4f")}, '
-                 f'loss of plasticity {_number(probe.get("plasticity_loss"), ".4f")}')
+    parts.append(f'last probe @ {probe["learner_step"]}: plasticity {format_number(probe.get("plasticity"), ".4f")}, '
+                 f'loss of plasticity {format_number(probe.get("plasticity_loss"), ".4f")}')
   evaluation = last_record(config.layout.records(RunLayout.EVALUATION))
   if evaluation:
-    normalised = (f' ({_number(evaluation["human_normalised"], ".3f")} human-normalised)'
+    normalised = (f' ({format_number(evaluation["human_normalised"], ".3f")} human-normalised)'
                   if 'human_normalised' in evaluation else '')
     parts.append(f'last evaluation @ {evaluation["learner_step"]}: mean return '
-                 f'{_number(evaluation.get("mean_return"), ".2f")}{normalised}')
+                 f'{format_number(evaluation.get("mean_return"), ".2f")}{normalised}')
   if config.probe_every > 0:
     status = _evaluator_status(config)
     if status:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from agents import storage
 from launch.program import run_lock
 from launch.studies.grid import SCALES, Cell, Study, StudyLayout, StudyOptions, grid_differences, grid_record
 from launch.studies.registry import STUDIES
@@ -99,12 +100,7 @@ def _die_with_parent() -> None:
 
 
 def _write_state(layout: StudyLayout, state: Dict) -> None:
-  temporary = layout.state + '.tmp'
-  with open(temporary, 'w') as f:
-    json.dump(state, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, layout.state)
+  storage.write_atomically(layout.state, json.dumps(state, indent=1).encode())
 
 
 def read_state(layout: StudyLayout) -> Optional[Dict]:

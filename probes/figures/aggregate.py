@@ -6,15 +6,16 @@ of real runs and `probes/figures/study_plots.py` draws them.
 """
 
 import csv
+import io
 import json
 import math
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 from scipy import stats
 
+from agents import storage
 from probes.figures import plots
 from probes.records.run_dir import RunLayout, load_config
 
@@ -161,24 +162,11 @@ def _cell(value: Any) -> Any:
 def write_table(rows: Sequence[Row], stem: str) -> List[str]:
   """`<stem>.csv` and `<stem>.jsonl` of the rows (CSV columns: the union of keys in first-seen order; lists as
   JSON). Written whole, through a temporary file, so a reader never sees half a table."""
-  os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   columns = list(dict.fromkeys(key for row in rows for key in row))
-  paths = []
-  for suffix in ('.csv', '.jsonl'):
-    path, temporary = stem + suffix, f'{stem}{suffix}.tmp'
-    with open(temporary, 'w', newline='') as f:
-      if suffix == '.csv':
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({key: _cell(row.get(key)) for key in columns} for row in rows)
-      else:
-        f.writelines(json.dumps(row) + '\n' for row in rows)
-    os.replace(temporary, path)
-    paths.append(path)
-  return paths
-
-
-def read_table(path: str) -> List[Row]:
-  """The rows of a table `write_table` wrote (its `.jsonl`)."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows({key: _cell(row.get(key)) for key in columns} for row in rows)
+  storage.write_atomically(stem + '.csv', table.getvalue().encode())
+  storage.write_atomically(stem + '.jsonl', ''.join(json.dumps(row) + '\n' for row in rows).encode())
+  return [stem + '.csv', stem + '.jsonl']

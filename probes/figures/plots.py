@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from agents import storage
+from probes.records.loggers import format_number
 from probes.records.run_dir import RunLayout
 
 Record = Dict[str, object]
@@ -114,7 +115,7 @@ def plot_hessian_density(records: Sequence[Record], title: str) -> plt.Figure:
     density = np.asarray(record['density'], np.float64)  # Nulls (a diverged run) become NaN gaps.
     peak = max(peak, float(np.nanmax(density, initial=0.0)))
     ax.plot(np.asarray(record['density_grid'], np.float64), density, color=cmap(i / max(len(chosen) - 1, 1)),
-            label=f'step {record["learner_step"]} (top {_number(record.get("top_eigenvalue"), ".3g")})')
+            label=f'step {record["learner_step"]} (top {format_number(record.get("top_eigenvalue"), ".3g")})')
   ax.set_yscale('log')
   ax.set_ylim(1e-7, 3 * max(peak, 1e-6))  # Outliers weigh ~1/num_params.
   ax.set_xlabel('eigenvalue')
@@ -145,16 +146,12 @@ def plot_covariance(layout: RunLayout, records: Sequence[Record], title: str) ->
       matrix = np.load(io.BytesIO(storage.path(layout.covariance(kind, record['learner_step'])).read_bytes()))
       image = ax.imshow(matrix, cmap='RdBu_r', vmin=-1, vmax=1)
       ax.set_title(f'{COVARIANCE_KINDS[kind]}, step {record["learner_step"]}\n'
-                   f'mean off-diag {_number(record.get(f"{kind}_mean_offdiag"))}', fontsize=8)
+                   f'mean off-diag {format_number(record.get(f"{kind}_mean_offdiag"))}', fontsize=8)
       ax.set_xticks([])
       ax.set_yticks([])
   fig.colorbar(image, ax=list(axes.flat), shrink=0.8)
   fig.suptitle(f'{title}: gradient covariance C_k (k-means ordered)', fontsize=9)
   return fig
-
-
-def _number(value, spec: str = '.2f') -> str:
-  return 'n/a' if value is None else format(value, spec)
 
 
 def plot_statistics(records: Sequence[Record], title: str) -> plt.Figure:

@@ -46,6 +46,13 @@ SEGMENT_BYTES = 1 << 20
 Record = Dict[str, Any]
 
 
+def format_number(value, spec: str = '.2f') -> str:
+  """A recorded number for people: `value` formatted, or what a null (a non-finite number, or none) stands for."""
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return 'non-finite'
+  return format(value, spec)
+
+
 def _jsonable(value: Any) -> Any:
   if hasattr(value, 'tolist'):  # numpy and JAX scalars and arrays.
     value = value.tolist()
