@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 
 from probes.figures import plots
+from probes.figures import study_plots
 from probes.records.run_dir import RunLayout
 
 RUN_DIR = flags.DEFINE_list('run_dir', None, 'Run directory (or directories, comma-separated) with probe records.')
@@ -26,7 +27,7 @@ def main(argv):
       paths = plots.write_report(run_dirs[0])
     else:
       out_dir = OUT_DIR.value or RunLayout(run_dirs[0]).comparison
-      paths = plots.write_comparison(run_dirs, out_dir)
+      paths = study_plots.write_comparison(run_dirs, out_dir)
   except ValueError as e:
     raise app.UsageError(str(e))
   for path in paths:

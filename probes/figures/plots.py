@@ -24,7 +24,7 @@ A null (non-finite, a diverged run) value is drawn as a gap.
 
 import io
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -179,31 +179,6 @@ def run_changes(probes: Sequence[Record], diagnostics: Sequence[Record]) -> Dict
   return {**point, 'plasticity_loss': loss} if loss is not None else {}
 
 
-def plot_statistics_vs_plasticity(runs: Dict[str, Tuple[List[Record], List[Record]]]) -> plt.Figure:
-  """Figure 3: one panel per statistic, one point per run (its change over training, its plasticity loss)."""
-  keys = list(STATISTICS)
-  columns = 4
-  rows = (len(keys) + columns - 1) // columns
-  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False)
-  points = {name: run_changes(*records) for name, records in runs.items()}
-  for ax, key in zip(axes.flat, keys):
-    for name, point in points.items():
-      if key in point:
-        ax.scatter(point[key], point['plasticity_loss'], s=18, label=name)
-    ax.axhline(0.0, color='k', lw=0.5)
-    ax.set_xlabel(f'change in {STATISTICS[key]}', fontsize=8)
-    ax.set_ylabel('loss of plasticity', fontsize=8)
-    ax.ticklabel_format(axis='x', style='sci', scilimits=(-3, 4))
-    ax.tick_params(labelsize=7)
-  for ax in list(axes.flat)[len(keys):]:
-    ax.axis('off')
-  if len(points) <= 12:
-    axes[0, 0].legend(fontsize=6)
-  fig.suptitle('Change in each statistic over training against loss of plasticity (one point per run)', fontsize=10)
-  fig.tight_layout()
-  return fig
-
-
 def _save(fig: plt.Figure, path: str) -> str:
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=120)
@@ -238,16 +213,4 @@ def write_report(run_dir: str) -> List[str]:
     if covariance is not None:
       written.append(_save(covariance, layout.plot('covariance')))
     written.append(_save(plot_statistics(diagnostics, title), layout.plot('statistics')))
-  return written
-
-
-def write_comparison(run_dirs: Sequence[str], out_dir: str) -> List[str]:
-  """Each run's own plots, then the cross-run figure 3 in `out_dir`."""
-  written = [path for run_dir in run_dirs for path in write_report(run_dir)]
-  layouts = {os.path.basename(os.path.normpath(d)): RunLayout(d) for d in run_dirs}
-  runs = {name: (read_stream(layout, RunLayout.PROBES), read_stream(layout, RunLayout.DIAGNOSTICS))
-          for name, layout in layouts.items()}
-  if any(diagnostics for _, diagnostics in runs.values()):
-    written.append(_save(plot_statistics_vs_plasticity(runs),
-                         os.path.join(out_dir, 'statistics_vs_plasticity.png')))
   return written

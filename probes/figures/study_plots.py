@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from probes.figures import aggregate
+from probes.figures import plots
 from probes.figures.plots import STATISTICS
 
 Row = aggregate.Row
@@ -184,3 +185,14 @@ def improvement_bars(table: Sequence[Row]) -> plt.Figure:
   ax.set_title('Layer norm over double DQN (figure 7)', fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def write_comparison(run_dirs: Sequence[str], out_dir: str) -> List[str]:
+  """Each run's own plots, then in `out_dir` the cross-run figure 3 of `falsification_change`: each statistic's
+  change over training against the plasticity loss, one point per run (`aggregate.run_measures`)."""
+  written = [path for run_dir in run_dirs for path in plots.write_report(run_dir)]
+  rows = [{'run': os.path.basename(os.path.normpath(run_dir)), **aggregate.run_measures(run_dir)}
+          for run_dir in run_dirs]
+  if any(key.startswith('change_') for row in rows for key in row):
+    written.append(save(falsification_change(rows, 'run'), os.path.join(out_dir, 'statistics_vs_plasticity.png')))
+  return written
