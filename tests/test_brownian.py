@@ -11,8 +11,10 @@ import environments
 from launch.studies import brownian as brownian_study
 from probes.records.loggers import read_jsonl
 from probes.measures.diagnostics import DiagnosticsConfig
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # A real Brownian study (the module's fixture) and the command: tens of seconds.
+
 # A 26,506-parameter MLP (hidden width 32) on 300 embedded-MNIST transitions, measured at steps 0, 10 and 20.
 CONFIG = brownian_study.StudyConfig(steps=20, measure_every=10, num_transitions=300, batch_size=32,
                                     target_update_period=15, width_multiplier=1 / 16)
@@ -87,8 +89,8 @@ def test_the_run_directory_holds_the_records_matrices_and_figure(study):
 
 def _command(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-m', 'launch.studies.brownian', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run([sys.executable, '-m', 'launch.studies.brownian', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
 
 
 def test_the_command_refuses_a_directory_holding_results(study):

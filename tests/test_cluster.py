@@ -1,4 +1,5 @@
-"""The Vertex AI launch (launch/program/cluster.py): its dry run end to end, the machine flags, the cluster extra's pins."""
+"""The Vertex AI launch (launch/program/cluster.py): its dry run end to end, the machine flags, the cluster extra's
+pins."""
 
 import dataclasses
 import importlib.metadata
@@ -18,8 +19,8 @@ import pytest
 from launch.program import cluster
 from launch import flags as run_flags
 from probes.records.run_dir import ExperimentConfig, RunLayout, check_config, write_or_check_config
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOL = re.compile(r'^  (workerpool\d): replicas=(\d+) machine=(\S+) accelerator=(.+?) image=(\w+) .*nodes=(.+)$')
 
 
@@ -29,7 +30,7 @@ def _pins(name: str) -> dict:
 
 
 def test_xmanager_and_launchpads_vertex_path_import_at_the_pinned_versions():
-  from launchpad.launch.xm_docker import launch  # pylint: disable=unused-import
+  from launchpad.launch.xm_docker import launch  # noqa: F401
   from xmanager import xm_local
   pins = _pins('cluster.txt')
   for package in ('xmanager', 'google-cloud-aiplatform', 'grpcio-status'):
@@ -48,6 +49,7 @@ def scratch():
   shutil.rmtree(path)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_worker_pools_and_builds_submits_and_writes_nothing(tmp_path, scratch):
   home = tmp_path / 'home'
   home.mkdir()

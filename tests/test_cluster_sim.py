@@ -1,5 +1,5 @@
-"""A cluster on one machine (launch/simulation/netns.py, launch/cluster_sim.py): hosts in network namespaces, the Vertex AI
-program and attached nodes across them, partitions and host deaths; and what they forced: attached nodes that
+"""A cluster on one machine (launch/simulation/netns.py, launch/cluster_sim.py): hosts in network namespaces, the
+Vertex AI program and attached nodes across them, partitions and host deaths; and what they forced: attached nodes that
 rejoin a run through partitions and relaunches (launch/program/attach.py), inserts that follow a moved replay.
 
 Skipped, with the reason, where network namespaces cannot be made (not root, no iproute2)."""
@@ -7,7 +7,6 @@ Skipped, with the reason, where network namespaces cannot be made (not root, no 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +15,8 @@ import pytest
 
 from launch.simulation import netns
 from probes.records.run_dir import MAX_ACTORS, RunLayout
-from tests.test_train_program import SMALL_RUN, _wait_for
+from tests.conftest import ROOT, SMALL_RUN, run_module, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
   netns.check_available()
   UNAVAILABLE = ''
@@ -46,6 +44,7 @@ def _root_links() -> str:
   return subprocess.run(['ip', '-o', 'link'], capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_hosts_reach_each_other_on_their_own_bridge_only_and_links_cut_and_delay():
   root_before = _root_links()
@@ -63,7 +62,7 @@ def test_hosts_reach_each_other_on_their_own_bridge_only_and_links_cut_and_delay
     net.partition(b)
     assert _dial(net, b, a.address, timeout_s=2.0) == ('failed', 'TimeoutError')  # Silence, not a refusal.
     net.heal(b)  # Until ARP, failed during the partition, resolves again, a new connection has no route to host.
-    _wait_for(lambda: _dial(net, b, a.address)[0] == 'answered', 20, 'the healed link to carry a connection')
+    wait_for(lambda: _dial(net, b, a.address)[0] == 'answered', 20, 'the healed link to carry a connection')
     net.set_latency(20, [b])  # A connection takes a round trip: at least 2 x 20 ms.
     word, seconds = _dial(net, b, a.address)
     assert word == 'answered' and seconds >= 0.04
@@ -75,20 +74,21 @@ def test_hosts_reach_each_other_on_their_own_bridge_only_and_links_cut_and_delay
   assert not set(names) & set(netns.namespaces()) and server.poll() is not None
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_a_harness_killed_with_kill_9_leaves_no_namespace_or_process_and_cleanup_finds_leftovers():
-  script = ('import subprocess, sys, time\nfrom launch import netns\nnet = netns.Cluster(2)\n'
+  script = ('import subprocess, sys, time\nfrom launch.simulation import netns\nnet = netns.Cluster(2)\n'
             'net.popen(net.hosts[1], ["sleep", "600"])\nprint(net.name, flush=True)\ntime.sleep(600)\n')
   harness = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   name = harness.stdout.readline().strip()
   # `popen` returns once the process is started; it enters its host's namespace a moment later.
-  _wait_for(lambda: netns.pids_in(f'{name}-h1'), 30, 'the harness\'s process to enter its host')
+  wait_for(lambda: netns.pids_in(f'{name}-h1'), 30, 'the harness\'s process to enter its host')
   (sleeper,) = netns.pids_in(f'{name}-h1')
   harness.kill()
   harness.wait()
   # Its reaper removes the namespaces and the processes in them within seconds.
-  _wait_for(lambda: not netns.namespaces(name + '-'), 20, 'the killed harness\'s namespaces to go')
-  _wait_for(lambda: not os.path.exists(f'/proc/{sleeper}'), 10, 'the killed harness\'s processes to end')
+  wait_for(lambda: not netns.namespaces(name + '-'), 20, 'the killed harness\'s namespaces to go')
+  wait_for(lambda: not os.path.exists(f'/proc/{sleeper}'), 10, 'the killed harness\'s processes to end')
   # Left by a harness whose reaper died too (pid 4194304 is above the kernel's pid_max: dead): removed by name.
   leftover = f'{netns.PREFIX}4194304-h0'
   subprocess.run(['ip', 'netns', 'add', leftover], check=True)
@@ -98,6 +98,7 @@ def test_a_harness_killed_with_kill_9_leaves_no_namespace_or_process_and_cleanup
   assert leftover not in netns.namespaces()
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_a_second_cluster_of_one_harness_outlives_the_first_ones_reaper():
   with netns.Cluster(1) as first:
@@ -198,7 +199,7 @@ def test_inserts_follow_a_replay_that_moved_to_a_new_address():
   size = lambda s: reverb.Client(f'localhost:{s.port}').server_info(timeout=5)[replay.PROBE_TABLE].current_size
   for _ in range(3):
     sink(transition)
-  _wait_for(lambda: size(old) == 3, 10, 'the first inserts')
+  wait_for(lambda: size(old) == 3, 10, 'the first inserts')
   old.stop()
   where['address'] = f'localhost:{new.port}'
   for _ in range(20):  # The first waits for the old replay, then asks where it is.
@@ -211,12 +212,10 @@ def test_inserts_follow_a_replay_that_moved_to_a_new_address():
 def sim(tmp_path, *args, timeout=900):
   """`launch.cluster_sim` on the small run: (result, events, run layout)."""
   run_dir, sim_dir = tmp_path / 'run', tmp_path / 'sim'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
   flags = [f for f in SMALL_RUN if not f.startswith(('--num_actors', '--max_learner_steps', '--probe_every',
                                                       '--checkpoint_every'))]
-  result = subprocess.run([sys.executable, '-m', 'launch.cluster_sim', f'--run_dir={run_dir}',
-                           f'--sim_dir={sim_dir}', *flags, *args, '--timeout_s=800'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  result = run_module('launch.cluster_sim', f'--run_dir={run_dir}', f'--sim_dir={sim_dir}', *flags, *args,
+                      '--timeout_s=800', timeout=timeout)
   events = []
   if (sim_dir / 'events.jsonl').exists():
     events = [json.loads(line) for line in (sim_dir / 'events.jsonl').read_text().splitlines()]
@@ -311,7 +310,7 @@ def test_attached_nodes_on_other_hosts_rejoin_a_relaunched_run_that_a_fifth_host
                                '--scenario=reach_from_outsider,kill_learner_host')
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
   # A host in no role, on the same bridge, reaches the run's learner and replay: nothing but the network keeps
-  # others out (README: "Who can reach a run").
+  # others out (docs/distributed.md: "Who can reach a run").
   (reached,) = _times(events, 'outsider_reached')
   assert reached['host'] == 4 and reached['learner'].startswith('198.18.0.1:')
   assert reached['learner_step'] >= 0 and reached['replay_items']['replay'] >= 0 and 'error' not in reached

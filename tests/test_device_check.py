@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # Each runs the device check's benchmark as a command: tens of seconds.
 
 
 def test_the_device_check_prints_every_figure_beside_the_versions_it_was_measured_with():
@@ -37,7 +40,7 @@ def test_the_device_check_prints_every_figure_beside_the_versions_it_was_measure
 
 
 def test_the_device_check_names_the_architectures_it_accepts():
-  result = subprocess.run([sys.executable, '-m', 'launch.benchmarks.device_check', '--quick', '--archs=resnet18'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
+  result = subprocess.run([sys.executable, '-m', 'launch.benchmarks.device_check', '--quick', '--archs=resnet18'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT})
   assert result.returncode != 0 and '--archs=resnet18: accepted: cnn, mlp, nature_dqn' in result.stderr

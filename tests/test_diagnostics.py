@@ -152,8 +152,8 @@ def test_statistics_on_constructed_cases():
       'conv': {'w': np.array([1.0, 0.0, 2.0], np.float32)},  # Channel 1 dead at every position.
   }
   activity, features = statistics.make_activation_pass(_toy_network().apply, chunk_size=16)(params, x)
-  np.testing.assert_allclose(activity[1], np.abs(np.maximum(x @ params['linear_0']['w'] + params['linear_0']['b'], 0)).mean(0),
-                             rtol=1e-5)
+  first_layer = np.maximum(x @ params['linear_0']['w'] + params['linear_0']['b'], 0)
+  np.testing.assert_allclose(activity[1], np.abs(first_layer).mean(0), rtol=1e-5)
   assert features.shape == (40, 4)
   stats = statistics.compute_statistics(params, activity, features, delta=0.01, weight_rtol=None, dormant_tau=0.1)
   record = stats.as_record()

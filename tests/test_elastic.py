@@ -12,7 +12,7 @@ import pytest
 from agents import checkpointing
 from launch.program.attach import claim_actor_ids
 from probes.records.run_dir import MAX_ACTORS, RunLayout
-from tests.test_train_program import SMALL_RUN, _node_processes, _wait_for, python_module, train
+from tests.conftest import SMALL_RUN, node_processes, python_module, train, wait_for
 
 
 def _manager(monkeypatch, restarts, max_restarts=2):
@@ -105,7 +105,7 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
   learner, actors = lambda: layout.records('learner'), lambda: layout.records('actors')
   built_in, attach = [], None
   try:
-    _wait_for(lambda: os.path.exists(layout.addresses) and learner(), 180, 'the run to learn')
+    wait_for(lambda: os.path.exists(layout.addresses) and learner(), 180, 'the run to learn')
     # The same command again, on the live run directory: refused, naming the launcher that holds it.
     second = train(run_dir, '--launch_type=local_mp', *flags, '--max_learner_steps=100000', '--probe_every=0',
                    timeout=180)
@@ -114,7 +114,7 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
     assert layout.attempts() == 1 and 'Starting' not in second.stdout
     replay = _read_json(layout.addresses)['replay']
     # The program's actors pause: from now on only the attached ones can add to the replay.
-    built_in = _node_processes(run_dir, 'actor/0') + _node_processes(run_dir, 'actor/1')
+    built_in = node_processes(run_dir, 'actor/0') + node_processes(run_dir, 'actor/1')
     assert len(built_in) == 2
     for process in built_in:
       process.suspend()
@@ -122,7 +122,7 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
     before = _replay_items(replay)
     attach = python_module('launch.attach_actors', f'--run_dir={run_dir}', '--num_actors=2')
     attached = lambda: [r for r in actors() if r['actor_id'] >= MAX_ACTORS]
-    _wait_for(lambda: {r['actor_id'] for r in attached()} == {MAX_ACTORS, MAX_ACTORS + 1}, 180,
+    wait_for(lambda: {r['actor_id'] for r in attached()} == {MAX_ACTORS, MAX_ACTORS + 1}, 180,
               'an episode of each attached actor')
     acted = sum(max(r['env_steps'] for r in attached() if r['actor_id'] == i) for i in (MAX_ACTORS, MAX_ACTORS + 1))
     # An episode is logged once its steps are inserted, all but the writer's last 8 in flight.
@@ -136,7 +136,7 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
     for process in built_in:
       process.resume()
     step = learner()[-1]['learner_step']
-    _wait_for(lambda: learner()[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
+    wait_for(lambda: learner()[-1]['learner_step'] >= step + 100, 120, 'the run to go on learning')
     assert run.poll() is None and layout.attempts() == 1
     assert not layout.records('restarts')
   finally:
@@ -145,13 +145,13 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
         process.resume()
     if attach is not None and attach.poll() is None:
       attach.kill()
-  nodes = _node_processes(run_dir)
+  nodes = node_processes(run_dir)
   hung_up = time.time()
   os.killpg(run.pid, signal.SIGHUP)  # The terminal hangs up (a dropped SSH session): a stop, as SIGTERM is.
   out, err = run.communicate(timeout=120)
   assert run.returncode == 130, out[-3000:] + err[-3000:]
   assert 'Interrupted' in out and 'resume' in err
-  _wait_for(lambda: not _node_processes(run_dir), 15, 'the nodes to end')
+  wait_for(lambda: not node_processes(run_dir), 15, 'the nodes to end')
   # The nodes outlived the hang-up and stopped when the launcher stopped them: each saved its final checkpoint.
   assert len(nodes) == 4 and all(node.pid != run.pid for node in nodes)
   last = learner()[-1]['learner_step']

@@ -14,7 +14,7 @@ import pytest
 import environments
 from environments.registry import Registry
 from environments import classification_mdp, datasets
-from tests.test_learning import RunsCode
+from tests.conftest import RunsCode
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist-10k.npz')
 

@@ -16,7 +16,7 @@ from agents.types import StopRequested
 from environments import atari, atari_scores
 from probes.evaluation import EpisodeEvaluator, EvaluationConfig, FrameSchedule, evaluation_seed, final_evaluation
 from probes.records.run_dir import ExperimentConfig, RunLayout, write_or_check_config
-from tests.test_train_program import SMALL_RUN, train
+from tests.conftest import SMALL_RUN, train
 
 
 def test_reference_scores_cover_the_57_games_by_our_names():

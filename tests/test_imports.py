@@ -8,7 +8,8 @@ import subprocess
 import sys
 from typing import Dict, Set
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
 # Nor ale-py and OpenCV: environments/ imports a family's module when it is used (scripts/device_check.sh).
 BLOCKED = ('tensorflow', 'reverb', 'launchpad', 'courier', 'ale_py', 'cv2')
 
@@ -89,7 +90,8 @@ def _import_blocked(modules) -> subprocess.CompletedProcess:
 
 def _is_command(path: str) -> bool:
   with open(path) as f:
-    return 'app.run(' in f.read()
+    text = f.read()
+  return 'app.run(' in text or 'benchmarks.run(' in text
 
 
 def test_agents_probes_and_the_device_check_import_without_tensorflow_reverb_or_launchpad():
@@ -106,3 +108,18 @@ def test_agents_probes_and_the_device_check_import_without_tensorflow_reverb_or_
   # The check can fail: launch/program/ needs them.
   blocked = _import_blocked(['launch.program.replay'])
   assert blocked.returncode != 0 and 'ModuleNotFoundError' in blocked.stderr
+
+
+def test_the_benchmarks_import_together_each_with_flags_of_its_own():
+  """Each benchmark declares its flags apart (launch/benchmarks/__init__.py): importing all of them in one process
+  defines none twice, and none in absl's namespace."""
+  names = sorted(m for m in _modules() if m.startswith('launch.benchmarks.'))
+  assert {'launch.benchmarks.agent', 'launch.benchmarks.probes', 'launch.benchmarks.device_check'} <= set(names)
+  script = (f'import importlib\nfrom absl import flags\nbefore = set(flags.FLAGS)\n'
+            f'for name in {names!r}:\n  importlib.import_module(name)\n'
+            f'print(sorted(set(flags.FLAGS) - before))\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  added = result.stdout.strip().splitlines()[-1]
+  assert 'archs' not in added and 'seconds' not in added and "'steps'" not in added, added

@@ -17,26 +17,15 @@ from agents.config import AgentConfig
 from agents.learner import Learner
 from agents.update import init_state, make_target_update, make_update
 from agents.types import Transition
+from tests.conftest import SMALL, random_batches, small_agent
 
-SHAPES = {'mlp': (8, 8, 1), 'cnn': (8, 8, 1), 'nature_dqn': (36, 36, 4)}
-
-
-def small_agent(arch='mlp', num_observations=4, **kwargs):
-  config = AgentConfig(arch=arch, width_multiplier=0.05 if arch == 'mlp' else 0.1, **kwargs)
-  observations = np.random.default_rng(0).integers(0, 256, (num_observations, *SHAPES[arch]), dtype=np.uint8)
-  return make_agent(config, num_actions=3), config, observations
+INPUT = SMALL['mlp'][0]  # The MLP's observations: the learners' and random_batches'.
 
 
 def batch_of(obs):
   n = len(obs)
   return Transition(obs, np.arange(n) % 3, np.linspace(-1, 1, n).astype(np.float32), np.ones(n, np.float32),
                     obs[::-1])
-
-
-def random_batches(batch_size, shape=(8, 8, 1), seed=0):
-  rng = np.random.default_rng(seed)
-  while True:
-    yield batch_of(rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8))
 
 
 def test_new_options_are_agent_config_fields_with_their_defaults():
@@ -140,11 +129,11 @@ def test_l2_init_adds_its_gradient_to_the_td_gradient_in_the_update():
 def test_initial_parameters_survive_checkpoints_and_old_checkpoints_get_the_seeds(tmp_path):
   config = AgentConfig(width_multiplier=0.05, batch_size=4, interventions=('l2_init',), l2_init=0.1)
   agent, dummy = make_agent(config, 3), np.zeros((8, 8, 1), np.uint8)
-  learner = Learner(agent, config, random_batches(4), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
+  learner = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
   theta_0 = jax.device_get(learner.state.initial_params)
   learner.run(max_steps=5)
   assert not np.allclose(learner.state.params['linear_0']['w'], theta_0['linear_0']['w'])
-  resumed = Learner(agent, config, random_batches(4), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
+  resumed = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
   assert resumed.step_count == 5
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.state.initial_params, theta_0)
   # A checkpoint written before TrainingState had initial_params (5 fields), pickled as checkpoints were then and
@@ -153,7 +142,7 @@ def test_initial_parameters_survive_checkpoints_and_old_checkpoints_get_the_seed
   with open(checkpointing.path_for(str(tmp_path / 'old'), 5, suffix=checkpointing.PICKLED_SUFFIX), 'wb') as f:
     pickle.dump({'step': 5, 'state': tuple(jax.device_get(learner.state))[:5]}, f)
   assert len(checkpointing.migrate_pickled(str(tmp_path / 'old'), learner.state)) == 1
-  old = Learner(agent, config, random_batches(4), dummy, seed=3, checkpoint_dir=str(tmp_path / 'old'))
+  old = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'old'))
   assert old.step_count == 5
   jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.initial_params, theta_0)
   jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.params, learner.state.params)
@@ -256,7 +245,7 @@ def test_the_learner_runs_redo_every_redo_every_steps():
   # Threshold 1: about half of the units score at or below the layer's mean, so every recycling recycles some.
   config = AgentConfig(width_multiplier=0.05, batch_size=8, interventions=('redo',), redo_every=3,
                        redo_threshold=1.0)
-  learner = Learner(make_agent(config, 3), config, random_batches(8), np.zeros((8, 8, 1), np.uint8))
+  learner = Learner(make_agent(config, 3), config, random_batches(8, INPUT), np.zeros((8, 8, 1), np.uint8))
   recycled = {}
   for _ in range(7):
     metrics = learner.step()
@@ -274,7 +263,7 @@ def test_probe_snapshots_hold_what_training_produced_before_the_steps_interventi
   config = AgentConfig(width_multiplier=0.05, batch_size=8, target_update_period=5, interventions=(intervention,))
   agent = make_agent(config, 3)
   folders = {after: str(tmp_path / f'after_{after}') for after in (False, True)}
-  learners = {after: Learner(agent, config, random_batches(8), np.zeros((8, 8, 1), np.uint8), log_every=5,
+  learners = {after: Learner(agent, config, random_batches(8, INPUT), np.zeros((8, 8, 1), np.uint8), log_every=5,
                              snapshot_dir=folders[after], snapshot_every=5, measure_after_interventions=after)
               for after in (False, True)}
   trained = {}
@@ -282,7 +271,7 @@ def test_probe_snapshots_hold_what_training_produced_before_the_steps_interventi
     for _ in range(4):
       learner.step()
     # Step 5's update alone, as the learner applies it: the state it gives before the interventions.
-    batch = next(itertools.islice(random_batches(8), 4, None))
+    batch = next(itertools.islice(random_batches(8, INPUT), 4, None))
     trained[after] = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount))(
         learner.state, batch)[0].params
     learner.step()

@@ -22,6 +22,7 @@ from agents.learner import Diverged, Learner, initial_state
 from agents.update import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
 from probes.records.loggers import JsonlLogger, read_jsonl
+from tests.conftest import RunsCode, ThreeStepEpisodes, random_batches
 
 
 def table_network() -> Network:
@@ -71,17 +72,6 @@ def test_target_update_copies_online_parameters():
   state = make_target_update(agent.network, [], dummy)(state._replace(params=moved))
   for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(state.target_params)):
     np.testing.assert_array_equal(a, b)
-
-
-def random_batches(batch_size: int, shape=(4, 4, 1), num_actions: int = 3, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  while True:
-    yield Transition(
-        observation=rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
-        action=rng.integers(0, num_actions, batch_size).astype(np.int32),
-        reward=rng.random(batch_size).astype(np.float32),
-        discount=np.ones(batch_size, np.float32),
-        next_observation=rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8))
 
 
 def test_learner_trains_checkpoints_and_resumes(tmp_path):
@@ -192,28 +182,6 @@ def test_logger_writes_nonfinite_values_as_null_and_names_them(tmp_path):
   assert record['a'] is None and record['b'] is None and record['d'] == [1.0, None]
   assert record['c'] == 1.5 and record['e'] == [2.0, 3.0]
   assert record['nonfinite'] == ['a', 'b', 'd']
-
-
-class ThreeStepEpisodes(dm_env.Environment):
-  """Episodes of 3 steps, reward 5 per step, on constant 4x4x1 observations (nonzero: no tied Q-values)."""
-
-  def __init__(self):
-    self._t = 0
-
-  def reset(self) -> dm_env.TimeStep:
-    self._t = 0
-    return dm_env.restart(np.full((4, 4, 1), 25, np.uint8))
-
-  def step(self, action) -> dm_env.TimeStep:
-    self._t += 1
-    observation = np.full((4, 4, 1), 25 + 50 * self._t, np.uint8)
-    return dm_env.termination(5.0, observation) if self._t == 3 else dm_env.transition(5.0, observation)
-
-  def observation_spec(self):
-    return specs.Array((4, 4, 1), np.uint8)
-
-  def action_spec(self):
-    return specs.DiscreteArray(3)
 
 
 @pytest.mark.parametrize('epsilon, reward_clip', [(1.0, 1.0), (0.0, None)])
@@ -340,16 +308,6 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_used(tmp_pat
     Learner(make_agent(rmsprop, 3), rmsprop, random_batches(8), dummy, checkpoint_dir=other)
 
 
-class RunsCode:
-  """Pickled, a payload that runs code when read: unpickling it creates the file `marker`."""
-
-  def __init__(self, marker: str):
-    self.marker = marker
-
-  def __reduce__(self):
-    return open, (self.marker, 'w')
-
-
 def test_a_planted_checkpoint_runs_no_code_and_is_skipped_for_the_one_before_it(tmp_path):
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
   agent, dummy, folder = make_agent(config, num_actions=3), np.zeros((4, 4, 1), np.uint8), str(tmp_path / 'ckpt')
@@ -398,6 +356,7 @@ def test_4096_zeroed_bytes_in_a_checkpoint_are_refused_and_the_one_before_used(t
     snapshots.load(snapshot)
 
 
+@pytest.mark.slow
 def test_every_optimizer_state_is_restored_into_the_structure_the_code_builds(tmp_path):
   dummy = np.zeros((4, 4, 1), np.uint8)
   for name in optimizers.OPTIMIZERS.names():
@@ -482,14 +441,16 @@ def _fused_and_single(tmp_path, config, updates_per_call, batches, **options):
   for k in (1, updates_per_call):
     records[k], saved[k], calls[k] = [], [], []
     learner = Learner(agent, config, iter(batches), np.zeros((8, 8, 1), np.uint8), logger=records[k].append,
-                      checkpoint_dir=str(tmp_path / f'k{k}' / 'checkpoints'), snapshot_dir=str(tmp_path / f'k{k}' / 'snapshots'),
-                      updates_per_call=k, **options)
+                      checkpoint_dir=str(tmp_path / f'k{k}' / 'checkpoints'),
+                      snapshot_dir=str(tmp_path / f'k{k}' / 'snapshots'), updates_per_call=k, **options)
     learner.save = lambda learner=learner, k=k: saved[k].append(learner.step_count) or Learner.save(learner)
-    learner.step = lambda max_updates=None, learner=learner, k=k: calls[k].append(1) or Learner.step(learner, max_updates)
+    learner.step = (lambda max_updates=None, learner=learner, k=k:
+                    calls[k].append(1) or Learner.step(learner, max_updates))
     learners[k] = learner
   return learners, saved, calls, records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', ['mlp', 'cnn'])  # One scan per call; on CPU, a CNN's updates dispatched one by one.
 def test_fused_updates_give_the_parameters_and_events_of_single_updates_on_their_steps(tmp_path, arch):
   """K = 16 against K = 1 on the same 200 batches, target period 50 with reset_last_layer and ReDo: the same
@@ -526,6 +487,7 @@ def test_fused_updates_give_the_parameters_and_events_of_single_updates_on_their
   assert [r.get('redo_recycled_units') for r in records[16]] == [r.get('redo_recycled_units') for r in records[1]]
 
 
+@pytest.mark.slow
 def test_a_nonfinite_update_inside_a_fused_call_keeps_the_state_before_it_and_names_its_step(tmp_path):
   """A NaN reward in the batch of update 37 of a call of 64: the learner stops at step 36's state (that of 36
   single updates), checkpoints and records it, and `Diverged` names step 37, as with K = 1."""
@@ -548,6 +510,7 @@ def test_a_nonfinite_update_inside_a_fused_call_keeps_the_state_before_it_and_na
   chex.assert_trees_all_close(state.params, jax.device_get(single.state.params), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_calls_end_at_every_event_and_are_powers_of_two_below_k():
   config = AgentConfig(width_multiplier=0.05, batch_size=8, interventions=('redo',), redo_every=70)
   learner = Learner(make_agent(config, 3), config, random_batches(8, shape=(8, 8, 1)), np.zeros((8, 8, 1), np.uint8),

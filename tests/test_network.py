@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from launch.program import network
-from tests.test_train_program import ROOT
+from tests.conftest import ROOT, SMALL_RUN, node_processes, train
 
 # Binds a listener of each kind to the wildcard address (and one to 127.0.0.2), printing where each is bound.
 BIND_EACH = textwrap.dedent('''
@@ -125,8 +125,8 @@ def test_the_cached_bind_library_is_used_only_once_verified(tmp_path, monkeypatc
   assert _bound_addresses(network.server_environment('127.0.0.1'))[0] == '127.0.0.1'
 
 
+@pytest.mark.slow
 def test_without_a_compiler_a_run_refuses_to_start_unless_every_interface_is_asked_for(tmp_path, monkeypatch):
-  from tests.test_train_program import train
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # No library built before.
   monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
   with pytest.raises(network.Unenforceable, match='could not build'):
@@ -138,14 +138,15 @@ def test_without_a_compiler_a_run_refuses_to_start_unless_every_interface_is_ask
   assert '--bind_host=0.0.0.0' in result.stderr and not os.path.exists(tmp_path / 'run')
 
 
-_LISTEN = 'import socket, time\ns = socket.socket({family})\ns.bind(({host!r}, 0))\ns.listen()\nprint(s.getsockname()[1], ' \
-          'flush=True)\ntime.sleep(600)'
+_LISTEN = ('import socket, time\ns = socket.socket({family})\ns.bind(({host!r}, 0))\ns.listen()\n'
+           'print(s.getsockname()[1], flush=True)\ntime.sleep(600)')
 
 
 def test_listeners_beyond_bind_host_are_found_in_a_processs_sockets():
   listeners = {}
   try:
-    for host, family in (('0.0.0.0', 'socket.AF_INET'), ('127.0.0.1', 'socket.AF_INET'), ('127.0.0.2', 'socket.AF_INET'),
+    for host, family in (('0.0.0.0', 'socket.AF_INET'), ('127.0.0.1', 'socket.AF_INET'),
+                         ('127.0.0.2', 'socket.AF_INET'),
                          *((('::', 'socket.AF_INET6'), ('::1', 'socket.AF_INET6')) if _has_ipv6_loopback() else ())):
       process = subprocess.Popen([sys.executable, '-c', _LISTEN.format(family=family, host=host)],
                                  stdout=subprocess.PIPE, text=True)
@@ -173,7 +174,6 @@ echo 'int unused;' | cc -shared -fPIC -x c -o "$out" -
 
 @pytest.mark.slow
 def test_a_run_whose_nodes_listen_beyond_bind_host_is_stopped(tmp_path, monkeypatch):
-  from tests.test_train_program import SMALL_RUN, _node_processes, train
   compiler = tmp_path / 'cc'
   compiler.write_text(_IGNORING_CC)
   compiler.chmod(0o755)
@@ -185,4 +185,4 @@ def test_a_run_whose_nodes_listen_beyond_bind_host_is_stopped(tmp_path, monkeypa
   assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
   assert "The run's servers listen beyond --bind_host=127.0.0.1: pid " in result.stderr
   assert 'listens on [::]:' in result.stderr or 'listens on 0.0.0.0:' in result.stderr
-  assert not _node_processes(run_dir)
+  assert not node_processes(run_dir)

@@ -15,24 +15,7 @@ from agents.config import AgentConfig
 from environments.registry import Registry
 from agents.update import init_state, make_target_update, make_update
 from agents.types import Transition
-
-# Small widths and inputs: every architecture compiles and steps in seconds.
-SMALL = {
-    'mlp': ((8, 8, 1), 0.05),
-    'cnn': ((8, 8, 1), 0.1),
-    'nature_dqn': ((36, 36, 4), 0.1),
-    'resnet18': ((8, 8, 3), 0.0625),
-    'vit': ((9, 9, 1), 0.0625),
-}
-
-
-def small_agent(arch, **kwargs):
-  shape, width = SMALL[arch]
-  config = AgentConfig(arch=arch, width_multiplier=width, num_bins=11, **kwargs)
-  agent = make_agent(config, num_actions=3)
-  observations = np.random.default_rng(0).integers(0, 256, (4, *shape), dtype=np.uint8)
-  return agent, config, observations
-
+from tests.conftest import SMALL, small_agent
 
 def test_every_architecture_is_registered():
   assert set(networks.ARCHITECTURES) == set(SMALL)

@@ -3,9 +3,12 @@
 import os
 
 import numpy as np
+import pytest
 
 from environments import datasets
 from launch.studies import optimizer_instability as instability_study
+
+pytestmark = pytest.mark.slow  # A real study: tens of seconds.
 
 # Sized to run in seconds on 2 CPU cores with the effect still clear. Default Adam memorises 2,000 random labels
 # within the 500 steps, its second-moment estimate decays with the gradients, and the relabelling's large gradients

@@ -22,9 +22,8 @@ from agents.types import Transition
 from launch.program import placement
 from launch.program import replay
 from probes.records.run_dir import ExperimentConfig, RunLayout
-from tests.test_learning import ThreeStepEpisodes, random_batches
+from tests.conftest import ROOT, ThreeStepEpisodes, random_batches
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = specs.Array((3,), np.uint8)
 # A replay that serves nothing before 10 items, then up to 100 samples ahead of the 1-per-insert ratio.
 SMALL_REPLAY = ReplayConfig(capacity=100, min_size=10, samples_per_insert=1.0, samples_per_insert_tolerance=10.0)
@@ -125,7 +124,7 @@ from dm_env import specs
 import reverb
 from agents.config import ReplayConfig
 from launch.program import replay
-from tests.test_learning import ThreeStepEpisodes, random_batches
+from tests.conftest import ThreeStepEpisodes, random_batches
 server = reverb.Server(replay.make_tables(ReplayConfig(capacity=100, min_size=10), specs.Array((3,), np.uint8)),
                        port=int(sys.argv[1]))
 print('serving', flush=True)
@@ -133,6 +132,7 @@ time.sleep(600)
 '''
 
 
+@pytest.mark.slow
 def test_a_killed_replay_is_a_clear_error_naming_it():
   port = portpicker.pick_unused_port()
   server = subprocess.Popen([sys.executable, '-c', SERVE, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -267,6 +267,7 @@ def test_auto_places_on_a_visible_gpu(learner_device, evaluator_device, probe_ev
   assert placement.resolve(config, gpus) == expected
 
 
+@pytest.mark.slow
 def test_a_gpu_asked_for_where_none_is_visible_or_under_local_mt_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')  # Here the real probe of the machine: no GPU.
   placement.visible_gpus.cache_clear()

@@ -4,8 +4,6 @@ import dataclasses
 import json
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,12 +20,13 @@ from agents.config import AgentConfig
 from agents.types import Transition
 from probes.measures import plasticity
 from probes.figures import plots
+from probes.figures import study_plots
 from probes.measures import probe_set
 from probes.measures.diagnostics import DiagnosticsConfig
 from probes.evaluator import Evaluator
 from probes.records.run_dir import ExperimentConfig, RunLayout, write_or_check_config
+from tests.conftest import SMALL, RunsCode, run_module, zero_the_middle
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = plasticity.ProbeConfig(num_targets=4, steps=150, batch_size=32, num_inputs=256, curve_every=50)
 SMALL_DIAGNOSTICS = DiagnosticsConfig(hessian_batch_size=128, hessian_chunk_size=64, lanczos_steps=10,
@@ -52,6 +51,7 @@ def setup():
   return agent, apply_fn, params, inputs
 
 
+@pytest.mark.slow
 def test_vmapped_probe_equals_the_target_by_target_loop(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(3)
@@ -64,6 +64,7 @@ def test_vmapped_probe_equals_the_target_by_target_loop(setup):
   assert vmapped.step_losses.shape == (CONFIG.num_targets, CONFIG.steps)
 
 
+@pytest.mark.slow
 def test_steps_cut_into_calls_give_the_same_fits(setup):
   """The CPU path for convolutional networks (a call per few steps) computes what one scan does."""
   agent, apply_fn, params, inputs = setup
@@ -82,11 +83,11 @@ def test_steps_cut_into_calls_give_the_same_fits(setup):
     np.testing.assert_allclose(chunked.final_losses, whole.final_losses, rtol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', ['cnn', 'nature_dqn', 'vit'])  # Convolutions (ResNet-18's: the same path as cnn's).
 def test_on_cpu_a_convolutional_networks_targets_run_in_turn_with_the_vmapped_results(arch):
   """XLA:CPU runs vmapped convolutions of per-target weights (grouped) on slow kernels, so there the probe fits
   the targets in turn: the same fits, the same numbers, and its progress reaches the whole probe."""
-  from tests.test_networks import SMALL
   shape, width = SMALL[arch]
   agent = make_agent(AgentConfig(arch=arch, width_multiplier=width), num_actions=3)
   # A low frequency: the sine does not amplify the float rounding of two ways of computing q(x; theta0) 1e5 times.
@@ -272,6 +273,7 @@ def test_evaluator_probes_at_zero_every_period_and_at_the_end(setup, tmp_path):
   assert steps == [0, 120, 200, 230]  # 0, the first look past each multiple of 100, and the final step.
 
 
+@pytest.mark.slow
 def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
   """The first probe lasts until the learner has finished: the scheduled steps are measured anyway."""
   agent, _, params, inputs = setup
@@ -309,6 +311,7 @@ def test_evaluator_snapshots_on_schedule_while_it_probes(setup, tmp_path):
     assert snapshots.saved(RunLayout(out_dir).probe_snapshots) == []  # Each removed once probed (or skipped).
 
 
+@pytest.mark.slow
 def test_evaluator_writes_diagnostics_beside_each_probe(setup, tmp_path):
   agent, _, params, inputs = setup
   evaluator = Evaluator(agent, CONFIG, params_source=lambda: (7, params, params), replay_source=source(inputs),
@@ -341,6 +344,7 @@ def test_report_writes_both_plots(tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
+@pytest.mark.slow
 def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
   agent, _, params, inputs = setup
   small = SMALL_DIAGNOSTICS
@@ -353,7 +357,7 @@ def test_report_draws_diagnostics_and_compares_runs(setup, tmp_path):
       clock['step'] = step
       evaluator.evaluate()
     runs.append(str(tmp_path / run))
-  paths = plots.write_comparison(runs, str(tmp_path / 'cmp'))
+  paths = study_plots.write_comparison(runs, str(tmp_path / 'cmp'))
   names = sorted(os.path.relpath(p, tmp_path) for p in paths)
   expected = [f'{run}/plots/{name}.png' for run in ('a', 'b') for name in
               ('covariance', 'hessian_density', 'plasticity', 'probe_curves', 'statistics')]
@@ -513,7 +517,8 @@ def test_an_evaluator_that_starts_late_still_measures_theta_0_first(setup, tmp_p
   first, last = RunLayout(str(tmp_path)).records('probes')
   assert (first['learner_step'], last['learner_step']) == (0, 250)
   assert first['plasticity_loss'] == 0.0 and last['plasticity_reference_step'] == 0
-  assert last['plasticity_loss'] == pytest.approx(first['plasticity'] - last['plasticity']) and last['plasticity_loss'] > 0
+  assert last['plasticity_loss'] == pytest.approx(first['plasticity'] - last['plasticity'])
+  assert last['plasticity_loss'] > 0
 
 
 def test_a_step_recorded_by_two_launches_is_read_once_as_the_last_launch_recorded_it(tmp_path):
@@ -543,6 +548,7 @@ def waiting_steps(layout):
   return [step for step, _ in snapshots.saved(layout.probe_snapshots)]
 
 
+@pytest.mark.slow
 def test_probe_points_outlive_a_killed_or_stopped_evaluator_and_none_is_probed_twice(setup, tmp_path):
   agent, _, params, inputs = setup
   layout = RunLayout(str(tmp_path))
@@ -586,13 +592,6 @@ def test_probe_points_outlive_a_killed_or_stopped_evaluator_and_none_is_probed_t
   assert probed() == [0, 100, 200, 300] and waiting_steps(layout) == []
   assert all(r['plasticity_reference_step'] == 0 and 'skipped_probe_steps' not in r for r in records)
   assert records[1]['plasticity_loss'] > 0  # Step 100's saturated parameters, read from its file.
-
-
-def zero_the_middle(path: str, count: int = 4096) -> None:
-  """Damage that leaves a file's length and structure as they were: `count` bytes zeroed in its middle."""
-  with open(path, 'r+b') as f:
-    f.seek(max(f.seek(0, os.SEEK_END) // 2 - count // 2, 0))
-    f.write(bytes(count))
 
 
 def test_a_damaged_snapshot_is_moved_aside_and_its_point_skipped_or_probed_from_the_learner(setup, tmp_path):
@@ -641,8 +640,8 @@ def test_a_damaged_probe_set_is_moved_aside_and_drawn_again_and_the_records_say_
   assert redrawn.replaced == aside and redrawn.num_unique_inputs == drawn.num_unique_inputs
 
 
+@pytest.mark.slow
 def test_probing_a_planted_pickle_offline_runs_no_code(tmp_path):
-  from tests.test_learning import RunsCode  # pylint: disable=import-outside-toplevel
   config = ExperimentConfig(run_dir=str(tmp_path / 'run'), agent=AgentConfig(width_multiplier=0.0625))
   write_or_check_config(config)
   marker = str(tmp_path / 'code_ran')
@@ -650,13 +649,12 @@ def test_probing_a_planted_pickle_offline_runs_no_code(tmp_path):
   os.makedirs(config.layout.checkpoints)
   with open(planted, 'wb') as f:
     pickle.dump({'step': 5000, 'state': RunsCode(marker)}, f)
-  result = subprocess.run([sys.executable, '-m', 'probes.run', f'--checkpoint={planted}'], cwd=ROOT,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'},
-                          capture_output=True, text=True, timeout=300)
+  result = run_module('probes.run', f'--checkpoint={planted}', timeout=300)
   assert result.returncode == 1 and f'{planted} is a pickled checkpoint' in result.stderr, result.stderr[-3000:]
   assert checkpointing.TRUST_FLAG in result.stderr and not os.path.exists(marker)
 
 
+@pytest.mark.slow
 def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_probed_after_a_restart(setup, tmp_path):
   agent, _, params, inputs = setup
   layout = RunLayout(str(tmp_path))
@@ -696,6 +694,7 @@ def test_snapshots_that_find_max_pending_waiting_are_skipped_and_recorded_or_pro
   assert waiting_steps(layout) == []
 
 
+@pytest.mark.slow
 def test_an_attached_evaluator_leaves_the_runs_snapshot_files_alone(setup, tmp_path):
   agent, _, params, inputs = setup
   run = RunLayout(str(tmp_path))

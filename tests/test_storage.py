@@ -1,18 +1,13 @@
 """The run directory's storage: a record file per writer, their merge, the old layout, and gs:// through epath."""
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import stat
-import subprocess
 import tempfile
 import time
 
-from etils.epath import backend as epath_backend
-from etils.epath import gpath as epath_gpath
-from fsspec.implementations.memory import MemoryFileSystem
 import numpy as np
 import pytest
 
@@ -21,19 +16,13 @@ from probes.records import loggers
 from probes.figures import plots
 from probes.measures import probe_set as probe_sets
 from probes.records.run_dir import ExperimentConfig, RunLayout, load_config, write_or_check_config
+from tests.conftest import partials, tmpfs, wait_for
 
 
 def _write_lines(path: str, records) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     f.writelines(json.dumps(record) + '\n' for record in records)
-
-
-def _wait_for(condition, timeout_s: float = 30.0) -> None:
-  deadline = time.time() + timeout_s
-  while not condition():
-    assert time.time() < deadline, 'condition not met'
-    time.sleep(0.02)
 
 
 def test_records_merge_the_writers_files_by_time_keeping_each_writers_order(tmp_path):
@@ -124,10 +113,10 @@ def test_the_segment_writer_publishes_before_close_and_keeps_records_a_failed_wr
   monkeypatch.setattr(storage, 'write_atomically', fails_once)
   logger = loggers.JsonlLogger(path, append=False, flush_seconds=0.01)
   logger({'learner_step': 0})
-  _wait_for(lambda: len(loggers.read_jsonl(path)) == 1)  # Written by the flusher, retried after the failure.
+  wait_for(lambda: len(loggers.read_jsonl(path)) == 1)  # Written by the flusher, retried after the failure.
   assert failures
   logger({'learner_step': 100})
-  _wait_for(lambda: len(loggers.read_jsonl(path)) == 2)
+  wait_for(lambda: len(loggers.read_jsonl(path)) == 2)
   logger.close()
   assert [r['learner_step'] for r in loggers.read_jsonl(path)] == [0, 100]
 
@@ -137,28 +126,6 @@ def test_bad_writer_names_and_appending_to_a_bucket_are_refused(tmp_path):
     RunLayout(str(tmp_path)).records_file('actors', 'actor.0')
   with pytest.raises(ValueError, match='cannot be appended to'):
     loggers.JsonlLogger('gs://bucket/run/records/learner/learner.jsonl', append=True)
-
-
-class _FakeBucket(MemoryFileSystem):
-  """gs:// in memory: objects are written whole; like a bucket, no append."""
-  protocol = ('gs', 'gcs')
-  root_marker = ''
-
-  def _open(self, path, mode='rb', **kwargs):
-    if 'a' in mode:
-      raise OSError(f'a bucket cannot append to {path}')
-    return super()._open(path, mode=mode, **kwargs)
-
-
-@pytest.fixture
-def bucket(monkeypatch):
-  """epath's gs:// backend on an in-memory filesystem: no network."""
-  monkeypatch.setattr(epath_gpath, '_is_tf_installed', lambda: False)  # fsspec, not tf.io.gfile, for gs://.
-  monkeypatch.setattr(_FakeBucket, 'store', {})
-  monkeypatch.setattr(_FakeBucket, 'pseudo_dirs', [''])
-  fs = _FakeBucket(skip_instance_cache=True)
-  monkeypatch.setattr(epath_backend.fsspec_backend, '_get_filesystem', lambda name: fs)
-  return fs
 
 
 def test_a_run_directory_on_a_bucket_goes_through_epath(bucket, tmp_path, monkeypatch):
@@ -240,26 +207,6 @@ def test_a_torn_line_is_ended_before_the_next_record_and_readers_warn_about_it(t
   warnings = [r.getMessage() for r in caplog.records if 'not a whole record' in r.getMessage()]
   assert warnings == [f'{path}: line 1 is not a whole record (a write cut short: a kill or a full disk); skipped.',
                       f'{path}: line 3 is not a whole record (a write cut short: a kill or a full disk); skipped.']
-
-
-@contextlib.contextmanager
-def tmpfs(directory: str, size: str):
-  """A file system of `size` mounted at `directory` for a test (root only: skipped, saying why, elsewhere),
-  unmounted whatever happens."""
-  os.makedirs(directory, exist_ok=True)
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', directory], capture_output=True,
-                         text=True)
-  if mount.returncode != 0:
-    pytest.skip(f'a {size} tmpfs cannot be mounted here ({mount.stderr.strip() or mount.returncode}): the test '
-                f'needs root')
-  try:
-    yield directory
-  finally:
-    subprocess.run(['umount', '-l', directory], check=False)
-
-
-def partials(root: str):
-  return [name for _, _, names in os.walk(root) for name in names if storage.TEMPORARY.match(name)]
 
 
 def test_a_write_that_finds_the_disk_full_names_the_file_and_leaves_the_old_content_and_nothing_else(tmp_path):

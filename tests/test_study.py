@@ -5,8 +5,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,8 +23,9 @@ from launch.studies.optimizer_regime import REGIME_MEASURES, regime_table
 from launch.studies.registry import STUDIES
 from launch.studies.width import width_cells
 from probes.figures import aggregate
+from probes.records.loggers import read_jsonl
 from probes.records.run_dir import RunLayout
-from tests.test_train_program import ROOT, leftover_processes, python_module
+from tests.conftest import leftover_processes, python_module, run_module, wait_for
 
 
 def test_summary_is_mean_standard_error_and_count_per_cell():
@@ -86,7 +85,7 @@ def test_human_normalised_improvement_of_layer_norm_per_game_by_hand():
 def test_tables_round_trip(tmp_path):
   rows = [{'cell': 'a', 'values': [1, 2]}, {'cell': 'b', 'extra': 3.5}]
   csv_path, jsonl_path = aggregate.write_table(rows, str(tmp_path / 'results'))
-  assert aggregate.read_table(jsonl_path) == rows
+  assert read_jsonl(jsonl_path) == rows
   assert open(csv_path).read().splitlines() == ['cell,values,extra', 'a,"[1, 2]",', 'b,,3.5']
 
 
@@ -172,7 +171,7 @@ def test_interventions_table_puts_the_probed_after_cells_in_columns_of_their_own
                                      ('reset_last_layer', 'regress', 'after', 'rmsprop', 0.3),
                                      ('none', 'regress', 'before', 'adam', 0.0))]
   interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
-  summary = {(s['row'], s['column']): s['plasticity_loss_mean'] for s in aggregate.read_table(
+  summary = {(s['row'], s['column']): s['plasticity_loss_mean'] for s in read_jsonl(
       str(tmp_path / 'summary.jsonl'))}
   assert summary == {('mlp', 'none'): 0.2, ('mlp', 'two_hot'): 0.1, ('mlp', 'reset_last_layer'): 0.05,
                      ('mlp', 'reset_last_layer_probed_after'): 0.3, ('mlp (adam)', 'none'): 0.0}
@@ -208,8 +207,8 @@ def test_figure_3_correlates_values_at_the_end_within_each_value_of_a_factor():
 
 def test_the_optimizer_regime_table_says_where_units_live_and_plasticity_is_lost():
   summary = aggregate.summarize(
-      [{'env': 'e', 'optimizer': o, 'final_dead_unit_fraction': d, 'plasticity_loss': l}
-       for o, d, l in (('adam', 0.4, 0.20), ('adam', 0.5, 0.22), ('tuned', 0.01, 0.10), ('tuned', 0.0, 0.12),
+      [{'env': 'e', 'optimizer': o, 'final_dead_unit_fraction': d, 'plasticity_loss': loss}
+       for o, d, loss in (('adam', 0.4, 0.20), ('adam', 0.5, 0.22), ('tuned', 0.01, 0.10), ('tuned', 0.0, 0.12),
                        ('rms', 0.0, 0.01), ('rms', 0.0, -0.01))], ('env', 'optimizer'), REGIME_MEASURES)
   table = {row['optimizer']: row for row in regime_table(summary)}
   assert (table['adam']['units_alive'], table['adam']['plasticity_lost'], table['adam']['papers_regime']) == (
@@ -242,9 +241,7 @@ def test_grid_differences_name_each_difference():
 
 
 def run_study(*args, timeout=120):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
-  return subprocess.run([sys.executable, '-m', 'launch.study', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return run_module('launch.study', *args, timeout=timeout)
 
 
 def _error(**kwargs) -> str:
@@ -253,6 +250,7 @@ def _error(**kwargs) -> str:
   return str(raised.value)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   out = str(tmp_path / 'study')
   assert "Unknown study 'plasticityz' (--study); accepted: atari_layernorm, brownian" in _error(name='plasticityz',
@@ -264,8 +262,9 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   assert "unknown flag 'max_learner_stepz'" in message and 'max_learner_steps' in message
   assert 'expected FLAG=VALUE' in _error(sets=['max_learner_steps'], out_dir=out)
   assert '--set=max_learner_steps=many: not a int' in _error(sets=['max_learner_steps=many'], out_dir=out)
-  assert study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none'], sets=['max_learner_steps=300'],
-                       ).state['grid'] == study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none']).state['grid']
+  with_default = study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none'], sets=['max_learner_steps=300'])
+  without = study_runner.prepare('interventions', 'smoke', out, cells=['mlp-none'])
+  assert with_default.state['grid'] == without.state['grid']
   shutil.rmtree(out)
   message = _error(name='atari_layernorm', games=['pong', 'pongg'], out_dir=out)
   assert 'Unknown game(s) pongg (--games)' in message and 'breakout' in message
@@ -288,6 +287,7 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   assert open(layout.state).read() == before and sorted(os.listdir(out)) == ['study.json']
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
   layout = StudyLayout(str(tmp_path))
   definition = STUDIES.get('optimizer_instability')
@@ -353,19 +353,17 @@ def test_a_killed_study_leaves_no_run_behind_and_resumes_without_redoing_finishe
   time.sleep(15)  # Into its training.
   first.send_signal(signal.SIGKILL)
   first.wait(timeout=10)
-  deadline = time.time() + 60  # Its run got SIGTERM from the kernel: it saves its checkpoint and exits.
-  while leftover_processes(started, str(out)) and time.time() < deadline:
-    time.sleep(0.5)
-  assert not leftover_processes(started, str(out))
+  # Its run got SIGTERM from the kernel: it saves its checkpoint and exits.
+  wait_for(lambda: not leftover_processes(started, str(out)), 60, 'the run of the killed study to exit')
   resumed = run_study(*args, timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert '1 of 2 runs already finished; running 1.' in resumed.stdout
   assert open(layout.log('mlp-none', 0)).read().count('=== ') == 1  # Not redone.
   assert open(layout.log('mlp-layernorm', 0)).read().count('=== ') == 2
-  rows = aggregate.read_table(layout.table('results') + '.jsonl')
+  rows = read_jsonl(layout.table('results') + '.jsonl')
   assert sorted(r['cell'] for r in rows) == ['mlp-layernorm', 'mlp-none']
   assert all(r['probe_step'] == 300 and r['plasticity_loss'] is not None for r in rows)
-  summary = aggregate.read_table(layout.table('summary') + '.jsonl')
+  summary = read_jsonl(layout.table('summary') + '.jsonl')
   assert {s['column']: s['plasticity_loss_n'] for s in summary} == {'none': 1, 'layernorm': 1}
   assert os.path.getsize(layout.figure('interventions')) > 10_000
   assert json.load(open(layout.state))['runs']['mlp-layernorm/seed0']['attempts'] == 2

@@ -16,11 +16,11 @@ import psutil
 import pytest
 
 from agents import storage
+from launch.program import completion
 from launch.program import run_lock
 from launch.program import supervisor
 from probes.records.run_dir import ExperimentConfig, RunLayout
-from tests.test_storage import bucket  # pylint: disable=unused-import  A fixture: gs:// in memory.
-from tests.test_train_program import ROOT
+from tests.conftest import ROOT, wait_for
 
 FAST = supervisor.Backoff(first_s=0.2, max_s=0.4)
 
@@ -96,12 +96,14 @@ def test_a_restart_record_that_cannot_be_written_is_a_warning_and_the_restart_st
   os.makedirs(layout.records_file(RunLayout.RESTARTS, 'launcher'))  # A directory where the record file goes.
   records = supervisor.RestartRecords(layout, attempt=1)
   manager, _ = _manager(monkeypatch, on_restart=records.restarted)
-  log_path = _start(manager, tmp_path, 'actor/0', 'print("run", RESTART, flush=True); sys.exit(3 if RESTART < 1 else 0)')
+  log_path = _start(manager, tmp_path, 'actor/0',
+                    'print("run", RESTART, flush=True); sys.exit(3 if RESTART < 1 else 0)')
   manager.wait()
   assert [int(run[1]) for run in _runs(log_path)] == [0, 1]
   out, err = capfd.readouterr()
   assert 'Node actor/0 exited with code 3; restarted it in place (restart 1)' in out
-  assert 'Warning: actor/0: ' in err and 'Is a directory' in err and 'launcher.jsonl' in err and '(the run goes on)' in err
+  assert 'Warning: actor/0: ' in err and 'Is a directory' in err
+  assert 'launcher.jsonl' in err and '(the run goes on)' in err
 
 
 def test_an_evaluator_failing_past_its_restarts_is_disabled_and_recorded_while_the_run_goes_on(tmp_path,
@@ -152,6 +154,7 @@ _TWO_LAUNCHES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_after_a_relaunch_a_ctrl_c_gets_the_full_termination_notice():
   """The first launch's manager must not count down its own (shorter) remainder and kill the launcher."""
   script = _TWO_LAUNCHES.format(slow_stop=_SLOW_STOP)
@@ -179,6 +182,7 @@ _NODE_PAST_THE_NOTICE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_node_that_outlives_the_notice_is_killed_and_the_launcher_is_not():
   """Past the termination notice Launchpad kills what is left; by default the launcher too (exit -9, its exit code
   and report lost). Ours kills the node and goes on."""
@@ -305,10 +309,7 @@ def test_the_run_lock_on_a_bucket_is_a_lease_renewed_and_taken_over_when_expired
   lock = run_lock.RunLock(layout)
   assert lock.acquire() is None
   written = run_lock.read(layout.lock).renewed
-  deadline = time.time() + 30
-  while run_lock.read(layout.lock).renewed == written:
-    assert time.time() < deadline, 'never renewed'
-    time.sleep(0.05)
+  wait_for(lambda: run_lock.read(layout.lock).renewed != written, 30, 'the lock to be renewed')
   # Seen from another machine, it is held while renewed: here, another boot reads it.
   monkeypatch.setattr(run_lock, 'boot_id', lambda: 'another-machine')
   with pytest.raises(run_lock.Held):
@@ -335,24 +336,45 @@ def _plant_records(layout: RunLayout, stream: str, writer: str, records) -> None
 
 
 def test_a_run_is_finished_only_with_every_scheduled_probe_point_probed_or_listed_skipped(tmp_path):
-  from launch import train
   config = ExperimentConfig(run_dir=str(tmp_path), max_learner_steps=300, probe_every=150)
   layout = config.layout
-  assert train.scheduled_probe_points(150, 300) == [0, 150, 300]
-  assert train.scheduled_probe_points(150, 230) == [0, 150, 230] and train.scheduled_probe_points(0, 300) == []
+  assert completion.scheduled_probe_points(150, 300) == [0, 150, 300]
+  assert completion.scheduled_probe_points(150, 230) == [0, 150, 230]
+  assert completion.scheduled_probe_points(0, 300) == []
   _plant_records(layout, RunLayout.LEARNER, 'learner', [{'learner_step': 250}])
-  assert not train.program_completed(config) and train.training_end(config) is None
+  assert not completion.program_completed(config) and completion.training_end(config) is None
   _plant_records(layout, RunLayout.LEARNER, 'learner', [{'learner_step': 300}])
   # The learner is done and the evaluator stopped ('finished' is what it writes at any exit), one point probed.
   with open(layout.evaluator_status, 'w') as f:
     json.dump({'state': 'finished'}, f)
   _plant_records(layout, RunLayout.PROBES, 'evaluator', [{'learner_step': 0}])
-  assert not train.program_completed(config) and train.unprobed_points(config, 300) == [150, 300]
-  assert not train.work_left(config, evaluator=False)  # All but the evaluator's part.
+  assert not completion.program_completed(config) and completion.unprobed_points(config, 300) == [150, 300]
+  assert not completion.work_left(config, evaluator=False)  # All but the evaluator's part.
   _plant_records(layout, RunLayout.PROBES, 'evaluator', [{'learner_step': 300, 'skipped_probe_steps': [150]}])
-  assert train.program_completed(config)
+  assert completion.program_completed(config)
   # A diverged learner's last finite step is the end of its schedule.
   diverged = ExperimentConfig(run_dir=str(tmp_path / 'diverged'), max_learner_steps=300, probe_every=150)
   _plant_records(diverged.layout, RunLayout.LEARNER, 'learner', [{'learner_step': 230, 'diverged': True}])
   _plant_records(diverged.layout, RunLayout.PROBES, 'evaluator', [{'learner_step': 0}, {'learner_step': 150}])
-  assert train.unprobed_points(diverged, train.training_end(diverged)) == [230]
+  assert completion.unprobed_points(diverged, completion.training_end(diverged)) == [230]
+
+
+def test_the_coordinator_ends_a_launch_when_no_work_is_left_or_only_a_disabled_evaluators(tmp_path):
+  config = ExperimentConfig(run_dir=str(tmp_path), max_learner_steps=300, probe_every=150)
+  layout = config.layout
+  coordinator = completion.Coordinator(config, attempt=2, poll_s=0.01)
+  _plant_records(layout, RunLayout.LEARNER, 'learner', [{'learner_step': 300}])
+  _plant_records(layout, RunLayout.PROBES, 'evaluator', [{'learner_step': 0}])
+  assert not coordinator.over()  # Probe points 150 and 300 are left.
+  # A stop request ends the wait without the launch being over.
+  assert not coordinator.wait_until_over(should_stop=lambda: True)
+  # The evaluator disabled in an earlier launch: this launch's evaluator still has the points to probe.
+  _plant_records(layout, RunLayout.RESTARTS, 'launcher', [{'node': 'evaluator/0', 'disabled': True, 'attempt': 1}])
+  assert not coordinator.over()
+  # Disabled in this launch: training and evaluation done, the launch is over (a relaunch probes the points).
+  _plant_records(layout, RunLayout.RESTARTS, 'launcher', [{'node': 'evaluator/0', 'disabled': True, 'attempt': 2}])
+  assert coordinator.over() and coordinator.wait_until_over(should_stop=lambda: False)
+  assert not completion.program_completed(config)  # The run is not finished: its probes are missing.
+  fresh = completion.Coordinator(config, attempt=3, poll_s=0.01)
+  _plant_records(layout, RunLayout.PROBES, 'evaluator', [{'learner_step': 150}, {'learner_step': 300}])
+  assert fresh.over() and completion.program_completed(config)

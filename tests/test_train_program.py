@@ -7,7 +7,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -16,37 +15,8 @@ import pytest
 from agents import checkpointing, snapshots
 from launch.program import network
 from probes.records.run_dir import RunLayout
-from tests.test_learning import RunsCode
-from tests.test_probes import zero_the_middle
-from tests.test_storage import partials, tmpfs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_RUN = ['--env=mdp:mnist:easy', '--num_actors=2', '--max_learner_steps=300', '--min_replay_size=200',
-             '--log_every=50', '--checkpoint_every=100', '--target_update_period=100', '--probe_every=150',
-             '--probe_steps=40', '--probe_inputs=256', '--probe_batch_size=64', '--width_multiplier=0.25',
-             '--hessian_batch_size=128', '--lanczos_steps=5', '--covariance_samples=32', '--td_covariance_samples=32']
-
-
-def train(run_dir, *extra, timeout=240):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
-  return subprocess.run([sys.executable, '-m', 'launch.train', f'--run_dir={run_dir}', *extra],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def processes(matches, attributes=('pid', 'cmdline', 'create_time')):
-  """The processes whose `psutil` info (the given attributes) `matches` says yes to."""
-  found = []
-  for process in psutil.process_iter(list(attributes)):
-    try:
-      if process.pid != os.getpid() and matches(process.info):
-        found.append(process)
-    except psutil.Error:
-      pass
-  return found
-
-
-def leftover_processes(since: float, marker: str):
-  return processes(lambda info: info['create_time'] >= since and any(marker in part for part in info['cmdline'] or []))
+from tests.conftest import (SMALL_RUN, RunsCode, leftover_processes, node_processes, partials, python_module, tmpfs,
+                            train, wait_for, zero_the_middle)
 
 
 def listening(launcher: subprocess.Popen) -> set:
@@ -65,13 +35,6 @@ def listening(launcher: subprocess.Popen) -> set:
   return found
 
 
-def _wait_for(condition, timeout_s: float, what: str) -> None:
-  deadline = time.time() + timeout_s
-  while not condition():
-    assert time.time() < deadline, f'timed out waiting for {what}'
-    time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path):
   run_dir = str(tmp_path / 'run')
@@ -81,7 +44,7 @@ def test_local_mp_run_finishes_writes_every_file_and_leaves_no_process(tmp_path)
   result = train(run_dir, '--launch_type=local_mp', *SMALL_RUN, '--samples_per_insert=1')
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   time.sleep(1.0)
-  assert not _node_processes(run_dir), 'processes left behind'
+  assert not node_processes(run_dir), 'processes left behind'
   assert not leftover_processes(start, run_dir)
 
   layout = RunLayout(run_dir)
@@ -173,7 +136,7 @@ def test_sigterm_stops_a_local_mt_run_with_exit_code_130(tmp_path):
   # The evaluator waits on the replay. Another loopback address than the default: the nodes dial each other there.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mt', *flags,
                       '--max_learner_steps=100000', '--probe_inputs=100000', '--bind_host=127.0.0.2')
-  _wait_for(lambda: RunLayout(run_dir).records('learner'), 180, 'the learner to train')
+  wait_for(lambda: RunLayout(run_dir).records('learner'), 180, 'the learner to train')
   # The launcher re-executed itself under the bind library (same pid): every node's server is on --bind_host only.
   assert len(listening(run)) >= 4 and {ip for ip, _ in listening(run)} <= {'127.0.0.2', '::ffff:127.0.0.2'}
   run.send_signal(signal.SIGTERM)
@@ -201,7 +164,7 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   flags += ['--launch_type=local_mp', '--max_learner_steps=100000', '--probe_steps=100000']  # A probe of minutes.
   start = time.time()
   run = python_module('launch.train', f'--run_dir={run_dir}', *flags)
-  _wait_for(lambda: _evaluator_state(layout) == 'probing', 180, 'the first probe')
+  wait_for(lambda: _evaluator_state(layout) == 'probing', 180, 'the first probe')
   run.send_signal(signal.SIGINT)
   sent = time.time()
   out, err = run.communicate(timeout=120)
@@ -212,22 +175,22 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
   assert not layout.records('probes')  # The point in progress is dropped whole, not half-written.
   assert snapshots.saved(layout.probe_snapshots)[0][0] == 0  # Its snapshot stays, for the relaunch.
   time.sleep(1.0)
-  assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
+  assert not node_processes(run_dir) and not leftover_processes(start, run_dir)
 
   relaunch = python_module('launch.train', f'--run_dir={run_dir}', *flags)
-  _wait_for(lambda: layout.attempts() == 2 and _evaluator_state(layout) == 'probing', 180, 'the relaunch')
+  wait_for(lambda: layout.attempts() == 2 and _evaluator_state(layout) == 'probing', 180, 'the relaunch')
   with open(layout.evaluator_status) as f:
     assert json.load(f)['learner_step'] == 0  # The dropped point, from its snapshot file.
   assert os.path.isdir(os.path.join(layout.attempt_logs(1), 'learner'))  # The first launch's logs are kept.
   # Its watchdog dies: the launcher starts another, which ends the nodes when the launcher is killed below.
   watchdog, = _watchdogs(relaunch)
   watchdog.kill()
-  _wait_for(lambda: [w.pid for w in _watchdogs(relaunch)] not in ([], [watchdog.pid]), 30, 'a new watchdog')
+  wait_for(lambda: [w.pid for w in _watchdogs(relaunch)] not in ([], [watchdog.pid]), 30, 'a new watchdog')
   killed = time.time()
   relaunch.kill()  # kill -9 of the launcher: no stop reaches its nodes from it.
   relaunch.communicate(timeout=30)
   # SIGTERM at once: they stop as at a Ctrl-C; SIGKILL only for one still there after the notice and 10 s.
-  _wait_for(lambda: not _node_processes(run_dir) and not leftover_processes(start, run_dir), 50,
+  wait_for(lambda: not node_processes(run_dir) and not leftover_processes(start, run_dir), 50,
             'the nodes to end after their launcher')
   assert time.time() - killed < 50
 
@@ -248,14 +211,6 @@ def _watchdogs(launcher: subprocess.Popen):
   return found
 
 
-def _node_processes(run_dir: str, node: str = ''):
-  """The live processes of one node (`actor/0`) of a local_mp run, or of all its nodes: each holds its log file,
-  named after the node, open (this finds no other run's processes, as a name in the command line would)."""
-  logs = RunLayout(run_dir).logs
-  return processes(lambda info: any(f.path.startswith(logs + os.sep) and f.path.endswith(f'/{node}' if node else '')
-                                    for f in info['open_files'] or []), attributes=('pid', 'open_files'))
-
-
 @pytest.mark.slow
 def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches_the_run(tmp_path):
   run_dir = str(tmp_path / 'run')
@@ -265,18 +220,18 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   # Long enough for the restarted actor to start (half a minute on a loaded machine) before the learner's end.
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=6000', '--checkpoint_every=250', '--probe_every=300')
-  _wait_for(lambda: len(layout.records('learner')) >= 4, 180, 'the learner at step 200')
+  wait_for(lambda: len(layout.records('learner')) >= 4, 180, 'the learner at step 200')
   for node in ('actor/0', 'evaluator/0'):  # Each is restarted in place, while the rest of the run goes on.
-    process, = _node_processes(run_dir, node)
+    process, = node_processes(run_dir, node)
     process.kill()
-    _wait_for(lambda: any(r['node'] == node for r in layout.records('restarts')), 60, f'the restart of {node}')
+    wait_for(lambda: any(r['node'] == node for r in layout.records('restarts')), 60, f'the restart of {node}')
   in_place = layout.records('restarts')
-  _wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in layout.records('actors')), 120,
+  wait_for(lambda: any(r['actor_id'] == 0 and r['time'] > in_place[0]['time'] for r in layout.records('actors')), 120,
             'an episode of the restarted actor')
   assert layout.attempts() == 1 and {r['attempt'] for r in layout.records('learner')} == {1}  # No relaunch for those.
   # The learner's failure stops the launch: the run is relaunched from the checkpoints (no final one).
   assert layout.records('learner')[-1]['learner_step'] < 6000, 'the run ended before its learner could be killed'
-  learner_process, = _node_processes(run_dir, 'learner/0')
+  learner_process, = node_processes(run_dir, 'learner/0')
   learner_process.kill()
   out, err = run.communicate(timeout=400)
   assert run.returncode == 0, out[-3000:] + err[-3000:]
@@ -306,7 +261,7 @@ def test_killed_actor_and_evaluator_restart_in_place_a_killed_learner_relaunches
   assert sorted(steps + skipped) == list(range(0, 6001, 300)), (steps, skipped)
   assert not os.listdir(layout.probe_snapshots)  # Each removed once probed.
   time.sleep(1.0)
-  assert not _node_processes(run_dir) and not leftover_processes(start, run_dir)
+  assert not node_processes(run_dir) and not leftover_processes(start, run_dir)
 
 
 @pytest.mark.slow
@@ -317,12 +272,12 @@ def test_an_evaluator_failing_past_its_restarts_is_disabled_training_goes_on_and
   flags += ['--launch_type=local_mp', '--max_learner_steps=3000', '--probe_every=500', '--checkpoint_every=500',
             '--max_restarts=1', '--nodiagnostics']
   run = python_module('launch.train', f'--run_dir={run_dir}', *flags)
-  _wait_for(lambda: layout.records('learner'), 180, 'the learner to train')
+  wait_for(lambda: layout.records('learner'), 180, 'the learner to train')
   for kills in (1, 2):  # Restarted in place once (--max_restarts=1); its next failure disables it.
-    _wait_for(lambda: _node_processes(run_dir, 'evaluator/0'), 120, 'the evaluator')
-    process, = _node_processes(run_dir, 'evaluator/0')
+    wait_for(lambda: node_processes(run_dir, 'evaluator/0'), 120, 'the evaluator')
+    process, = node_processes(run_dir, 'evaluator/0')
     process.kill()
-    _wait_for(lambda: len(layout.records('restarts')) == kills, 60, f'restart record {kills}')
+    wait_for(lambda: len(layout.records('restarts')) == kills, 60, f'restart record {kills}')
   restart, disabled = layout.records('restarts')
   assert 'disabled' not in restart and disabled['disabled'] is True and disabled['node'] == 'evaluator/0'
   assert layout.records('learner')[-1]['learner_step'] < 3000, 'the run ended before its evaluator was disabled'
@@ -335,7 +290,7 @@ def test_an_evaluator_failing_past_its_restarts_is_disabled_training_goes_on_and
   missing = [step for step in range(0, 3001, 500) if step not in probed]
   assert missing and f'the probe points at learner steps {", ".join(map(str, missing))} were not probed' in err
   assert [step for step, _ in snapshots.saved(layout.probe_snapshots)] == missing  # They wait, for a relaunch.
-  assert not _node_processes(run_dir)
+  assert not node_processes(run_dir)
 
   relaunch = train(run_dir, *flags, timeout=400)
   assert relaunch.returncode == 0, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
@@ -343,6 +298,7 @@ def test_an_evaluator_failing_past_its_restarts_is_disabled_training_goes_on_and
   assert not os.listdir(layout.probe_snapshots)
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
@@ -374,25 +330,19 @@ def test_bad_flags_fail_clearly_and_keep_an_existing_run(tmp_path):
   assert (broken / 'config.json').read_text() == '{"env": ' and sorted(os.listdir(broken)) == ['config.json']
 
 
-def python_module(module, *args, **popen):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PLASTICITY_DOWNLOAD': '0'}
-  return subprocess.Popen([sys.executable, '-m', module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **popen)
-
-
 @pytest.mark.slow
 def test_attach_evaluator_to_a_live_run_then_probe_its_checkpoint_offline(tmp_path):
   run_dir = str(tmp_path / 'run')
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
   run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
                       '--max_learner_steps=3000', '--probe_every=0')
-  _wait_for(lambda: os.path.exists(RunLayout(run_dir).addresses), 180, 'the run to publish its addresses')
+  wait_for(lambda: os.path.exists(RunLayout(run_dir).addresses), 180, 'the run to publish its addresses')
   with open(RunLayout(run_dir).addresses) as f:
     published = json.load(f)
   ports = {int(published[node].rsplit(':', 1)[1]) for node in ('learner', 'replay')}
   assert published['learner'].startswith('127.0.0.1:') and published['replay'].startswith('127.0.0.1:')
   # Every node's server listens (learner, replay, 2 actors), on loopback only: --bind_host's default.
-  _wait_for(lambda: ports <= {port for _, port in listening(run)} and len(listening(run)) >= 4, 120,
+  wait_for(lambda: ports <= {port for _, port in listening(run)} and len(listening(run)) >= 4, 120,
             'the servers to listen')
   assert all(network.is_loopback(ip) for ip, _ in listening(run)), listening(run)
   attach = python_module('launch.attach_evaluator', f'--run_dir={run_dir}', '--name=mine', '--probe_every=200',
