@@ -15,7 +15,7 @@ def option(default: Any, help: str, *, flag: Optional[str] = None,  # pylint: di
            upper_bound: Optional[float] = None) -> Any:
   """A configuration field, declared once: its default, its help and how the command line takes it.
 
-  `launch/config_flags.py` turns every such field of the experiment's
+  `agents/config_flags.py` turns every such field of the experiment's
   configuration into an absl flag (named `flag`, else after the field), so a
   new knob is one field here and nowhere else.
   """

@@ -28,11 +28,11 @@ import numpy as np
 from agents import checkpointing, snapshots, storage
 from agents.builder import AgentParts
 from agents.update import make_transition_loss
-from agents.types import Logger, Params, StopRequested
+from agents.types import Params, StopRequested
 from probes.measures import diagnostics
 from probes.measures import plasticity
 from probes.measures import probe_set as probe_sets
-from probes.records.run_dir import RunLayout, report_problem
+from probes.records.run_dir import ExperimentConfig, RunLayout, report_problem
 
 
 WRITER = 'evaluator'  # Its record files' name in each stream it writes.
@@ -71,12 +71,11 @@ class Evaluator:
   of a run is then step 0 even if training began before the evaluator.
   """
 
-  def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, params_source: ParamsSource,
+  def __init__(self, agent: AgentParts, probe_config: plasticity.ProbeConfig, *, params_source: ParamsSource,
                replay_source: probe_sets.ReplaySource, out: RunLayout, probe_set_path: Optional[str] = None,
                diagnostics_config: Optional[diagnostics.DiagnosticsConfig] = None, seed: int = 0,
                discount: float = 0.99, reference_probes: Optional[RunLayout] = None,
-               probe_logger: Optional[Logger] = None, diagnostics_logger: Optional[Logger] = None,
-               initial_source: Optional[ParamsSource] = None):
+               initial_source: Optional[ParamsSource] = None, attempt: Optional[int] = None):
     self._probe_config = probe_config
     self._params_source = params_source
     self._initial_source = initial_source
@@ -92,13 +91,15 @@ class Evaluator:
     network = agent.network
     self._init_params = network.init
     self._probe = plasticity.agent_probe(agent, probe_config)
-    self._probe_logger = probe_logger or out.logger(RunLayout.PROBES, WRITER)
+    # Each record says which launch of the run wrote it (`attempt`), when the evaluator is a node of one.
+    records_options = {'extra': {'attempt': attempt}} if attempt is not None else {}
+    self._probe_logger = out.logger(RunLayout.PROBES, WRITER, **records_options)
     self._diagnose = None
     if diagnostics_config is not None:
       self._diagnose = diagnostics.make_diagnostics(
           network, diagnostics_config, perturbation_key,
           make_transition_loss(network, agent.encoding, discount))
-      self._diagnostics_logger = diagnostics_logger or out.logger(RunLayout.DIAGNOSTICS, WRITER)
+      self._diagnostics_logger = out.logger(RunLayout.DIAGNOSTICS, WRITER, **records_options)
     # Resuming: the steps already probed and P(theta_0) come from the records written before.
     records = out.records(RunLayout.PROBES)
     self.last_probed_step: Optional[int] = max((int(r['learner_step']) for r in records), default=None)
@@ -110,6 +111,13 @@ class Evaluator:
     self._status: Dict[str, object] = {}
     self._status_written = 0.0
     self._set_status(state='starting')
+
+  @classmethod
+  def for_run(cls, config: ExperimentConfig, agent: AgentParts, **wiring) -> 'Evaluator':
+    """The evaluator of a run's configuration: its probe, its diagnostics (when enabled), its discount and its
+    probe set; `wiring` gives the rest (where snapshots come from, the replay, the output layout, the seed)."""
+    return cls(agent, config.probe, diagnostics_config=config.diagnostics if config.diagnostics_enabled else None,
+               discount=config.agent.discount, **{'probe_set_path': config.layout.probe_set, **wiring})
 
   # Status: what the evaluator is doing, for the launcher's progress line.
 

@@ -83,12 +83,9 @@ def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int 
     set_path = out.probe_set
     num = max(config.probe.num_inputs, config.diagnostics.td_covariance_samples)
     source = probe_set.ArraySource(collect_transitions(config, params, num, seed))
-  evaluator = Evaluator(agent, config.probe,
-                        params_source=lambda: (step, params, target_params), replay_source=source, out=out,
-                        probe_set_path=set_path,
-                        diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
-                        discount=config.agent.discount,
-                        reference_probes=run if source is None else None)
+  evaluator = Evaluator.for_run(config, agent, params_source=lambda: (step, params, target_params),
+                                replay_source=source, out=out, probe_set_path=set_path, seed=seed,
+                                reference_probes=run if source is None else None)
   return evaluator.evaluate()
 
 

@@ -218,14 +218,9 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
   Every evaluator of a run reads the run's probe set (drawn by the first to need it).
   """
   _, num_actions = environment_specs(config)
-  return Evaluator(
-      make_agent(config.agent, num_actions), config.probe, params_source=params_source,
-      replay_source=replay.ReverbSource(replay_address), out=out,
-      probe_set_path=config.layout.probe_set,
-      diagnostics_config=config.diagnostics if config.diagnostics_enabled else None, seed=seed,
-      discount=config.agent.discount, reference_probes=reference_probes, initial_source=initial_source,
-      probe_logger=out.logger(RunLayout.PROBES, EVALUATOR_WRITER, extra={'attempt': attempt}),
-      diagnostics_logger=out.logger(RunLayout.DIAGNOSTICS, EVALUATOR_WRITER, extra={'attempt': attempt}))
+  return Evaluator.for_run(config, make_agent(config.agent, num_actions), params_source=params_source,
+                           replay_source=replay.ReverbSource(replay_address), out=out, seed=seed,
+                           reference_probes=reference_probes, initial_source=initial_source, attempt=attempt)
 
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
