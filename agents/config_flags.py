@@ -16,6 +16,7 @@ import dataclasses
 import typing
 from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type
 
+from absl import app
 from absl import flags
 
 # Flag-name prefixes of nested configuration fields: `dataclasses.field(..., metadata={PREFIX: 'probe_'})`.
@@ -146,3 +147,13 @@ def value_of(config: Any, field: ConfigField) -> Any:
   for name in field.path:
     config = getattr(config, name)
   return config
+
+
+def check_command_line(argv: Sequence[str], *required: flags.FlagHolder) -> None:
+  """A command's usage errors: positional arguments (absl leaves them in `argv`), or a required flag not given."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
+  for holder in required:
+    if not holder.value:
+      raise app.UsageError(f'--{holder.name} is required.')
+

@@ -419,8 +419,7 @@ def main(argv):
   if settings.reach:
     print(json.dumps(reach(settings.reach)), flush=True)
     return
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config_flags.check_command_line(argv)
   try:
     netns.check_available()
     config = run_flags.experiment_config()

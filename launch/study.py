@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from rich.console import Console
 
+from agents import config_flags
 from launch.studies import grid
 from launch.studies.registry import STUDIES
 from launch.studies import runner as study_runner
@@ -51,8 +52,7 @@ DATA_DIR = flags.DEFINE_string('data_dir', None, 'Datasets directory given to ev
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
+  config_flags.check_command_line(argv)
   console = Console(highlight=False)
   try:
     prepared = study_runner.prepare(STUDY.value, SCALE.value, OUT_DIR.value, SEEDS.value, CELLS.value,

@@ -41,7 +41,7 @@ import psutil
 
 import environments
 from environments import datasets
-from agents import checkpointing, snapshots, storage
+from agents import checkpointing, config_flags, snapshots, storage
 from agents.builder import make_agent
 from agents.learner import initial_state
 from launch.program import cluster as cluster_lib
@@ -518,8 +518,7 @@ def _lock(config: ExperimentConfig) -> run_lock.RunLock:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config_flags.check_command_line(argv)
   if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # Under nohup a hang-up stays ignored: the run goes on.
     signal.signal(signal.SIGHUP, _hang_up)
   try:

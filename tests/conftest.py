@@ -98,6 +98,16 @@ def node_processes(run_dir: str, node: str = ''):
 
 # Small agents, batches and environments.
 
+def start_node(manager, tmp_path, node: str, script: str) -> str:
+  """Starts a process of `node` under a worker manager, running `script` (with `RESTART`, its restart count, and
+  os, sys and time imported); its log's path."""
+  log_path = str(tmp_path / node.replace('/', '_'))
+  code = f'import os, sys, time\nRESTART = int(os.environ.get("PLASTICITY_NODE_RESTART", "0"))\n{script}'
+  with open(log_path, 'w') as log:
+    manager.process_worker(node, [sys.executable, '-c', code], env=dict(os.environ), stdout=log, stderr=log)
+  return log_path
+
+
 def small_agent(arch: str = 'mlp', num_observations: int = 4, **config):
   """(agent, its AgentConfig, `num_observations` random observations) of a small `arch` (SMALL) with 11 bins for the
   categorical outputs; `config` sets further AgentConfig fields."""

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from agents import checkpointing
 from launch.program.attach import claim_actor_ids
 from probes.records.run_dir import MAX_ACTORS, RunLayout
-from tests.conftest import SMALL_RUN, node_processes, python_module, train, wait_for
+from tests.conftest import SMALL_RUN, node_processes, python_module, start_node, train, wait_for
 
 
 def _manager(monkeypatch, restarts, max_restarts=2):
@@ -23,19 +22,10 @@ def _manager(monkeypatch, restarts, max_restarts=2):
                                  backoff=Backoff(first_s=0.1, max_s=0.1))
 
 
-def _start(manager, tmp_path, node: str, code: int) -> str:
-  """Starts a process of `node` that says which restart it is and exits with `code`; its log's path."""
-  log_path = str(tmp_path / node.replace('/', '_'))
-  script = f'import os, sys; print("run", os.environ.get("PLASTICITY_NODE_RESTART", "0")); sys.exit({code})'
-  with open(log_path, 'w') as log:
-    manager.process_worker(node, [sys.executable, '-c', script], env=dict(os.environ), stdout=log, stderr=log)
-  return log_path
-
-
 def test_the_supervisor_restarts_a_failed_actor_in_place_as_often_as_allowed_then_fails(tmp_path, monkeypatch):
   restarts = []
   manager = _manager(monkeypatch, restarts)
-  log_path = _start(manager, tmp_path, 'actor/0', 3)
+  log_path = start_node(manager, tmp_path, 'actor/0', 'print("run", RESTART); sys.exit(3)')
   with pytest.raises(RuntimeError, match='exited with code 3'):  # The third failure is Launchpad's again.
     manager.wait()
   assert restarts == [('actor/0', 3, 1), ('actor/0', 3, 2)]
@@ -50,10 +40,10 @@ def test_the_supervisor_restarts_no_learner_and_no_clean_exit(tmp_path, monkeypa
   from launch.program.supervisor import exit_cause
   restarts = []
   manager = _manager(monkeypatch, restarts)
-  _start(manager, tmp_path, 'actor/1', 0)
+  start_node(manager, tmp_path, 'actor/1', 'print("run", RESTART); sys.exit(0)')
   manager.wait()  # An actor that ends cleanly stays ended.
   manager = _manager(monkeypatch, restarts)
-  _start(manager, tmp_path, 'learner/0', 5)
+  start_node(manager, tmp_path, 'learner/0', 'print("run", RESTART); sys.exit(5)')
   with pytest.raises(RuntimeError, match='exited with code 5'):
     manager.wait()
   assert restarts == []

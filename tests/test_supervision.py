@@ -20,7 +20,7 @@ from launch.program import completion
 from launch.program import run_lock
 from launch.program import supervisor
 from probes.records.run_dir import ExperimentConfig, RunLayout
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, start_node, wait_for
 
 FAST = supervisor.Backoff(first_s=0.2, max_s=0.4)
 
@@ -36,15 +36,6 @@ def _manager(monkeypatch, max_restarts=2, backoff=FAST, healthy_s=3600.0, on_res
   return manager, events
 
 
-def _start(manager, tmp_path, node: str, script: str) -> str:
-  """Starts a node process running `script` (RESTART, its restart count, is defined for it); its log's path."""
-  log_path = str(tmp_path / node.replace('/', '_'))
-  code = f'import os, sys, time\nRESTART = int(os.environ.get("PLASTICITY_NODE_RESTART", "0"))\n{script}'
-  with open(log_path, 'w') as log:
-    manager.process_worker(node, [sys.executable, '-c', code], env=dict(os.environ), stdout=log, stderr=log)
-  return log_path
-
-
 def _runs(log_path: str):
   with open(log_path) as f:
     return [line.split() for line in f if line.startswith('run ')]
@@ -57,7 +48,7 @@ def test_backoff_doubles_to_its_cap():
 
 def test_restarts_wait_their_backoff_and_a_healthy_node_gets_its_count_back(tmp_path, monkeypatch):
   manager, events = _manager(monkeypatch, max_restarts=2)
-  log_path = _start(manager, tmp_path, 'actor/0', 'print("run", RESTART, time.time(), flush=True); sys.exit(3)')
+  log_path = start_node(manager, tmp_path, 'actor/0', 'print("run", RESTART, time.time(), flush=True); sys.exit(3)')
   with pytest.raises(RuntimeError, match='exited with code 3'):  # Its third failure: the program's.
     manager.wait()
   starts = [float(run[2]) for run in _runs(log_path)]
@@ -66,7 +57,7 @@ def test_restarts_wait_their_backoff_and_a_healthy_node_gets_its_count_back(tmp_
   assert events == [('restart', 'actor/0', 3, 1), ('restart', 'actor/0', 3, 2)]
   # A node that runs healthy_s before each failure is never out of restarts: 4 failures, one restart allowed.
   manager, events = _manager(monkeypatch, max_restarts=1, healthy_s=0.3)
-  log_path = _start(manager, tmp_path, 'actor/1', 'print("run", RESTART, flush=True); time.sleep(1.0); '
+  log_path = start_node(manager, tmp_path, 'actor/1', 'print("run", RESTART, flush=True); time.sleep(1.0); '
                                                   'sys.exit(3 if RESTART < 4 else 0)')
   manager.wait()
   assert [int(run[1]) for run in _runs(log_path)] == [0, 1, 2, 3, 4]
@@ -75,8 +66,8 @@ def test_restarts_wait_their_backoff_and_a_healthy_node_gets_its_count_back(tmp_
 
 def test_a_restart_that_cannot_start_its_process_fails_the_program_and_leaves_no_process(tmp_path, monkeypatch):
   manager, events = _manager(monkeypatch)
-  _start(manager, tmp_path, 'learner/0', 'time.sleep(600)')
-  log_path = _start(manager, tmp_path, 'actor/0', 'time.sleep(1.0); sys.exit(3)')
+  start_node(manager, tmp_path, 'learner/0', 'time.sleep(600)')
+  log_path = start_node(manager, tmp_path, 'actor/0', 'time.sleep(1.0); sys.exit(3)')
   os.remove(log_path)
   os.mkdir(log_path)  # Its log cannot be opened to append: the restart cannot start the process.
   learner = manager.node_processes['learner/0']
@@ -96,7 +87,7 @@ def test_a_restart_record_that_cannot_be_written_is_a_warning_and_the_restart_st
   os.makedirs(layout.records_file(RunLayout.RESTARTS, 'launcher'))  # A directory where the record file goes.
   records = supervisor.RestartRecords(layout, attempt=1)
   manager, _ = _manager(monkeypatch, on_restart=records.restarted)
-  log_path = _start(manager, tmp_path, 'actor/0',
+  log_path = start_node(manager, tmp_path, 'actor/0',
                     'print("run", RESTART, flush=True); sys.exit(3 if RESTART < 1 else 0)')
   manager.wait()
   assert [int(run[1]) for run in _runs(log_path)] == [0, 1]
@@ -111,8 +102,8 @@ def test_an_evaluator_failing_past_its_restarts_is_disabled_and_recorded_while_t
   layout = RunLayout(str(tmp_path / 'run'))
   records = supervisor.RestartRecords(layout, attempt=2)
   manager, _ = _manager(monkeypatch, max_restarts=1, on_restart=records.restarted, on_disable=records.disabled)
-  learner_log = _start(manager, tmp_path, 'learner/0', 'time.sleep(3.0); print("run", RESTART, "done", flush=True)')
-  _start(manager, tmp_path, 'evaluator/0', 'sys.exit(7)')
+  learner_log = start_node(manager, tmp_path, 'learner/0', 'time.sleep(3.0); print("run", RESTART, "done", flush=True)')
+  start_node(manager, tmp_path, 'evaluator/0', 'sys.exit(7)')
   manager.wait()  # No failure: the learner ran to its end.
   assert _runs(learner_log) == [['run', '0', 'done']]
   assert manager.disabled == {'evaluator/0': 7}

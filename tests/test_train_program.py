@@ -19,14 +19,19 @@ from tests.conftest import (SMALL_RUN, RunsCode, leftover_processes, node_proces
                             train, wait_for, zero_the_middle)
 
 
+def _launched(launcher: subprocess.Popen, recursive: bool) -> list:
+  """A launcher's process and its children (every descendant with `recursive`); none once it is gone."""
+  try:
+    process = psutil.Process(launcher.pid)
+    return [process, *process.children(recursive=recursive)]
+  except psutil.Error:
+    return []
+
+
 def listening(launcher: subprocess.Popen) -> set:
   """(ip, port) of every TCP socket a launcher and its descendants (a run's processes) listen on."""
   found = set()
-  try:
-    run = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-  except psutil.Error:
-    return found
-  for process in run:
+  for process in _launched(launcher, recursive=True):
     try:
       found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind='tcp')
                 if c.status == psutil.CONN_LISTEN}
@@ -197,18 +202,14 @@ def test_sigint_mid_probe_stops_cleanly_and_a_killed_launcher_leaves_no_process(
 
 def _watchdogs(launcher: subprocess.Popen):
   """The live watchdog processes a launcher started."""
+  return [child for child in _launched(launcher, recursive=False)[1:] if _is_live_watchdog(child)]
+
+
+def _is_live_watchdog(process: psutil.Process) -> bool:
   try:
-    children = psutil.Process(launcher.pid).children()
+    return 'launch.program.watchdog' in process.cmdline() and process.status() != psutil.STATUS_ZOMBIE
   except psutil.Error:
-    return []
-  found = []
-  for child in children:
-    try:
-      if 'launch.program.watchdog' in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-        found.append(child)
-    except psutil.Error:
-      pass
-  return found
+    return False
 
 
 @pytest.mark.slow

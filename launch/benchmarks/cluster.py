@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from absl import app
 from absl import flags
 
+from agents import config_flags
 from launch import benchmarks
 from launch import cluster_sim
 from launch import flags as run_flags
@@ -132,8 +133,7 @@ HEADER = (f'{"actor hosts":>11} {"latency ms":>10} {"env steps/s":>12} (ratio) {
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config_flags.check_command_line(argv)
   directory = OUT_DIR.value or tempfile.mkdtemp(prefix='cluster-benchmark-')
   flags.FLAGS.set_default('run_dir', directory)  # Each count's run gets a directory of its own in it.
   try:

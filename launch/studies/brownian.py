@@ -378,10 +378,7 @@ def _command_line():
   diagnostic_flags = config_flags.define(DiagnosticsConfig, only=DIAGNOSTIC_FLAGS)
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
-    if not run_dir.value:
-      raise app.UsageError('--run_dir is required.')
+    config_flags.check_command_line(argv, run_dir)
     config = config_flags.build(StudyConfig, study)
     diagnostics = config_flags.build(DiagnosticsConfig, diagnostic_flags)
     try:

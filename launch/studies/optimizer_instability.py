@@ -186,10 +186,7 @@ def _command_line():
   fields = config_flags.define(InstabilityConfig)
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
-    if not out_dir.value:
-      raise app.UsageError('--out_dir is required.')
+    config_flags.check_command_line(argv, out_dir)
     config = config_flags.build(InstabilityConfig, fields)
     unknown = [name for name in config.optimizers if name not in optimizers.OPTIMIZERS]
     if unknown:
