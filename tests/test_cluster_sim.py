@@ -233,8 +233,10 @@ def _episodes(layout, actor_id, start, end=float('inf')):
 @needs_namespaces
 @pytest.mark.slow
 def test_the_vertex_ai_program_on_four_hosts_through_partitions_and_its_learner_hosts_death(tmp_path):
-  result, events, layout = sim(tmp_path, '--num_actors=4', '--actor_hosts=2', '--max_learner_steps=6000',
-                               '--probe_every=2000', '--checkpoint_every=500',
+  # Training long enough to outlast both partitions (--partition_s each, whatever the machine's speed): the learner's
+  # host dies while it trains.
+  result, events, layout = sim(tmp_path, '--num_actors=4', '--actor_hosts=2', '--max_learner_steps=9000',
+                               '--probe_every=3000', '--checkpoint_every=500',
                                '--replay_checkpoint_every_minutes=0.2', '--partition_s=12',
                                '--scenario=partition_actor_host,partition_evaluator_host,kill_learner_host')
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -246,7 +248,7 @@ def test_the_vertex_ai_program_on_four_hosts_through_partitions_and_its_learner_
     assert json.load(f)['learner'] == job['cluster_spec']['workerpool1'][0]
 
   # Every probe point probed once; every actor's records present.
-  assert [r['learner_step'] for r in layout.records('probes')] == [0, 2000, 4000, 6000]
+  assert [r['learner_step'] for r in layout.records('probes')] == [0, 3000, 6000, 9000]
   assert not any(r.get('skipped_probe_steps') for r in layout.records('probes'))
   assert {r['actor_id'] for r in layout.records('actors')} == {0, 1, 2, 3}
 
