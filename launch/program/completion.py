@@ -28,7 +28,11 @@ def scheduled_probe_points(probe_every: int, last_step: int) -> List[int]:
 
 def training_end(config: ExperimentConfig) -> Optional[int]:
   """The learner's last step if training is over (it reached --max_learner_steps or diverged), else None."""
-  learner = last_record(config.layout.records(RunLayout.LEARNER))
+  return _end(config, last_record(config.layout.records(RunLayout.LEARNER)))
+
+
+def _end(config: ExperimentConfig, learner: Optional[Record]) -> Optional[int]:
+  """`training_end` from the learner's last record."""
   if not learner or not (learner.get('diverged') or learner['learner_step'] >= config.max_learner_steps):
     return None
   return learner['learner_step']
@@ -47,10 +51,10 @@ def work_left(config: ExperimentConfig, evaluator: bool = True) -> bool:
   """Whether the run has work left, from the records its nodes wrote: training until --max_learner_steps (or
   divergence), the evaluation of the last step (with --eval_every_frames), and, with `evaluator`, every
   scheduled probe point probed or listed as skipped."""
-  end = training_end(config)
+  learner = last_record(config.layout.records(RunLayout.LEARNER))  # Read once: the coordinator polls this.
+  end = _end(config, learner)
   if end is None:
     return True
-  learner = last_record(config.layout.records(RunLayout.LEARNER))
   if config.evaluation.enabled and not learner.get('diverged'):  # Else its last finite step is the one evaluated.
     evaluation = last_record(config.layout.records(RunLayout.EVALUATION))
     if not evaluation or evaluation['learner_step'] < end:
