@@ -292,10 +292,17 @@ def batch_iterator(server_address: str, batch_size: int, should_stop: Callable[[
                                 f'{time.monotonic() - silent_since:.0f} s: {e})') from e
 
   def samples():
-    for sample in _dataset(server_address, REPLAY_TABLE, batch_size * BATCHES_PER_SAMPLE).as_numpy_iterator():
-      whole = Transition(**sample.data)
-      for start in range(0, batch_size * BATCHES_PER_SAMPLE, batch_size):
-        yield Transition(*(field[start:start + batch_size] for field in whole))
+    try:
+      for sample in _dataset(server_address, REPLAY_TABLE, batch_size * BATCHES_PER_SAMPLE).as_numpy_iterator():
+        whole = Transition(**sample.data)
+        for start in range(0, batch_size * BATCHES_PER_SAMPLE, batch_size):
+          yield Transition(*(field[start:start + batch_size] for field in whole))
+    except RuntimeError as e:  # The sampling stream cut (a killed server resets it before a poll sees it silent).
+      try:
+        client.server_info(timeout=answer_timeout_s)
+      except (reverb.errors.DeadlineExceededError, RuntimeError):
+        raise ReplayUnavailable(f'the replay at {server_address} does not answer ({e})') from e
+      raise
 
   return Prefetcher(samples(), size=prefetch, should_stop=should_stop, check_alive=check_alive,
                     poll_seconds=poll_seconds)
