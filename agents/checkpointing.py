@@ -19,14 +19,13 @@ crash never leaves a half-written checkpoint; one that is damaged all the
 same, or planted, is reported by name and skipped for the one before it
 (`latest_loadable`).
 
-Checkpoints written before (`.pkl`) are pickles, which run any code they
-name when read: they are only listed and named in a problem, and read
-(`trust_pickled`; `--trust_pickled_checkpoints`) when the user says whoever
-could write them is trusted, which converts them (`migrate_pickled`).
+Checkpoints of an earlier version, pickles (`.pkl`, which run any code they
+name when read) or states of fewer fields, are never read here: a pickle is
+listed and named in a problem, a state of another structure refused by name,
+each message naming `launch.migrate`, which converts them.
 """
 
 import os
-import pickle
 import re
 from typing import Any, List, Optional, Tuple
 
@@ -40,10 +39,12 @@ from agents import storage
 
 PREFIX = 'learner_'  # A checkpoint's file name: learner_<step>.msgpack.
 SUFFIX = '.msgpack'
-PICKLED_SUFFIX = '.pkl'  # Checkpoints written before this format.
+PICKLED_SUFFIX = '.pkl'  # Checkpoints of an earlier version, before this format.
 FORMAT = 'plasticity-rl tree'
 VERSION = 1
-TRUST_FLAG = '--trust_pickled_checkpoints'
+# Rewrites a run directory of an earlier version in this version's layout (launch/migrate.py); named by every message
+# about such a file, in every layer.
+MIGRATE_COMMAND = 'python -m launch.migrate'
 
 
 class CheckpointError(ValueError):
@@ -55,7 +56,7 @@ class Damaged(CheckpointError):
 
 
 class Pickled(CheckpointError):
-  """A pickled checkpoint (the format before), not read unless its writers are trusted."""
+  """A pickled checkpoint (an earlier version's format), never read here."""
 
 
 def path_for(directory: str, step: int, prefix: str = PREFIX, suffix: str = SUFFIX) -> str:
@@ -96,11 +97,7 @@ def decode(data: bytes, location: str, template: Any = None) -> Tuple[int, Any]:
 
 
 def restore(state: Any, template: Any, location: str) -> Any:
-  """A decoded state dict in `template`'s structure, its shapes and dtypes checked against it; a NamedTuple
-  field with a default that the file lacks (added since it was written) is the template's."""
-  if _is_namedtuple(template) and isinstance(state, dict):
-    state = {**{name: serialization.to_state_dict(getattr(template, name))
-                for name in template._field_defaults if name not in state}, **state}
+  """A decoded state dict in `template`'s structure, its shapes and dtypes checked against it."""
   try:
     tree = serialization.from_state_dict(template, state)
   except Exception as e:  # pylint: disable=broad-except  flax raises ValueError, KeyError, AttributeError, ...
@@ -118,11 +115,8 @@ def restore(state: Any, template: Any, location: str) -> Any:
 
 def _other_shape(location: str, detail: str) -> str:
   return (f'{location} holds a training state of another shape than this configuration builds ({detail}): written '
-          f'by another version of the optimizer or network, or not by this run.')
-
-
-def _is_namedtuple(value: Any) -> bool:
-  return isinstance(value, tuple) and hasattr(value, '_fields')
+          f'by another version of the optimizer or network, or not by this run (an earlier version\'s run directory: '
+          f'`{MIGRATE_COMMAND} RUN_DIR` converts it).')
 
 
 def write(directory: str, step: int, tree: Any, prefix: str = PREFIX) -> str:
@@ -159,61 +153,22 @@ def load(path: str, template: Any = None) -> Tuple[int, Any]:
   """(step, tree) of a checkpoint (see `decode`); a CheckpointError naming the file if it is damaged, foreign,
   of another structure or pickled (a file that is gone is not: FileNotFoundError)."""
   if path.endswith(PICKLED_SUFFIX):
-    raise Pickled(f'{path} is a pickled checkpoint (the format before {SUFFIX}), not read: a pickle runs any code it '
-                  f'names. If everyone who could write {os.path.dirname(path) or "."} is trusted, use '
-                  f'{TRUST_FLAG} to read it (launch.train converts it).')
+    raise Pickled(f'{path} is a pickled checkpoint (an earlier version\'s format), not read: a pickle runs any code '
+                  f'it names. If everyone who could write {os.path.dirname(path) or "."} is trusted, '
+                  f'`{MIGRATE_COMMAND} --trust_pickled_checkpoints RUN_DIR` converts it; otherwise remove it.')
   return decode(storage.path(path).read_bytes(), path, template)
 
 
-def load_pickled(path: str, template: Any = None) -> Tuple[int, Any]:
-  """(step, tree) of a pickled checkpoint, as `load` gives a checkpoint. Executes whatever the pickle names:
-  trusted files only."""
-  step, state = _pickled_state(path, template)
-  return step, state if template is None else restore(state, template, path)
-
-
-def _pickled_state(path: str, template: Any = None) -> Tuple[int, Any]:
-  """(step, state dict) of a pickled checkpoint; a plain tuple of the template NamedTuple's fields by their
-  names."""
-  try:
-    payload = pickle.loads(storage.path(path).read_bytes())
-    step, state = int(payload['step']), payload['state']
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  Unpickling raises anything a damaged file makes it.
-    raise Damaged(f'{path} is not a readable pickled checkpoint ({type(e).__name__}: {e}).') from e
-  if _is_namedtuple(template) and isinstance(state, (tuple, list)) and not _is_namedtuple(state):
-    state = dict(zip(template._fields, state))  # Written as a plain tuple of the training state's fields.
-  return step, serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, state))
-
-
-def latest_loadable(directory: str, template: Any = None, trust_pickled: bool = False
-                    ) -> Tuple[Optional[str], Optional[Tuple[int, Any]], List[str]]:
+def latest_loadable(directory: str, template: Any = None) -> Tuple[Optional[str], Optional[Tuple[int, Any]], List[str]]:
   """(path, (step, tree)) of the newest checkpoint that loads into `template`, and the messages of the newer files
-  that did not (damaged, planted, of another structure, pickled unless `trust_pickled`)."""
+  that did not (damaged, planted, of another structure, pickled)."""
   found = numbered(directory) + numbered(directory, suffix=PICKLED_SUFFIX)
   problems = []
   for _, name in sorted(found, key=lambda item: (item[0], item[1].endswith(SUFFIX)), reverse=True):
     path = os.path.join(directory, name)
     try:
-      if trust_pickled and name.endswith(PICKLED_SUFFIX):
-        return path, load_pickled(path, template), problems
       return path, load(path, template), problems
     except (CheckpointError, FileNotFoundError) as e:  # FileNotFoundError: removed since it was listed.
       logging.warning('%s Using the checkpoint before it.', e)
       problems.append(str(e))
   return None, None, problems
-
-
-def migrate_pickled(directory: str, template: Any = None, prefix: str = PREFIX) -> List[str]:
-  """Rewrites each pickled file of `prefix` in `directory` as a checkpoint of this format (read back through
-  `template`), then removes it; the paths written. Reads pickles: only for files whose writers are trusted."""
-  written = []
-  for step, name in numbered(directory, prefix, PICKLED_SUFFIX):
-    old = os.path.join(directory, name)
-    _, state = _pickled_state(old, template)
-    path = write(directory, step, state, prefix)
-    load(path, template)  # As it will be read.
-    storage.path(old).unlink()
-    written.append(path)
-  return written

@@ -33,14 +33,9 @@ def saved(directory: str) -> List[Tuple[int, str]]:
 
 
 def pickled(directory: str) -> List[str]:
-  """The snapshots written before (pickled), which are not read (`migrate_pickled`)."""
+  """The snapshots of an earlier version (pickled), which are never read (`launch.migrate` converts them)."""
   return [os.path.join(directory, name)
           for _, name in checkpointing.numbered(directory, PREFIX, checkpointing.PICKLED_SUFFIX)]
-
-
-def migrate_pickled(directory: str) -> List[str]:
-  """Rewrites the pickled snapshots as checkpoints of today's format (reading pickles: trusted files only)."""
-  return checkpointing.migrate_pickled(directory, prefix=PREFIX)
 
 
 def load(path: str, params_template: Any = None) -> Tuple[int, Params, Params]:

@@ -26,10 +26,9 @@ class TrainingState(NamedTuple):
   opt_state: optax.OptState
   step: jax.Array  # Number of updates applied so far.
   rng: jax.Array
-  # theta_0, what l2_init pulls towards. Last and defaulted: a checkpoint written
-  # before it existed (5 fields) takes it from the template it is read into
-  # (agents/checkpointing.py), the learner's fresh state of the run's seed.
-  initial_params: Optional[Params] = None
+  # theta_0, what l2_init pulls towards (a checkpoint of an earlier version, without it, gets it from the run's seed
+  # through launch.migrate).
+  initial_params: Params
 
 
 # A target-update hook: (state after the target copy, fresh random parameters) -> state.

@@ -127,7 +127,7 @@ class Sim:
     """Whether every actor of the program, and every attached actor, has logged an episode."""
     acting = {r['actor_id'] for r in self.layout.records(RunLayout.ACTORS)}
     attached = self.settings.attached_actors * len(self.actor_hosts) if self.settings.mode == 'attached' else 0
-    return (acting >= set(range(self.config.num_actors))
+    return (acting >= set(range(self.config.launch.num_actors))
             and len([i for i in acting if i >= MAX_ACTORS]) >= attached)
 
   def evaluator_status(self) -> dict:
@@ -257,7 +257,7 @@ def reach(run_dir: str, timeout_s: float = 600.0, call_timeout_s: float = 10.0) 
 
 def _placement(sim: Sim) -> Callable[[str], netns.Host]:
   """Host 0: replay and learner; host 1: evaluator and evaluation; actors in equal blocks on the actor hosts."""
-  per_host = -(-sim.config.num_actors // len(sim.actor_hosts))
+  per_host = -(-sim.config.launch.num_actors // len(sim.actor_hosts))
 
   def host_of(node: str) -> netns.Host:
     group, index = node.rsplit('-', 1)
@@ -426,7 +426,8 @@ def main(argv):
     for name in settings.scenario.split(','):
       SCENARIOS.get(name.strip())
     if settings.mode == 'vertex_ai':
-      config = dataclasses.replace(config, launch_type=cluster_lib.LAUNCH_TYPE)
+      launch = dataclasses.replace(config.launch, launch_type=cluster_lib.LAUNCH_TYPE)
+      config = dataclasses.replace(config, launch=launch)
       train_lib.validate(config)
       mode = VertexAi()
     else:

@@ -34,8 +34,8 @@ def experiment_config() -> ExperimentConfig:
     raise ValueError('--run_dir is required (a new directory, or an existing run to resume).')
   family = environments.family(config.env)
   for field in FIELDS:  # An environment option set for a family that does not take it.
-    takers = environments.families_taking(field.path[0])
-    if takers and field.path[0] not in family.options and config_flags.value_of(config, field) != field.default:
+    takers = environments.families_taking(field.path[-1])
+    if takers and field.path[-1] not in family.options and config_flags.value_of(config, field) != field.default:
       raise ValueError(f'--{field.flag} applies to {", ".join(f"{name}:*" for name in takers)} envs only, not '
                        f'--env={config.env}.')
   if config.replay.min_size > config.replay.capacity:

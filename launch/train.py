@@ -15,11 +15,10 @@ full); 3 the learner diverged; 4 training finished without some probe points
 (the evaluator failed past its restarts and was disabled; a relaunch probes
 them); 130 interrupted (SIGINT, SIGTERM or SIGHUP).
 
-Checkpoints written before they were msgpack files are pickles, which run
-any code they name when read: they are not read unless
---trust_pickled_checkpoints says whoever could write the run directory is
-trusted, and then converted (with the pickled probe snapshots) before the
-launch.
+A run directory of an earlier version (single-file record streams, a
+configuration without its `launch` part) is refused, naming
+`python -m launch.migrate`, which rewrites it; its pickled checkpoints are
+named and never read.
 """
 
 import contextlib
@@ -54,7 +53,7 @@ from launch.program import launchpad_internals
 from launch.program import run_lock
 from launch.program import supervisor
 from launch.program import watchdog
-from probes.records.run_dir import ExperimentConfig, check_config, prepare_run_dir, write_config
+from probes.records.run_dir import ExperimentConfig, check_config, earlier_layout, prepare_run_dir, write_config
 from probes.records import loggers
 from probes.records.loggers import format_number
 from probes.figures import plots
@@ -67,11 +66,6 @@ POLL_S = 1.0  # How often the launcher looks at a live launch (lock, watchdog, l
 PROGRESS_EVERY_S = 10.0  # How often it prints the progress line.
 LOOK_EVERY_S = 5.0  # How often it reads the nodes' listening sockets.
 
-TRUST_PICKLED = flags.DEFINE_bool(
-    'trust_pickled_checkpoints', False, 'Read the run directory\'s pickled checkpoints and probe snapshots (written '
-    'before they were msgpack files) and convert them. A pickle runs any code it names: only if everyone who could '
-    'write the run directory is trusted.')
-
 
 class ExitCode(enum.IntEnum):
   FINISHED = 0
@@ -82,25 +76,30 @@ class ExitCode(enum.IntEnum):
   INTERRUPTED = 130
 
 
-def validate(config: ExperimentConfig, trust_pickled: bool = False):
+def validate(config: ExperimentConfig):
   """Builds the environment and agent once, and reads the checkpoints, so bad input fails before any launch, and
   warns of the files it cannot read. (data source, the training state's structure: `jax.eval_shape`, so that the
   launcher's own JAX computes nothing and takes no GPU memory.)"""
+  earlier = earlier_layout(config.layout)
+  if earlier:
+    raise ValueError(f'--run_dir={config.run_dir} was written by an earlier version ({", ".join(earlier)}): '
+                     f'`{checkpointing.MIGRATE_COMMAND} {config.run_dir}` rewrites it in this version\'s layout.')
   env = environments.make(config.env, seed=config.seed, **config.env_options())
   agent = make_agent(config.agent, env.action_spec().num_values)
   placement.run_envs(config)
   spec = env.observation_spec()
   template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
-  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints, template, trust_pickled)
+  path, _, problems = checkpointing.latest_loadable(config.layout.checkpoints, template)
   _warn_skipped(path, problems)
   if problems and path is None:
     raise ValueError(f'No checkpoint in {config.layout.checkpoints} is readable (the warnings above say why); move '
-                     f'them away to start the run over, or, for pickled ones that you trust, use '
-                     f'{checkpointing.TRUST_FLAG}.')
+                     f'them away to start the run over (pickled ones that you trust: '
+                     f'`{checkpointing.MIGRATE_COMMAND} --trust_pickled_checkpoints {config.run_dir}` converts them).')
   pickled = snapshots.pickled(config.layout.probe_snapshots)
-  if pickled and not trust_pickled:
-    _warn(f'{len(pickled)} probe snapshot(s) in {config.layout.probe_snapshots} are pickled (written before they '
-          f'were msgpack files): not probed. {checkpointing.TRUST_FLAG} converts them.')
+  if pickled:
+    _warn(f'{len(pickled)} probe snapshot(s) in {config.layout.probe_snapshots} are pickled (an earlier version\'s '
+          f'format): not probed. `{checkpointing.MIGRATE_COMMAND} --trust_pickled_checkpoints {config.run_dir}` '
+          f'converts them, if everyone who could write them is trusted.')
   return env.data_source, template
 
 
@@ -283,7 +282,8 @@ class Supervision:
   def __init__(self, config: ExperimentConfig, lock: Optional[run_lock.RunLock]):
     self._config = config
     self._lock = lock
-    self._watchdog = watchdog.start(_notice_s() + WATCHDOG_MARGIN_S) if config.launch_type == 'local_mp' else None
+    local_mp = config.launch.launch_type == 'local_mp'
+    self._watchdog = watchdog.start(_notice_s() + WATCHDOG_MARGIN_S) if local_mp else None
     self._looked = 0.0
 
   def tick(self, manager=None) -> str:
@@ -306,10 +306,11 @@ class Supervision:
     if time.monotonic() - self._looked < LOOK_EVERY_S:
       return ''
     self._looked = time.monotonic()
-    pids = [process.pid for process in nodes] or ([os.getpid()] if self._config.launch_type == 'local_mt' else [])
-    exposed = network.exposed_listeners(pids, self._config.bind_host)
+    local_mt = self._config.launch.launch_type == 'local_mt'
+    pids = [process.pid for process in nodes] or ([os.getpid()] if local_mt else [])
+    exposed = network.exposed_listeners(pids, self._config.launch.bind_host)
     if exposed:
-      return (f'The run\'s servers listen beyond --bind_host={self._config.bind_host}: {"; ".join(exposed)} '
+      return (f'The run\'s servers listen beyond --bind_host={self._config.launch.bind_host}: {"; ".join(exposed)} '
               f'(the bind library did not take: docs/distributed.md, "Who can reach a run"). Stopping the run; '
               f'--bind_host=0.0.0.0 runs it on every interface knowingly.')
     return ''
@@ -348,10 +349,10 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   log_dir = config.layout.local_logs(attempt)
   os.makedirs(log_dir, exist_ok=True)
   program = program_lib.make_program(config, attempt)
-  if config.launch_type == 'local_mp':
+  if config.launch.launch_type == 'local_mp':
     launchpad_internals.set_local_log_dir(log_dir)
     # Actors and the evaluator are restarted in place; any other failure ends this launch.
-    with supervisor.supervised(config.max_restarts, supervisor.RestartRecords(config.layout, attempt)):
+    with supervisor.supervised(config.launch.max_restarts, supervisor.RestartRecords(config.layout, attempt)):
       manager = lp.launch(program, launch_type='local_mp', terminal='output_to_files',
                           local_resources=program_lib.local_resources(config))
   else:
@@ -399,7 +400,7 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   program_lib.withdraw_addresses(config)  # Every node has stopped: nothing answers at the published addresses.
   say_restored()
   _print_problems(config, since=launched)
-  if config.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
+  if config.launch.launch_type == 'local_mt' and not storage.is_local(config.run_dir):
     time.sleep(loggers.FLUSH_SECONDS + 1)  # The nodes' threads upload their last records (`probes.records.loggers`).
   full = [r for r in config.layout.records(RunLayout.PROBLEMS)
           if r.get('kind') == 'full' and r['time'] >= launched] if failure else []
@@ -452,7 +453,7 @@ def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLoc
       return ExitCode.NODE_FAILED
     if time.monotonic() - started >= supervisor.HEALTHY_S:
       in_a_row = 0
-    if in_a_row >= config.max_restarts:
+    if in_a_row >= config.launch.max_restarts:
       return ExitCode.NODE_FAILED
     relaunches, in_a_row = relaunches + 1, in_a_row + 1
     learner = last_record(layout.records(RunLayout.LEARNER))
@@ -473,7 +474,7 @@ def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLoc
         return ExitCode.NODE_FAILED
       print(f'Warning: the relaunch record could not be written ({e!r}).', file=sys.stderr, flush=True)
     delay = supervisor.RELAUNCH_BACKOFF.delay(in_a_row)
-    print(f'Relaunching from the checkpoints ({in_a_row}/{config.max_restarts}) in {delay:.0f} s: the learner '
+    print(f'Relaunching from the checkpoints ({in_a_row}/{config.launch.max_restarts}) in {delay:.0f} s: the learner '
           f'resumes at step {resumed_at}.', flush=True)
     if guard.wait(delay):
       return ExitCode.INTERRUPTED
@@ -482,7 +483,7 @@ def supervise(config: ExperimentConfig, template, lock: Optional[run_lock.RunLoc
 def _results(layout: RunLayout) -> str:
   """The result files and directories that hold something, for the final message."""
   streams = (RunLayout.LEARNER, RunLayout.ACTORS, RunLayout.PROBES, RunLayout.DIAGNOSTICS, RunLayout.EVALUATION)
-  paths = [layout.stream(name) for name in streams] + [layout.legacy_records(name) for name in streams]
+  paths = [layout.stream(name) for name in streams]
   paths += [layout.probe_set, layout.checkpoints, layout.tensorboard(), layout.plots]
   present = [os.path.relpath(p, layout.root) + ('/' if storage.path(p).is_dir() else '') for p in paths
              if storage.holds_something(p)]
@@ -496,11 +497,11 @@ def restrict_servers(config: ExperimentConfig) -> None:
   """The run's servers listen on `--bind_host` only (`launch.program.network`): a `ValueError` where that cannot be
   (a run on every interface is asked for with --bind_host=0.0.0.0), a warning where other hosts can reach them."""
   try:
-    network.restrict_servers(config.bind_host, this_process=config.launch_type == 'local_mt')
+    network.restrict_servers(config.launch.bind_host, this_process=config.launch.launch_type == 'local_mt')
   except network.Unenforceable as e:
     raise ValueError(f'{e} Refusing to start: --bind_host=0.0.0.0 runs it on every interface knowingly.') from e
-  if network.exposure(config.bind_host):
-    print(f'Warning: {network.exposure(config.bind_host)}', file=sys.stderr, flush=True)
+  if network.exposure(config.launch.bind_host):
+    print(f'Warning: {network.exposure(config.launch.bind_host)}', file=sys.stderr, flush=True)
 
 
 def _lock(config: ExperimentConfig) -> run_lock.RunLock:
@@ -526,17 +527,17 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   with _bad_input(config):
-    network.check(config.bind_host, config.publish_host)
+    network.check(config.launch.bind_host, config.launch.publish_host)
     cluster = cluster_lib.cluster_config(config)
-    if not cluster.dry_run and config.launch_type != cluster_lib.LAUNCH_TYPE:
+    if not cluster.dry_run and config.launch.launch_type != cluster_lib.LAUNCH_TYPE:
       restrict_servers(config)  # Before anything slow: under local_mt this process re-executes itself.
-    data_source, template = validate(config, TRUST_PICKLED.value)
+    data_source, template = validate(config)
     if cluster.dry_run:  # Nothing written: the run directory only read.
       check_config(config)
       print(cluster_lib.dry_run(config, cluster))
       return
     resumed = prepare_run_dir(config)
-    lock = _lock(config) if config.launch_type != cluster_lib.LAUNCH_TYPE else None
+    lock = _lock(config) if config.launch.launch_type != cluster_lib.LAUNCH_TYPE else None
   try:
     run(config, cluster, resumed, data_source, template, lock)
   finally:
@@ -551,14 +552,12 @@ def run(config: ExperimentConfig, cluster, resumed: bool, data_source: str, temp
   with _bad_input(config):
     write_config(config)
     config.layout.local_logs(config.layout.attempts() + 1)  # A bucket run's node logs: a directory of this user's.
-    if TRUST_PICKLED.value:
-      _convert_pickled(config, template)
   # The data is now resolved (and cached, if a download worked): nodes must not each retry a failed download.
   os.environ[datasets.DOWNLOAD_ENV] = '0'
   print(f'{"Resuming" if resumed else "Starting"} run in {config.run_dir}: {config.env} '
-        f'({data_source}), {config.num_actors} actors, {config.launch_type}, '
+        f'({data_source}), {config.launch.num_actors} actors, {config.launch.launch_type}, '
         f'{config.max_learner_steps} learner steps, probe every {config.probe_every}.', flush=True)
-  if config.launch_type == cluster_lib.LAUNCH_TYPE:
+  if config.launch.launch_type == cluster_lib.LAUNCH_TYPE:
     cluster_lib.submit(config, cluster)
     print(f'Submitted: the nodes write {config.run_dir}; relaunch the same command to resume it.')
     return
@@ -588,7 +587,8 @@ def _run(config: ExperimentConfig, template, lock: Optional[run_lock.RunLock]) -
     missing = unprobed_points(config, training_end(config))
     sys.exit(_fail(code, f'Training finished, but the probe points at learner steps '
                    f'{", ".join(map(str, missing))} were not probed: the evaluator failed past --max_restarts='
-                   f'{config.max_restarts} restarts in place and was disabled ({layout.stream(RunLayout.RESTARTS)}; '
+                   f'{config.launch.max_restarts} restarts in place and was disabled '
+                   f'({layout.stream(RunLayout.RESTARTS)}; '
                    f'its log in {layout.logs}). Their snapshot files wait in {layout.probe_snapshots}: relaunch '
                    f'the same command to probe them.'))
   if code != ExitCode.FINISHED:
@@ -597,15 +597,6 @@ def _run(config: ExperimentConfig, template, lock: Optional[run_lock.RunLock]) -
   if not learner or learner['learner_step'] < config.max_learner_steps:
     sys.exit(_fail(ExitCode.NODE_FAILED, f'The learner stopped before --max_learner_steps={config.max_learner_steps}'
                    f'; see {layout.logs}.'))
-
-
-def _convert_pickled(config: ExperimentConfig, template) -> None:
-  """Converts the run directory's pickled checkpoints and probe snapshots (`--trust_pickled_checkpoints`)."""
-  converted = (checkpointing.migrate_pickled(config.layout.checkpoints, template)
-               + snapshots.migrate_pickled(config.layout.probe_snapshots))
-  if converted:
-    print(f'Converted {len(converted)} pickled checkpoint(s) and probe snapshot(s) to msgpack files (the pickles '
-          f'removed): {", ".join(os.path.basename(path) for path in converted)}.', flush=True)
 
 
 def _fail(code: ExitCode, message: str) -> int:

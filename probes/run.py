@@ -9,9 +9,9 @@ point of the run). For a run without one, it collects its own: the
 transitions met by the checkpoint's own epsilon-greedy policy acting in the
 run's environment (the distribution a live replay would hold), saved beside
 the results. Results go to RUN_DIR/offline/<checkpoint name>/ (or --out_dir),
-in the same files an evaluator writes. A pickled checkpoint (`.pkl`, the
-format before) is read only with --trust_pickled_checkpoints: a pickle runs
-any code it names.
+in the same files an evaluator writes. A pickled checkpoint (`.pkl`, an
+earlier version's format) is never read: `python -m launch.migrate` converts
+the run directory.
 """
 
 import os
@@ -35,9 +35,6 @@ from probes.records.run_dir import ExperimentConfig, RunLayout, load_config
 
 CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                  'Path of a learner checkpoint (RUN_DIR/checkpoints/learner_<step>.msgpack).')
-TRUST_PICKLED = flags.DEFINE_bool('trust_pickled_checkpoints', False,
-                                  'Read a pickled checkpoint (.pkl, written before checkpoints were msgpack files). A '
-                                  'pickle runs any code it names: only if whoever could write it is trusted.')
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where to write (default: RUN_DIR/offline/<checkpoint name>).')
 OVERRIDES = config_flags.define(
     ExperimentConfig, overrides=True, help_suffix=' (Default: as the run has it.)',
@@ -57,11 +54,10 @@ def collect_transitions(config: ExperimentConfig, params, num: int, seed: int) -
 
 
 def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int = 0,
-                      override: Callable[[ExperimentConfig], ExperimentConfig] = lambda config: config,
-                      trust_pickled: bool = False) -> dict:
+                      override: Callable[[ExperimentConfig], ExperimentConfig] = lambda config: config) -> dict:
   """Probes one checkpoint with the run's settings (`override` may change them); returns the record written
   to OUT_DIR's probes stream. A ValueError naming the checkpoint if it is not one of this run's (damaged,
-  planted, pickled unless `trust_pickled`)."""
+  planted, pickled)."""
   if not storage.path(checkpoint).is_file():
     raise ValueError(f'--checkpoint={checkpoint} is not a file.')
   location = os.path.abspath(checkpoint) if '://' not in checkpoint else checkpoint
@@ -71,9 +67,7 @@ def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int 
   agent = make_agent(config.agent, env.action_spec().num_values)
   spec = env.observation_spec()
   template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
-  read = checkpointing.load_pickled if trust_pickled and checkpoint.endswith(checkpointing.PICKLED_SUFFIX) \
-      else checkpointing.load
-  step, state = read(checkpoint, template)
+  step, state = checkpointing.load(checkpoint, template)
   params, target_params = jax.tree_util.tree_map(jax.numpy.asarray, (state.params, state.target_params))
   run = RunLayout(run_dir)
   out = RunLayout(out_dir) if out_dir else run.offline(checkpoint)
@@ -95,7 +89,7 @@ def main(argv):
     raise app.UsageError('--checkpoint is required.')
   try:
     record = run_on_checkpoint(CHECKPOINT.value, OUT_DIR.value, SEED.value,
-                               lambda config: config_flags.apply_overrides(config, OVERRIDES), TRUST_PICKLED.value)
+                               lambda config: config_flags.apply_overrides(config, OVERRIDES))
   except ValueError as e:
     raise app.UsageError(str(e))
   print(f'{CHECKPOINT.value} (learner step {record["learner_step"]}): plasticity {record["plasticity"]:.4f} '

@@ -18,7 +18,7 @@ import pytest
 
 from launch.program import cluster
 from launch import flags as run_flags
-from probes.records.run_dir import ExperimentConfig, RunLayout, check_config, write_or_check_config
+from probes.records.run_dir import ExperimentConfig, LaunchConfig, RunLayout, check_config, write_or_check_config
 from tests.conftest import ROOT
 
 POOL = re.compile(r'^  (workerpool\d): replicas=(\d+) machine=(\S+) accelerator=(.+?) image=(\w+) .*nodes=(.+)$')
@@ -141,7 +141,8 @@ def test_the_dry_runs_check_of_an_existing_run_reads_only(tmp_path):
   assert not check_config(config) and not os.path.exists(config.run_dir)
   write_or_check_config(config)
   before = {name: os.path.getmtime(os.path.join(config.run_dir, name)) for name in os.listdir(config.run_dir)}
-  assert check_config(dataclasses.replace(config, num_actors=300))  # A resumable difference.
+  more_actors = dataclasses.replace(config, launch=LaunchConfig(num_actors=300), max_learner_steps=10**6)
+  assert check_config(more_actors)  # Resumable differences: how it is launched, how long it trains.
   with pytest.raises(ValueError, match=re.escape("seed: 0 -> 1")):
     check_config(dataclasses.replace(config, seed=1))
   assert {name: os.path.getmtime(os.path.join(config.run_dir, name)) for name in os.listdir(config.run_dir)} == before

@@ -63,10 +63,7 @@ def test_attached_actor_ids_are_claimed_once_above_the_programs_actors(tmp_path)
 def test_an_actors_counters_go_on_from_its_own_last_record(tmp_path):
   from launch.program.graph import actor_progress, actor_writer
   layout = RunLayout(str(tmp_path))
-  with open(layout.legacy_records(RunLayout.ACTORS), 'w') as f:  # A run written before a file per writer.
-    f.write('{"actor_id": 0, "episode": 1, "env_steps": 100, "time": 1}\n{"actor_id": 1, "episode": 1, '
-            '"env_steps": 100, "time": 2}\n')
-  for actor_id, episode in [(0, 2), (1, 2), (0, 3), (2, 1)]:
+  for actor_id, episode in [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (2, 1)]:
     logger = layout.logger(RunLayout.ACTORS, actor_writer(actor_id), tensorboard=False,
                            extra={'actor_id': actor_id})
     logger({'episode': episode, 'env_steps': 100 * episode})

@@ -92,5 +92,5 @@ def test_every_field_of_the_experiment_is_a_flag_and_can_be_set_by_a_preset(monk
     preset = experiment_config()
     assert config_flags.value_of(preset, field) == as_config, field.flag
     monkeypatch.setitem(run_flags.PRESETS, 'mdp', {})
-  assert experiment_config('--data_dir=/data').data_dir == '/data'
+  assert experiment_config('--data_dir=/data').launch.data_dir == '/data'
   assert experiment_config('--env=atari:pong', '--sticky_action_probability=0.25').sticky_action_probability == 0.25

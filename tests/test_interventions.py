@@ -2,8 +2,6 @@
 
 import dataclasses
 import itertools
-import os
-import pickle
 
 import chex
 import jax
@@ -11,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import checkpointing, interventions, networks, snapshots
+from agents import interventions, networks, snapshots
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.learner import Learner
@@ -126,7 +124,7 @@ def test_l2_init_adds_its_gradient_to_the_td_gradient_in_the_update():
                          updated[()].initial_params)
 
 
-def test_initial_parameters_survive_checkpoints_and_old_checkpoints_get_the_seeds(tmp_path):
+def test_initial_parameters_survive_checkpoints(tmp_path):
   config = AgentConfig(width_multiplier=0.05, batch_size=4, interventions=('l2_init',), l2_init=0.1)
   agent, dummy = make_agent(config, 3), np.zeros((8, 8, 1), np.uint8)
   learner = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
@@ -136,18 +134,6 @@ def test_initial_parameters_survive_checkpoints_and_old_checkpoints_get_the_seed
   resumed = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'new'))
   assert resumed.step_count == 5
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.state.initial_params, theta_0)
-  # A checkpoint written before TrainingState had initial_params (5 fields), pickled as checkpoints were then and
-  # converted (--trust_pickled_checkpoints): the learner fills theta_0 in from its seed, the run's own.
-  os.makedirs(tmp_path / 'old')
-  with open(checkpointing.path_for(str(tmp_path / 'old'), 5, suffix=checkpointing.PICKLED_SUFFIX), 'wb') as f:
-    pickle.dump({'step': 5, 'state': tuple(jax.device_get(learner.state))[:5]}, f)
-  assert len(checkpointing.migrate_pickled(str(tmp_path / 'old'), learner.state)) == 1
-  old = Learner(agent, config, random_batches(4, INPUT), dummy, seed=3, checkpoint_dir=str(tmp_path / 'old'))
-  assert old.step_count == 5
-  jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.initial_params, theta_0)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, old.state.params, learner.state.params)
-  old.run(max_steps=7)
-  assert old.step_count == 7 and 'initial_params' in checkpointing.load(checkpointing.latest(str(tmp_path / 'old')))[1]
 
 
 def test_every_chain_lists_its_architectures_weight_layers_in_hidden_order():

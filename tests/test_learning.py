@@ -322,7 +322,7 @@ def test_a_planted_checkpoint_runs_no_code_and_is_skipped_for_the_one_before_it(
   resumed = Learner(agent, config, random_batches(8), dummy, checkpoint_dir=folder)
   assert resumed.step_count == 10 and not os.path.exists(marker)
   _, _, problems = checkpointing.latest_loadable(folder, resumed.state)
-  assert len(problems) == 2 and planted in problems[0] and checkpointing.TRUST_FLAG in problems[0]
+  assert len(problems) == 2 and planted in problems[0] and checkpointing.MIGRATE_COMMAND in problems[0]
   assert foreign in problems[1] and 'not a readable checkpoint' in problems[1]
   assert not os.path.exists(marker)
   # A checkpoint whose pickle names functions is not read by the snapshot reader either.

@@ -21,7 +21,7 @@ from agents.prefetch import Prefetcher, SourceFailed
 from agents.types import Transition
 from launch.program import placement
 from launch.program import replay
-from probes.records.run_dir import ExperimentConfig, RunLayout
+from probes.records.run_dir import ExperimentConfig, LaunchConfig, RunLayout
 from tests.conftest import ROOT, ThreeStepEpisodes, random_batches
 
 SPEC = specs.Array((3,), np.uint8)
@@ -263,7 +263,8 @@ def test_placement_gives_each_node_group_its_environment(devices, gpus, learner,
     ('auto', 'cpu', 0, ('0',), {'learner': 'gpu'}),
 ])
 def test_auto_places_on_a_visible_gpu(learner_device, evaluator_device, probe_every, gpus, expected):
-  config = ExperimentConfig(learner_device=learner_device, evaluator_device=evaluator_device, probe_every=probe_every)
+  config = ExperimentConfig(launch=LaunchConfig(learner_device=learner_device, evaluator_device=evaluator_device),
+                            probe_every=probe_every)
   assert placement.resolve(config, gpus) == expected
 
 
@@ -273,10 +274,10 @@ def test_a_gpu_asked_for_where_none_is_visible_or_under_local_mt_is_a_clear_erro
   placement.visible_gpus.cache_clear()
   assert placement.visible_gpus() == ()
   with pytest.raises(ValueError, match='--evaluator_device=gpu, but no GPU is visible'):
-    placement.run_envs(ExperimentConfig(evaluator_device='gpu'))
+    placement.run_envs(ExperimentConfig(launch=LaunchConfig(evaluator_device='gpu')))
   with pytest.raises(ValueError, match='--learner_device=cpu applies under --launch_type=local_mp only'):
-    placement.run_envs(ExperimentConfig(learner_device='cpu', launch_type='local_mt'))
-  assert placement.run_envs(ExperimentConfig(launch_type='local_mt')) == {}
+    placement.run_envs(ExperimentConfig(launch=LaunchConfig(learner_device='cpu', launch_type='local_mt')))
+  assert placement.run_envs(ExperimentConfig(launch=LaunchConfig(launch_type='local_mt'))) == {}
   run_dir = tmp_path / 'run'
   result = subprocess.run([sys.executable, '-m', 'launch.train', f'--run_dir={run_dir}', '--learner_device=gpu'],
                           cwd=ROOT, env={**os.environ, 'PLASTICITY_DOWNLOAD': '0'}, capture_output=True, text=True,

@@ -50,13 +50,17 @@ def test_records_merge_the_writers_files_by_time_keeping_each_writers_order(tmp_
   assert layout.records('learner') == []  # A stream nobody has written yet.
 
 
-def test_an_old_single_file_directory_is_read_and_resumes_into_the_new_layout(tmp_path):
+def test_an_old_single_file_directory_is_named_for_migration_then_read_and_resumed_in_the_new_layout(tmp_path):
+  from launch import migrate  # pylint: disable=import-outside-toplevel
   layout = RunLayout(str(tmp_path))
   old = [{'learner_step': step, 'attempt': 1, 'plasticity': 0.5 - step / 1e4, 'probe_steps': 10, 'num_targets': 2,
           'final_loss_mean': 0.1, 'final_loss_std': 0.0, 'baseline': 0.6, 'curve': [[0, 0.5], [5, 0.2]],
           'time': 100.0 + step} for step in (0, 1000)]
   _write_lines(os.path.join(str(tmp_path), 'probes.jsonl'), old)  # As written before a file per writer.
-  assert layout.legacy_records('probes') == os.path.join(str(tmp_path), 'probes.jsonl')
+  assert layout.single_file_records('probes') == os.path.join(str(tmp_path), 'probes.jsonl')
+  with pytest.raises(ValueError, match=rf'earlier version.*`python -m launch\.migrate {tmp_path}`'):
+    plots.write_report(str(tmp_path))
+  migrate.migrate_records(layout)
   assert layout.records('probes') == old
   assert [os.path.basename(p) for p in plots.write_report(str(tmp_path))] == ['probe_curves.png', 'plasticity.png']
   # A resumed run writes the new layout; readers see the old records, then the new.

@@ -403,7 +403,7 @@ def test_a_torn_record_a_planted_pickle_and_damaged_files_are_named_and_survived
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   assert not os.path.exists(marker)
   # Each problem is a warning on the launcher's output, naming the file.
-  assert f'{planted} is a pickled checkpoint' in second.stderr and checkpointing.TRUST_FLAG in second.stderr
+  assert f'{planted} is a pickled checkpoint' in second.stderr and checkpointing.MIGRATE_COMMAND in second.stderr
   assert (f'{damaged} is damaged: its content does not match its checksum. Resuming from '
           f'{checkpointing.path_for(layout.checkpoints, 100)}') in second.stderr
   assert f'{layout.probe_set} is not a readable probe set' in second.stderr

@@ -94,9 +94,9 @@ def _wait(sim: cluster_sim.Sim, seconds: float) -> None:
 def run_actor_hosts(base: ExperimentConfig, count: int, latencies: Sequence[float], directory: str,
                     report: Callable[[Row], None]) -> None:
   """One run with `count` actor hosts; a row per latency, to `report`."""
-  config = dataclasses.replace(base, run_dir=os.path.join(directory, f'run-{count}-hosts'),
-                               num_actors=count * ACTORS_PER_HOST.value, launch_type='vertex_ai', probe_every=0,
-                               max_learner_steps=10**9)
+  launch = dataclasses.replace(base.launch, num_actors=count * ACTORS_PER_HOST.value, launch_type='vertex_ai')
+  config = dataclasses.replace(base, run_dir=os.path.join(directory, f'run-{count}-hosts'), launch=launch,
+                               probe_every=0, max_learner_steps=10**9)
   settings = cluster_sim.SimConfig(actor_hosts=count, sim_dir=os.path.join(directory, f'sim-{count}-hosts'))
   os.makedirs(settings.sim_dir, exist_ok=True)
   with netns.Cluster(2 + count) as net:

@@ -68,10 +68,10 @@ FIELDS = config_flags.define(ClusterConfig)
 def cluster_config(config: ExperimentConfig) -> ClusterConfig:
   """The parsed cluster flags, checked against the experiment's launch type; a ValueError naming the flag."""
   cluster = config_flags.build(ClusterConfig, FIELDS)
-  if config.launch_type != LAUNCH_TYPE:
+  if config.launch.launch_type != LAUNCH_TYPE:
     if cluster.dry_run:
       raise ValueError(f'--dry_run plans a cluster launch: it needs --launch_type={LAUNCH_TYPE} '
-                       f'(--launch_type={config.launch_type} starts the run on this machine).')
+                       f'(--launch_type={config.launch.launch_type} starts the run on this machine).')
     return cluster
   if not config.run_dir.startswith(RUN_DIR_PREFIX):
     raise ValueError(f'--run_dir={config.run_dir}: with --launch_type={LAUNCH_TYPE} every node writes the run '

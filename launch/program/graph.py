@@ -95,7 +95,7 @@ class LearnerNode:
     observation_spec, num_actions = environment_specs(config)
     agent = make_agent(config.agent, num_actions)
     dummy = np.zeros(observation_spec.shape, observation_spec.dtype)
-    updates_per_call = resolve_updates_per_call(config.updates_per_call, agent.network, dummy)
+    updates_per_call = resolve_updates_per_call(config.launch.updates_per_call, agent.network, dummy)
     iterator = replay.batch_iterator(replay_client.server_address, config.agent.batch_size,
                                     should_stop=_stop_requested, prefetch=2 * updates_per_call)
     self._learner = Learner(
@@ -169,7 +169,7 @@ def run_actor(config: ExperimentConfig, actor_id: int, attempt: int,
   """
   seed = actor_seed(config.seed, actor_id, attempt, restart)
   envs = [environments.make(config.env, seed=env_seed, **config.env_options())
-          for env_seed in environment_seeds(seed, config.envs_per_actor)]
+          for env_seed in environment_seeds(seed, config.launch.envs_per_actor)]
   episodes, env_steps = actor_progress(config.layout, actor_id)
   logging.info('Actor %d on %d x %s, data: %s; restart %d, going on from episodes %s (%d env steps).', actor_id,
                len(envs), config.env, envs[0].data_source, restart, episodes, env_steps)
@@ -225,12 +225,12 @@ def make_evaluator(config: ExperimentConfig, out: RunLayout, params_source: Para
 
 def publish_addresses(config: ExperimentConfig, learner_address: str, replay_address: str) -> None:
   """Writes where the live run's learner and replay answer, for `launch.attach_evaluator`."""
-  if config.launch_type == 'vertex_ai':  # A replica's address is its host's, from Vertex AI's CLUSTER_SPEC.
+  if config.launch.launch_type == 'vertex_ai':  # A replica's address is its host's, from Vertex AI's CLUSTER_SPEC.
     address = lambda node: node
   else:
-    address = lambda node: network.published(node, config.bind_host, config.publish_host)
+    address = lambda node: network.published(node, config.launch.bind_host, config.launch.publish_host)
   record = {'learner': address(learner_address), 'replay': address(replay_address), 'host': socket.gethostname(),
-            'bind_host': config.bind_host, 'launch_type': config.launch_type, 'written_at': time.time()}
+            'bind_host': config.launch.bind_host, 'launch_type': config.launch.launch_type, 'written_at': time.time()}
   storage.write_atomically(config.layout.addresses, json.dumps(record, indent=2).encode())
 
 
@@ -296,24 +296,25 @@ class EvaluationNode:
 def make_program(config: ExperimentConfig, attempt: int = 1) -> lp.Program:
   """The program of one launch of the run; `attempt` (1, 2, ... per launch) is in every record it writes."""
   observation_spec, _ = environment_specs(config)
+  host = config.launch.bind_host
   program = lp.Program(name='plasticity')
   with program.group('replay'):
     replay_handle = program.add_node(replay.ReplayNode(
         lambda: replay.make_tables(config.replay, observation_spec), config.layout,
-        config.replay.checkpoint_every_minutes).on_host(config.bind_host))
+        config.replay.checkpoint_every_minutes).on_host(host))
   with program.group('learner'):
-    learner = program.add_node(CourierNode(LearnerNode, config, attempt, replay_handle).on_host(config.bind_host))
+    learner = program.add_node(CourierNode(LearnerNode, config, attempt, replay_handle).on_host(host))
   with program.group('actor'):
-    for actor_id in range(config.num_actors):
+    for actor_id in range(config.launch.num_actors):
       program.add_node(CourierNode(ActorNode, config, attempt, actor_id, learner, replay_handle)
-                       .on_host(config.bind_host))
+                       .on_host(host))
   if config.evaluation.enabled:
     with program.group('evaluation'):
-      program.add_node(CourierNode(EvaluationNode, config, attempt, learner).on_host(config.bind_host))
+      program.add_node(CourierNode(EvaluationNode, config, attempt, learner).on_host(host))
   if config.probe_every > 0:
     with program.group('evaluator'):
       program.add_node(CourierNode(EvaluatorNode, config, attempt, learner, replay_handle)
-                       .on_host(config.bind_host))
+                       .on_host(host))
   return program
 
 

@@ -63,14 +63,15 @@ def node_envs(devices: Dict[str, str], gpus: Sequence[str]) -> Dict[str, Dict[st
 def resolve(config: ExperimentConfig, gpus: Sequence[str]) -> Dict[str, str]:
   """The device (`cpu`, `gpu`) of each GPU node in the program; a ValueError naming the flag when one cannot be
   honoured."""
-  requested = {'learner': config.learner_device}
+  requested = {'learner': config.launch.learner_device}
   if config.probe_every > 0:
-    requested['evaluator'] = config.evaluator_device
+    requested['evaluator'] = config.launch.evaluator_device
   devices = {}
   for node, device in requested.items():
-    if config.launch_type != 'local_mp' and device != 'auto':
+    if config.launch.launch_type != 'local_mp' and device != 'auto':
       raise ValueError(f'--{node}_device={device} applies under --launch_type=local_mp only: under '
-                       f'{config.launch_type} every node runs in the launcher\'s process on JAX\'s default device '
+                       f'{config.launch.launch_type} every node runs in the launcher\'s process on JAX\'s default '
+                       f'device '
                        f'(set JAX_PLATFORMS for the launcher instead), and only auto is accepted.')
     if device == 'gpu' and not gpus:
       raise ValueError(f'--{node}_device=gpu, but no GPU is visible to JAX (JAX_PLATFORMS='
@@ -83,7 +84,7 @@ def resolve(config: ExperimentConfig, gpus: Sequence[str]) -> Dict[str, str]:
 
 def run_envs(config: ExperimentConfig) -> Dict[str, Dict[str, str]]:
   """The node groups' environments of this run under local_mp ({} under local_mt); checks the flags."""
-  if config.launch_type != 'local_mp':
+  if config.launch.launch_type != 'local_mp':
     resolve(config, ())  # Only `auto` passes; nothing to place.
     return {}
   gpus = visible_gpus()

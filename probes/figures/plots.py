@@ -34,7 +34,7 @@ import numpy as np
 
 from agents import storage
 from probes.records.loggers import format_number
-from probes.records.run_dir import RunLayout
+from probes.records.run_dir import MIGRATE_COMMAND, RunLayout
 
 Record = Dict[str, object]
 
@@ -200,8 +200,10 @@ def write_report(run_dir: str) -> List[str]:
   layout = RunLayout(run_dir)
   records = read_stream(layout, RunLayout.PROBES)
   if not records:
-    raise ValueError(f'{run_dir} holds no probe record (in {layout.stream(RunLayout.PROBES)}/ or, written before '
-                     f'streams had a file per writer, {layout.legacy_records(RunLayout.PROBES)}): is it a run '
+    if storage.path(layout.single_file_records(RunLayout.PROBES)).exists():
+      raise ValueError(f'{run_dir} holds its probe records in an earlier version\'s layout '
+                       f'({layout.single_file_records(RunLayout.PROBES)}): `{MIGRATE_COMMAND} {run_dir}` rewrites it.')
+    raise ValueError(f'{run_dir} holds no probe record (in {layout.stream(RunLayout.PROBES)}/): is it a run '
                      f'directory with an evaluator (--probe_every > 0), past its first probe point?')
   title = os.path.basename(os.path.normpath(run_dir))
   written = [_save(plot_probe_curves(records, title), layout.plot('probe_curves')),

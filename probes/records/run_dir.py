@@ -28,12 +28,13 @@ from probes.measures.plasticity import ProbeConfig
 
 _WRITER = re.compile(r'^[A-Za-z0-9_-]+$')
 
-# Fields that may differ when a run directory is resumed (they do not change what is learnt).
 # The program's actors have ids below it; actors attached to a live run (launch.attach_actors) from it up.
 MAX_ACTORS = 1000
-RESUMABLE_FIELDS = ('max_learner_steps', 'num_actors', 'envs_per_actor', 'launch_type', 'run_dir', 'data_dir',
-                    'max_restarts', 'evaluation', 'bind_host', 'publish_host', 'learner_device', 'evaluator_device',
-                    'updates_per_call')
+# What may differ when a run directory is resumed: how it is launched (`launch`), where it is (`run_dir`), how long it
+# trains (a finished run is extended by a larger --max_learner_steps) and its evaluation episodes (a measurement that
+# changes nothing learnt). Everything else in config.json is compared.
+RESUMABLE_FIELDS = ('run_dir', 'launch', 'max_learner_steps', 'evaluation')
+MIGRATE_COMMAND = 'python -m launch.migrate'  # Rewrites a run directory of an earlier version (launch/migrate.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class RunLayout:
   RESTARTS = 'restarts'  # Written by the launcher: one record per relaunch after a node failure.
   EVALUATION = 'evaluation'  # Evaluation episodes (probes/evaluation.py).
   PROBLEMS = 'problems'  # Damaged files found and writes that failed (`report_problem`): the launcher prints them.
+  STREAMS = (LEARNER, ACTORS, PROBES, DIAGNOSTICS, RESTARTS, EVALUATION, PROBLEMS)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
@@ -64,15 +66,15 @@ class RunLayout:
       raise ValueError(f'A record writer is named with letters, digits, _ and -, not {writer!r}.')
     return os.path.join(self.stream(name), f'{writer}.jsonl')
 
-  def legacy_records(self, name: str) -> str:
-    """`<name>.jsonl`: where every writer appended before streams had a file per writer (still read)."""
+  def single_file_records(self, name: str) -> str:
+    """`<name>.jsonl`: where every writer appended before streams had a file per writer (an earlier version's
+    layout, which `launch.migrate` rewrites; nothing reads it)."""
     return self.path(f'{name}.jsonl')
 
   def records(self, name: str, writer: Optional[str] = None) -> List[Record]:
-    """Every record of a stream, for every reader: the old single file's first, then each writer's file (only
-    `writer`'s, if given), interleaved by `time` with each writer's own order kept (`loggers.merge`)."""
-    files = [self.legacy_records(name)] + ([self.records_file(name, writer)] if writer
-                                           else loggers.writers(self.stream(name)))
+    """Every record of a stream, for every reader: each writer's file (only `writer`'s, if given), interleaved by
+    `time` with each writer's own order kept (`loggers.merge`)."""
+    files = [self.records_file(name, writer)] if writer else loggers.writers(self.stream(name))
     return loggers.merge([loggers.read_jsonl(file) for file in files])
 
   def tensorboard(self, name: Optional[str] = None) -> str:
@@ -206,16 +208,12 @@ def reporting_full_disk(layout: RunLayout, writer: str) -> Iterator[None]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """A training run: what config.json holds and what launch.train's flags set."""
-  run_dir: Optional[str] = option(None, 'Run directory; relaunching with the same flags resumes it.')
-  env: str = option('mdp:mnist:easy', 'Environment spec, e.g. mdp:mnist:easy, mdp:cifar10:hard, atari:pong.')
-  # Options of the environment families (environments/__init__.py says which family takes which).
+class LaunchConfig:
+  """How a run is launched: where its nodes run, how many, and where they find their data. None of it changes what
+  is learnt or measured, so it may change when a run directory is resumed (config.json's `launch`, which resumes do
+  not compare)."""
   data_dir: Optional[str] = option(None, 'Directory holding the datasets (else $PLASTICITY_DATA_DIR, the user cache, '
                                    'a download, or the embedded MNIST sample).')
-  sticky_action_probability: float = option(
-      0.0, 'Probability that ALE repeats the previous action instead (0.25 is Machado et al. 2018\'s setting; 0 is '
-      'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
   num_actors: int = option(2, 'Number of actor nodes (ids 0 to num_actors - 1; attached actors take ids from '
                            f'{MAX_ACTORS} up).', lower_bound=1, upper_bound=MAX_ACTORS)
   # agents/actor.py says why a loop over environments rather than ale-py's vector environment.
@@ -236,6 +234,27 @@ class ExperimentConfig:
                                  'visible), cpu, or gpu (an error when none is); on one GPU it shares the '
                                  'learner\'s, both without memory preallocation.',
                                  choices=lambda: ['auto', 'cpu', 'gpu'])
+  # agents/learner.py: calls end at every step where something outside the update is due, so K changes no event.
+  updates_per_call: Optional[int] = option(None, 'Learner updates fused in one compiled call over as many batches, one '
+                                           'host sync per call (default: 16; 1 on CPU for convolutional networks).',
+                                           lower_bound=1)
+  max_restarts: int = option(3, 'Relaunches of the program from its checkpoints after a node fails (0: none).',
+                             lower_bound=0)
+
+
+LAUNCH_FIELDS = frozenset(field.name for field in dataclasses.fields(LaunchConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A training run: what config.json holds and what launch.train's flags set."""
+  run_dir: Optional[str] = option(None, 'Run directory; relaunching with the same flags resumes it.')
+  env: str = option('mdp:mnist:easy', 'Environment spec, e.g. mdp:mnist:easy, mdp:cifar10:hard, atari:pong.')
+  # Options of the environment families (environments/__init__.py says which family takes which; data_dir is
+  # in `launch`).
+  sticky_action_probability: float = option(
+      0.0, 'Probability that ALE repeats the previous action instead (0.25 is Machado et al. 2018\'s setting; 0 is '
+      'DQN Zoo\'s).', lower_bound=0.0, upper_bound=1.0)
   max_learner_steps: int = option(100_000, 'Learner updates of the run.', lower_bound=1)
   seed: int = option(0, 'Random seed.')
   agent: AgentConfig = AgentConfig()
@@ -248,14 +267,9 @@ class ExperimentConfig:
   evaluation: EvaluationConfig = dataclasses.field(default=EvaluationConfig(), metadata={config_flags.PREFIX: 'eval_'})
   checkpoint_every: int = option(5000, 'Learner steps between checkpoints.', lower_bound=1)
   log_every: int = option(100, 'Learner steps between logged records and parameter snapshots.', lower_bound=1)
-  # agents/learner.py: calls end at every step where something outside the update is due, so K changes no event.
-  updates_per_call: Optional[int] = option(None, 'Learner updates fused in one compiled call over as many batches, one '
-                                           'host sync per call (default: 16; 1 on CPU for convolutional networks).',
-                                           lower_bound=1)
   actor_params_update_period: int = option(100, 'Environment steps between an actor\'s parameter pulls.',
                                            lower_bound=1)
-  max_restarts: int = option(3, 'Relaunches of the program from its checkpoints after a node fails (0: none).',
-                             lower_bound=0)
+  launch: LaunchConfig = LaunchConfig()
 
   @property
   def layout(self) -> RunLayout:
@@ -264,7 +278,8 @@ class ExperimentConfig:
   def env_options(self) -> Dict[str, Any]:
     """Keyword options of `environments.make` for this run's env: the ones its family takes, when set."""
     family = environments.family(self.env)
-    return {name: getattr(self, name) for name in family.options if getattr(self, name) is not None}
+    return {name: value for name in family.options for holder in (self, self.launch)
+            if (value := getattr(holder, name, None)) is not None}
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
@@ -362,6 +377,25 @@ def load_config(run_dir: str) -> ExperimentConfig:
     raise ValueError(f'{run_dir} is not a run directory: {path} does not exist.')
   try:
     raw = json.loads(storage.path(path).read_text())
+  except ValueError as e:
+    raise ValueError(f'{path} is not a readable run configuration ({e!r}).') from e
+  if isinstance(raw, dict) and set(raw) & LAUNCH_FIELDS:
+    raise ValueError(f'{path} is an earlier version\'s configuration (its launch fields are not under "launch"): '
+                     f'`{MIGRATE_COMMAND} {run_dir}` rewrites the run directory in this version\'s layout.')
+  try:
     return _from_dict(ExperimentConfig, {**raw, 'run_dir': run_dir})
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(f'{path} is not a readable run configuration ({e!r}).') from e
+
+
+def earlier_layout(layout: RunLayout) -> List[str]:
+  """The files of `layout` in an earlier version's layout, which this version does not read (`launch.migrate`
+  rewrites them): single-file record streams and a configuration with its launch fields at the top."""
+  found = [layout.single_file_records(name) for name in RunLayout.STREAMS
+           if storage.path(layout.single_file_records(name)).exists()]
+  try:
+    load_config(layout.root)
+  except ValueError as e:
+    if MIGRATE_COMMAND in str(e):
+      found.append(layout.config)
+  return found
