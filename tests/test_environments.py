@@ -273,8 +273,8 @@ def test_cifar10_batches_are_read_as_arrays_only_and_a_planted_payload_runs_no_c
 def test_every_family_declares_what_the_launcher_asks_of_it():
   """Options it takes, a preset that exists, and environments that say what data they use."""
   from launch import flags as run_flags
-  from probes.records.run_dir import ExperimentConfig
-  fields = {field.name for field in dataclasses.fields(ExperimentConfig)}
+  from probes.records.run_dir import ExperimentConfig, LaunchConfig
+  fields = {field.name for config in (ExperimentConfig, LaunchConfig) for field in dataclasses.fields(config)}
   for name in environments.FAMILIES:
     family = environments.FAMILIES[name]
     assert family.preset in run_flags.PRESETS, name
