@@ -26,6 +26,7 @@ the same observations and rewards.
 """
 
 import collections
+import functools
 from typing import List, Optional, Tuple
 
 import ale_py
@@ -34,6 +35,11 @@ import cv2
 import dm_env
 from dm_env import specs
 import numpy as np
+
+from environments import Specs
+
+FRAME_SIZE = (84, 84)  # (height, width) of a processed frame.
+FRAME_STACK = 4  # Processed frames per observation.
 
 # The 57 games of the Atari-57 benchmark (the paper's figure 7), as ALE names them.
 GAMES = (
@@ -50,6 +56,28 @@ def valid_specs() -> List[str]:
   return [f'atari:{game}' for game in GAMES]
 
 
+def observation_spec(size: Tuple[int, int] = FRAME_SIZE, frame_stack: int = FRAME_STACK) -> specs.BoundedArray:
+  """The preprocessing's observations: `frame_stack` frames of `size`, stacked last."""
+  return specs.BoundedArray((*size, frame_stack), np.uint8, 0, 255, name='observation')
+
+
+def _emulator(game: str, seed: int = 0, sticky_action_probability: float = 0.0) -> ale_py.ALEInterface:
+  """ALE with the game's ROM loaded (the ROM shipped with ale-py)."""
+  ale = ale_py.ALEInterface()
+  ale.setLoggerMode(ale_py.LoggerMode.Error)
+  ale.setInt('random_seed', int(seed) % (2**31))
+  ale.setFloat('repeat_action_probability', float(sticky_action_probability))
+  ale.loadROM(str(roms.get_rom_path(game)))
+  return ale
+
+
+@functools.lru_cache(maxsize=None)
+def num_actions(game: str) -> int:
+  """The size of the game's minimal action set, which only ALE knows: the ROM loaded in a bare `ALEInterface`
+  (0.2 s; the environment also imports OpenCV and sets up its frames), once per game and process."""
+  return len(_emulator(game).getMinimalActionSet())
+
+
 def resize(frame: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """Bilinear resize of a uint8 [H, W] frame to `size` (height, width)."""
   return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
@@ -63,20 +91,15 @@ def process_frames(last: np.ndarray, previous: Optional[np.ndarray], size: Tuple
 class Atari(dm_env.Environment):
 
   def __init__(self, game: str, seed: int = 0, action_repeat: int = 4, pool_frames: bool = True,
-               resize: Tuple[int, int] = (84, 84), frame_stack: int = 4, noop_max: int = 30,
+               resize: Tuple[int, int] = FRAME_SIZE, frame_stack: int = FRAME_STACK, noop_max: int = 30,
                max_episode_frames: int = 108_000, sticky_action_probability: float = 0.0):
     if game not in GAMES:
       raise ValueError(f'Unknown Atari game {game!r} (--env=atari:<game>); valid names: {", ".join(GAMES)}.')
     if action_repeat < 1 or frame_stack < 1 or noop_max < 0:
       raise ValueError(f'action_repeat and frame_stack must be >= 1 and noop_max >= 0; got {action_repeat}, '
                        f'{frame_stack}, {noop_max}.')
-    self._ale = ale_py.ALEInterface()
-    self._ale.setLoggerMode(ale_py.LoggerMode.Error)
-    self._ale.setInt('random_seed', int(seed) % (2**31))
-    self._ale.setFloat('repeat_action_probability', float(sticky_action_probability))
-    rom = str(roms.get_rom_path(game))
-    self._ale.loadROM(rom)
-    self.data_source = f'the {game} ROM shipped with ale-py ({rom})'  # What runs log as their data.
+    self._ale = _emulator(game, seed, sticky_action_probability)
+    self.data_source = f'the {game} ROM shipped with ale-py ({roms.get_rom_path(game)})'  # What runs log as data.
     self._actions = self._ale.getMinimalActionSet()
     self._action_repeat = action_repeat
     self._pool_frames = pool_frames
@@ -141,15 +164,28 @@ class Atari(dm_env.Environment):
     return dm_env.transition(reward, self._observation())
 
   def observation_spec(self) -> specs.BoundedArray:
-    return specs.BoundedArray((*self._size, self._frame_stack), np.uint8, 0, 255, name='observation')
+    return observation_spec(self._size, self._frame_stack)
 
   def action_spec(self) -> specs.DiscreteArray:
     return specs.DiscreteArray(len(self._actions), name='action')
 
 
-def make_from_spec(spec: str, parts: List[str], seed: int = 0, **options) -> Atari:
-  """`parts` = [game] of the spec `atari:game`."""
+def _parse(spec: str, parts: List[str]) -> str:
+  """The game of the spec `atari:game` (`parts`: what follows `atari:`); a ValueError naming the valid ones."""
   if len(parts) != 1 or parts[0] not in GAMES:
     raise ValueError(f'Unknown environment --env={spec}; Atari specs are atari:<game> with game one of: '
                      f'{", ".join(GAMES)}.')
-  return Atari(parts[0], seed=seed, **options)
+  return parts[0]
+
+
+def make_from_spec(spec: str, parts: List[str], seed: int = 0, **options) -> Atari:
+  """`parts` = [game] of the spec `atari:game`."""
+  return Atari(_parse(spec, parts), seed=seed, **options)
+
+
+def specs_from_spec(spec: str, parts: List[str], resize: Tuple[int, int] = FRAME_SIZE,
+                    frame_stack: int = FRAME_STACK, **options) -> Specs:
+  """The specs of `make_from_spec`'s environment without its preprocessing: the stacked frames' shape, and the
+  minimal action set's size from the ROM (the other options, sticky actions among them, change neither)."""
+  del options
+  return Specs(observation_spec(tuple(resize), frame_stack), num_actions(_parse(spec, parts)))

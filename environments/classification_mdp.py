@@ -18,13 +18,13 @@ hard) and "completed chains per 100 steps" (sparse).
 """
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import dm_env
 from dm_env import specs
 import numpy as np
 
-from environments import datasets
+from environments import Specs, datasets
 
 NUM_STATES = 10
 
@@ -57,6 +57,16 @@ VARIANTS: Dict[str, Variant] = {
 
 def valid_specs() -> List[str]:
   return [f'mdp:{name}:{variant}' for name in sorted(datasets.SOURCES) for variant in VARIANTS]
+
+
+def observation_spec(image_shape: Sequence[int]) -> specs.BoundedArray:
+  """An MDP's observations: its dataset's images, [H, W, C] uint8."""
+  return specs.BoundedArray(tuple(image_shape), np.uint8, 0, 255, name='observation')
+
+
+def action_spec() -> specs.DiscreteArray:
+  """An action names a latent state, whatever the dataset."""
+  return specs.DiscreteArray(NUM_STATES, name='action')
 
 
 class ClassificationMDP(dm_env.Environment):
@@ -115,10 +125,10 @@ class ClassificationMDP(dm_env.Environment):
     return dm_env.transition(reward, observation)
 
   def observation_spec(self) -> specs.BoundedArray:
-    return specs.BoundedArray(self._images.shape[1:], np.uint8, 0, 255, name='observation')
+    return observation_spec(self._images.shape[1:])
 
   def action_spec(self) -> specs.DiscreteArray:
-    return specs.DiscreteArray(NUM_STATES, name='action')
+    return action_spec()
 
 
 def make(dataset: str, variant: str, seed: int = 0, data_dir: Optional[str] = None,
@@ -128,10 +138,24 @@ def make(dataset: str, variant: str, seed: int = 0, data_dir: Optional[str] = No
                            label_seed=label_seed, data_source=data.source)
 
 
-def make_from_spec(spec: str, parts: List[str], seed: int = 0, **options) -> ClassificationMDP:
-  """`parts` = [dataset, variant] of the spec `mdp:dataset:variant`."""
+def _parse(spec: str, parts: List[str]) -> Tuple[str, str]:
+  """(dataset, variant) of the spec `mdp:dataset:variant` (`parts`: what follows `mdp:`); a ValueError naming the
+  valid specs."""
   if len(parts) != 2 or parts[0] not in datasets.SOURCES or parts[1] not in VARIANTS:
     raise ValueError(f'Unknown environment --env={spec}; the classification MDPs are mdp:<dataset>:<variant> '
                      f'with dataset in {{{", ".join(sorted(datasets.SOURCES))}}} and variant in '
                      f'{{{", ".join(VARIANTS)}}}; valid specs: {", ".join(valid_specs())}.')
-  return make(parts[0], parts[1], seed=seed, **options)
+  return parts[0], parts[1]
+
+
+def make_from_spec(spec: str, parts: List[str], seed: int = 0, **options) -> ClassificationMDP:
+  """`parts` = [dataset, variant] of the spec `mdp:dataset:variant`."""
+  return make(*_parse(spec, parts), seed=seed, **options)
+
+
+def specs_from_spec(spec: str, parts: List[str], **options) -> Specs:
+  """The specs of `make_from_spec`'s MDP from its dataset's declared image shape: no data is read, so where the
+  data comes from (`data_dir`, the other options) changes nothing."""
+  del options
+  dataset, _ = _parse(spec, parts)
+  return Specs(observation_spec(datasets.SOURCES[dataset].image_shape), action_spec().num_values)

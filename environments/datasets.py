@@ -46,8 +46,10 @@ class DatasetSource(NamedTuple):
   # What a directory must hold, in words, for the error messages.
   expected: str
   # Reads the dataset from a directory: None when its files are absent, a
-  # ValueError when they are present but malformed.
+  # ValueError when they are present but malformed (images of another shape than `image_shape` among them).
   read: Callable[[str], Optional[Arrays]]
+  # Every image's [H, W, C]: what an environment over the dataset observes, known without reading it.
+  image_shape: Tuple[int, int, int]
   # URL of a file `read` understands once saved under `download_name`, if any.
   download_url: Optional[str] = None
   download_name: Optional[str] = None
@@ -65,6 +67,8 @@ def cache_dir() -> str:
 
 # ---------------------------------------------------------------- MNIST
 
+MNIST_SHAPE = (28, 28, 1)
+
 
 def _read_mnist_npz(path: str, splits: Tuple[str, ...] = ('train',)) -> Arrays:
   try:
@@ -73,7 +77,7 @@ def _read_mnist_npz(path: str, splits: Tuple[str, ...] = ('train',)) -> Arrays:
       labels = np.concatenate([data[f'y_{split}'] for split in splits])
   except (OSError, KeyError, ValueError) as e:
     raise ValueError(f'{path} is not an mnist.npz file (expected arrays x_train, y_train): {e}') from e
-  if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+  if images.ndim != 3 or images.shape[1:] != MNIST_SHAPE[:2] or len(images) != len(labels):
     raise ValueError(f'{path}: x_train has shape {images.shape} and y_train {labels.shape}; '
                      f'expected [N, 28, 28] and [N].')
   return images[..., None].astype(np.uint8), labels.astype(np.int64)
@@ -117,12 +121,15 @@ def read_mnist(directory: str) -> Optional[Arrays]:
   images, labels = read_idx(images_path), read_idx(labels_path)
   if images.ndim != 3 or len(images) != len(labels):
     raise ValueError(f'{images_path} ({images.shape}) and {labels_path} ({labels.shape}) do not match.')
+  if images.shape[1:] != MNIST_SHAPE[:2]:
+    raise ValueError(f'{images_path} holds images of {images.shape[1:]} pixels; MNIST\'s are {MNIST_SHAPE[:2]}.')
   return images[..., None], labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------- CIFAR-10
 
 CIFAR10_DIR = 'cifar-10-batches-py'
+CIFAR10_SHAPE = (32, 32, 3)
 CIFAR10_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
 
 
@@ -183,7 +190,7 @@ SOURCES.add(
     'mnist', DatasetSource(
         expected='mnist.npz (arrays x_train, y_train) or the IDX files train-images-idx3-ubyte[.gz] and '
         'train-labels-idx1-ubyte[.gz], directly or in a mnist/ subdirectory',
-        read=read_mnist,
+        read=read_mnist, image_shape=MNIST_SHAPE,
         download_url='https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz',
         download_name='mnist.npz',
         # The sample is small: the MDPs use both of its splits.
@@ -192,7 +199,7 @@ SOURCES.add(
     'cifar10', DatasetSource(
         expected=f'the CIFAR-10 python batches {CIFAR10_DIR}/data_batch_1..5 (pickled dicts with b"data" and '
         f'b"labels"), in {CIFAR10_DIR}/ or directly',
-        read=read_cifar10,
+        read=read_cifar10, image_shape=CIFAR10_SHAPE,
         download_url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
         download_name='cifar-10-python.tar.gz', unpack=_extract_cifar10))
 

@@ -52,6 +52,7 @@ from environments.registry import Registry
 from environments import datasets
 from launch.program import cluster as cluster_lib
 from launch.program import completion
+from launch.program import relaunch
 from launch import flags as run_flags
 from launch.simulation import netns
 from launch import train as train_lib
@@ -368,7 +369,7 @@ def run(config: ExperimentConfig, settings: SimConfig, mode: Mode) -> int:
     deadline = time.time() + settings.timeout_s
     mode.start(sim)
     last_progress = 0.0
-    code = train_lib.ExitCode.NODE_FAILED
+    code = relaunch.ExitCode.NODE_FAILED
     try:
       while True:
         sim.manager.poll()
@@ -385,17 +386,17 @@ def run(config: ExperimentConfig, settings: SimConfig, mode: Mode) -> int:
           break
         if time.time() - last_progress >= 10:
           last_progress = time.time()
-          print(f'[{time.strftime("%H:%M:%S")}] {train_lib.progress_line(config)}', flush=True)
+          print(f'[{time.strftime("%H:%M:%S")}] {relaunch.progress_line(config)}', flush=True)
         time.sleep(POLL_S)
       sim.manager.stop(settings.grace_s)
       completed = completion.program_completed(config)
-      code = train_lib.ExitCode.FINISHED if completed and not pending else train_lib.ExitCode.NODE_FAILED
+      code = relaunch.ExitCode.FINISHED if completed and not pending else relaunch.ExitCode.NODE_FAILED
       sim.event('over', completed=completed, scenarios_done=not pending, exit_code=int(code))
     except KeyboardInterrupt:
       sim.event('interrupted')
       sim.manager.stop(settings.grace_s)
-      code = train_lib.ExitCode.INTERRUPTED
-  print(f'{"Finished" if code == 0 else "Not finished"}: {train_lib.progress_line(config)}. Events in '
+      code = relaunch.ExitCode.INTERRUPTED
+  print(f'{"Finished" if code == 0 else "Not finished"}: {relaunch.progress_line(config)}. Events in '
         f'{os.path.join(directory, "events.jsonl")}, logs in {os.path.join(directory, "logs")}.', flush=True)
   return int(code)
 

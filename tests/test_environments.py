@@ -1,7 +1,8 @@
-"""The classification MDPs (section 4.1) and the dataset loader."""
+"""The classification MDPs (section 4.1), the dataset loader, and every family's specs without an environment."""
 
 import dataclasses
 import gzip
+import importlib.util
 import os
 import pickle
 import socket
@@ -17,6 +18,14 @@ from environments import classification_mdp, datasets
 from tests.conftest import RunsCode
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist-10k.npz')
+
+
+def _atari_roms() -> bool:
+  """ale-py and its ROMs are installed (Pong's stands for them)."""
+  if importlib.util.find_spec('ale_py') is None:
+    return False
+  from ale_py import roms
+  return bool(roms.get_rom_path('pong'))
 
 
 @pytest.fixture(autouse=True)
@@ -286,3 +295,43 @@ def test_every_family_declares_what_the_launcher_asks_of_it():
   assert environments.families_taking('data_dir') == ['mdp']
   with pytest.raises(ValueError, match='--env=lunar:lander; families: atari, mdp'):
     environments.make('lunar:lander')
+
+
+MDP_SPECS = [s for s in environments.valid_specs() if s.startswith('mdp:')]
+ATARI_SPECS = ['atari:pong'] if _atari_roms() else []
+
+
+@pytest.mark.parametrize('spec', MDP_SPECS + ATARI_SPECS)
+def test_the_specs_without_building_are_the_built_environments(spec, tmp_path, monkeypatch):
+  """What `launch.program.graph.environment_specs` gives the learner and the evaluator, without reading a dataset:
+  the built environment's (on the embedded MNIST digits, on a CIFAR-10 file set) whatever the data dir holds."""
+  assert {s.rpartition(':')[0] for s in MDP_SPECS} == {f'mdp:{name}' for name in datasets.SOURCES}
+  assert len(MDP_SPECS) == len(datasets.SOURCES) * len(classification_mdp.VARIANTS)
+  options = {}
+  if 'cifar10' in spec:
+    write_cifar10(tmp_path / 'cifar10')
+    options['data_dir'] = str(tmp_path / 'cifar10')
+  env = environments.make(spec, seed=0, **options)
+  built = (env.observation_spec(), env.action_spec().num_values)
+
+  def refused(*args, **kwargs):
+    raise AssertionError('specs loaded the dataset')
+
+  monkeypatch.setattr(datasets, 'load', refused)
+  (tmp_path / 'empty').mkdir()
+  no_data = [{}, {'data_dir': str(tmp_path / 'missing')}, {'data_dir': str(tmp_path / 'empty')}]
+  for given in no_data if spec.startswith('mdp:') else [{}, {'sticky_action_probability': 0.25}]:
+    observation, num_actions = environments.specs(spec, **given)
+    assert observation == built[0], given  # Shape, dtype, bounds and name.
+    assert (observation.shape, observation.dtype, num_actions) == (built[0].shape, built[0].dtype, built[1]), given
+
+
+def test_every_family_declares_its_specs_and_one_that_does_not_is_built(monkeypatch):
+  assert all(environments.FAMILIES[name].specs is not None for name in environments.FAMILIES)
+  with pytest.raises(ValueError, match='valid specs'):
+    environments.specs('mdp:mnist:medium')
+  families = Registry('environment family', '--env')
+  families.add('mdp', environments.FAMILIES['mdp']._replace(specs=None))
+  monkeypatch.setattr(environments, 'FAMILIES', families)
+  observation, num_actions = environments.specs('mdp:mnist:easy')  # The embedded digits, loaded.
+  assert observation.shape == datasets.MNIST_SHAPE and num_actions == classification_mdp.NUM_STATES

@@ -76,10 +76,10 @@ def until_stopped(call: Callable[..., futures.Future], should_stop: Callable[[],
   return call_until_stopped
 
 
-def environment_specs(config: ExperimentConfig):
-  """(observation spec, number of actions) of the experiment's environment."""
-  env = environments.make(config.env, seed=config.seed, **config.env_options())
-  return env.observation_spec(), env.action_spec().num_values
+def environment_specs(config: ExperimentConfig) -> environments.Specs:
+  """(observation spec, number of actions) of the experiment's environment, as its family declares them: the
+  learner and the evaluator size their agent without building an environment (an MDP's dataset is not loaded)."""
+  return environments.specs(config.env, **config.env_options())
 
 
 class CourierNode(network.OnHost, lp.CourierNode):

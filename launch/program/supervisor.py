@@ -13,7 +13,7 @@ actor draws a new seed; the evaluator resumes from its files), and writes a
 record to the run's restarts stream. Past `max_restarts` restarts of one node
 (counted since it last ran `HEALTHY_S`), its next failure is Launchpad's
 again: the program stops, and the launcher relaunches it from the checkpoints
-(`launch.train.supervise`), except the evaluator's: it is disabled (a record
+(`launch.program.relaunch.supervise`), except the evaluator's: it is disabled (a record
 says so) and training goes on without it. A learner or replay failure always
 takes the relaunch path, and so does a restart that cannot start its process.
 
