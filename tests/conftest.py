@@ -4,6 +4,10 @@ the fixtures pytest hands to any test that names them (`bucket`).
 
 Plain helpers are imported (`from tests.conftest import train`); fixtures are not. Importing this module is cheap:
 the project's modules (and JAX) are imported by the helpers that need them, when called, and nothing compiles.
+
+The processes that run tests keep what XLA compiles in a persistent cache (.pytest_cache/d/jax-compilation-cache):
+a later run, on either worker, loads each unchanged computation instead of compiling it again (pytest -p
+no:cacheprovider: no cache). The commands the tests start compile as a user's do.
 """
 
 import contextlib
@@ -34,6 +38,60 @@ SMALL = {
     'resnet18': ((8, 8, 3), 0.0625),
     'vit': ((9, 9, 1), 0.0625),
 }
+
+
+# JAX's persistent compilation cache, for the processes that run tests.
+
+JAX_CACHE = 'jax-compilation-cache'
+JAX_CACHE_LIMIT = 1 << 30  # Bytes; past it, the least recently used entries go until half of it is left.
+
+
+def pytest_configure(config):
+  cache = getattr(config, 'cache', None)  # Absent under -p no:cacheprovider.
+  if cache is None:
+    return
+  directory = str(cache.mkdir(JAX_CACHE))
+  if not hasattr(config, 'workerinput'):  # This process starts the run (and with -n 0 runs its tests).
+    _trim(directory)
+    if getattr(config.option, 'numprocesses', None):
+      return  # pytest-xdist's workers run the tests; this process compiles nothing.
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache, lru_cache  # pylint: disable=import-outside-toplevel
+
+  class AtomicWrites(lru_cache.LRUCache):
+    """jax 0.4.30's cache without its file lock (filelock is not installed) writes entries in place, where the
+    other worker may read one half written: here each entry appears whole (written aside, then renamed)."""
+
+    def put(self, key: str, val: bytes) -> None:
+      path = os.path.join(directory, key)
+      if not key or os.path.exists(path):
+        return
+      partial = f'{path}.{os.getpid()}.partial'
+      with open(partial, 'wb') as f:
+        f.write(val)
+      os.replace(partial, path)
+
+  compilation_cache.LRUCache = AtomicWrites
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # Every computation: small ones add up.
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def _trim(directory: str) -> None:
+  """Keeps the cache under JAX_CACHE_LIMIT (a read refreshes an entry's mtime)."""
+  entries = []
+  for entry in os.scandir(directory):
+    if entry.is_file():
+      stat = entry.stat()
+      entries.append((stat.st_mtime, stat.st_size, entry.path))
+  total = sum(size for _, size, _ in entries)
+  if total > JAX_CACHE_LIMIT:
+    for _, size, path in sorted(entries):
+      if total <= JAX_CACHE_LIMIT // 2:
+        break
+      with contextlib.suppress(OSError):
+        os.remove(path)
+      total -= size
 
 
 # Commands, run as a user runs them: from the repository's root, on the CPU, downloading nothing.
