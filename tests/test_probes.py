@@ -651,7 +651,7 @@ def test_probing_a_planted_pickle_offline_runs_no_code(tmp_path):
     pickle.dump({'step': 5000, 'state': RunsCode(marker)}, f)
   result = run_module('probes.run', f'--checkpoint={planted}', timeout=300)
   assert result.returncode == 1 and f'{planted} is a pickled checkpoint' in result.stderr, result.stderr[-3000:]
-  assert checkpointing.TRUST_FLAG in result.stderr and not os.path.exists(marker)
+  assert checkpointing.MIGRATE_COMMAND in result.stderr and not os.path.exists(marker)
 
 
 @pytest.mark.slow
