@@ -63,9 +63,8 @@ def run_on_checkpoint(checkpoint: str, out_dir: Optional[str] = None, seed: int 
   location = os.path.abspath(checkpoint) if '://' not in checkpoint else checkpoint
   run_dir = os.fspath(storage.path(location).parent.parent)
   config = override(load_config(run_dir))
-  env = environments.make(config.env, seed=seed, **config.env_options())
-  agent = make_agent(config.agent, env.action_spec().num_values)
-  spec = env.observation_spec()
+  spec, num_actions = environments.specs(config.env, **config.env_options())  # An environment only if collecting.
+  agent = make_agent(config.agent, num_actions)
   template = jax.eval_shape(lambda: initial_state(agent, config.seed, np.zeros(spec.shape, spec.dtype)))
   step, state = checkpointing.load(checkpoint, template)
   params, target_params = jax.tree_util.tree_map(jax.numpy.asarray, (state.params, state.target_params))
