@@ -29,6 +29,7 @@ def _pins(name: str) -> dict:
     return dict(line.strip().split('==') for line in f if '==' in line and not line.startswith('#'))
 
 
+@pytest.mark.slow
 def test_xmanager_and_launchpads_vertex_path_import_at_the_pinned_versions():
   from launchpad.launch.xm_docker import launch  # noqa: F401
   from xmanager import xm_local

@@ -179,6 +179,7 @@ def test_an_attached_process_stops_retrying_when_the_run_is_over_or_after_its_re
   assert len(_FakeLearner.calls) == 1
 
 
+@pytest.mark.slow
 def test_inserts_follow_a_replay_that_moved_to_a_new_address():
   """An attached actor's replay restarts elsewhere (a relaunch: new ports): the sink writes there."""
   import numpy as np

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import Dict, Set
 
+import pytest
+
 from tests.conftest import ROOT
 
 # Nor ale-py and OpenCV: environments/ imports a family's module when it is used (scripts/device_check.sh).
@@ -94,6 +96,7 @@ def _is_command(path: str) -> bool:
   return 'app.run(' in text or 'benchmarks.run(' in text
 
 
+@pytest.mark.slow
 def test_agents_probes_and_the_device_check_import_without_tensorflow_reverb_or_launchpad():
   # environments/'s families (atari, classification_mdp) import their emulators and image libraries when used.
   modules = {m: p for m, p in _modules().items()
@@ -110,6 +113,7 @@ def test_agents_probes_and_the_device_check_import_without_tensorflow_reverb_or_
   assert blocked.returncode != 0 and 'ModuleNotFoundError' in blocked.stderr
 
 
+@pytest.mark.slow
 def test_the_benchmarks_import_together_each_with_flags_of_its_own():
   """Each benchmark declares its flags apart (launch/benchmarks/__init__.py): importing all of them in one process
   defines none twice, and none in absl's namespace."""

@@ -73,7 +73,10 @@ def fast_compilation():
   jax.config.update('jax_disable_most_optimizations', False)
 
 
-@pytest.mark.parametrize('arch, output, names', CASES, ids=['-'.join([a, o, *n]) for a, o, n in CASES])
+# The large networks' cases take seconds each to compile: they run with the slow tests.
+@pytest.mark.parametrize('arch, output, names', [
+    pytest.param(a, o, n, id='-'.join([a, o, *n]), marks=[pytest.mark.slow] if a in ('resnet18', 'vit') else [])
+    for a, o, n in CASES])
 def test_accepted_combination_builds_steps_and_stays_finite(arch, output, names, fast_compilation):
   agent, config, obs = small_agent(arch, output=output, interventions=names)
   update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)

@@ -308,6 +308,7 @@ def test_a_failing_run_is_reported_while_the_others_finish(tmp_path):
   assert [r['cell'] for r in rows] == ['adam'] and 0.0 <= rows[0]['final_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_run_whose_directory_a_live_launch_holds_starts_once_that_launch_is_gone(tmp_path):
   """A study rerun right after its process was killed: the killed one's runs still stop (up to their notice)."""
   layout = StudyLayout(str(tmp_path))

@@ -46,6 +46,7 @@ def test_backoff_doubles_to_its_cap():
   assert supervisor.RELAUNCH_BACKOFF.delay(1) == 10 and supervisor.RELAUNCH_BACKOFF.delay(9) == 300
 
 
+@pytest.mark.slow
 def test_restarts_wait_their_backoff_and_a_healthy_node_gets_its_count_back(tmp_path, monkeypatch):
   manager, events = _manager(monkeypatch, max_restarts=2)
   log_path = start_node(manager, tmp_path, 'actor/0', 'print("run", RESTART, time.time(), flush=True); sys.exit(3)')
@@ -64,6 +65,7 @@ def test_restarts_wait_their_backoff_and_a_healthy_node_gets_its_count_back(tmp_
   assert manager.restarts == {'actor/1': 4}
 
 
+@pytest.mark.slow
 def test_a_restart_that_cannot_start_its_process_fails_the_program_and_leaves_no_process(tmp_path, monkeypatch):
   manager, events = _manager(monkeypatch)
   start_node(manager, tmp_path, 'learner/0', 'time.sleep(600)')
@@ -97,6 +99,7 @@ def test_a_restart_record_that_cannot_be_written_is_a_warning_and_the_restart_st
   assert 'launcher.jsonl' in err and '(the run goes on)' in err
 
 
+@pytest.mark.slow
 def test_an_evaluator_failing_past_its_restarts_is_disabled_and_recorded_while_the_run_goes_on(tmp_path,
                                                                                                  monkeypatch):
   layout = RunLayout(str(tmp_path / 'run'))
@@ -218,6 +221,7 @@ def test_the_watchdog_ends_its_launchers_nodes_and_never_those_of_a_process_that
     launcher.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_a_node_started_just_before_its_launcher_is_killed_is_ended_too():
   """The launcher starts its watchdog, then a node, and is killed at once (kill -9), before the watchdog's next
   look at its children: the node, now an orphan, is found by the launcher's mark in its environment and ended."""
