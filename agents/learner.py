@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents import checkpointing, loops, snapshots
+from agents import checkpointing, host_memory, loops, snapshots
 from agents.builder import AgentParts
 from agents.config import AgentConfig
 from agents.update import TrainingState, init_state, make_fused_update, make_target_update, make_update
@@ -99,6 +99,7 @@ class Learner:
                snapshot_dir: Optional[str] = None, snapshot_every: int = 0,
                measure_after_interventions: bool = False, updates_per_call: Optional[int] = 1):
     """`updates_per_call` None: the backend's default (`default_updates_per_call`)."""
+    host_memory.reuse_freed_memory()
     self._config = config
     self._measure_after_interventions = measure_after_interventions
     self._snapshot_dir = snapshot_dir if snapshot_every > 0 else None

@@ -8,7 +8,7 @@ r"""Throughput benchmark, measured side by side in one run.
 Prints (`--sections`, default all of them; every network is `--arch`'s, but `fused`'s):
   * `fused`: the learner's updates/s with each `--updates_per_call_values` K
     (K updates per compiled call, one host sync per call; held batches, no
-    replay) for `mlp` on the MDP's observations and `nature_dqn` on Atari's,
+    replay) for `mlp` and `cnn` on the MDP's observations and `nature_dqn` on Atari's,
     batch 32, each as a share of the float32 matmul rate of a 1024 x 1024
     matmul (the median of one per round), with the FLOPs of one update (XLA's
     cost analysis of the lowered update), the Ks' rounds interleaved;
@@ -276,7 +276,7 @@ def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, se
 
 
 # (arch, observation shape, actions) of the fused learner's measurement: the MDP's digits, Atari's frames.
-FUSED_ARCHS = (('mlp', (28, 28, 1), 10), ('nature_dqn', (84, 84, 4), 18))
+FUSED_ARCHS = (('mlp', (28, 28, 1), 10), ('cnn', (28, 28, 1), 10), ('nature_dqn', (84, 84, 4), 18))
 
 
 def fused(seconds: float) -> None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents import host_memory
 from agents.config import option
 from agents.types import Network, Params, StopRequested, Transition
 from probes.measures import curvature
@@ -146,6 +147,7 @@ def make_diagnostics(network: Network, config: DiagnosticsConfig, perturbation_k
   diagnose(params, uint8 inputs [N, ...], rng, target_params=None, transitions=None): the TD
   covariance needs `transition_loss` here and the target parameters and transitions there.
   """
+  host_memory.reuse_freed_memory()
   output_fn = lambda params, x: network.apply(params, x).outputs
   outputs = jax.jit(output_fn)
   run_lanczos = curvature.make_lanczos(output_fn, config.lanczos_steps)

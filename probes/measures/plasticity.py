@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agents import loops
+from agents import host_memory, loops
 from agents.builder import AgentParts
 from agents.config import option
 from agents.encodings import Encoding
@@ -353,6 +353,7 @@ def make_sequential_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.G
                                                                             ProbeResult]:
   """The same fits as `make_probe`'s vmapped ones, one target at a time in a Python loop; `progress` hears the
   steps done as a share of the whole: all targets' steps over their number."""
+  host_memory.reuse_freed_memory()
   fit = _make_fit(apply_fn, init_fn, optimizer, config, head)
   check_support = _support_check(apply_fn, head, fit, config.num_targets)
   prepare = _Compiled(lambda params, inputs, key: _prepare(apply_fn, head, params, inputs, key, config.num_targets))
