@@ -271,7 +271,8 @@ def test_the_vertex_ai_program_on_four_hosts_through_partitions_and_its_learner_
   # The learner's host died: its replicas came back in place, the learner from its checkpoint (at most one
   # checkpoint interval lost), the replay from its checkpoint; every actor rejoined, none died.
   (kill,) = _times(events, 'kill_host')
-  assert kill['host'] == 0 and 0 < kill['learner_step'] - kill['checkpoint_step'] <= 500
+  # 0: the checkpoint of the logged step landed between the scenario's last look and the kill.
+  assert kill['host'] == 0 and 0 <= kill['learner_step'] - kill['checkpoint_step'] <= 500
   assert sorted(e['task'] for e in _times(events, 'died')) == ['learner-0', 'replay-0']
   assert {e['task'] for e in _times(events, 'start') if e['start'] == 2} == {'learner-0', 'replay-0'}
   logs = tmp_path / 'sim' / 'logs'
@@ -319,7 +320,7 @@ def test_attached_nodes_on_other_hosts_rejoin_a_relaunched_run_that_a_fifth_host
   assert reached['learner_step'] >= 0 and reached['replay_items']['replay'] >= 0 and 'error' not in reached
 
   (kill,) = _times(events, 'kill_host')
-  assert 0 < kill['learner_step'] - kill['checkpoint_step'] <= 500
+  assert 0 <= kill['learner_step'] - kill['checkpoint_step'] <= 500
   relaunched = [e for e in _times(events, 'start') if e['task'] == 'launcher' and e['start'] == 2]
   assert relaunched and os.path.isdir(layout.attempt_logs(2))
   with open(layout.addresses) as f:

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -86,9 +87,15 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
   run_dir = str(tmp_path / 'run')
   layout = RunLayout(run_dir)
   flags = [f for f in SMALL_RUN if not f.startswith(('--max_learner_steps', '--probe_every'))]
-  # In a process group of its own, as a terminal's foreground job is: its hang-up goes to the whole group.
-  run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
-                      '--max_learner_steps=100000', '--probe_every=0', start_new_session=True)
+  # In a process group of its own, as a terminal's foreground job is: its hang-up goes to the whole group. Its
+  # SIGHUP at the default, as a terminal's job has it: a suite run under nohup would hand its children an ignored
+  # one, and a launcher that finds SIGHUP ignored goes on (as it should under nohup).
+  previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  try:
+    run = python_module('launch.train', f'--run_dir={run_dir}', '--launch_type=local_mp', *flags,
+                        '--max_learner_steps=100000', '--probe_every=0', start_new_session=True)
+  finally:
+    signal.signal(signal.SIGHUP, previous)
   learner, actors = lambda: layout.records('learner'), lambda: layout.records('actors')
   built_in, attach = [], None
   try:
@@ -135,7 +142,11 @@ def test_attached_actors_feed_the_replay_under_their_own_ids_and_leave_the_run_r
   nodes = node_processes(run_dir)
   hung_up = time.time()
   os.killpg(run.pid, signal.SIGHUP)  # The terminal hangs up (a dropped SSH session): a stop, as SIGTERM is.
-  out, err = run.communicate(timeout=120)
+  try:
+    out, err = run.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    os.killpg(run.pid, signal.SIGKILL)  # The group this test started (its watchdog ends the nodes).
+    raise
   assert run.returncode == 130, out[-3000:] + err[-3000:]
   assert 'Interrupted' in out and 'resume' in err
   wait_for(lambda: not node_processes(run_dir), 15, 'the nodes to end')
