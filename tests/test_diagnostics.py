@@ -263,6 +263,7 @@ def test_covariance_of_a_trained_network_is_not_a_coin_flip():
   assert abs(coin.frac_negative - 0.5) < 0.05
 
 
+@pytest.mark.slow
 def test_td_covariance_matches_a_per_transition_loop(problem):
   network, _, params, inputs, _, _, _ = problem
   agent = make_agent(AgentConfig(width_multiplier=1 / 64), num_actions=3)

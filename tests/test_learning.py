@@ -370,6 +370,7 @@ def test_every_optimizer_state_is_restored_into_the_structure_the_code_builds(tm
     jax.tree_util.tree_map(np.testing.assert_array_equal, state, jax.device_get(learner.state))
 
 
+@pytest.mark.slow
 def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill():
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8)
 
@@ -386,6 +387,7 @@ def test_updates_per_second_count_from_the_first_update_not_from_the_replay_fill
   assert records[0]['updates_per_s'] > 20
 
 
+@pytest.mark.slow
 def test_learner_records_its_input_bound_share_and_the_parameter_pulls_it_served():
   """What a cluster's placement costs (launch.benchmarks.cluster) is read from these two fields."""
   config = AgentConfig(width_multiplier=1 / 32, batch_size=8)

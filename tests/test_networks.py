@@ -73,9 +73,11 @@ def fast_compilation():
   jax.config.update('jax_disable_most_optimizations', False)
 
 
-# The large networks' cases take seconds each to compile: they run with the slow tests.
+SLOW_TO_BUILD = ('resnet18', 'vit', 'nature_dqn')  # Seconds each: their cases run with the slow tests.
+
+
 @pytest.mark.parametrize('arch, output, names', [
-    pytest.param(a, o, n, id='-'.join([a, o, *n]), marks=[pytest.mark.slow] if a in ('resnet18', 'vit') else [])
+    pytest.param(a, o, n, id='-'.join([a, o, *n]), marks=[pytest.mark.slow] if a in SLOW_TO_BUILD else [])
     for a, o, n in CASES])
 def test_accepted_combination_builds_steps_and_stays_finite(arch, output, names, fast_compilation):
   agent, config, obs = small_agent(arch, output=output, interventions=names)

@@ -221,6 +221,7 @@ def test_categorical_probe_steps_minimise_the_agents_cross_entropy_and_report_th
   assert not np.allclose(fitted['head']['w'], params['head']['w'])  # Cross-entropy moves it: a real step.
 
 
+@pytest.mark.slow
 def test_categorical_head_that_can_only_learn_a_constant_keeps_no_plasticity(categorical):
   """Every hidden unit dead: the decoded value can only be a constant, whose best error is the targets' variance
   (the two-hot and HL-Gauss encodings of the targets average to a distribution whose mean is theirs)."""
@@ -371,6 +372,7 @@ def test_report_on_a_directory_without_probes_is_a_clear_error(tmp_path):
     plots.write_report(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   """Every probe point, and a second evaluator of the run, measure on the same distinct inputs and targets."""
   agent, _, params, inputs = setup
@@ -407,6 +409,7 @@ def test_probe_set_is_distinct_drawn_once_saved_and_shared(setup, tmp_path):
   assert fresh.probe_set(0).target_key.tolist() != fresh.probe_set(1).target_key.tolist()
 
 
+@pytest.mark.slow
 def test_plasticity_loss_is_measured_from_the_first_point_and_survives_a_restart(setup, tmp_path):
   agent, _, params, inputs = setup
   snapshots = iter([(0, params, params), (100, saturate(params), params), (200, saturate(params), params)])
@@ -439,6 +442,7 @@ class NeverFullReplay:
     return source(self._inputs).transitions(num)
 
 
+@pytest.mark.slow
 def test_evaluator_ends_with_the_learner_or_a_stop_even_if_the_replay_never_fills(setup, tmp_path):
   agent, _, params, inputs = setup
   # The learner finishes (step 60, after half a second) while the first probe point waits for the replay:
@@ -493,6 +497,7 @@ def test_figure_3_point_of_a_run_is_its_change_against_its_last_plasticity_loss(
   assert plots.run_changes(probes, diagnostics[:1]) == {}  # One point is no change.
 
 
+@pytest.mark.slow
 def test_report_draws_a_diverged_run_with_gaps(tmp_path):
   probes = RunLayout(str(tmp_path)).logger('probes', 'evaluator', tensorboard=False)
   diagnostics = RunLayout(str(tmp_path)).logger('diagnostics', 'evaluator', tensorboard=False)
