@@ -50,8 +50,8 @@ from agents.update import TrainingState, init_state, make_fused_update, make_tar
 from agents.types import Logger, Network, Params, Transition
 
 # Updates per call by default (`--updates_per_call` unset), from `launch.benchmarks.agent --sections=fused`: on CPU the
-# batch-32 matmuls bound an update more than its dispatch (MLP: K = 16 1.6x K = 1, K = 64 no more), and a
-# convolutional network's updates, dispatched one by one there (agents/loops.py), gain nothing; on an
+# batch-32 matmuls bound an update more than its dispatch (MLP: K = 16 1.2-1.6x K = 1 across runs, K = 64 no
+# more), and a convolutional network's updates, dispatched one by one there (agents/loops.py), gain nothing; on an
 # accelerator a dispatch and a host sync cost more than a small update (not measured here).
 DEFAULT_UPDATES_PER_CALL = {'cpu': 16, 'cpu_convolutions': 1, 'accelerator': 16}
 
