@@ -133,10 +133,7 @@ class Sim:
 
   def evaluator_status(self) -> dict:
     layout = self.layout if self.settings.mode == 'vertex_ai' else self.layout.evaluator(ATTACHED_EVALUATOR)
-    try:
-      return json.loads(storage.path(layout.evaluator_status).read_text())
-    except (OSError, ValueError):
-      return {}
+    return relaunch.read_json(layout.evaluator_status)
 
   def checkpoint_step(self) -> int:
     _, loaded, _ = checkpointing.latest_loadable(self.layout.checkpoints)
@@ -144,10 +141,7 @@ class Sim:
 
   def addresses(self) -> Dict[str, str]:
     """addresses.json: where the live run's learner and replay answer."""
-    try:
-      return json.loads(storage.path(self.layout.addresses).read_text())
-    except (OSError, ValueError):
-      return {}
+    return relaunch.read_json(self.layout.addresses)
 
   # Acts on the hosts.
   def partition(self, host: netns.Host, seconds: float) -> Iterator[None]:

@@ -82,19 +82,17 @@ def out_of_space(config: ExperimentConfig, what: str) -> str:
           f'{" (" + latest + ")" if latest else ""}.')
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+  """A status file a live node rewrites (evaluator or replay status, addresses): {} while absent or being
+  replaced (the next read has it)."""
   try:
     return json.loads(storage.path(path).read_text()) if storage.path(path).exists() else {}
-  except (OSError, ValueError):  # Being replaced: the next read has it.
+  except (OSError, ValueError):
     return {}
 
 
-def _read_status(config: ExperimentConfig) -> dict:
-  return _read_json(config.layout.evaluator_status)
-
-
 def _evaluator_status(config: ExperimentConfig) -> str:
-  status = _read_status(config)
+  status = read_json(config.layout.evaluator_status)
   if not status:
     return ''
   state = status.get('state', '')
@@ -134,7 +132,7 @@ def progress_line(config: ExperimentConfig) -> str:
     status = _evaluator_status(config)
     if status:
       parts.append(status)
-  replay_state = _read_json(config.layout.replay_status).get('state', '')
+  replay_state = read_json(config.layout.replay_status).get('state', '')
   if replay_state.startswith('writing'):
     parts.append(f'replay: {replay_state}')
   return ' | '.join(parts)
@@ -306,7 +304,7 @@ def launch_and_wait(config: ExperimentConfig, guard: Supervision) -> Launch:
   said_restored = False
 
   def say_restored() -> bool:
-    status = _read_json(config.layout.replay_status)
+    status = read_json(config.layout.replay_status)
     if said_restored or not status.get('restored_items') or status['time'] < launched:
       return said_restored
     print(f'Replay restored: {status["restored_items"]} items from {status["restored_from"]}.', flush=True)
