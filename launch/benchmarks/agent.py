@@ -17,7 +17,11 @@ Prints (`--sections`, default all of them; every network is `--arch`'s, but `fus
     call per step: inference included, no replay insertion), and, for Atari,
     raw ALE emulation of the same frames on the same core; the rounds of
     each are interleaved so that machine noise hits all alike, medians
-    printed as ratios;
+    printed as ratios; each step's time split into raw emulation, the
+    jitted forward pass timed alone (its FLOPs as a share of the core's
+    float32 matmul rate) and the rest; and the most a float32 actor could
+    step on that core: raw ALE's time plus the forward pass's at the
+    matmul rate;
   * `actors` (the first measurement always runs, filling the replay): actor
     environment steps/s with 1 and with 2 actor processes (inserting into a
     local Reverb server, no rate limiting);
@@ -41,6 +45,7 @@ Prints (`--sections`, default all of them; every network is `--arch`'s, but `fus
 """
 
 import collections
+import functools
 import dataclasses
 import multiprocessing
 import os
@@ -104,37 +109,51 @@ def _actor_process(run: ExperimentConfig, actor_id: int, address: str, seconds: 
 
 
 def _batched_actor_process(run: ExperimentConfig, counts: list, steps: int, rounds: int, result_queue) -> None:
-  """On core 0: median env steps/s of an actor of each count of environments (inference included, transitions
-  dropped) and, for Atari, of raw ALE emulation; the measurements interleaved round by round."""
+  """On core 0, the measurements interleaved round by round, medians: env steps/s of an actor of each count of
+  environments (inference included, transitions dropped); the seconds of its jitted forward pass alone per env
+  step, with its FLOPs (XLA's cost analysis); the core's float32 matmul rate; for Atari, raw ALE emulation."""
   import jax
   import environments
   from agents.actor import Actor, actor_seed, environment_seeds
   from agents.builder import make_agent
   from launch.benchmarks import environments as environments_benchmark
+  from launch.benchmarks import timing
 
   environments_benchmark.pin(0)
-  actors = {}
+  actors, forwards, flops = {}, {}, {}
   for count in counts:
     envs = [environments.make(run.env, seed=seed, **run.env_options())
             for seed in environment_seeds(actor_seed(run.seed, 0), count)]
     agent = make_agent(run.agent, envs[0].action_spec().num_values)
-    params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *envs[0].observation_spec().shape), np.uint8))
+    spec = envs[0].observation_spec()
+    params = agent.network.init(jax.random.PRNGKey(0), np.zeros((1, *spec.shape), spec.dtype))
     actors[count] = Actor(agent, run.agent, envs, params_source=lambda params=params: (0, params),
                           add=lambda transition: None, params_update_period=10**9)
     actors[count].run(num_steps=4 * count)  # Compile and warm up.
+    apply = lambda p, x, agent=agent: agent.network.apply(p, x).outputs
+    observations = jax.device_put(timing.random_observations(spec.shape, count).astype(spec.dtype))
+    forwards[count] = functools.partial(jax.jit(apply), params, observations)
+    jax.block_until_ready(forwards[count]())
+    forward_flops = timing.forward_flops(apply, params, observations)
+    flops[count] = forward_flops / count if forward_flops else None
   family, _, game = run.env.partition(':')
   game = game if family == 'atari' else None  # Raw emulation is ALE's alone.
-  rates = {count: [] for count in counts}
-  raw = []
+  rates, forward_s = {count: [] for count in counts}, {count: [] for count in counts}
+  raw, matmul = [], []
   for _ in range(rounds):
+    matmul.append(timing.matmul_flops_per_s())
     for count, actor in actors.items():
       start_steps, start = actor.env_steps, time.perf_counter()
       actor.run(num_steps=steps)
       rates[count].append((actor.env_steps - start_steps) / (time.perf_counter() - start))
+      calls, start = max(1, steps // count), time.perf_counter()
+      jax.block_until_ready([forwards[count]() for _ in range(calls)])
+      forward_s[count].append((time.perf_counter() - start) / (calls * count))
     if game:  # Frames per second / 4 = env steps per second at action repeat 4.
       raw.append(environments_benchmark.raw_frames_per_second(game, 4 * steps) / 4)
-  result_queue.put(({count: float(np.median(r)) for count, r in rates.items()},
-                    float(np.median(raw)) if raw else None))
+  median = lambda values: {count: float(np.median(v)) for count, v in values.items()}
+  result_queue.put((median(rates), median(forward_s), flops, float(np.median(raw)) if raw else None,
+                    float(np.median(matmul))))
 
 
 def batched_actors(run: ExperimentConfig) -> None:
@@ -143,16 +162,27 @@ def batched_actors(run: ExperimentConfig) -> None:
     raise app.UsageError(f'--envs_per_actor={",".join(ENVS_PER_ACTOR.value)}: each count must be >= 1.')
   queue = multiprocessing.get_context('spawn').Queue()
   process = _spawn(_batched_actor_process, run, counts, STEPS.value, ROUNDS.value, queue)
-  rates, raw = queue.get()
+  rates, forward_s, flops, raw, matmul = queue.get()
   process.join()
   print(f'batched actors: {run.env}, --arch={run.agent.arch}, one actor process on one core, median of '
-        f'{ROUNDS.value} interleaved rounds of {STEPS.value} env steps (inference included, no replay insertion):')
+        f'{ROUNDS.value} interleaved rounds of {STEPS.value} env steps (inference included, no replay insertion); '
+        f'the core\'s float32 matmul rate {matmul / 1e9:.0f} GFLOP/s:')
   for count, rate in rates.items():
     against_raw = f', raw ALE / this = {raw / rate:5.2f}x' if raw else ''
     print(f'  envs_per_actor={count:3d}: {rate:8.0f} env steps/s, {rate / rates[counts[0]]:5.2f}x '
           f'envs_per_actor={counts[0]}{against_raw}')
+    step_ms, forward_ms, emulation_ms = 1e3 / rate, 1e3 * forward_s[count], 1e3 / raw if raw else 0.0
+    share = f' ({flops[count] / 1e6:.1f} MFLOP: {flops[count] / forward_s[count] / matmul:.0%} of the matmul ' \
+            f'rate)' if flops[count] else ''
+    print(f'    per env step {step_ms:.3f} ms: raw emulation {emulation_ms:.3f}, the forward pass alone '
+          f'{forward_ms:.3f}{share}, the rest {step_ms - emulation_ms - forward_ms:.3f}')
   if raw:
     print(f'  raw ALE:            {raw:8.0f} env steps/s (= {4 * raw:.0f} frames/s, no preprocessing or inference)')
+    flop = flops[counts[-1]]
+    if flop:  # Emulation plus a forward pass at the matmul rate and nothing else: the most a float32 actor does.
+      bound = 1 / (1 / raw + flop / matmul)
+      print(f'  bound: raw ALE plus the forward pass at the matmul rate: {bound:8.0f} env steps/s = '
+            f'{bound / raw:.2f}x raw ALE')
 
 
 def _evaluator_process(run: ExperimentConfig, address: str, params, stop_event) -> None:

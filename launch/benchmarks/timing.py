@@ -20,10 +20,13 @@ from probes.measures.diagnostics import DiagnosticsConfig, make_diagnostics
 
 
 def matmul_flops_per_s(n: int = 1024, repeats: int = 30) -> float:
-  """float32 [n, n] @ [n, n] at default precision, FLOP/s over `repeats` compiled calls: the reference rate."""
+  """float32 [n, n] @ [n, n] at default precision, FLOP/s over `repeats` compiled calls: the reference rate.
+
+  After as many untimed calls: on a core that was doing something else, the first tenths of a second ran at 55-65%
+  of the rate (measured on 2 cores, 2026-12-04)."""
   a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))
+  jax.block_until_ready([matmul(a, b) for _ in range(repeats)])
   start = time.perf_counter()
   jax.block_until_ready([matmul(a, b) for _ in range(repeats)])
   return 2 * n**3 * repeats / (time.perf_counter() - start)
