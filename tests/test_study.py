@@ -178,6 +178,44 @@ def test_interventions_table_puts_the_probed_after_cells_in_columns_of_their_own
   assert os.path.exists(tmp_path / 'interventions.png')
 
 
+def test_a_column_against_no_intervention_is_lower_higher_or_within_two_standard_errors():
+  # Seeds of each cell: none (0.19, 0.21): mean 0.2, standard error 0.01; every other cell's standard error 0.01
+  # too, so the difference's is 0.01 * sqrt(2) = 0.01414 and two of them 0.0283.
+  seeds = {'none': (0.19, 0.21), 'a': (0.09, 0.11), 'b': (0.21, 0.23), 'c': (0.29, 0.31), 'd': (0.1,)}
+  rows = [{'row': 'mlp', 'column': column, 'loss': loss} for column, losses in seeds.items() for loss in losses]
+  rows += [{'row': 'cnn', 'column': 'a', 'loss': loss} for loss in (0.1, 0.2)]  # No baseline in its row.
+  table = {(e['row'], e['column']): e for e in aggregate.against_baseline(
+      aggregate.summarize(rows, ('row', 'column'), ('loss',)), 'row', 'column', 'none', 'loss')}
+  assert set(table) == {('mlp', 'a'), ('mlp', 'b'), ('mlp', 'c'), ('mlp', 'd'), ('cnn', 'a')}
+  assert table['mlp', 'a']['difference'] == pytest.approx(-0.1)
+  assert table['mlp', 'a']['difference_stderr'] == pytest.approx(0.01 * math.sqrt(2))
+  assert table['mlp', 'a']['direction'] == 'lower'
+  assert table['mlp', 'b']['direction'] == 'within'  # 0.02 apart: under 0.0283.
+  assert table['mlp', 'c']['direction'] == 'higher'
+  assert table['mlp', 'd']['difference'] == pytest.approx(-0.1) and table['mlp', 'd']['direction'] is None
+  assert table['cnn', 'a']['difference'] is None and table['cnn', 'a']['direction'] is None
+
+
+def test_interventions_mark_each_column_against_the_papers_claim(tmp_path):
+  # Two seeds per cell, 0.01 apart: standard error 0.005, of a difference 0.0071.
+  losses = {('none', 'regress', 'before'): 0.2, ('layernorm', 'regress', 'before'): 0.05,
+            ('weight_decay', 'regress', 'before'): 0.1, ('reset_optimizer', 'regress', 'before'): 0.2,
+            ('none', 'two_hot', 'before'): 0.2, ('reset_last_layer', 'regress', 'after'): 0.3,
+            ('spectral_norm', 'regress', 'before'): 0.1}
+  rows = [{'arch': 'mlp', 'intervention': i, 'output': o, 'probed': p, 'optimizer': 'rmsprop',
+           'plasticity_loss': loss + delta, 'probe_step': 100}
+          for (i, o, p), loss in losses.items() for delta in (-0.005, 0.005)]
+  interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
+  table = {e['column']: (e['paper_claim'], e['direction'], e['verdict'])
+           for e in read_jsonl(str(tmp_path / 'against_paper.jsonl'))}
+  assert table == {'layernorm': ('lower', 'lower', 'agrees'),  # The paper's main finding, reproduced.
+                   'weight_decay': ('not lower', 'lower', 'disagrees'),
+                   'reset_optimizer': ('not lower', 'within', 'agrees'),
+                   'two_hot': ('lower', 'within', 'unclear'),
+                   'reset_last_layer_probed_after': ('lower', 'higher', 'disagrees'),
+                   'spectral_norm': (None, 'lower', None)}
+
+
 def _falsification_row(dataset, difficulty, norm, loss, rank=10.0):
   return {'set': 'main', 'setting': f'{dataset}:{difficulty}', 'dataset': dataset, 'difficulty': difficulty,
           'arch': 'mlp', 'variant': 'adam', 'final_parameter_norm': norm, 'final_feature_rank': rank,

@@ -1,6 +1,6 @@
 """The interventions study (figure 6; with both output encodings, figures 8 and 9): architecture x intervention."""
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from launch.studies.grid import (Cell, Row, Study, StudyLayout, StudyOptions, DEFAULT_OPTIMIZER, OPTIMIZER_ARGS,
                                  TRAIN_SCALES, arch_args, data_args, train_flags)
@@ -28,6 +28,11 @@ PAPER_LONG_STEPS = 1_000_000
 # [-100, 100], where the probe's targets (the mean value +- 1) would leave it (plasticity.TargetsOutsideSupport):
 # the categorical cells there get bins of the same width on a support 10 wider each side.
 PAPER_CATEGORICAL_SUPPORT = {'support_min': -110.0, 'support_max': 110.0, 'num_bins': 111}
+# The paper's claim for each column against no intervention (appendix B.1, after 1M steps; section 5.2 says the
+# same of layer norm and the two-hot output at figure 6's 100,000): a lower plasticity loss, or not a lower one.
+# It states none for spectral norm.
+PAPER_CLAIMS = {'layernorm': 'lower', 'two_hot': 'lower', 'reset_last_layer': 'lower',
+                'shrink_and_perturb': 'not lower', 'weight_decay': 'not lower', 'reset_optimizer': 'not lower'}
 
 
 def intervention_args(intervention: str) -> Dict[str, Any]:
@@ -77,6 +82,28 @@ def _column(row: Row) -> str:
   return 'two_hot' if row['output'] == 'two_hot' and row['intervention'] == 'none' else row['intervention']
 
 
+def verdict(claim: Optional[str], direction: Optional[str]) -> Optional[str]:
+  """Whether a column's `direction` against no intervention (`aggregate.against_baseline`) agrees with the paper's
+  `claim`: a claimed reduction needs a lower loss beyond two standard errors ('unclear' within them); a claimed
+  absence of one is contradicted only by such a reduction."""
+  if claim is None or direction is None:
+    return None
+  if claim == 'lower':
+    return {'lower': 'agrees', 'higher': 'disagrees', 'within': 'unclear'}[direction]
+  return 'disagrees' if direction == 'lower' else 'agrees'
+
+
+def against_paper(summary: List[Row]) -> List[Row]:
+  """Each column of figure 6's table (the regression cells and the two-hot column) against the same row's
+  `none`, with the paper's claim and whether the difference agrees with it."""
+  figure6 = [s for s in summary if s['output'] == 'regress' or s['column'] == 'two_hot']
+  table = aggregate.against_baseline(figure6, 'row', 'column', 'none', 'plasticity_loss')
+  for entry in table:
+    claim = PAPER_CLAIMS.get(entry['column'].removesuffix(PROBED_AFTER_SUFFIX))
+    entry.update(paper_claim=claim, verdict=verdict(claim, entry['direction']))
+  return table
+
+
 def _row_label(row: Row) -> str:
   optimizer = row.get('optimizer', DEFAULT_OPTIMIZER)
   return row['arch'] if optimizer == DEFAULT_OPTIMIZER else f'{row["arch"]} ({optimizer})'
@@ -98,6 +125,7 @@ def interventions_aggregate(layout: StudyLayout, rows: List[Row], scale: str) ->
   summary = aggregate.summarize(rows, ('row', 'arch', 'optimizer', 'intervention', 'output', 'probed', 'column'),
                                 measures)
   written = aggregate.write_table(summary, layout.table('summary'))
+  written += aggregate.write_table(against_paper(summary), layout.table('against_paper'))
   labels = list(dict.fromkeys(s['row'] for s in sorted(summary, key=lambda s: PAPER_ARCHS.index(s['arch']))))
   after_columns = tuple(f'{name}{PROBED_AFTER_SUFFIX}' for name in PROBED_AFTER)
   panels = []

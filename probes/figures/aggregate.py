@@ -97,6 +97,34 @@ def grid(summaries: Sequence[Row], row_key: str, column_key: str, measure: str,
   return rows, columns, means, stderrs
 
 
+# How far apart two cells' means must be, in standard errors of their difference, to count as different.
+SEPARATION_STDERRS = 2.0
+
+
+def against_baseline(summaries: Sequence[Row], row_key: str, column_key: str, baseline: Any,
+                     measure: str) -> List[Row]:
+  """Per row and column other than `baseline`, the measure's mean against the same row's baseline column:
+  `difference` (column minus baseline), its `difference_stderr` (the two standard errors in quadrature) and
+  `direction`: 'lower' or 'higher' where they differ by more than `SEPARATION_STDERRS` of it, else 'within';
+  None where a cell lacks a mean or a standard error (one seed)."""
+  means = {(s[row_key], s[column_key]): (s.get(f'{measure}_mean'), s.get(f'{measure}_stderr')) for s in summaries}
+  table = []
+  for (row, column), (mean, stderr) in means.items():
+    if column == baseline:
+      continue
+    base_mean, base_stderr = means.get((row, baseline), (None, None))
+    entry = {row_key: row, column_key: column, f'{measure}_mean': mean, f'baseline_{measure}_mean': base_mean,
+             'difference': None, 'difference_stderr': None, 'direction': None}
+    if None not in (mean, base_mean):
+      entry['difference'] = mean - base_mean
+    if entry['difference'] is not None and None not in (stderr, base_stderr):
+      entry['difference_stderr'] = math.hypot(stderr, base_stderr)
+      apart = abs(entry['difference']) > SEPARATION_STDERRS * entry['difference_stderr']
+      entry['direction'] = ('lower' if entry['difference'] < 0 else 'higher') if apart else 'within'
+    table.append(entry)
+  return table
+
+
 def _at_step(records: Sequence[Row], step: Optional[int]) -> Optional[Row]:
   """The record of `step` (the last record when None); None when that step was not recorded."""
   if step is None:
