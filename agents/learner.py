@@ -52,8 +52,9 @@ from agents.types import Logger, Network, Params, Transition
 # Updates per call by default (`--updates_per_call` unset), from `launch.benchmarks.agent --sections=fused`: on CPU the
 # batch-32 matmuls bound an update more than its dispatch (MLP: K = 16 1.2-1.6x K = 1 across runs, K = 64 no
 # more), and a convolutional network's updates, dispatched one by one there (agents/loops.py), gain nothing; on an
-# accelerator a dispatch and a host sync cost more than a small update (not measured here).
-DEFAULT_UPDATES_PER_CALL = {'cpu': 16, 'cpu_convolutions': 1, 'accelerator': 16}
+# accelerator a dispatch and a host sync cost more than a small update (`scripts/device_check.sh`, one H200: K = 64
+# 5.2x K = 1 for the MLP, 3.6-3.9x for the Nature DQN, 1.9x and 1.6x K = 16; docs/benchmarks.md).
+DEFAULT_UPDATES_PER_CALL = {'cpu': 16, 'cpu_convolutions': 1, 'accelerator': 64}
 
 
 def default_updates_per_call(params: Params) -> int:

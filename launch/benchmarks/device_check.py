@@ -126,8 +126,9 @@ def check(sizes: Sizes, archs: Sequence[str]) -> None:
     flops = timing.update_flops(config, shape, num_actions)
     rates, _ = timing.fused_updates_per_s(config, shape, num_actions, sizes.updates_per_call, sizes.fused_seconds)
     for k, rate in rates.items():
-      table.row('fused_learner', arch, rate, 'updates/s',
-                f'K={k}, {flops / 1e6:.0f} MFLOP/update, {rate * flops / matmul:6.1%} of matmul_f32')
+      share = f'{flops / 1e6:.0f} MFLOP/update, {rate * flops / matmul:6.1%} of matmul_f32' if flops else \
+          'no FLOP count'
+      table.row('fused_learner', arch, rate, 'updates/s', f'K={k}, {share}')
   probe = sizes.probe
   for arch, shape, num_actions in (entry for entry in PROBE_ARCHS if entry[0] in archs):
     agent = make_agent(AgentConfig(arch=arch), num_actions)

@@ -46,17 +46,24 @@ def random_batch(shape: Tuple[int, ...], num_actions: int, batch_size: int, seed
                     next_observation=random_observations(shape, batch_size, seed + 2))
 
 
-def update_flops(config: AgentConfig, shape: Tuple[int, ...], num_actions: int) -> float:
-  """FLOPs of one double-DQN update by XLA's cost analysis of the lowered HLO (the compiled CPU analysis omits
-  dots)."""
+def hlo_flops(fn: Callable, *args) -> Optional[float]:
+  """FLOPs of `fn(*args)` by XLA's cost analysis of the HLO lowered for the CPU: the same program everywhere, where
+  a GPU's analysis (current JAX) counts none before compilation and no cuDNN convolution after it, and the compiled
+  CPU analysis omits dots. None where the analysis counts none."""
+  on_cpu = jax.device_put(args, jax.devices('cpu')[0])
+  analysis = jax.jit(fn).lower(*on_cpu).cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # JAX 0.4.30: one dict per computation; current JAX: the dict.
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and analysis.get('flops', 0) > 0 else None
+
+
+def update_flops(config: AgentConfig, shape: Tuple[int, ...], num_actions: int) -> Optional[float]:
+  """FLOPs of one double-DQN update (`hlo_flops`)."""
   agent = make_agent(config, num_actions)
   batch = random_batch(shape, num_actions, config.batch_size)
   state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), batch.observation[:1])
   update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)
-  analysis = jax.jit(update).lower(state, batch).cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # One dict per computation on some versions.
-    analysis = analysis[0]
-  return float(analysis['flops'])
+  return hlo_flops(update, state, batch)
 
 
 def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions: int, ks: Sequence[int],
@@ -87,12 +94,8 @@ def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions
 
 
 def forward_flops(apply_fn: Callable, params, inputs: np.ndarray) -> Optional[float]:
-  """FLOPs of one forward pass on `inputs` by XLA's cost analysis of the lowered HLO (the compiled CPU analysis
-  omits dots; None where the backend counts none)."""
-  analysis = jax.jit(apply_fn).lower(params, inputs).cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # JAX 0.4.30: one dict per computation; current JAX: the dict.
-    analysis = analysis[0] if analysis else None
-  return float(analysis['flops']) if analysis and analysis.get('flops', 0) > 0 else None
+  """FLOPs of one forward pass on `inputs` (`hlo_flops`)."""
+  return hlo_flops(apply_fn, params, inputs)
 
 
 def probe_flops(agent, params, inputs: np.ndarray, config: plasticity.ProbeConfig) -> Optional[float]:

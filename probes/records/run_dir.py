@@ -236,7 +236,8 @@ class LaunchConfig:
                                  choices=lambda: ['auto', 'cpu', 'gpu'])
   # agents/learner.py: calls end at every step where something outside the update is due, so K changes no event.
   updates_per_call: Optional[int] = option(None, 'Learner updates fused in one compiled call over as many batches, one '
-                                           'host sync per call (default: 16; 1 on CPU for convolutional networks).',
+                                           'host sync per call (default: 16 on CPU, 1 there for convolutional '
+                                           'networks; 64 on an accelerator).',
                                            lower_bound=1)
   max_restarts: int = option(3, 'Relaunches of the program from its checkpoints after a node fails (0: none).',
                              lower_bound=0)
