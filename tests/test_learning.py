@@ -18,7 +18,8 @@ from agents.actor import Actor
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.encodings import make_encoding, EncodingConfig
-from agents.learner import Diverged, Learner, initial_state
+from agents import learner as learner_module
+from agents.learner import Diverged, Learner, initial_state, resolve_updates_per_call
 from agents.update import double_q_loss, init_state, make_target_update
 from agents.types import Network, NetworkOutput, Transition
 from probes.records.loggers import JsonlLogger, read_jsonl
@@ -546,3 +547,14 @@ def test_the_actors_epsilon_draws_are_the_keys_split_per_step_from_its_seed():
     keys = jax.random.split(key, 2)
     expected += [int(rlax.epsilon_greedy(0.5).sample(k, q)) for k, q in zip(keys, q_values)]
   assert [int(t.action) for t in stored] == expected and len(set(expected)) == 3
+
+
+@pytest.mark.parametrize('backend, arch, expected', [('cpu', 'mlp', 16), ('cpu', 'cnn', 1), ('gpu', 'mlp', 64),
+                                                      ('gpu', 'cnn', 64)])
+def test_the_default_updates_per_call_is_the_backends_and_networks(monkeypatch, backend, arch, expected):
+  monkeypatch.setattr(learner_module.jax, 'default_backend', lambda: backend)
+  network = make_agent(AgentConfig(arch=arch, width_multiplier=0.125), 10).network
+  assert resolve_updates_per_call(None, network, np.zeros((28, 28, 1), np.uint8)) == expected
+  assert resolve_updates_per_call(4, network, np.zeros((28, 28, 1), np.uint8)) == 4
+  with pytest.raises(ValueError, match='--updates_per_call=0'):
+    resolve_updates_per_call(0, network, np.zeros((28, 28, 1), np.uint8))
