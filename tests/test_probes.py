@@ -151,18 +151,21 @@ def test_probe_fits_a_fresh_network_better_than_a_saturated_one(setup):
 
 def test_regression_probe_is_the_one_before_output_encodings_were_probed_as_values():
   """Known answer: numbers the probe gave on this fixed case before categorical networks were probed on values
-  (the commit before it), to float32 rounding: a regression run's records are unchanged."""
+  (the commit before it): a regression run's records are unchanged. The targets' offset (the network's mean output)
+  is exact to float32 rounding; on another CPU's kernels (another order of summation) sin(1e5 f) moves the targets'
+  variances by up to 0.01% and 60 steps of training the fitted losses by up to 0.12% (an AVX-512 machine against
+  the one that recorded them): those are checked to 0.1% and 0.5%."""
   config = plasticity.ProbeConfig(num_targets=3, steps=60, batch_size=16, num_inputs=64, curve_every=20)
   agent = make_agent(AgentConfig(width_multiplier=0.0625), num_actions=3)
   inputs = np.random.default_rng(7).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
   params = agent.network.init(jax.random.PRNGKey(1), inputs[:1])
   result = plasticity.agent_probe(agent, config)(params, inputs, jax.random.PRNGKey(2))
-  np.testing.assert_allclose(result.final_losses, [0.43242043, 0.40587625, 0.41142035], rtol=1e-5)
-  np.testing.assert_allclose(result.baselines, [0.50466007, 0.49047923, 0.47840223], rtol=1e-5)
+  np.testing.assert_allclose(result.final_losses, [0.43242043, 0.40587625, 0.41142035], rtol=5e-3)
+  np.testing.assert_allclose(result.baselines, [0.50466007, 0.49047923, 0.47840223], rtol=1e-3)
   np.testing.assert_allclose(result.target_offset, [0.034672268, 0.013555826, 0.043628953], rtol=1e-5)
   np.testing.assert_allclose(result.step_losses[:, ::20], [[0.5821445, 0.48367995, 0.40469122],
                                                            [0.44995314, 0.39097893, 0.4050941],
-                                                           [0.52316296, 0.4673837, 0.3917454]], rtol=1e-5)
+                                                           [0.52316296, 0.4673837, 0.3917454]], rtol=5e-3)
   assert result.as_record()['probe_fit_loss'] == 'mse'
 
 
