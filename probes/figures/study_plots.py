@@ -26,18 +26,23 @@ def save(fig: plt.Figure, path: str) -> str:
 
 def heatmaps(panels: Sequence[Panel], title: str) -> plt.Figure:
   """Figure 6: plasticity loss per architecture (rows) and intervention (columns), darker = less loss, as the
-  paper shades it; each cell says its mean and standard error."""
+  paper shades it; each cell says its mean and standard error, a cell without runs is grey and says so (white
+  would read as the most loss)."""
   fig, axes = plt.subplots(len(panels), 1, figsize=(1.3 * max(len(p[1][1]) for p in panels) + 2, 1.0 + 0.7 *
                                                    sum(len(p[1][0]) + 1 for p in panels)), squeeze=False)
   for ax, (name, (rows, columns, means, stderrs)) in zip(axes[:, 0], panels):
     finite = means[np.isfinite(means)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    image = ax.imshow(means, cmap='Blues_r', vmin=low, vmax=high if high > low else low + 1e-9, aspect='auto')
+    colours = plt.get_cmap('Blues_r').with_extremes(bad='0.85')
+    image = ax.imshow(np.ma.masked_invalid(means), cmap=colours, vmin=low, vmax=high if high > low else low + 1e-9,
+                      aspect='auto')
     for (i, j), value in np.ndenumerate(means):
       if np.isfinite(value):
         text = f'{value:.3f}' + (f'\n± {stderrs[i, j]:.3f}' if np.isfinite(stderrs[i, j]) else '')
         dark = high > low and (value - low) / (high - low) < 0.5
         ax.text(j, i, text, ha='center', va='center', fontsize=7, color='white' if dark else 'black')
+      else:
+        ax.text(j, i, 'not run', ha='center', va='center', fontsize=7, color='0.4')
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], rotation=30, ha='right', fontsize=8)
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
     ax.set_title(name, fontsize=9)
