@@ -134,7 +134,7 @@ def _batched_actor_process(run: ExperimentConfig, counts: list, steps: int, roun
     observations = jax.device_put(timing.random_observations(spec.shape, count).astype(spec.dtype))
     forwards[count] = functools.partial(jax.jit(apply), params, observations)
     jax.block_until_ready(forwards[count]())
-    forward_flops = timing.forward_flops(apply, params, observations)
+    forward_flops = timing.hlo_flops(apply, params, observations)
     flops[count] = forward_flops / count if forward_flops else None
   family, _, game = run.env.partition(':')
   game = game if family == 'atari' else None  # Raw emulation is ALE's alone.

@@ -93,16 +93,11 @@ def fused_updates_per_s(config: AgentConfig, shape: Tuple[int, ...], num_actions
   return {k: done[k] / spent[k] for k in ks}, float(np.median(matmul))
 
 
-def forward_flops(apply_fn: Callable, params, inputs: np.ndarray) -> Optional[float]:
-  """FLOPs of one forward pass on `inputs` (`hlo_flops`)."""
-  return hlo_flops(apply_fn, params, inputs)
-
-
 def probe_flops(agent, params, inputs: np.ndarray, config: plasticity.ProbeConfig) -> Optional[float]:
   """Model FLOPs of one probe: per target, `steps` minibatch steps (forward and backward: 3 x the forward) and
   two forward passes over every input (its target function, its final loss)."""
   apply_fn = lambda p, x: agent.network.apply(p, x).outputs
-  step, whole = (forward_flops(apply_fn, params, inputs[:n]) for n in (config.batch_size, inputs.shape[0]))
+  step, whole = (hlo_flops(apply_fn, params, inputs[:n]) for n in (config.batch_size, inputs.shape[0]))
   if step is None or whole is None:
     return None
   return config.num_targets * (3 * config.steps * step + 2 * whole)
