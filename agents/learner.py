@@ -46,7 +46,8 @@ import numpy as np
 from agents import checkpointing, host_memory, loops, snapshots
 from agents.builder import AgentParts
 from agents.config import AgentConfig
-from agents.update import TrainingState, init_state, make_fused_update, make_target_update, make_update
+from agents.update import (FUSED_UPDATE_KEEPS, UPDATE_KEEPS, TrainingState, init_state, jit_keeping, make_fused_update,
+                           make_target_update, make_update)
 from agents.types import Logger, Network, Params, Transition
 
 # Updates per call by default (`--updates_per_call` unset), from `launch.benchmarks.agent --sections=fused`: on CPU the
@@ -114,12 +115,13 @@ class Learner:
     dummy = np.asarray(dummy_observation)[None]
     update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms)
     target_update = make_target_update(agent.network, agent.target_update_hooks, dummy)
-    self._update, self._target_update = jax.jit(update), jax.jit(target_update)
+    self._update, self._target_update = jit_keeping(update, UPDATE_KEEPS), jax.jit(target_update)
     self._has_hooks = bool(agent.target_update_hooks)
     self._periodic_actions = [(action.period, jax.jit(action.act)) for action in agent.periodic_actions]
     self._state = initial_state(agent, seed, dummy_observation)
     self.updates_per_call = resolve_updates_per_call(updates_per_call, agent.network, dummy_observation)
-    self._fused = jax.jit(make_fused_update(update, target_update, config.target_update_period))
+    self._fused = jit_keeping(make_fused_update(update, target_update, config.target_update_period),
+                              FUSED_UPDATE_KEEPS)
     self._dispatched = loops.avoid_compiled_loops(self._state.params)  # A call's updates one by one.
     self._restored_from = None
     if checkpoint_dir:

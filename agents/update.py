@@ -167,6 +167,36 @@ def make_target_update(network: Network, hooks: Sequence[TargetUpdateHook],
   return target_update
 
 
+# The fields of the training state an update (`make_update`) and a fused call of updates (`make_fused_update`) leave
+# as they are. A jitted call that returned one would copy it (XLA gives every output a buffer of its own, and the
+# learner does not donate its state: it keeps the last finite one): for the CNN, 51 MB of dense weight per field,
+# 14 ms of a 150 ms update on 2 CPU cores.
+UPDATE_KEEPS = ('target_params', 'initial_params')
+FUSED_UPDATE_KEEPS = ('initial_params',)
+
+
+def jit_keeping(fn: Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]], keeps: Sequence[str]
+                ) -> Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]]:
+  """`jax.jit(fn)` for a `fn` that leaves the state's fields `keeps` as they are: the compiled call returns only
+  the others, and the state is put together again outside it, so that no kept field is copied."""
+
+  def changing(state: TrainingState, batch: Transition) -> Tuple[Dict[str, object], Metrics]:
+    new_state, metrics = fn(state, batch)
+    for name in keeps:
+      if not all(new is old for new, old in zip(jax.tree_util.tree_leaves(getattr(new_state, name)),
+                                                 jax.tree_util.tree_leaves(getattr(state, name)))):
+        raise ValueError(f'{getattr(fn, "__name__", fn)} changes the training state\'s {name}, which it was to keep.')
+    return {name: getattr(new_state, name) for name in TrainingState._fields if name not in keeps}, metrics
+
+  compiled = jax.jit(changing)
+
+  def call(state: TrainingState, batch: Transition) -> Tuple[TrainingState, Metrics]:
+    changed, metrics = compiled(state, batch)
+    return state._replace(**changed), metrics
+
+  return call
+
+
 def make_fused_update(update: Callable[[TrainingState, Transition], Tuple[TrainingState, Metrics]],
                       target_update: Callable[[TrainingState], TrainingState],
                       target_update_period: int
@@ -184,12 +214,15 @@ def make_fused_update(update: Callable[[TrainingState, Transition], Tuple[Traini
   def fused(state: TrainingState, batches: Transition) -> Tuple[TrainingState, Metrics]:
     chex.assert_equal_shape_prefix(jax.tree_util.tree_leaves(batches), 2)
     last_step = state.step + jax.tree_util.tree_leaves(batches)[0].shape[0]
+    initial_params = state.initial_params  # Read by the updates, never changed: not carried (FUSED_UPDATE_KEEPS).
 
-    def one(state: TrainingState, batch: Transition) -> Tuple[TrainingState, Metrics]:
-      state, metrics = update(state, batch)
+    def one(carried: TrainingState, batch: Transition) -> Tuple[TrainingState, Metrics]:
+      state, metrics = update(carried._replace(initial_params=initial_params), batch)
       due = (state.step % target_update_period == 0) & (state.step != last_step)
-      return jax.lax.cond(due, target_update, lambda state: state, state), metrics
+      state = jax.lax.cond(due, target_update, lambda state: state, state)
+      return state._replace(initial_params=None), metrics
 
-    return jax.lax.scan(one, state, batches)
+    carried, metrics = jax.lax.scan(one, state._replace(initial_params=None), batches)
+    return carried._replace(initial_params=initial_params), metrics
 
   return fused

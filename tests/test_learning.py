@@ -20,7 +20,8 @@ from agents.config import AgentConfig
 from agents.encodings import make_encoding, EncodingConfig
 from agents import learner as learner_module
 from agents.learner import Diverged, Learner, initial_state, resolve_updates_per_call
-from agents.update import double_q_loss, init_state, make_target_update
+from agents.update import (FUSED_UPDATE_KEEPS, UPDATE_KEEPS, double_q_loss, init_state, jit_keeping,
+                           make_fused_update, make_target_update, make_update)
 from agents.types import Network, NetworkOutput, Transition
 from probes.records.loggers import JsonlLogger, read_jsonl
 from tests.conftest import RunsCode, ThreeStepEpisodes, random_batches
@@ -141,6 +142,32 @@ def test_learner_reduces_td_loss_on_a_fixed_batch():
   for _ in range(200):
     last = float(learner.step()['td_loss'])
   assert last < 0.1 * first
+
+
+def test_a_jitted_update_hands_back_the_fields_it_keeps_uncopied_and_refuses_to_change_them():
+  """`jit_keeping`: the kept fields come back as the very arrays given (a returned input would be a copy: the
+  CNN's 51 MB target and initial weights at every update), the others as `jax.jit` computes them; a function
+  that changes a kept field is refused, naming it."""
+  config = AgentConfig(width_multiplier=1 / 16, target_update_period=2)
+  agent = make_agent(config, num_actions=3)
+  batches = list(itertools.islice(random_batches(32), 3))
+  state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), batches[0].observation[:1])
+  update = make_update(agent.network, agent.encoding, agent.optimizer, config.discount)
+  fused = make_fused_update(update, make_target_update(agent.network, (), batches[0].observation[:1]), 2)
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+  for fn, keeps, batch in ((update, UPDATE_KEEPS, batches[0]), (fused, FUSED_UPDATE_KEEPS, stacked)):
+    kept_state, kept_metrics = jit_keeping(fn, keeps)(state, batch)
+    jitted_state, jitted_metrics = jax.jit(fn)(state, batch)
+    for name in keeps:
+      for kept, given, jitted in zip(*(jax.tree_util.tree_leaves(getattr(s, name))
+                                       for s in (kept_state, state, jitted_state))):
+        assert kept is given and jitted is not given
+    chex.assert_trees_all_close(kept_state, jitted_state)
+    chex.assert_trees_all_close(kept_metrics, jitted_metrics)
+  assert int(kept_state.step) == 3 and not np.allclose(kept_state.target_params['head']['w'],
+                                                       state.target_params['head']['w'])  # Step 2's copy, inside.
+  with pytest.raises(ValueError, match='target_params'):
+    jit_keeping(lambda state, batch: (state._replace(target_params=state.params), {}), UPDATE_KEEPS)(state, None)
 
 
 def test_learner_logs_its_final_step_even_below_log_every(tmp_path):

@@ -245,9 +245,8 @@ def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, se
 
   The two alternate in `rounds` rounds, so that a change in the machine's load weighs on both.
   """
-  import jax
   from agents.learner import Learner
-  from agents.update import make_update
+  from agents.update import UPDATE_KEEPS, jit_keeping, make_update
   from launch.program import replay
   from probes.records.loggers import JsonlLogger
 
@@ -263,7 +262,8 @@ def learner_against_bare_loop(agent, config, address: str, dummy: np.ndarray, se
   logs = tempfile.mkdtemp()
   learner = Learner(agent, config, recorded(), dummy, log_every=100,
                     logger=JsonlLogger(os.path.join(logs, 'learner.jsonl'), os.path.join(logs, 'tensorboard')))
-  update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms))
+  update = jit_keeping(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms),
+                       UPDATE_KEEPS)
   state = learner.state
 
   def learner_loop(duration: float) -> int:

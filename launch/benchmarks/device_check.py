@@ -41,7 +41,7 @@ from launch import benchmarks
 from agents.builder import make_agent
 from agents.config import AgentConfig
 from agents.loops import avoid_compiled_loops
-from agents.update import init_state, make_update
+from agents.update import UPDATE_KEEPS, init_state, jit_keeping, make_update
 from launch.benchmarks import timing
 from probes.measures.diagnostics import DiagnosticsConfig
 from probes.measures.plasticity import ProbeConfig
@@ -102,7 +102,8 @@ def updates_per_s(arch: str, shape: Tuple[int, ...], num_actions: int, sizes: Si
   """The jitted double-DQN update in a Python loop on one device-resident batch (`AgentConfig`'s batch size)."""
   config = AgentConfig(arch=arch)
   agent = make_agent(config, num_actions)
-  update = jax.jit(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms))
+  update = jit_keeping(make_update(agent.network, agent.encoding, agent.optimizer, config.discount, agent.loss_terms),
+                       UPDATE_KEEPS)
   batch = jax.device_put(timing.random_batch(shape, num_actions, config.batch_size))
   state = init_state(agent.network, agent.optimizer, jax.random.PRNGKey(0), batch.observation[:1])
   state = jax.block_until_ready(update(state, batch))[0]  # Compile.
