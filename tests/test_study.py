@@ -16,7 +16,7 @@ from launch.program import run_lock
 from launch.studies import runner as study_runner
 from launch.studies.atari_layernorm import improvements
 from launch.studies.brownian import brownian_cells
-from launch.studies.falsification import falsification_cells, falsification_tables
+from launch.studies.falsification import FIGURE3_PAIRS, falsification_cells, falsification_tables
 from launch.studies.grid import SCALES, TRAIN_SCALES, Cell, StudyLayout, StudyOptions, grid_differences, grid_record
 from launch.studies.interventions import INTERVENTION_COLUMNS, interventions_aggregate, interventions_cells
 from launch.studies.optimizer_regime import REGIME_MEASURES, regime_table
@@ -45,14 +45,19 @@ def test_correlation_sign_flips_across_settings_as_built():
   table = {entry['setting']: entry for entry in aggregate.correlations(rows, 'setting', ['change_norm'])}
   assert table['up']['correlation'] == pytest.approx(1.0) and table['up']['sign'] == '+'
   assert table['down']['correlation'] == pytest.approx(-1.0) and table['down']['sign'] == '-'
-  assert table['few'] == {'setting': 'few', 'statistic': 'change_norm', 'runs': 2, 'correlation': None, 'sign': None}
+  assert table['few'] == {'setting': 'few', 'statistic': 'change_norm', 'runs': 2, 'correlation': None, 'sign': None,
+                          'stderr': None, 'separated': None}
+  assert table['up']['stderr'] == pytest.approx(0.0, abs=1e-6) and table['up']['separated'] is True
   assert table['flat']['correlation'] is None  # A constant statistic has no correlation.
   # A hand computation: x = (0, 1, 3), y = (1, 0, 2): r = cov / (sx sy) = 1.5 / sqrt(4.667 * 1) ... exactly:
   x, y = np.array([0.0, 1.0, 3.0]), np.array([1.0, 0.0, 2.0])
   expected = np.sum((x - x.mean()) * (y - y.mean())) / math.sqrt(np.sum((x - x.mean())**2) * np.sum((y - y.mean())**2))
   rows = [{'setting': 's', 'c': a, 'plasticity_loss': b} for a, b in zip(x, y)]
-  assert aggregate.correlations(rows, 'setting', ['c'])[0]['correlation'] == pytest.approx(expected)
+  entry = aggregate.correlations(rows, 'setting', ['c'])[0]
+  assert entry['correlation'] == pytest.approx(expected)
   assert expected == pytest.approx(0.6547, abs=1e-4)
+  # Its standard error sqrt((1 - r^2) / (3 - 2)) = 0.756: r is within two of them of 0.
+  assert entry['stderr'] == pytest.approx(math.sqrt(1 - expected**2)) and entry['separated'] is False
 
 
 def test_heatmap_grid_places_each_cell_and_leaves_missing_ones_empty():
@@ -216,10 +221,10 @@ def test_interventions_mark_each_column_against_the_papers_claim(tmp_path):
                    'spectral_norm': (None, 'lower', None)}
 
 
-def _falsification_row(dataset, difficulty, norm, loss, rank=10.0):
+def _falsification_row(dataset, difficulty, norm, loss, rank=10.0, srank=None):
   return {'set': 'main', 'setting': f'{dataset}:{difficulty}', 'dataset': dataset, 'difficulty': difficulty,
           'arch': 'mlp', 'variant': 'adam', 'final_parameter_norm': norm, 'final_feature_rank': rank,
-          'change_parameter_norm': norm, 'plasticity_loss': loss}
+          'final_weight_srank_mean': srank, 'change_parameter_norm': norm, 'plasticity_loss': loss}
 
 
 def test_figure_3_correlates_values_at_the_end_within_each_value_of_a_factor():
@@ -241,6 +246,32 @@ def test_figure_3_correlates_values_at_the_end_within_each_value_of_a_factor():
   # The change version per setting, kept beside: mnist:easy has 2 runs (no correlation), the others 1.
   assert {e['setting'] for e in tables['correlations_change']} == {'mnist:easy', 'mnist:hard', 'cifar10:easy',
                                                                     'cifar10:hard'}
+
+
+def test_figure_3_verdicts_need_correlations_two_standard_errors_from_zero():
+  """The paper's claim per pairing (its correlation's sign flips across the factor), built to be read off:
+  weight norm +1 on MNIST and -1 on CIFAR-10 (each exact: a standard error of 0): `agrees`; feature rank +1 within
+  both tasks: `disagrees`; weight srank -1 on CIFAR-10 but 0.5 on MNIST (3 runs: a standard error of 0.87): the
+  flip is not shown, nor its absence: `unclear`; dead units, one architecture: no verdict."""
+  built = [('mnist', 'easy', 1.0, 1.0), ('mnist', 'easy', 2.0, 3.0), ('mnist', 'hard', 3.0, 2.0),
+           ('cifar10', 'easy', 1.0, 1.0), ('cifar10', 'hard', 2.0, 2.0), ('cifar10', 'hard', 4.0, 4.0)]
+  rows = []
+  for dataset, difficulty, x, srank in built:
+    sign = 1.0 if dataset == 'mnist' else -1.0
+    rows.append(_falsification_row(dataset, difficulty, x, sign * 0.1 * x, rank=sign * x, srank=srank))
+  tables = falsification_tables(rows)
+  by_value = {(e['statistic'], e['factor'], e['value']): e for e in tables['correlations']}
+  assert by_value[('weight_srank_mean', 'dataset', 'mnist')]['correlation'] == pytest.approx(0.5)
+  assert by_value[('weight_srank_mean', 'dataset', 'mnist')]['stderr'] == pytest.approx(math.sqrt(0.75))
+  assert by_value[('weight_srank_mean', 'dataset', 'mnist')]['separated'] is False
+  assert by_value[('feature_rank', 'difficulty', 'hard')]['correlation'] == pytest.approx(1.0)
+  flips = {(e['statistic'], e['factor']): e for e in tables['sign_flips']}
+  verdicts = {pair: flips[pair]['verdict'] for pair in FIGURE3_PAIRS}
+  assert verdicts == {('parameter_norm', 'dataset'): 'agrees', ('feature_rank', 'difficulty'): 'disagrees',
+                      ('weight_srank_mean', 'dataset'): 'unclear', ('dead_unit_fraction', 'arch'): None}
+  assert flips[('weight_srank_mean', 'dataset')]['signs'] == '+-'  # The raw signs flip; beyond noise, one.
+  assert flips[('weight_srank_mean', 'dataset')]['separated_signs'] == '-'
+  assert flips[('parameter_norm', 'difficulty')]['verdict'] is None  # Not a pairing the paper draws.
 
 
 def test_the_optimizer_regime_table_says_where_units_live_and_plasticity_is_lost():

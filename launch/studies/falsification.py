@@ -1,6 +1,6 @@
 """The falsification study (figure 3): each statistic against plasticity loss across the factors runs vary in."""
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from launch.studies.grid import (Cell, Row, Study, StudyLayout, StudyOptions, OPTIMIZER_ARGS, TRAIN_SCALES, arch_args,
                                  data_args, dataset_names, train_flags, train_measure)
@@ -60,11 +60,26 @@ def falsification_cells(scale: str, options: StudyOptions) -> Tuple[List[Cell], 
   return cells, skipped
 
 
+def flip_verdict(entries: Sequence[Row]) -> Optional[str]:
+  """The paper's claim for a statistic and its factor (figure 3): its correlation with plasticity loss changes sign
+  across the factor's values. 'agrees' where two values' correlations are each `separated` from 0 and of opposite
+  signs; 'disagrees' where every value's is separated and all of one sign; else 'unclear'; None with fewer than
+  two values correlated (no flip can be seen)."""
+  correlated = [entry for entry in entries if entry['correlation'] is not None]
+  if len(correlated) < 2:
+    return None
+  separated = {entry['sign'] for entry in correlated if entry['separated']} - {'0'}
+  if len(separated) > 1:
+    return 'agrees'
+  return 'disagrees' if len(separated) == 1 and all(entry['separated'] for entry in correlated) else 'unclear'
+
+
 def falsification_tables(rows: Sequence[Row]) -> Dict[str, List[Row]]:
   """Figure 3's numbers per set: `correlations` (each statistic's value at the end against plasticity loss, within
   each value of each factor; `papers_pairing` marks the paper's four), `sign_flips` (per statistic and factor:
-  whether the signs differ across its values: the paper's claim) and `correlations_change` (each statistic's change
-  over training, within each setting: the version before the paper's)."""
+  whether the signs differ across its values, and for the paper's four its claim's `verdict`) and
+  `correlations_change` (each statistic's change over training, within each setting: the version before the
+  paper's)."""
   tables: Dict[str, List[Row]] = {'correlations': [], 'sign_flips': [], 'correlations_change': []}
   statistics = list(study_plots.STATISTICS)
   for set_name in dict.fromkeys(row.get('set', 'main') for row in rows):
@@ -72,16 +87,20 @@ def falsification_tables(rows: Sequence[Row]) -> Dict[str, List[Row]]:
     for statistic in statistics:
       for factor in FALSIFICATION_FACTORS:
         entries = aggregate.correlations(members, factor, [f'final_{statistic}'])
+        papers = (statistic, factor) in FIGURE3_PAIRS
         for entry in entries:
           tables['correlations'].append({'set': set_name, 'statistic': statistic, 'factor': factor,
                                          'value': entry[factor], 'runs': entry['runs'],
                                          'correlation': entry['correlation'], 'sign': entry['sign'],
-                                         'papers_pairing': (statistic, factor) in FIGURE3_PAIRS})
+                                         'stderr': entry['stderr'], 'separated': entry['separated'],
+                                         'papers_pairing': papers})
         signs = [entry['sign'] for entry in entries if entry['sign'] in ('+', '-')]
+        separated = [entry['sign'] for entry in entries if entry['separated'] and entry['sign'] in ('+', '-')]
         tables['sign_flips'].append({'set': set_name, 'statistic': statistic, 'factor': factor,
                                      'values': len(entries), 'signs': ''.join(signs),
                                      'flips': None if len(signs) < 2 else len(set(signs)) > 1,
-                                     'papers_pairing': (statistic, factor) in FIGURE3_PAIRS})
+                                     'separated_signs': ''.join(separated), 'papers_pairing': papers,
+                                     'verdict': flip_verdict(entries) if papers else None})
     for entry in aggregate.correlations(members, 'setting', [f'change_{key}' for key in statistics]):
       tables['correlations_change'].append({'set': set_name, **entry})
   return tables

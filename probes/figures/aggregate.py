@@ -57,20 +57,29 @@ def summarize(rows: Sequence[Row], by: Sequence[str], measures: Sequence[str]) -
   return summaries
 
 
+# How far apart two cells' means (or a correlation and 0) must be, in standard errors of their difference, to count
+# as different.
+SEPARATION_STDERRS = 2.0
+
+
 def correlations(rows: Sequence[Row], setting: str, statistics: Sequence[str],
                  target: str = 'plasticity_loss') -> List[Row]:
   """Figure 3's claim in numbers: per setting and statistic, the Pearson correlation of the statistic's value
-  with `target` over the setting's runs, and its sign (None with fewer than 3 runs or a constant variable)."""
+  with `target` over the setting's runs, its sign, its standard error sqrt((1 - r^2) / (n - 2)) and whether it is
+  `separated` from 0 by more than `SEPARATION_STDERRS` of them (all None with fewer than 3 runs or a constant
+  variable)."""
   table = []
   for name in dict.fromkeys(row.get(setting) for row in rows):
     members = [row for row in rows if row.get(setting) == name]
     for statistic in statistics:
       pairs = finite_pairs(members, statistic, target)
-      r = None
+      r = stderr = None
       if len(pairs) >= 3 and np.ptp(pairs[:, 0]) > 0 and np.ptp(pairs[:, 1]) > 0:
-        r = float(stats.pearsonr(pairs[:, 0], pairs[:, 1])[0])
+        r = float(np.clip(stats.pearsonr(pairs[:, 0], pairs[:, 1])[0], -1.0, 1.0))
+        stderr = math.sqrt((1.0 - r * r) / (len(pairs) - 2))
       table.append({setting: name, 'statistic': statistic, 'runs': len(pairs), 'correlation': r,
-                    'sign': None if r is None else ('+' if r > 0 else '-' if r < 0 else '0')})
+                    'sign': None if r is None else ('+' if r > 0 else '-' if r < 0 else '0'), 'stderr': stderr,
+                    'separated': None if r is None else abs(r) > SEPARATION_STDERRS * stderr})
   return table
 
 
@@ -95,10 +104,6 @@ def grid(summaries: Sequence[Row], row_key: str, column_key: str, measure: str,
         if summary.get(key) is not None:
           matrix[index] = summary[key]
   return rows, columns, means, stderrs
-
-
-# How far apart two cells' means must be, in standard errors of their difference, to count as different.
-SEPARATION_STDERRS = 2.0
 
 
 def against_baseline(summaries: Sequence[Row], row_key: str, column_key: str, baseline: Any,
