@@ -133,6 +133,76 @@ class StridedConv2D(hk.Conv2D):
     return out + b
 
 
+@jax.custom_jvp
+def _tap_sum_conv(inputs: jax.Array, w: jax.Array) -> jax.Array:
+  """A stride-1, SAME-padded convolution of a one-channel input [B, H, W, 1] by w [k, k, 1, O], as the sum over
+  the k*k taps of the shifted input times that tap's weights: products that XLA fuses into one loop."""
+  k, pad = w.shape[0], w.shape[0] // 2
+  height, width = inputs.shape[1:3]
+  padded = jnp.pad(inputs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = jnp.zeros((*inputs.shape[:3], w.shape[-1]), inputs.dtype)
+  for i in range(k):
+    for j in range(k):
+      out = out + padded[:, i:i + height, j:j + width] * w[i, j, 0]
+  return out
+
+
+def _lax_conv(inputs: jax.Array, w: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(inputs, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(_tap_sum_conv.defjvp, symbolic_zeros=True)
+def _tap_sum_conv_jvp(primals, tangents):
+  """Derivatives are XLA's convolution's (the convolution is bilinear: its tangent is the convolution of the
+  tangents), so that gradients (the transposed tangent) use XLA's gradient kernels, not slow for one input channel,
+  and forward over reverse (the Hessian-vector products of the curvature diagnostics) works."""
+  (inputs, w), (inputs_dot, w_dot) = primals, tangents
+  out = _tap_sum_conv(inputs, w)
+  out_dot = jnp.zeros_like(out)
+  for x, y in ((inputs_dot, w), (inputs, w_dot)):
+    if not any(isinstance(operand, jax.custom_derivatives.SymbolicZero) for operand in (x, y)):
+      out_dot = out_dot + _lax_conv(x, y)
+  return out, out_dot
+
+
+class OneChannelConv2D(hk.Conv2D):
+  """`hk.Conv2D` with stride 1 and SAME padding over a one-channel input (MNIST's), computed as a sum of taps.
+
+  The same parameters (created as `hk.Conv2D` creates them) and the same
+  function; XLA:CPU runs a convolution with one input channel on slow
+  kernels (the CNN's 5x5 first layer at an eighth of its width, batch 128:
+  3% of the matmul rate), while the k*k shifted products fuse into one loop:
+  that layer 7.6x faster, the CNN's forward pass at an eighth of its width
+  1.8x (batch 128), its learner update 1.29x (batch 32); no change at full
+  width, nor in the probe's step, where XLA recomputes the sum inside the
+  transposition that the next layer's filter gradient reads.
+  """
+
+  def __init__(self, output_channels: int, kernel: int, with_bias: bool = True, name: Optional[str] = None):
+    if kernel % 2 == 0:
+      raise ValueError(f'OneChannelConv2D needs an odd kernel (SAME padding is then symmetric), not {kernel}.')
+    super().__init__(output_channels, kernel, with_bias=with_bias, name=name)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:  # pylint: disable=arguments-differ
+    if inputs.ndim != 4 or inputs.shape[-1] != 1:
+      raise ValueError(f'OneChannelConv2D takes [B, H, W, 1] inputs, not {inputs.shape}.')
+    k = self.kernel_shape[0]
+    w = hk.get_parameter('w', (k, k, 1, self.output_channels), inputs.dtype,
+                         init=hk.initializers.TruncatedNormal(stddev=1. / k))
+    out = _tap_sum_conv(inputs, w)
+    if self.with_bias:
+      out = out + hk.get_parameter('b', (self.output_channels,), inputs.dtype, init=jnp.zeros)
+    return out
+
+
+def conv2d(inputs: jax.Array, output_channels: int, kernel: int, *, stride: int = 1, with_bias: bool = True,
+           name: str) -> jax.Array:
+  """`hk.Conv2D` (SAME padding), as `OneChannelConv2D` where it applies (stride 1, one input channel, odd kernel)."""
+  if stride == 1 and inputs.shape[-1] == 1 and kernel % 2 and inputs.ndim == 4:
+    return OneChannelConv2D(output_channels, kernel, with_bias=with_bias, name=name)(inputs)
+  return hk.Conv2D(output_channels, kernel, stride=stride, with_bias=with_bias, name=name)(inputs)
+
+
 def _width(config: ArchConfig, base: int) -> int:
   return max(1, int(round(base * config.width_multiplier)))
 
@@ -179,7 +249,7 @@ def cnn(config: ArchConfig) -> Callable[..., NetworkOutput]:
     hidden: List[jax.Array] = []
     x = scale_observation(obs)
     for i, kernel in enumerate((5, 3)):
-      x = hk.Conv2D(_width(config, 64), kernel, name=f'conv_{i}')(x)
+      x = conv2d(x, _width(config, 64), kernel, name=f'conv_{i}')
       x = jax.nn.relu(maybe_layer_norm(config, x, f'conv_{i}_layer_norm'))
       hidden.append(x)
     x = _dense_stack(config, hk.Flatten()(x), [_width(config, 256)] * 2, hidden)
@@ -220,7 +290,7 @@ def resnet18(config: ArchConfig) -> Callable[..., NetworkOutput]:
   """
 
   def conv(x, channels, kernel, stride, name):
-    x = hk.Conv2D(channels, kernel, stride=stride, with_bias=not config.layer_norm, name=name)(x)
+    x = conv2d(x, channels, kernel, stride=stride, with_bias=not config.layer_norm, name=name)
     return maybe_layer_norm(config, x, f'{name}_layer_norm')
 
   def forward(obs: jax.Array, is_training: bool = False) -> NetworkOutput:

@@ -295,3 +295,68 @@ def test_the_nature_dqns_strided_convolutions_are_hk_conv2ds_computed_on_space_t
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), grads, expected_grads)
   with pytest.raises(ValueError, match='stride dividing the kernel'):
     hk.transform(lambda x: networks.StridedConv2D(8, 3, 2, name='bad')(x)).init(jax.random.PRNGKey(0), obs)
+
+
+@pytest.mark.parametrize('kernel,with_bias', [(5, True), (3, False)])  # The CNN's first layer, ResNet-18's stem.
+def test_one_channel_convolutions_are_hk_conv2ds_computed_as_sums_of_taps(kernel, with_bias):
+  """The same parameters (from the same key), outputs and gradients (filter and input) as hk.Conv2D, and every
+  MNIST network's one-channel first convolution is one."""
+  import haiku as hk
+
+  def make(layer):
+    return hk.without_apply_rng(hk.transform(lambda x: layer(6, kernel, with_bias=with_bias, name='conv')(x)))
+
+  reference, ours = make(hk.Conv2D), make(networks.OneChannelConv2D)
+  inputs = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 7, 1))
+  params = ours.init(jax.random.PRNGKey(1), inputs)
+  expected_params = reference.init(jax.random.PRNGKey(1), inputs)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected_params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected_params)
+  np.testing.assert_allclose(ours.apply(params, inputs), reference.apply(params, inputs), rtol=1e-5, atol=1e-6)
+  cotangent = jax.random.normal(jax.random.PRNGKey(2), (3, 9, 7, 6))
+  grads, expected_grads = (jax.grad(lambda p, x: jnp.vdot(jnp.tanh(f(p, x)), cotangent), argnums=(0, 1))(params, inputs)
+                           for f in (ours.apply, reference.apply))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected_grads)
+  for arch, first in (('cnn', 'conv_0'), ('resnet18', 'stem')):
+    forward = networks.ARCHITECTURES.get(arch)(networks.ArchConfig(num_outputs=4, width_multiplier=0.125))
+    modules = set()
+
+    def recording(x, forward=forward, modules=modules):
+      def record(method, args, kwargs, context):
+        out = method(*args, **kwargs)
+        if context.method_name == '__call__':
+          modules.add((type(context.module), context.module.module_name))
+        return out
+
+      with hk.intercept_methods(record):
+        return forward(x)
+
+    hk.transform(recording).init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.uint8))
+    assert (networks.OneChannelConv2D, first) in modules
+    assert not any(kind is hk.Conv2D and name == first for kind, name in modules)
+  with pytest.raises(ValueError, match='odd kernel'):
+    hk.transform(lambda x: networks.OneChannelConv2D(4, 2)(x)).init(jax.random.PRNGKey(0), inputs)
+
+
+def test_one_channel_convolutions_take_forward_over_reverse_derivatives():
+  """Hessian-vector products (jvp of a gradient: the curvature diagnostics') through the CNN equal those of the
+  same network written with hk.Conv2D."""
+  import haiku as hk
+
+  def make(layer):
+    def forward(x):
+      x = jax.nn.relu(layer(4, 5, name='conv')(x))
+      return hk.Linear(1, name='head')(x.reshape(x.shape[0], -1))
+    return hk.without_apply_rng(hk.transform(forward))
+
+  reference, ours = make(hk.Conv2D), make(networks.OneChannelConv2D)
+  inputs = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
+  params = ours.init(jax.random.PRNGKey(1), inputs)
+  tangent = jax.tree_util.tree_map(lambda leaf: jnp.ones_like(leaf) * 0.1, params)
+
+  def hvp(apply):
+    loss = lambda p: jnp.sum(apply(p, inputs) ** 2)
+    return jax.jvp(jax.grad(loss), (params,), (tangent,))[1]
+
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), hvp(ours.apply),
+                         hvp(reference.apply))

@@ -108,6 +108,44 @@ def test_on_cpu_a_convolutional_networks_targets_run_in_turn_with_the_vmapped_re
   assert len(done) == 2 * 4 and done == sorted(done) and done[-1] == 4  # One call per step, target after target.
 
 
+def test_targets_fitted_in_threads_give_the_fits_of_one_after_the_other(setup):
+  """The in-turn probe's threads change when a target is fitted, not what: the same numbers, bit for bit, for
+  any number of targets at once; progress never goes back and ends at the whole probe."""
+  agent, apply_fn, params, inputs = setup
+  config = dataclasses.replace(CONFIG, num_targets=3, steps=12, steps_per_call=4, curve_every=4)
+  results, heard = {}, {}
+  for at_once in (1, 2, 3):
+    probe = plasticity.agent_probe(agent, dataclasses.replace(config, targets_at_once=at_once),
+                                   plasticity.make_sequential_probe)
+    heard[at_once] = []
+    results[at_once] = probe(params, inputs, jax.random.PRNGKey(6), progress=heard[at_once].append)
+  for at_once in (2, 3):
+    for field in ('final_losses', 'baselines', 'step_losses', 'target_offset'):
+      np.testing.assert_array_equal(getattr(results[at_once], field), getattr(results[1], field))
+  for done in heard.values():
+    assert len(done) == 3 * 3 and done == sorted(done) and done[-1] == 12  # 3 calls of 4 steps per target.
+  assert heard[1] == [1, 2, 4, 5, 6, 8, 9, 10, 12]  # One target after the other: 4, 8, 12 steps of its own.
+
+
+def test_a_failing_target_stops_the_others_and_leaves_no_thread_behind(setup):
+  """An exception in one thread's fit (the evaluator's stop request is one, raised by its progress callback)
+  reaches the caller after the other fits stopped at their next call; nothing runs on behind it."""
+  agent, apply_fn, params, inputs = setup
+  config = dataclasses.replace(CONFIG, num_targets=4, steps=400, steps_per_call=1, curve_every=4, targets_at_once=2)
+  probe = plasticity.agent_probe(agent, config, plasticity.make_sequential_probe)
+  heard = []
+
+  def progress(done: int) -> None:
+    heard.append(done)
+    if done >= 30:
+      raise KeyError('stop here')
+
+  with pytest.raises(KeyError, match='stop here'):
+    probe(params, inputs, jax.random.PRNGKey(7), progress=progress)
+  assert not [thread for thread in threading.enumerate() if thread.name.startswith('probe-target')]
+  assert max(heard) < 40  # Stopped at once: not the 400 steps of the first targets, let alone the others'.
+
+
 def test_targets_offset_and_baseline_follow_equation_4(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(4)

@@ -1,6 +1,7 @@
 r"""Cost of the evaluator's diagnostics against the plasticity probe, per architecture.
 
   python -m launch.benchmarks.probes --archs=mlp,cnn [--lanczos_steps=30 --probe_steps=200 --covariance_samples=64]
+      [--width_multiplier=0.125 --optimizer=rmsprop]
 
 For each architecture (at initialisation, 10 actions, random uint8 inputs of
 the MNIST MDP's shape) prints each diagnostic's wall time after compilation
@@ -18,11 +19,14 @@ Also prints the largest buffers (the Lanczos basis and the gradient blocks), and
 the probe's achieved FLOP/s (`timing.probe_flops`: 3 x the forward FLOPs of
 each minibatch step, by XLA's cost analysis) as `NN% of the matmul rate`, the
 float32 rate of a 1024 x 1024 matmul measured in the same run, just before and
-after the probe (their mean).
+after the probe (their mean). Where the probe fits its targets in turn (CPU,
+convolutions), it is timed again one target at a time, against the default
+of one per core at once.
 Unregistered architectures are skipped with a note.
 """
 
 import dataclasses
+import os
 import time
 from typing import Optional, Tuple
 
@@ -33,7 +37,6 @@ import numpy as np
 from launch import benchmarks
 from agents import config_flags, networks
 from agents.builder import make_agent
-from agents.config import AgentConfig
 from agents.loops import avoid_compiled_loops
 from probes.measures import curvature
 from probes.measures import plasticity
@@ -49,7 +52,7 @@ OBSERVATION_SHAPE = flags.DEFINE_list('observation_shape', ['28', '28', '1'], 'O
 NUM_ACTIONS = flags.DEFINE_integer('num_actions', 10, 'Actions (network outputs).', flag_values=FLAGS)
 # The run's own declarations: each value is timed, then extrapolated to the field's default.
 FIELDS = config_flags.define(ExperimentConfig, only=['lanczos_steps', 'probe_steps', 'covariance_samples',
-                                                     'covariance_memory_mb'],
+                                                     'covariance_memory_mb', 'width_multiplier', 'optimizer'],
                              help_suffix=' Timed at this value, then extrapolated to the default.', flag_values=FLAGS)
 
 
@@ -61,15 +64,17 @@ def _config() -> DiagnosticsConfig:
   return _run().diagnostics
 
 
-def _probe_config(inputs: np.ndarray, steps: Optional[int] = None) -> plasticity.ProbeConfig:
+def _probe_config(inputs: np.ndarray, steps: Optional[int] = None, **options) -> plasticity.ProbeConfig:
   steps = steps or _run().probe.steps
   return dataclasses.replace(plasticity.ProbeConfig(), steps=steps, num_inputs=inputs.shape[0],
-                             curve_every=min(20, steps))
+                             curve_every=min(20, steps), **options)
 
 
-def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None) -> Tuple[float, float]:
-  """(compilation seconds, run seconds) of the plasticity probe at `steps` (default `--probe_steps`)."""
-  result = plasticity.agent_probe(agent, _probe_config(inputs, steps))(params, inputs, jax.random.PRNGKey(0))
+def _time_probe(agent, params, inputs: np.ndarray, steps: Optional[int] = None, **options) -> Tuple[float, float]:
+  """(compilation seconds, run seconds) of the plasticity probe at `steps` (default `--probe_steps`), its config's
+  other fields `options`."""
+  result = plasticity.agent_probe(agent, _probe_config(inputs, steps, **options))(params, inputs,
+                                                                                  jax.random.PRNGKey(0))
   return result.compile_time_s, result.wall_time_s
 
 
@@ -88,7 +93,7 @@ def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
   output_fn = lambda p, x: network.apply(p, x).outputs
   per_example_gradients = curvature.make_per_example_gradients(curvature.regression_example_loss(output_fn))
   k = config.covariance_samples
-  targets = np.asarray(jax.jit(output_fn)(params, inputs[:2 * k])) + 1.0
+  targets = np.asarray(jax.jit(output_fn)(params, inputs[:max(2 * k, block)])) + 1.0
   for size in {block, k % block, 2 * k % block} - {0}:  # Compile every block shape first.
     per_example_gradients(params, None, (inputs[:size], targets[:size])).block_until_ready()
   seconds = []
@@ -101,7 +106,7 @@ def _covariance_at_default(network, params, inputs: np.ndarray) -> float:
 
 
 def benchmark(arch: str, inputs: np.ndarray) -> None:
-  agent = make_agent(AgentConfig(arch=arch), NUM_ACTIONS.value)
+  agent = make_agent(dataclasses.replace(_run().agent, arch=arch), NUM_ACTIONS.value)
   params = agent.network.init(jax.random.PRNGKey(0), inputs[:1])
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f'\narch={arch}: {num_params:,} parameters, inputs {inputs.shape}, {jax.device_count()} '
@@ -146,6 +151,11 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
     print(f'  plasticity probe: {probe_flops / probe_run / 1e9:.1f} GFLOP/s = {probe_flops / probe_run / matmul:.0%} '
           f'of the matmul rate ({matmul / 1e9:.1f} GFLOP/s float32, 1024^2, measured beside it)'
           + (', targets in turn (convolutions on XLA:CPU)' if avoid_compiled_loops(params) else ''))
+  if avoid_compiled_loops(params):
+    _, one_at_a_time = _time_probe(agent, params, inputs, targets_at_once=1)
+    at_once = min(plasticity.ProbeConfig.num_targets, os.cpu_count() or 1)
+    print(f'  plasticity probe, targets in turn: {at_once} at once (the default, one per core) {probe_run:.2f} s, '
+          f'one at a time {one_at_a_time:.2f} s: {one_at_a_time / probe_run:.2f}x')
   if probe_scale != 1:
     print(f'  plasticity probe timed at {_run().probe.steps} and {2 * _run().probe.steps} steps; fixed cost plus '
           f'per-step cost extrapolated to {plasticity.ProbeConfig.steps}')
