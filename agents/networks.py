@@ -173,7 +173,7 @@ class OneChannelConv2D(hk.Conv2D):
   kernels (the CNN's 5x5 first layer at an eighth of its width, batch 128:
   3% of the matmul rate), while the k*k shifted products fuse into one loop:
   that layer 7.6x faster, the CNN's forward pass at an eighth of its width
-  1.8x (batch 128), its learner update 1.29x (batch 32); no change at full
+  1.8x (batch 128), its learner update 1.30x (batch 32); no change at full
   width, nor in the probe's step, where XLA recomputes the sum inside the
   transposition that the next layer's filter gradient reads.
   """

@@ -146,6 +146,27 @@ def test_a_failing_target_stops_the_others_and_leaves_no_thread_behind(setup):
   assert max(heard) < 40  # Stopped at once: not the 400 steps of the first targets, let alone the others'.
 
 
+def test_a_later_targets_failure_stops_an_earlier_running_one():
+  """The failure of a target fitted after another (not the first one the caller would wait for) stops that one at
+  its next check and reaches the caller as itself, at once: not after the earlier fit ran to its end."""
+  checks = []
+
+  def fit(index: int, stop: threading.Event) -> int:
+    if index == 1:
+      raise KeyError('target 1 failed')
+    for check in range(1000):  # 10 s unless stopped.
+      if stop.is_set():
+        raise plasticity._Abandoned()
+      checks.append(check)
+      time.sleep(0.01)
+    return index
+
+  started = time.time()
+  with pytest.raises(KeyError, match='target 1 failed'):
+    plasticity._in_threads(fit, 2, 2)
+  assert time.time() - started < 5 and len(checks) < 500
+
+
 def test_targets_offset_and_baseline_follow_equation_4(setup):
   agent, apply_fn, params, inputs = setup
   key = jax.random.PRNGKey(4)

@@ -26,7 +26,6 @@ Unregistered architectures are skipped with a note.
 """
 
 import dataclasses
-import os
 import time
 from typing import Optional, Tuple
 
@@ -153,7 +152,7 @@ def benchmark(arch: str, inputs: np.ndarray) -> None:
           + (', targets in turn (convolutions on XLA:CPU)' if avoid_compiled_loops(params) else ''))
   if avoid_compiled_loops(params):
     _, one_at_a_time = _time_probe(agent, params, inputs, targets_at_once=1)
-    at_once = min(plasticity.ProbeConfig.num_targets, os.cpu_count() or 1)
+    at_once = plasticity.targets_at_once(_probe_config(inputs))
     print(f'  plasticity probe, targets in turn: {at_once} at once (the default, one per core) {probe_run:.2f} s, '
           f'one at a time {one_at_a_time:.2f} s: {one_at_a_time / probe_run:.2f}x')
   if probe_scale != 1:

@@ -287,6 +287,11 @@ class _Compiled:
 Progress = Callable[[int], None]  # Called with the number of probe steps done.
 
 
+def targets_at_once(config: ProbeConfig) -> int:
+  """How many targets the in-turn probe fits at once: `--probe_targets_at_once`, by default one per CPU core."""
+  return min(config.num_targets, config.targets_at_once or os.cpu_count() or 1)
+
+
 class _Abandoned(Exception):
   """A target's fit stopped because another one failed or the caller was interrupted."""
 
@@ -298,7 +303,12 @@ def _in_threads(fn: Callable[[int, threading.Event], object], count: int, worker
   stop = threading.Event()
   pool = futures.ThreadPoolExecutor(workers, thread_name_prefix='probe-target')
   try:
-    return [job.result() for job in [pool.submit(fn, index, stop) for index in range(count)]]
+    jobs = [pool.submit(fn, index, stop) for index in range(count)]
+    futures.wait(jobs, return_when=futures.FIRST_EXCEPTION)  # Not in order: a later job's failure stops the rest.
+    failed = [job.exception() for job in jobs if job.done() and job.exception() is not None]
+    if failed:
+      raise failed[0]
+    return [job.result() for job in jobs]
   finally:
     stop.set()
     pool.shutdown(wait=True, cancel_futures=True)
@@ -417,8 +427,7 @@ def make_sequential_probe(apply_fn: ApplyFn, init_fn: InitFn, optimizer: optax.G
       final_loss, final_seconds = final(fitted, inputs, targets)
       return jax.device_get((final_loss, baseline, losses)), seconds + run_seconds + final_seconds
 
-    workers = min(len(keys), config.targets_at_once or os.cpu_count() or 1)
-    fitted = _in_threads(fit_target, len(keys), workers)
+    fitted = _in_threads(fit_target, len(keys), targets_at_once(config))
     compile_time += sum(seconds for _, seconds in fitted)
     final_losses, baselines, losses = (np.stack(x) for x in zip(*(result for result, _ in fitted)))
     return ProbeResult(final_losses, baselines, losses, np.asarray(offset), config.curve_every,
