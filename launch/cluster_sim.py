@@ -187,9 +187,15 @@ def _partition_actor_host(sim: Sim) -> Iterator[None]:
 
 @SCENARIOS.register('partition_evaluator_host')
 def _partition_evaluator_host(sim: Sim) -> Iterator[None]:
-  """While the evaluator probes a point after the first, its host is cut off for --partition_s."""
-  yield from _until(lambda: sim.evaluator_status().get('state') == 'probing'
-                    and (sim.evaluator_status().get('learner_step') or 0) > 0)
+  """While the evaluator probes a point after the first (its fit or its diagnostics), its host is cut off for
+  --partition_s."""
+
+  def probing_after_the_first() -> bool:
+    status = sim.evaluator_status()
+    return ((status.get('state') == 'probing' or status.get('state', '').startswith('diagnostics'))
+            and (status.get('learner_step') or 0) > 0)
+
+  yield from _until(probing_after_the_first)
   yield from sim.partition(sim.evaluator_host, sim.settings.partition_s)
 
 

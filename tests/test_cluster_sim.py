@@ -234,10 +234,12 @@ def _episodes(layout, actor_id, start, end=float('inf')):
 @needs_namespaces
 @pytest.mark.slow
 def test_the_vertex_ai_program_on_four_hosts_through_partitions_and_its_learner_hosts_death(tmp_path):
-  # Training long enough to outlast both partitions (--partition_s each, whatever the machine's speed): the learner's
-  # host dies while it trains.
-  result, events, layout = sim(tmp_path, '--num_actors=4', '--actor_hosts=2', '--max_learner_steps=9000',
-                               '--probe_every=3000', '--checkpoint_every=500',
+  # Training long enough to outlast both partitions and the wait for a probe between them (12 s each, a probe point
+  # every 6,000 steps: 18,000 steps hold them at up to about 400 steps a second, where this machine alone makes 250;
+  # at 9,000 steps a run alone ended before the learner's host could die), and probes long enough to be seen (400
+  # steps: seconds): the learner's host dies while it trains.
+  result, events, layout = sim(tmp_path, '--num_actors=4', '--actor_hosts=2', '--max_learner_steps=18000',
+                               '--probe_every=6000', '--probe_steps=400', '--checkpoint_every=500',
                                '--replay_checkpoint_every_minutes=0.2', '--partition_s=12',
                                '--scenario=partition_actor_host,partition_evaluator_host,kill_learner_host')
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -249,7 +251,7 @@ def test_the_vertex_ai_program_on_four_hosts_through_partitions_and_its_learner_
     assert json.load(f)['learner'] == job['cluster_spec']['workerpool1'][0]
 
   # Every probe point probed once; every actor's records present.
-  assert [r['learner_step'] for r in layout.records('probes')] == [0, 3000, 6000, 9000]
+  assert [r['learner_step'] for r in layout.records('probes')] == [0, 6000, 12000, 18000]
   assert not any(r.get('skipped_probe_steps') for r in layout.records('probes'))
   assert {r['actor_id'] for r in layout.records('actors')} == {0, 1, 2, 3}
 
