@@ -307,6 +307,37 @@ def test_grid_differences_name_each_difference():
   assert grid_differences(old, new) == [
       'seeds: 1 there, 2 now', f'cell {cells[1].name} only there', f'cell {cells[2].name} only now',
       f'cell {cells[0].name}: --max_learner_steps=300 there, 500 now']
+  # Growing: more seeds and cells are no difference; fewer, a cell gone or changed arguments are.
+  grown = grid_record(definition, 'smoke', 3, cells[:3], {})
+  assert grid_differences(old, grown, growing=True) == []
+  assert grid_differences(grown, old, growing=True) == ['seeds: 3 there, 1 now', f'cell {cells[2].name} only there']
+  assert grid_differences(old, new, growing=True) == [
+      f'cell {cells[1].name} only there', f'cell {cells[0].name}: --max_learner_steps=300 there, 500 now']
+
+
+def test_a_study_grows_by_more_cells_and_seeds_keeping_its_finished_runs(tmp_path):
+  out = str(tmp_path / 'study')
+  layout = StudyLayout(out)
+  study_runner.prepare('interventions', 'smoke', out, seeds=1, cells=['mlp-none'])
+  state = json.loads(open(layout.state).read())
+  state['runs']['mlp-none/seed0'].update(state='finished', exit_code=0, elapsed_s=12.0)
+  open(layout.state, 'w').write(json.dumps(state))
+  grown = study_runner.prepare('interventions', 'smoke', out, seeds=2, cells=['mlp-none', 'mlp-layernorm'])
+  assert [run.key for run in grown.runs] == ['mlp-none/seed0', 'mlp-none/seed1', 'mlp-layernorm/seed0',
+                                             'mlp-layernorm/seed1']
+  on_disk = json.loads(open(layout.state).read())
+  assert on_disk == grown.state and on_disk['grid']['seeds'] == 2
+  assert sorted(on_disk['grid']['cells']) == ['mlp-layernorm', 'mlp-none']
+  assert on_disk['runs']['mlp-none/seed0'] == state['runs']['mlp-none/seed0']  # Kept as it was: not run again.
+  assert [on_disk['runs'][key]['state'] for key in ('mlp-none/seed1', 'mlp-layernorm/seed0', 'mlp-layernorm/seed1')
+          ] == ['pending'] * 3
+  # What growing does not explain is refused, naming it, and study.json is left as it was.
+  before = open(layout.state).read()
+  assert 'cell mlp-none only there' in _error(out_dir=out, seeds=2, cells=['mlp-layernorm'])
+  assert 'seeds: 2 there, 1 now' in _error(out_dir=out, seeds=1, cells=['mlp-none', 'mlp-layernorm'])
+  assert 'adding cells or seeds grows it' in _error(out_dir=out, seeds=2, cells=['mlp-none', 'mlp-layernorm'],
+                                                     sets=['max_learner_steps=500'])
+  assert open(layout.state).read() == before
 
 
 def run_study(*args, timeout=120):

@@ -144,21 +144,24 @@ assert OPTIMIZER_ARGS[DEFAULT_OPTIMIZER] == presets.MDP_OPTIMIZER
 
 
 def grid_record(study: Study, scale: str, seeds: int, cells: Sequence[Cell], skipped: Mapping[str, str]) -> Dict:
-  """What study.json records of the grid; a rerun must describe the same (`grid_differences`)."""
+  """What study.json records of the grid; a rerun must describe the same, or grow it (`grid_differences`)."""
   return {'study': study.name, 'scale': scale, 'seeds': seeds,
           'cells': {c.name: {'command': c.command, 'axes': dict(c.axes), 'args': dict(c.args)} for c in cells},
           'skipped': dict(skipped)}
 
 
-def grid_differences(old: Mapping, new: Mapping) -> List[str]:
-  """How two grid records differ, in words (empty: the same grid)."""
+def grid_differences(old: Mapping, new: Mapping, growing: bool = False) -> List[str]:
+  """How two grid records differ, in words (empty: the same grid). `growing`: only what growing the old one (more
+  seeds, more cells, the cells it has unchanged) does not explain."""
   differences = [f'{key}: {old.get(key)!r} there, {new.get(key)!r} now' for key in ('study', 'scale', 'seeds')
-                 if old.get(key) != new.get(key)]
+                 if old.get(key) != new.get(key)
+                 and not (growing and key == 'seeds' and (new.get(key) or 0) > (old.get(key) or 0))]
   old_cells, new_cells = old.get('cells', {}), new.get('cells', {})
   for name in sorted(set(old_cells) - set(new_cells)):
     differences.append(f'cell {name} only there')
-  for name in sorted(set(new_cells) - set(old_cells)):
-    differences.append(f'cell {name} only now')
+  if not growing:
+    for name in sorted(set(new_cells) - set(old_cells)):
+      differences.append(f'cell {name} only now')
   for name in sorted(set(old_cells) & set(new_cells)):
     before, after = old_cells[name]['args'], new_cells[name]['args']
     for flag in sorted(set(before) | set(after)):

@@ -126,7 +126,8 @@ class Run:
 
 
 def open_study(layout: StudyLayout, grid: Dict, runs: List[Run]) -> Dict:
-  """study.json's state for this grid: the existing one (refused if its grid differs), or a new one."""
+  """study.json's state for this grid: the existing one, grown by the runs of the cells and seeds the grid adds
+  (refused if it differs otherwise), or a new one."""
   if os.path.exists(layout.root) and not os.path.isdir(layout.root):
     raise StudyError(f'--out_dir={layout.root} is a file; give a directory.')
   state = read_state(layout)
@@ -134,12 +135,14 @@ def open_study(layout: StudyLayout, grid: Dict, runs: List[Run]) -> Dict:
     if os.path.isdir(layout.root) and os.listdir(layout.root):
       raise StudyError(f'--out_dir={layout.root} holds files but no {StudyLayout.STATE}: not a study directory; '
                        f'choose a new or empty directory.')
-    return {'grid': grid, 'runs': {run.key: {'state': 'pending', 'run_dir': run.run_dir, 'log': run.log}
-                                   for run in runs}}
-  differences = grid_differences(state['grid'], grid)
+    state = {'grid': grid, 'runs': {}}
+  differences = grid_differences(state['grid'], grid, growing=True)
   if differences:
     raise StudyError(f'{layout.state} was made by a different grid: {"; ".join(differences)}. Rerun with the '
-                     f'flags that made it, or choose another --out_dir.')
+                     f'flags that made it (adding cells or seeds grows it), or choose another --out_dir.')
+  state['grid'] = grid
+  for run in runs:
+    state['runs'].setdefault(run.key, {'state': 'pending', 'run_dir': run.run_dir, 'log': run.log})
   return state
 
 
