@@ -221,6 +221,22 @@ def test_interventions_mark_each_column_against_the_papers_claim(tmp_path):
                    'spectral_norm': (None, 'lower', None)}
 
 
+def test_a_column_that_had_less_to_lose_than_none_lost_is_at_the_floor_not_a_verdict(tmp_path):
+  # none loses 0.2 of its P(theta_0) 0.5; two-hot and weight decay start at 0.01 and 0.05: even losing all of it, they
+  # would lose less than none did, so their lower losses show nothing. Layer norm starts at 0.5 too: a verdict.
+  cells = {('none', 'regress'): (0.2, 0.5), ('none', 'two_hot'): (0.0, 0.01), ('layernorm', 'regress'): (0.05, 0.5),
+           ('weight_decay', 'regress'): (0.03, 0.05)}
+  rows = [{'arch': 'cnn', 'intervention': i, 'output': o, 'probed': 'before', 'optimizer': 'rmsprop',
+           'plasticity_loss': loss + delta, 'initial_plasticity': start, 'probe_step': 100}
+          for (i, o), (loss, start) in cells.items() for delta in (-0.005, 0.005)]
+  interventions_aggregate(StudyLayout(str(tmp_path)), rows, 'cpu')
+  table = {e['column']: (e['direction'], e['floor'], e['initial_plasticity_mean'], e['verdict'])
+           for e in read_jsonl(str(tmp_path / 'against_paper.jsonl'))}
+  assert table == {'two_hot': ('lower', True, pytest.approx(0.01), 'unclear'),
+                   'weight_decay': ('lower', True, pytest.approx(0.05), 'unclear'),  # Not 'disagrees'.
+                   'layernorm': ('lower', False, pytest.approx(0.5), 'agrees')}
+
+
 def _falsification_row(dataset, difficulty, norm, loss, rank=10.0, srank=None):
   return {'set': 'main', 'setting': f'{dataset}:{difficulty}', 'dataset': dataset, 'difficulty': difficulty,
           'arch': 'mlp', 'variant': 'adam', 'final_parameter_norm': norm, 'final_feature_rank': rank,

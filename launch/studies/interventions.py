@@ -82,12 +82,15 @@ def _column(row: Row) -> str:
   return 'two_hot' if row['output'] == 'two_hot' and row['intervention'] == 'none' else row['intervention']
 
 
-def verdict(claim: Optional[str], direction: Optional[str]) -> Optional[str]:
+def verdict(claim: Optional[str], direction: Optional[str], floor: Optional[bool] = None) -> Optional[str]:
   """Whether a column's `direction` against no intervention (`aggregate.against_baseline`) agrees with the paper's
   `claim`: a claimed reduction needs a lower loss beyond two standard errors ('unclear' within them); a claimed
-  absence of one is contradicted only by such a reduction."""
+  absence of one is contradicted only by such a reduction. A column at the `floor` (its P(theta_0) below what the
+  row's none lost: it had less to lose) shows nothing by losing less: 'unclear'."""
   if claim is None or direction is None:
     return None
+  if floor and direction == 'lower':
+    return 'unclear'
   if claim == 'lower':
     return {'lower': 'agrees', 'higher': 'disagrees', 'within': 'unclear'}[direction]
   return 'disagrees' if direction == 'lower' else 'agrees'
@@ -97,10 +100,14 @@ def against_paper(summary: List[Row]) -> List[Row]:
   """Each column of figure 6's table (the regression cells and the two-hot column) against the same row's
   `none`, with the paper's claim and whether the difference agrees with it."""
   figure6 = [s for s in summary if s['output'] == 'regress' or s['column'] == 'two_hot']
+  initial = {(s['row'], s['column']): s.get('initial_plasticity_mean') for s in figure6}
   table = aggregate.against_baseline(figure6, 'row', 'column', 'none', 'plasticity_loss')
   for entry in table:
     claim = PAPER_CLAIMS.get(entry['column'].removesuffix(PROBED_AFTER_SUFFIX))
-    entry.update(paper_claim=claim, verdict=verdict(claim, entry['direction']))
+    start, lost = initial.get((entry['row'], entry['column'])), entry['baseline_plasticity_loss_mean']
+    floor = None if None in (start, lost) else start < lost
+    entry.update(initial_plasticity_mean=start, floor=floor, paper_claim=claim,
+                 verdict=verdict(claim, entry['direction'], floor))
   return table
 
 
