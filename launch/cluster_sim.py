@@ -57,7 +57,7 @@ from launch import flags as run_flags
 from launch.simulation import netns
 from launch import train as train_lib
 from launch.simulation import vertex_job
-from probes.records.run_dir import MAX_ACTORS, ExperimentConfig, RunLayout, write_or_check_config
+from probes.records.run_dir import MAX_ACTORS, EvaluatorState, ExperimentConfig, RunLayout, write_or_check_config
 
 ATTACHED_EVALUATOR = 'cluster'  # The attached evaluator's --name: it writes under RUN_DIR/evaluators/cluster/.
 POLL_S = 0.5
@@ -192,7 +192,7 @@ def _partition_evaluator_host(sim: Sim) -> Iterator[None]:
 
   def probing_after_the_first() -> bool:
     status = sim.evaluator_status()
-    return ((status.get('state') == 'probing' or status.get('state', '').startswith('diagnostics'))
+    return (status.get('state') in (EvaluatorState.PROBING, EvaluatorState.DIAGNOSING)
             and (status.get('learner_step') or 0) > 0)
 
   yield from _until(probing_after_the_first)

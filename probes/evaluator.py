@@ -32,7 +32,7 @@ from agents.types import Params, StopRequested
 from probes.measures import diagnostics
 from probes.measures import plasticity
 from probes.measures import probe_set as probe_sets
-from probes.records.run_dir import ExperimentConfig, RunLayout, report_problem
+from probes.records.run_dir import EvaluatorState, ExperimentConfig, RunLayout, report_problem
 
 
 WRITER = 'evaluator'  # Its record files' name in each stream it writes.
@@ -110,7 +110,7 @@ class Evaluator:
     self._status_lock = threading.Lock()
     self._status: Dict[str, object] = {}
     self._status_written = 0.0
-    self._set_status(state='starting')
+    self._set_status(state=EvaluatorState.STARTING)
 
   @classmethod
   def for_run(cls, config: ExperimentConfig, agent: AgentParts, **wiring) -> 'Evaluator':
@@ -158,7 +158,7 @@ class Evaluator:
                        f'Moved to {self._replaced_probe_set}; a new probe set is drawn (the probe records made on it '
                        f'name the file it replaced, probe_set_replaced).')
     if self._probe_set is None:
-      self._set_status(state='drawing the probe set from the replay', learner_step=learner_step)
+      self._set_status(state=EvaluatorState.DRAWING, learner_step=learner_step)
       drawn = probe_sets.draw(self._replay_source, config.num_inputs, transitions, self._target_key, learner_step,
                               give_up, should_stop)
       if drawn is None:
@@ -196,7 +196,7 @@ class Evaluator:
     learner_step, params, target_params, drawn = snapshot
     self._rng, diagnostics_key = jax.random.split(self._rng)
     steps = self._probe_config.steps
-    self._set_status(state='probing', learner_step=learner_step, probe_step=0, probe_steps=steps)
+    self._set_status(state=EvaluatorState.PROBING, learner_step=learner_step, probe_step=0, probe_steps=steps)
 
     def progress(done: int) -> None:
       if should_stop():
@@ -214,7 +214,7 @@ class Evaluator:
                       learner_step, drawn.num_unique_inputs, self._probe_config.num_inputs)
     diagnosed = None
     if self._diagnose is not None:
-      self._set_status(state='diagnostics (Hessian density, gradient covariance, statistics)')
+      self._set_status(state=EvaluatorState.DIAGNOSING)
       diagnosed = self._diagnose(params, drawn.inputs, diagnostics_key, target_params, drawn.transitions,
                                  should_stop=should_stop)
     record.update(self._plasticity_loss(record))
@@ -235,7 +235,7 @@ class Evaluator:
     # probed again and its diagnostics record repeated, which readers take once).
     self._probe_logger(record)
     self.last_probed_step = int(learner_step)
-    self._set_status(state='idle', last_probed_step=self.last_probed_step)
+    self._set_status(state=EvaluatorState.IDLE, last_probed_step=self.last_probed_step)
     return record
 
   def _plasticity_loss(self, record: Dict[str, object]) -> Dict[str, object]:
@@ -332,7 +332,7 @@ class Evaluator:
       thread.join(timeout=max(20 * poll_seconds, 10.0))  # Its waits all see `stop`; a dead peer must not hold us.
       if thread.is_alive():
         logging.warning('The snapshot thread did not end within its grace period; leaving it behind.')
-    self._set_status(state='finished', snapshots_waiting=0)
+    self._set_status(state=EvaluatorState.FINISHED, snapshots_waiting=0)
     if errors:
       raise errors[0]
 

@@ -32,7 +32,7 @@ from launch.program import watchdog
 from launch.program.completion import last_record, program_completed, work_left
 from probes.records import loggers
 from probes.records.loggers import format_number
-from probes.records.run_dir import ExperimentConfig, RunLayout
+from probes.records.run_dir import EvaluatorState, ExperimentConfig, RunLayout
 
 TERMINATION_NOTICE_S = 40  # A cap: nodes stop in seconds, the replay after its final checkpoint.
 WATCHDOG_MARGIN_S = 10  # The watchdog's grace beyond the termination notice.
@@ -96,10 +96,10 @@ def _evaluator_status(config: ExperimentConfig) -> str:
   if not status:
     return ''
   state = status.get('state', '')
-  if state == 'probing':
+  if state == EvaluatorState.PROBING:
     state = (f'evaluator probing step {status.get("learner_step")} '
              f'(probe step {status.get("probe_step", 0)}/{status.get("probe_steps")})')
-  elif state.startswith(('diagnostics', 'drawing')):
+  elif state in (EvaluatorState.DIAGNOSING, EvaluatorState.DRAWING):
     state = f'evaluator at step {status.get("learner_step")}: {state}'
   else:
     state = f'evaluator {state}'

@@ -37,6 +37,17 @@ RESUMABLE_FIELDS = ('run_dir', 'launch', 'max_learner_steps', 'evaluation')
 MIGRATE_COMMAND = 'python -m launch.migrate'  # Rewrites a run directory of an earlier version (launch/migrate.py).
 
 
+class EvaluatorState:
+  """The `state` of `evaluator_status.json`, written by the evaluator, read by the progress line and the cluster
+  simulator's scenarios."""
+  STARTING = 'starting'
+  DRAWING = 'drawing the probe set from the replay'
+  PROBING = 'probing'
+  DIAGNOSING = 'diagnostics (Hessian density, gradient covariance, statistics)'
+  IDLE = 'idle'
+  FINISHED = 'finished'
+
+
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
   """The files of a run directory (or of an evaluator's directory inside one), by what they hold."""
@@ -116,6 +127,8 @@ class RunLayout:
 
   @property
   def evaluator_status(self) -> str:
+    """What the evaluator does now: its `state` one of `EvaluatorState`'s, with `learner_step` and the probe's
+    progress."""
     return self.path('evaluator_status.json')
 
   @property
