@@ -14,18 +14,26 @@ ones (from their checkpoints) and then aggregates: DIR/results.{csv,jsonl}
 with mean, standard error and seed count) and figure (DIR/<study>.png). The
 studies and their scales are in launch/studies/registry.py.
 
+`--combine=DIR,DIR,...` runs nothing: it aggregates the finished runs of
+several study directories of one study and scale (say, cells run at different
+seeds) into --out_dir, as one study's tables and figure, and records the
+directories in --out_dir/combined_from.json.
+
 Exit codes: 0 every run finished; 1 bad input; 2 a run failed (the others ran
 and were aggregated); 130 interrupted (rerun to resume).
 """
 
+import json
 import os
 import sys
+from typing import Dict, List
 
 from absl import app
 from absl import flags
 from rich.console import Console
 
 from agents import config_flags
+from agents import storage
 from launch.studies import grid
 from launch.studies.registry import STUDIES
 from launch.studies import runner as study_runner
@@ -47,13 +55,52 @@ SET = flags.DEFINE_multi_string('set', [], 'FLAG=VALUE given to every run of the
                                 '--set=max_learner_steps=500.')
 GAMES = flags.DEFINE_list('games', None, 'atari_layernorm: the games (default: the scale\'s, all 57 at '
                           '--scale=paper).')
+COMBINE = flags.DEFINE_list('combine', None, 'Study directories (one study and scale) whose finished runs are '
+                            'aggregated together into --out_dir; runs nothing.')
 DATA_DIR = flags.DEFINE_string('data_dir', None, 'Datasets directory given to every run (see launch.train '
                                '--data_dir); CIFAR-10 cells run only where its data is found.')
+
+
+# The flags that describe a grid to run: --combine reads its grids from the directories instead.
+GRID_FLAGS = ('cells', 'seeds', 'set', 'games', 'data_dir', 'max_parallel', 'run_launch_type')
+
+
+def write_tables(study: grid.Study, layout: grid.StudyLayout, rows: List[Dict], scale: str, console: Console) -> None:
+  written = aggregate.write_table(rows, layout.table('results'))
+  written += study.aggregate(layout, rows, scale)
+  for path in written:
+    console.print(f'  wrote {path}')
+
+
+def combine(console: Console) -> None:
+  given = [f'--{name}' for name in GRID_FLAGS if flags.FLAGS[name].present]
+  if given:
+    raise app.UsageError(f'--combine reads the grids from its directories; drop {", ".join(given)}.')
+  try:
+    study, scale, rows = study_runner.combine(COMBINE.value, OUT_DIR.value, console)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  if STUDY.value and STUDY.value != study.name:
+    raise app.UsageError(f'--study={STUDY.value}, but the --combine directories hold {study.name} runs.')
+  if flags.FLAGS['scale'].present and SCALE.value != scale:
+    raise app.UsageError(f'--scale={SCALE.value}, but the --combine directories were run at {scale}.')
+  console.print(f'Study {study.name} at scale {scale}: {len(rows)} finished runs of {len(COMBINE.value)} '
+                f'directories into {OUT_DIR.value}.')
+  if not rows:
+    raise app.UsageError(f'No finished run in {", ".join(COMBINE.value)}: nothing to aggregate.')
+  layout = grid.StudyLayout(OUT_DIR.value)
+  os.makedirs(layout.root, exist_ok=True)
+  storage.write_atomically(layout.sources, json.dumps(
+      {'study': study.name, 'scale': scale, 'from': [os.path.abspath(d) for d in COMBINE.value]}, indent=1).encode())
+  write_tables(study, layout, rows, scale, console)
 
 
 def main(argv):
   config_flags.check_command_line(argv)
   console = Console(highlight=False)
+  if COMBINE.value is not None:
+    combine(console)
+    return
   try:
     prepared = study_runner.prepare(STUDY.value, SCALE.value, OUT_DIR.value, SEEDS.value, CELLS.value,
                                     SET.value, GAMES.value or (), DATA_DIR.value)
@@ -74,10 +121,7 @@ def main(argv):
   rows = study_runner.collect(study, layout, state, runs, console)
   failed = [run for run in runs if state['runs'][run.key]['state'] != 'finished']
   if rows:
-    written = aggregate.write_table(rows, layout.table('results'))
-    written += study.aggregate(layout, rows, SCALE.value)
-    for path in written:
-      console.print(f'  wrote {path}')
+    write_tables(study, layout, rows, SCALE.value, console)
   else:
     console.print('No finished run to aggregate.')
   for run in failed:

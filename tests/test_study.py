@@ -356,6 +356,60 @@ def test_a_study_grows_by_more_cells_and_seeds_keeping_its_finished_runs(tmp_pat
   assert open(layout.state).read() == before
 
 
+def _finished_study(out: str, cells, seeds: int, losses) -> None:
+  """A study directory whose runs finished, each with probe records of a known plasticity loss (losses[key])."""
+  from agents.config import AgentConfig
+  from probes.records.run_dir import ExperimentConfig, write_or_check_config
+  prepared = study_runner.prepare('interventions', 'smoke', out, seeds=seeds, cells=cells)
+  for run in prepared.runs:
+    write_or_check_config(ExperimentConfig(run_dir=run.run_dir, agent=AgentConfig()))
+    probes = RunLayout(run.run_dir).logger(RunLayout.PROBES, 'evaluator', tensorboard=False)
+    for step, plasticity in ((0, 0.5), (300, 0.5 - losses[run.key])):
+      probes({'learner_step': step, 'plasticity': plasticity, 'plasticity_loss': 0.5 - plasticity})
+    prepared.state['runs'][run.key].update(state='finished', exit_code=0)
+  study_runner._write_state(prepared.layout, prepared.state)
+
+
+def test_combined_study_directories_aggregate_as_one_study_and_refuse_what_would_not_be_one(tmp_path):
+  # mlp-none at two seeds in one directory (0.1, 0.3: mean 0.2), mlp-layernorm at one seed in another (0.05).
+  first, second, out = (str(tmp_path / name) for name in ('first', 'second', 'combined'))
+  _finished_study(first, ['mlp-none'], 2, {'mlp-none/seed0': 0.1, 'mlp-none/seed1': 0.3})
+  _finished_study(second, ['mlp-layernorm'], 1, {'mlp-layernorm/seed0': 0.05})
+  study, scale, rows = study_runner.combine([first, second], out, Console())
+  assert (study.name, scale) == ('interventions', 'smoke') and not os.path.exists(out)
+  assert sorted((r['cell'], r['seed'], round(r['plasticity_loss'], 6)) for r in rows) == [
+      ('mlp-layernorm', 0, 0.05), ('mlp-none', 0, 0.1), ('mlp-none', 1, 0.3)]
+  tables = str(tmp_path / 'tables')
+  interventions_aggregate(StudyLayout(tables), rows, scale)
+  summary = {s['column']: (s['plasticity_loss_mean'], s['runs']) for s in read_jsonl(tables + '/summary.jsonl')}
+  assert summary == {'none': (pytest.approx(0.2), 2), 'layernorm': (pytest.approx(0.05), 1)}
+  # Refused, naming what: a run in two directories (it would count twice), a cell whose flags differ, another
+  # study, and an --out_dir that is a study (its own tables) or holds someone else's files.
+  again = str(tmp_path / 'again')
+  _finished_study(again, ['mlp-none'], 1, {'mlp-none/seed0': 0.1})
+  with pytest.raises(ValueError, match=f'run mlp-none/seed0 is in both {first} and {again}: it would count twice'):
+    study_runner.combine([first, again], out, Console())
+  changed = str(tmp_path / 'changed')
+  study_runner.prepare('interventions', 'smoke', changed, seeds=3, cells=['mlp-none'], sets=['max_learner_steps=500'])
+  with pytest.raises(ValueError, match=f'cell mlp-none is not one cell: --max_learner_steps=300 in {first}, 500 in '
+                     f'{changed}'):
+    study_runner.combine([first, changed], out, Console())
+  other = str(tmp_path / 'other')
+  study_runner.prepare('width', 'smoke', other, cells=['mlp-mnist-period100-x1'])
+  with pytest.raises(ValueError, match=f'one study at one scale; got {first}: interventions at smoke; {other}: '
+                     'width at smoke'):
+    study_runner.combine([first, other], out, Console())
+  with pytest.raises(ValueError, match='is a study directory: its own tables would be overwritten'):
+    study_runner.combine([first, second], first, Console())
+  os.makedirs(out)
+  (tmp_path / 'combined' / 'notes.txt').write_text('mine')
+  with pytest.raises(ValueError, match='holds files but no combined_from.json'):
+    study_runner.combine([first, second], out, Console())
+  with pytest.raises(ValueError, match='holds no study.json: not a study directory'):
+    study_runner.combine([first, out], str(tmp_path / 'elsewhere'), Console())
+  assert (tmp_path / 'combined' / 'notes.txt').read_text() == 'mine'
+
+
 def run_study(*args, timeout=120):
   return run_module('launch.study', *args, timeout=timeout)
 
@@ -401,6 +455,28 @@ def test_bad_inputs_are_clear_errors_and_touch_nothing(tmp_path):
   assert result.returncode == 1 and 'was made by a different grid' in result.stderr
   assert 'cell mlp-none: --max_learner_steps=300 there, 500 now' in result.stderr
   assert open(layout.state).read() == before and sorted(os.listdir(out)) == ['study.json']
+
+
+@pytest.mark.slow
+def test_the_study_command_combines_directories_into_one_studys_tables(tmp_path):
+  first, second, out = (str(tmp_path / name) for name in ('first', 'second', 'combined'))
+  _finished_study(first, ['mlp-none'], 2, {'mlp-none/seed0': 0.1, 'mlp-none/seed1': 0.3})
+  _finished_study(second, ['mlp-layernorm'], 1, {'mlp-layernorm/seed0': 0.05})
+  before = {d: open(StudyLayout(d).state).read() for d in (first, second)}
+  refused = run_study(f'--combine={first},{second}', f'--out_dir={out}', '--cells=mlp-none')
+  assert refused.returncode == 1 and 'drop --cells' in refused.stderr and not os.path.exists(out)
+  result = run_study(f'--combine={first},{second}', f'--out_dir={out}', '--study=interventions')
+  assert result.returncode == 0, result.stderr
+  assert json.load(open(StudyLayout(out).sources)) == {'study': 'interventions', 'scale': 'smoke',
+                                                         'from': [first, second]}
+  assert sorted((r['cell'], r['seed']) for r in read_jsonl(out + '/results.jsonl')) == [
+      ('mlp-layernorm', 0), ('mlp-none', 0), ('mlp-none', 1)]
+  summary = {s['column']: s['plasticity_loss_mean'] for s in read_jsonl(out + '/summary.jsonl')}
+  assert summary == {'none': pytest.approx(0.2), 'layernorm': pytest.approx(0.05)}
+  assert os.path.exists(StudyLayout(out).figure('interventions')) and not os.path.exists(StudyLayout(out).state)
+  assert {d: open(StudyLayout(d).state).read() for d in (first, second)} == before
+  rerun = run_study(f'--combine={first},{second}', f'--out_dir={out}')  # Its own earlier tables: redrawn.
+  assert rerun.returncode == 0, rerun.stderr
 
 
 @pytest.mark.slow
@@ -467,7 +543,10 @@ def test_a_killed_study_leaves_no_run_behind_and_resumes_without_redoing_finishe
       break
     time.sleep(0.5)
   assert 'pid' in state['runs']['mlp-layernorm/seed0'], state
-  time.sleep(15)  # Into its training.
+  # Into its training, not past it (a fixed wait let an idle machine finish the whole run first).
+  learner_records = RunLayout(layout.run_dir('mlp-layernorm', 0)).records_file(RunLayout.LEARNER, 'learner')
+  wait_for(lambda: os.path.exists(learner_records) and os.path.getsize(learner_records) > 0, 120,
+           'the learner of mlp-layernorm to train')
   first.send_signal(signal.SIGKILL)
   first.wait(timeout=10)
   # Its run got SIGTERM from the kernel: it saves its checkpoint and exits.

@@ -40,6 +40,7 @@ class StudyLayout:
   """Every file of a study directory, named once (see WORKSPACE.md)."""
 
   STATE = 'study.json'
+  SOURCES = 'combined_from.json'  # Written instead of study.json by `launch.study --combine`.
 
   def __init__(self, root: str):
     self.root = root
@@ -47,6 +48,10 @@ class StudyLayout:
   @property
   def state(self) -> str:
     return os.path.join(self.root, self.STATE)
+
+  @property
+  def sources(self) -> str:
+    return os.path.join(self.root, self.SOURCES)
 
   def run_dir(self, cell: str, seed: int) -> str:
     return os.path.join(self.root, 'runs', cell, f'seed{seed}')

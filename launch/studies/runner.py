@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -264,6 +264,62 @@ def collect(study: Study, layout: StudyLayout, state: Dict, runs: List[Run], con
       continue
     rows.append({'cell': run.cell.name, 'seed': run.seed, **run.cell.axes, 'run_dir': run.run_dir, **measures})
   return rows
+
+
+def reopen(layout: StudyLayout) -> Tuple[Study, Dict, List[Run]]:
+  """A study directory as its study.json describes it (its study, state and runs), to read its results without
+  the flags that made it."""
+  state = read_state(layout)
+  if state is None:
+    raise StudyError(f'{layout.root} holds no {StudyLayout.STATE}: not a study directory.')
+  cells = {name: Cell(name, spec['axes'], spec['args'], spec['command'])
+           for name, spec in state['grid']['cells'].items()}
+  runs = []
+  for key, entry in state['runs'].items():
+    name, seed = key.rsplit('/seed', 1)
+    runs.append(Run(key, cells[name], int(seed), entry['run_dir'], entry['log']))
+  return STUDIES.get(state['grid']['study']), state, runs
+
+
+def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console) -> Tuple[Study, str, List[Dict]]:
+  """The rows of the finished runs of several study directories of one study and scale (rows for one
+  aggregation: e.g. cells run at different seeds, or grown apart); refused, naming the directories, where the
+  study or scale differ, a cell's flags differ, or one run would count twice."""
+  if not dirs or not out_dir:
+    raise StudyError('--combine needs the study directories (comma-separated) and --out_dir for the tables.')
+  out = StudyLayout(out_dir)
+  if os.path.exists(out.state) or os.path.abspath(out_dir) in {os.path.abspath(d) for d in dirs}:
+    raise StudyError(f'--out_dir={out_dir} is a study directory: its own tables would be overwritten; give a new '
+                     f'directory for the combined tables.')
+  if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
+                                                                  or os.path.exists(out.sources))):
+    raise StudyError(f'--out_dir={out_dir} is a file or holds files but no {StudyLayout.SOURCES} (not an earlier '
+                     f'--combine\'s tables); choose a new or empty directory.')
+  opened = [(d, *reopen(StudyLayout(d))) for d in dirs]
+  kinds = {(state['grid']['study'], state['grid']['scale']) for _, _, state, _ in opened}
+  if len(kinds) > 1:
+    raise StudyError('--combine takes the directories of one study at one scale; got ' + '; '.join(
+        f'{d}: {state["grid"]["study"]} at {state["grid"]["scale"]}' for d, _, state, _ in opened))
+  cell_args: Dict[str, Tuple[str, Dict]] = {}
+  run_dirs: Dict[str, str] = {}
+  for d, _, state, runs in opened:
+    for name, spec in state['grid']['cells'].items():
+      first, args = cell_args.setdefault(name, (d, spec['args']))
+      differing = [f'--{flag}={args.get(flag)} in {first}, {spec["args"].get(flag)} in {d}'
+                   for flag in sorted(set(args) | set(spec['args']))
+                   if json.dumps(args.get(flag)) != json.dumps(spec['args'].get(flag))]
+      if differing:
+        raise StudyError(f'cell {name} is not one cell: {"; ".join(differing)}.')
+    for run in runs:
+      if state['runs'][run.key]['state'] == 'finished':
+        if run.key in run_dirs:
+          raise StudyError(f'run {run.key} is in both {run_dirs[run.key]} and {d}: it would count twice.')
+        run_dirs[run.key] = d
+  rows = []
+  for d, study, state, runs in opened:
+    rows += collect(study, StudyLayout(d), state, runs, console)
+  study_name, scale = kinds.pop()
+  return STUDIES.get(study_name), scale, rows
 
 
 @dataclasses.dataclass
