@@ -169,7 +169,12 @@ def grid_differences(old: Mapping, new: Mapping, growing: bool = False) -> List[
       differences.append(f'cell {name} only now')
   for name in sorted(set(old_cells) & set(new_cells)):
     before, after = old_cells[name]['args'], new_cells[name]['args']
-    for flag in sorted(set(before) | set(after)):
-      if json.dumps(before.get(flag)) != json.dumps(after.get(flag)):
-        differences.append(f'cell {name}: --{flag}={before.get(flag)} there, {after.get(flag)} now')
+    for flag in differing_flags(before, after):
+      differences.append(f'cell {name}: --{flag}={before.get(flag)} there, {after.get(flag)} now')
   return differences
+
+
+def differing_flags(before: Mapping[str, Any], after: Mapping[str, Any]) -> List[str]:
+  """The flags two cells' args set to different values (or one sets and the other not)."""
+  return [flag for flag in sorted(set(before) | set(after))
+          if json.dumps(before.get(flag)) != json.dumps(after.get(flag))]

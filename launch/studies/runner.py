@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agents import storage
 from launch.program import run_lock
-from launch.studies.grid import SCALES, Cell, Study, StudyLayout, StudyOptions, grid_differences, grid_record
+from launch.studies.grid import (SCALES, Cell, Study, StudyLayout, StudyOptions, differing_flags, grid_differences,
+                                 grid_record)
 from launch.studies.registry import STUDIES
 from probes.records.run_dir import RunLayout
 
@@ -306,8 +307,7 @@ def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console) -> Tu
     for name, spec in state['grid']['cells'].items():
       first, args = cell_args.setdefault(name, (d, spec['args']))
       differing = [f'--{flag}={args.get(flag)} in {first}, {spec["args"].get(flag)} in {d}'
-                   for flag in sorted(set(args) | set(spec['args']))
-                   if json.dumps(args.get(flag)) != json.dumps(spec['args'].get(flag))]
+                   for flag in differing_flags(args, spec['args'])]
       if differing:
         raise StudyError(f'cell {name} is not one cell: {"; ".join(differing)}.')
     for run in runs:
