@@ -77,13 +77,10 @@ def combine(console: Console) -> None:
   if given:
     raise app.UsageError(f'--combine reads the grids from its directories; drop {", ".join(given)}.')
   try:
-    study, scale, rows = study_runner.combine(COMBINE.value, OUT_DIR.value, console)
+    study, scale, rows = study_runner.combine(COMBINE.value, OUT_DIR.value, console, STUDY.value,
+                                              SCALE.value if flags.FLAGS['scale'].present else None)
   except ValueError as e:
     raise app.UsageError(str(e))
-  if STUDY.value and STUDY.value != study.name:
-    raise app.UsageError(f'--study={STUDY.value}, but the --combine directories hold {study.name} runs.')
-  if flags.FLAGS['scale'].present and SCALE.value != scale:
-    raise app.UsageError(f'--scale={SCALE.value}, but the --combine directories were run at {scale}.')
   console.print(f'Study {study.name} at scale {scale}: {len(rows)} finished runs of {len(COMBINE.value)} '
                 f'directories into {OUT_DIR.value}.')
   if not rows:

@@ -399,6 +399,10 @@ def test_combined_study_directories_aggregate_as_one_study_and_refuse_what_would
   with pytest.raises(ValueError, match=f'one study at one scale; got {first}: interventions at smoke; {other}: '
                      'width at smoke'):
     study_runner.combine([first, other], out, Console())
+  with pytest.raises(ValueError, match='--study=width, but the --combine directories hold interventions runs'):
+    study_runner.combine([first, second], out, Console(), study_name='width')
+  with pytest.raises(ValueError, match='--scale=cpu, but the --combine directories were run at smoke'):
+    study_runner.combine([first, second], out, Console(), scale='cpu')
   with pytest.raises(ValueError, match='is a study directory: its own tables would be overwritten'):
     study_runner.combine([first, second], first, Console())
   os.makedirs(out)

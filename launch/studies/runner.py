@@ -282,10 +282,12 @@ def reopen(layout: StudyLayout) -> Tuple[Study, Dict, List[Run]]:
   return STUDIES.get(state['grid']['study']), state, runs
 
 
-def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console) -> Tuple[Study, str, List[Dict]]:
+def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console, study_name: Optional[str] = None,
+            scale: Optional[str] = None) -> Tuple[Study, str, List[Dict]]:
   """The rows of the finished runs of several study directories of one study and scale (rows for one
   aggregation: e.g. cells run at different seeds, or grown apart); refused, naming the directories, where the
-  study or scale differ, a cell's flags differ, or one run would count twice."""
+  study or scale differ (from each other, or from `study_name` and `scale` when given), a cell's flags differ, or
+  one run would count twice: all before any run is read."""
   if not dirs or not out_dir:
     raise StudyError('--combine needs the study directories (comma-separated) and --out_dir for the tables.')
   out = StudyLayout(out_dir)
@@ -301,6 +303,11 @@ def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console) -> Tu
   if len(kinds) > 1:
     raise StudyError('--combine takes the directories of one study at one scale; got ' + '; '.join(
         f'{d}: {state["grid"]["study"]} at {state["grid"]["scale"]}' for d, _, state, _ in opened))
+  found_study, found_scale = next(iter(kinds))
+  if study_name and study_name != found_study:
+    raise StudyError(f'--study={study_name}, but the --combine directories hold {found_study} runs.')
+  if scale and scale != found_scale:
+    raise StudyError(f'--scale={scale}, but the --combine directories were run at {found_scale}.')
   cell_args: Dict[str, Tuple[str, Dict]] = {}
   run_dirs: Dict[str, str] = {}
   for d, _, state, runs in opened:
@@ -318,8 +325,7 @@ def combine(dirs: Sequence[str], out_dir: Optional[str], console: Console) -> Tu
   rows = []
   for d, study, state, runs in opened:
     rows += collect(study, StudyLayout(d), state, runs, console)
-  study_name, scale = kinds.pop()
-  return STUDIES.get(study_name), scale, rows
+  return STUDIES.get(found_study), found_scale, rows
 
 
 @dataclasses.dataclass
